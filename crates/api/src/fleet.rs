@@ -1,0 +1,304 @@
+//! The public `FleetService`: instances and pools as platform teams and the
+//! CLI see them. Callers were authenticated by [`crate::auth::FleetAuth`]
+//! before any handler here runs; each handler validates its input before
+//! its first read or write.
+
+use flotilla_bus::subjects::RECONCILE;
+use flotilla_core::InstanceState;
+use flotilla_proto::convert::state_from_wire;
+use flotilla_proto::status::invalid_field;
+use flotilla_proto::v1;
+use flotilla_proto::v1::fleet_service_server::FleetService;
+use flotilla_store::WriteCtx;
+use flotilla_store::action_log::action_log_for_instance;
+use flotilla_store::instance::{ListFilter, instance_get, instance_list};
+use flotilla_store::outbox::outbox_insert;
+use flotilla_store::pool::{PoolUpdate, pool_create, pool_get, pool_list, pool_update};
+use flotilla_telemetry::CancellationToken;
+use flotilla_telemetry::grpc::correlation_of;
+use flotilla_telemetry::propagation::current_trace_headers;
+use prost::Message;
+use sqlx::pool::PoolConnection;
+use sqlx::{Postgres, Transaction};
+use tonic::{Request, Response, Status};
+
+use crate::error::store_status;
+use crate::watch::{EventStream, watch};
+use crate::{ApiState, auth, provision, validate};
+
+/// Page size when the caller asks for none.
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct FleetApi {
+    state: ApiState,
+    /// Ends open watch streams, so they never hold a graceful shutdown open.
+    shutdown: CancellationToken,
+}
+
+impl FleetApi {
+    pub fn new(state: ApiState, shutdown: CancellationToken) -> Self {
+        FleetApi { state, shutdown }
+    }
+
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, Status> {
+        self.state
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| store_status(e.into()))
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, Status> {
+        self.state
+            .pool
+            .begin()
+            .await
+            .map_err(|e| store_status(e.into()))
+    }
+}
+
+/// Who writes, on whose behalf, under which trace: for action logs and the
+/// headers of every message the write queues.
+fn write_ctx<T>(req: &Request<T>) -> Result<WriteCtx, Status> {
+    let caller = auth::caller(req)?;
+    Ok(WriteCtx::new(caller.actor())
+        .with_correlation(correlation_of(req.metadata()))
+        .with_trace_headers(current_trace_headers()))
+}
+
+fn not_found(what: &str, name: &str) -> Status {
+    Status::not_found(format!("{what} {name} does not exist"))
+}
+
+#[tonic::async_trait]
+impl FleetService for FleetApi {
+    async fn provision(
+        &self,
+        request: Request<v1::ProvisionRequest>,
+    ) -> Result<Response<v1::ProvisionResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = provision::provision(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn terminate(
+        &self,
+        request: Request<v1::TerminateRequest>,
+    ) -> Result<Response<v1::TerminateResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = crate::lifecycle::terminate(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = crate::lifecycle::drain(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<v1::GetInstanceRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        let id = validate::instance_id("id", &request.get_ref().id)?;
+        let mut conn = self.conn().await?;
+        let row = instance_get(&mut conn, id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| not_found("instance", &id.to_string()))?;
+        Ok(Response::new(row.to_proto()))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<v1::ListInstancesRequest>,
+    ) -> Result<Response<v1::ListInstancesResponse>, Status> {
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            _ => {
+                return Err(invalid_field(
+                    "page_size",
+                    format!("at most {MAX_PAGE_SIZE}"),
+                ));
+            }
+        } as usize;
+        let pool = if req.pool.is_empty() {
+            None
+        } else {
+            validate::name("pool", &req.pool)?;
+            Some(req.pool)
+        };
+        let states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                state_from_wire(*s)
+                    .map_err(|_| invalid_field(&format!("states[{i}]"), "unknown state"))
+            })
+            .collect::<Result<Vec<InstanceState>, _>>()?;
+        let labels = validate::labels("labels", &req.labels)?;
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                req.page_token
+                    .parse()
+                    .map_err(|_| invalid_field("page_token", "not a token from a previous page"))?,
+            )
+        };
+        let filter = ListFilter {
+            pool,
+            states,
+            labels,
+            after,
+            // One more than asked tells whether another page follows.
+            limit: page_size as i64 + 1,
+        };
+        let mut conn = self.conn().await?;
+        let mut rows = instance_list(&mut conn, &filter)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if rows.len() > page_size {
+            rows.truncate(page_size);
+            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(v1::ListInstancesResponse {
+            instances: rows.iter().map(|r| r.to_proto()).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_instance_history(
+        &self,
+        request: Request<v1::GetInstanceHistoryRequest>,
+    ) -> Result<Response<v1::GetInstanceHistoryResponse>, Status> {
+        let id = validate::instance_id("id", &request.get_ref().id)?;
+        let mut conn = self.conn().await?;
+        if instance_get(&mut conn, id)
+            .await
+            .map_err(store_status)?
+            .is_none()
+        {
+            return Err(not_found("instance", &id.to_string()));
+        }
+        let entries = action_log_for_instance(&mut conn, id.0)
+            .await
+            .map_err(store_status)?
+            .iter()
+            .map(|row| row.to_proto().map_err(store_status))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(v1::GetInstanceHistoryResponse { entries }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let stream = watch(
+            &self.state.bus,
+            self.shutdown.child_token(),
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn create_pool(
+        &self,
+        request: Request<v1::CreatePoolRequest>,
+    ) -> Result<Response<v1::Pool>, Status> {
+        let actor = auth::caller(&request)?.actor();
+        let new = validate::new_pool(request.get_ref().pool.as_ref())?;
+        let mut conn = self.conn().await?;
+        let row = pool_create(&mut conn, &new).await.map_err(store_status)?;
+        tracing::info!(pool = %row.name, %actor, "pool created");
+        Ok(Response::new(row.to_proto()))
+    }
+
+    async fn update_pool(
+        &self,
+        request: Request<v1::UpdatePoolRequest>,
+    ) -> Result<Response<v1::Pool>, Status> {
+        let ctx = write_ctx(&request)?;
+        let req = request.into_inner();
+        validate::name("name", &req.name)?;
+        let update = PoolUpdate {
+            desired_capacity: req
+                .desired_capacity
+                .map(|v| validate::desired_capacity("desired_capacity", v))
+                .transpose()?,
+            timeouts: req
+                .timeouts
+                .as_ref()
+                .map(|t| validate::timeouts("timeouts", t))
+                .transpose()?,
+            price_per_hour_micros: req
+                .price_per_hour_micros
+                .map(|p| validate::price("price_per_hour_micros", p))
+                .transpose()?,
+        };
+        let expected_version = match req.expected_version {
+            0 => None,
+            v => {
+                Some(i64::try_from(v).map_err(|_| invalid_field("expected_version", "too large"))?)
+            }
+        };
+
+        let mut tx = self.begin().await?;
+        let updated = pool_update(&mut tx, &req.name, &update, expected_version)
+            .await
+            .map_err(store_status)?;
+        let (before, after) = (updated.previous_capacity, updated.pool.desired_capacity);
+        if before != after {
+            // Committed with the change, so the scheduler is woken even if
+            // this process dies right after answering.
+            let wake = v1::ReconcileCommand {
+                pool: req.name.clone(),
+                reason: format!("desired capacity {before} -> {after}"),
+            };
+            outbox_insert(&mut tx, &ctx, RECONCILE, &wake.encode_to_vec())
+                .await
+                .map_err(store_status)?;
+        }
+        tx.commit().await.map_err(|e| store_status(e.into()))?;
+        tracing::info!(pool = %req.name, actor = %ctx.actor, version = updated.pool.version, "pool updated");
+        Ok(Response::new(updated.pool.to_proto()))
+    }
+
+    async fn get_pool(
+        &self,
+        request: Request<v1::GetPoolRequest>,
+    ) -> Result<Response<v1::Pool>, Status> {
+        let name = &request.get_ref().name;
+        validate::name("name", name)?;
+        let mut conn = self.conn().await?;
+        let row = pool_get(&mut conn, name)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| not_found("pool", name))?;
+        Ok(Response::new(row.to_proto()))
+    }
+
+    async fn list_pools(
+        &self,
+        _request: Request<v1::ListPoolsRequest>,
+    ) -> Result<Response<v1::ListPoolsResponse>, Status> {
+        let mut conn = self.conn().await?;
+        let pools = pool_list(&mut conn).await.map_err(store_status)?;
+        Ok(Response::new(v1::ListPoolsResponse {
+            pools: pools.iter().map(|p| p.to_proto()).collect(),
+        }))
+    }
+}

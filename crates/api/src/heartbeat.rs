@@ -1,0 +1,145 @@
+//! Heartbeat ingest, batched: each heartbeat waits while a flusher writes
+//! up to `MAX_BATCH` of them with one statement, and worker tokens are
+//! checked against a short-lived cache, so ingest scales to tens of
+//! thousands of heartbeats per second without a database round trip each.
+//!
+//! Design notes: a heartbeat is answered only after its write committed, so
+//! the worker is never told "alive" on a write that was lost. The flusher
+//! takes whatever is queued (at most `MAX_BATCH`), so at low rates a batch
+//! is one heartbeat and adds no latency; under load batches grow by
+//! themselves. A token cache entry is trusted for `TOKEN_CACHE_TTL`; a new
+//! token for an instance (a re-created machine) misses the cache and is
+//! checked against the database like the first time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_core::InstanceId;
+use flotilla_store::PgPool;
+use flotilla_store::worker::{WorkerView, worker_heartbeat_batch};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::error::store_status;
+
+/// Heartbeats written by one statement at most.
+pub const MAX_BATCH: usize = 1000;
+/// How long a verified worker token is trusted without asking the database.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
+
+type Reply = oneshot::Sender<Result<Option<WorkerView>, Status>>;
+
+/// Verified token hashes by instance, with when they were verified.
+type TokenCache = Mutex<HashMap<InstanceId, ([u8; 32], Instant)>>;
+
+struct Pending {
+    id: InstanceId,
+    idle: bool,
+    reply: Reply,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub heartbeats: AtomicU64,
+    pub statements: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeartbeatBatcher {
+    tx: mpsc::Sender<Pending>,
+    stats: Arc<BatchStats>,
+    tokens: Arc<TokenCache>,
+}
+
+impl HeartbeatBatcher {
+    /// Starts the flusher on the current runtime.
+    pub fn spawn(pool: PgPool) -> Self {
+        let (tx, rx) = mpsc::channel(64 * 1024);
+        let stats = Arc::new(BatchStats::default());
+        tokio::spawn(flush(pool, rx, stats.clone()));
+        HeartbeatBatcher {
+            tx,
+            stats,
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+
+    /// Records a heartbeat; answers once it is written. `None` when the
+    /// instance does not exist.
+    pub async fn beat(&self, id: InstanceId, idle: bool) -> Result<Option<WorkerView>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Pending { id, idle, reply })
+            .await
+            .map_err(|_| Status::unavailable("heartbeat ingest is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("heartbeat ingest is shutting down"))?
+    }
+
+    /// Whether `hash` was verified for `id` recently.
+    pub fn token_known(&self, id: InstanceId, hash: &[u8; 32]) -> bool {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.get(&id).is_some_and(|(h, at)| {
+            at.elapsed() < TOKEN_CACHE_TTL
+                && bool::from(subtle::ConstantTimeEq::ct_eq(&h[..], &hash[..]))
+        })
+    }
+
+    pub fn remember_token(&self, id: InstanceId, hash: [u8; 32]) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() > 500_000 {
+            // Bounded memory: drop stale entries rather than grow forever.
+            tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+        }
+        tokens.insert(id, (hash, Instant::now()));
+    }
+}
+
+async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchStats>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let pending = std::mem::take(&mut batch);
+        // One row per instance: the latest heartbeat of a batch wins.
+        let mut latest: HashMap<InstanceId, bool> = HashMap::with_capacity(pending.len());
+        for p in &pending {
+            latest.insert(p.id, p.idle);
+        }
+        let ids: Vec<Uuid> = latest.keys().map(|i| i.0).collect();
+        let idle: Vec<bool> = ids.iter().map(|i| latest[&InstanceId(*i)]).collect();
+        let written = match pool.acquire().await {
+            Ok(mut conn) => worker_heartbeat_batch(&mut conn, &ids, &idle)
+                .await
+                .map_err(store_status),
+            Err(e) => Err(store_status(e.into())),
+        };
+        stats.statements.fetch_add(1, Ordering::Relaxed);
+        stats
+            .heartbeats
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        metrics::counter!("flotilla_api_heartbeats_total").increment(pending.len() as u64);
+        metrics::histogram!("flotilla_api_heartbeat_batch_size").record(pending.len() as f64);
+        match written {
+            Ok(views) => {
+                let by_id: HashMap<InstanceId, WorkerView> =
+                    views.into_iter().map(|v| (v.id, v)).collect();
+                for p in pending {
+                    let _ = p.reply.send(Ok(by_id.get(&p.id).cloned()));
+                }
+            }
+            Err(status) => {
+                for p in pending {
+                    let _ = p.reply.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The `api` service: the public fleet gRPC API (provision, inspect, watch,
+//! pools) and the worker API agents call (register, boot phases,
+//! heartbeats), with the authentication of both.
+//!
+//! It owns turning an accepted request into durable intent: instance rows
+//! and the commands for them are committed in one transaction, and the
+//! outbox relay this process runs carries the commands to JetStream.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod fleet;
+pub mod heartbeat;
+pub mod lifecycle;
+pub mod provision;
+pub mod validate;
+pub mod watch;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
+use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
+use flotilla_store::PgPool;
+use flotilla_telemetry::CancellationToken;
+use flotilla_telemetry::grpc::{correlation_interceptor, health_reporter, server_span};
+use tokio::net::TcpListener;
+
+pub use auth::{ApiToken, Caller, FleetAuth};
+pub use config::{ApiArgs, Limits};
+pub use fleet::FleetApi;
+pub use worker::WorkerApi;
+
+/// Longest a unary call may take before the server answers DEADLINE_EXCEEDED.
+/// Watch streams are not cut by it: it bounds the call, not its stream.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub tokens: Arc<[ApiToken]>,
+    pub limits: Limits,
+}
+
+/// Serves FleetService and WorkerService (with health and reflection) on
+/// `listener` until `shutdown`; health turns NOT_SERVING first so load
+/// balancers drain, and open watch streams end.
+pub async fn serve(
+    state: ApiState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (reporter, health) = health_reporter();
+    reporter.set_serving::<FleetServiceServer<FleetApi>>().await;
+    reporter
+        .set_serving::<WorkerServiceServer<WorkerApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let fleet = FleetServiceServer::with_interceptor(
+        FleetApi::new(state.clone(), shutdown.clone()),
+        FleetAuth::new(state.tokens.clone()),
+    );
+    let worker =
+        WorkerServiceServer::with_interceptor(WorkerApi::new(state), correlation_interceptor);
+    tracing::info!(addr = %listener.local_addr()?, "api serving");
+    tonic::transport::Server::builder()
+        .trace_fn(server_span)
+        .timeout(CALL_TIMEOUT)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(fleet)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                shutdown.cancelled().await;
+                reporter
+                    .set_not_serving::<FleetServiceServer<FleetApi>>()
+                    .await;
+                reporter
+                    .set_not_serving::<WorkerServiceServer<WorkerApi>>()
+                    .await;
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// Runs the service as the binary does (telemetry already initialised):
+/// store and bus, the outbox relay, metrics, then the gRPC server until
+/// `shutdown` plus the grace period.
+pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.api_tokens.is_empty(),
+        "API_TOKENS is empty, so every FleetService call would be refused: \
+         set at least one name:sha256hex (printf %s \"$TOKEN\" | sha256sum)"
+    );
+    let pool = flotilla_store::connect(&args.database).await?;
+    flotilla_store::migrate(&pool).await?;
+    let bus = Bus::connect(&args.nats).await?;
+    bus.ensure_streams().await?;
+
+    // A child token: a server that fails also stops the relay and metrics,
+    // without cancelling the caller's token.
+    let stop = shutdown.child_token();
+    if let Some(addr) = args.telemetry.metrics_socket()? {
+        flotilla_telemetry::metrics::serve(addr, stop.clone()).await?;
+    }
+    let relay = OutboxRelay::new(pool.clone(), bus.clone());
+    let relay_task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+
+    let listener = TcpListener::bind(&args.listen).await?;
+    let grace = args.shutdown.grace();
+    let state = ApiState {
+        pool,
+        bus,
+        tokens: args.api_tokens.clone().into(),
+        limits: args.limits(),
+    };
+    let served = tokio::select! {
+        served = serve(state, listener, stop.clone()) => served,
+        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "calls still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    // Committed rows the relay has not sent stay in the outbox for the next relay.
+    if tokio::time::timeout(grace, relay_task).await.is_err() {
+        tracing::warn!("outbox relay did not stop within the grace period");
+    }
+    served
+}
+
+#[cfg(test)]
+mod config_doc {
+    use clap::CommandFactory;
+
+    #[test]
+    fn configuration_doc_lists_every_api_setting() {
+        flotilla_core::config::check_doc_section(
+            "api",
+            &crate::ApiArgs::command(),
+            &flotilla_core::config::shared_command(),
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! Flotilla's domain: what an instance is and how it may change.
+//!
+//! This crate has no I/O. It owns the instance state machine (the one
+//! transition table), the identifiers that tie provider resources back to
+//! rows, the closed set of error classes every layer speaks, the retry
+//! policy, and the configuration every binary shares.
+
+pub mod backoff;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod state;
+
+pub use error::{Classify, ErrorClass, ProviderError};
+pub use ids::{CorrelationId, InstanceId};
+pub use state::{DesiredState, IllegalTransition, InstanceState, check_transition};

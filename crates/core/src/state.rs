@@ -1,0 +1,435 @@
+//! The instance lifecycle: every state, every allowed transition, in one table.
+//!
+//! Every state write in Flotilla goes through [`check_transition`]; the store
+//! refuses to write a transition this table does not list. Groups of states
+//! that loops select on (terminal, live, deletable…) are constants here so the
+//! SQL and the code agree on them.
+//!
+//! Design notes: the table is deliberately a flat list of `(from, &[to])`
+//! rows rather than scattered `match` arms, so a reviewer sees the whole
+//! lifecycle at once and the exhaustive tests in this module can walk it.
+//! Retrying a step (another provisioning attempt, another delete attempt) is
+//! not a transition: the row stays in its state and only its attempt
+//! bookkeeping changes, which keeps "state only says what is true" — an
+//! instance is `provisioning` for as long as nothing proved otherwise.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where an instance is in its life. The string forms (`as_str`) are what the
+/// database and the event subjects (`EVT.instance.<state>`) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Accepted by the API; no provider call has been made yet.
+    Requested,
+    /// Intent recorded; the provider create/start is under way (or will be retried).
+    Provisioning,
+    /// The machine exists and was started; the worker has not reported yet.
+    Booting,
+    /// The worker reported it is installing its payload.
+    Installing,
+    /// The worker reported it is starting its payload.
+    Starting,
+    /// A heartbeat or health check proved the worker serves.
+    Ready,
+    /// Cordoned: no new work; waiting for the worker to go idle (bounded).
+    Draining,
+    /// Stop requested at the provider; waiting until it reports stopped.
+    Stopping,
+    /// The provider reported the machine stopped.
+    Stopped,
+    /// Deleting the machine, then its volumes.
+    Deleting,
+    /// The provider confirmed the machine and its volumes gone. Terminal.
+    Terminated,
+    /// Provisioning attempts exhausted; cleanup of whatever was created follows.
+    ProvisioningFailed,
+    /// A boot phase exceeded its deadline.
+    StartupFailed,
+    /// A ready worker stopped heartbeating and a second signal confirmed it.
+    WorkerDead,
+    /// The machine vanished at the provider while the instance was live.
+    Lost,
+}
+
+use InstanceState::*;
+
+/// The one table of allowed transitions. A state absent from the left column
+/// has no exits.
+const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
+    // Nothing exists at the provider yet, so cancelling needs no cleanup.
+    (Requested, &[Provisioning, Terminated]),
+    (Provisioning, &[Booting, ProvisioningFailed, Deleting, Lost]),
+    // A worker may skip phases it does not have (no install step, say).
+    (
+        Booting,
+        &[
+            Installing,
+            Starting,
+            Ready,
+            StartupFailed,
+            Stopping,
+            Deleting,
+            Lost,
+        ],
+    ),
+    (
+        Installing,
+        &[Starting, Ready, StartupFailed, Stopping, Deleting, Lost],
+    ),
+    (Starting, &[Ready, StartupFailed, Stopping, Deleting, Lost]),
+    (Ready, &[Draining, Stopping, Deleting, WorkerDead, Lost]),
+    // `Deleting` straight from draining/stopping is the forced path.
+    (Draining, &[Stopping, Deleting, Lost]),
+    (Stopping, &[Stopped, Deleting, Lost]),
+    (Stopped, &[Deleting]),
+    (Deleting, &[Terminated]),
+    (ProvisioningFailed, &[Deleting]),
+    // A startup failure is retried by restarting the machine, or cleaned up.
+    (StartupFailed, &[Booting, Stopping, Deleting]),
+    (WorkerDead, &[Stopping, Deleting]),
+    // The machine is gone, but volumes may not be: deleting sweeps them.
+    (Lost, &[Deleting]),
+];
+
+impl InstanceState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [InstanceState; 15] = [
+        Requested,
+        Provisioning,
+        Booting,
+        Installing,
+        Starting,
+        Ready,
+        Draining,
+        Stopping,
+        Stopped,
+        Deleting,
+        Terminated,
+        ProvisioningFailed,
+        StartupFailed,
+        WorkerDead,
+        Lost,
+    ];
+
+    /// States with no exit.
+    pub const TERMINAL: &'static [InstanceState] = &[Terminated];
+
+    /// States that count towards a pool's capacity: a machine exists and is
+    /// booting or serving.
+    pub const LIVE: &'static [InstanceState] = &[Booting, Installing, Starting, Ready];
+
+    /// Boot phases, each bounded by a per-pool deadline.
+    pub const BOOT_PHASES: &'static [InstanceState] = &[Booting, Installing, Starting];
+
+    /// States in which the instance is on its way out; the terminator owns them.
+    pub const TEARDOWN: &'static [InstanceState] = &[Draining, Stopping, Stopped, Deleting];
+
+    /// Failure states: each is followed by cleanup (or a retry).
+    pub const FAILED: &'static [InstanceState] =
+        &[ProvisioningFailed, StartupFailed, WorkerDead, Lost];
+
+    /// States that have a timeout when nothing moves them on.
+    pub const TRANSITIONAL: &'static [InstanceState] = &[
+        Provisioning,
+        Booting,
+        Installing,
+        Starting,
+        Draining,
+        Stopping,
+        Deleting,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Requested => "requested",
+            Provisioning => "provisioning",
+            Booting => "booting",
+            Installing => "installing",
+            Starting => "starting",
+            Ready => "ready",
+            Draining => "draining",
+            Stopping => "stopping",
+            Stopped => "stopped",
+            Deleting => "deleting",
+            Terminated => "terminated",
+            ProvisioningFailed => "provisioning_failed",
+            StartupFailed => "startup_failed",
+            WorkerDead => "worker_dead",
+            Lost => "lost",
+        }
+    }
+
+    /// The states this one may move to.
+    pub fn exits(self) -> &'static [InstanceState] {
+        TRANSITIONS
+            .iter()
+            .find(|(from, _)| *from == self)
+            .map(|(_, to)| *to)
+            .unwrap_or(&[])
+    }
+
+    pub fn can_transition_to(self, to: InstanceState) -> bool {
+        self.exits().contains(&to)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        Self::TERMINAL.contains(&self)
+    }
+
+    /// The strings of a group, for `state = ANY($1)` in SQL.
+    pub fn strs(states: &[InstanceState]) -> Vec<String> {
+        states.iter().map(|s| s.as_str().to_owned()).collect()
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown instance state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for InstanceState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for InstanceState {
+    type Error = UnknownState;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// What the operator wants for an instance; reconcilers move the recorded
+/// state towards it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Running,
+    Terminated,
+}
+
+impl DesiredState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Terminated => "terminated",
+        }
+    }
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DesiredState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "running" => Ok(DesiredState::Running),
+            "terminated" => Ok(DesiredState::Terminated),
+            other => Err(UnknownState(other.to_owned())),
+        }
+    }
+}
+
+impl TryFrom<String> for DesiredState {
+    type Error = UnknownState;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// A transition the table does not allow. Never written, always reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("illegal instance transition {from} -> {to}")]
+pub struct IllegalTransition {
+    pub from: InstanceState,
+    pub to: InstanceState,
+}
+
+/// The only gate for state changes.
+pub fn check_transition(from: InstanceState, to: InstanceState) -> Result<(), IllegalTransition> {
+    if from.can_transition_to(to) {
+        Ok(())
+    } else {
+        Err(IllegalTransition { from, to })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashSet, VecDeque};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reachable_from(start: InstanceState) -> HashSet<InstanceState> {
+        let mut seen = HashSet::from([start]);
+        let mut queue = VecDeque::from([start]);
+        while let Some(s) = queue.pop_front() {
+            for &next in s.exits() {
+                if seen.insert(next) {
+                    queue.push_back(next);
+                }
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn every_state_can_reach_terminated() {
+        for s in InstanceState::ALL {
+            assert!(
+                reachable_from(s).contains(&Terminated),
+                "{s} cannot reach terminated"
+            );
+        }
+    }
+
+    #[test]
+    fn terminal_states_have_no_exits() {
+        for &s in InstanceState::TERMINAL {
+            assert!(s.exits().is_empty(), "{s} is terminal but has exits");
+        }
+    }
+
+    #[test]
+    fn only_terminal_states_have_no_exits() {
+        for s in InstanceState::ALL {
+            assert_eq!(s.exits().is_empty(), s.is_terminal(), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_table_lists_each_state_once_and_never_a_self_loop() {
+        let mut seen = HashSet::new();
+        for (from, to) in TRANSITIONS {
+            assert!(seen.insert(*from), "{from} listed twice");
+            assert!(!to.contains(from), "{from} loops to itself");
+            let unique: HashSet<_> = to.iter().collect();
+            assert_eq!(unique.len(), to.len(), "{from} lists an exit twice");
+        }
+    }
+
+    #[test]
+    fn every_state_is_reachable_from_requested() {
+        let reachable = reachable_from(Requested);
+        for s in InstanceState::ALL {
+            assert!(reachable.contains(&s), "{s} is unreachable");
+        }
+    }
+
+    #[test]
+    fn terminated_is_only_entered_where_nothing_can_remain_at_the_provider() {
+        // `deleting` confirms machine and volumes gone; `requested` never
+        // called the provider. Any other way in would be a leak.
+        let into: Vec<_> = InstanceState::ALL
+            .into_iter()
+            .filter(|s| s.can_transition_to(Terminated))
+            .collect();
+        assert_eq!(into, vec![Requested, Deleting]);
+    }
+
+    #[test]
+    fn ready_is_only_entered_from_a_boot_phase() {
+        for s in InstanceState::ALL {
+            assert_eq!(
+                s.can_transition_to(Ready),
+                InstanceState::BOOT_PHASES.contains(&s),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn illegal_transition_is_a_typed_error() {
+        assert_eq!(
+            check_transition(Terminated, Ready),
+            Err(IllegalTransition {
+                from: Terminated,
+                to: Ready
+            })
+        );
+        assert_eq!(check_transition(Ready, Draining), Ok(()));
+    }
+
+    #[test]
+    fn string_forms_round_trip() {
+        for s in InstanceState::ALL {
+            assert_eq!(s.as_str().parse::<InstanceState>(), Ok(s));
+        }
+        assert!("Ready".parse::<InstanceState>().is_err());
+        assert!("".parse::<InstanceState>().is_err());
+        for d in [DesiredState::Running, DesiredState::Terminated] {
+            assert_eq!(d.as_str().parse::<DesiredState>(), Ok(d));
+        }
+    }
+
+    fn any_state() -> impl Strategy<Value = InstanceState> {
+        prop::sample::select(InstanceState::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Random attempted moves: a move is applied exactly when the table
+        /// lists it, so no sequence of calls can walk out of the lifecycle.
+        #[test]
+        fn random_sequences_never_leave_the_table(attempts in prop::collection::vec(any_state(), 1..64)) {
+            let mut state = Requested;
+            for to in attempts {
+                let before = state;
+                match check_transition(state, to) {
+                    Ok(()) => {
+                        prop_assert!(before.exits().contains(&to));
+                        state = to;
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e, IllegalTransition { from: before, to });
+                        prop_assert!(!before.exits().contains(&to));
+                    }
+                }
+                prop_assert!(!before.is_terminal() || state == before);
+            }
+            // Wherever the walk ended, the lifecycle can still finish.
+            prop_assert!(reachable_from(state).contains(&Terminated));
+        }
+
+        /// Random walks that only take listed exits always can end at
+        /// `terminated` within the number of states (no cycles trap an instance).
+        #[test]
+        fn random_legal_walks_stay_finishable(choices in prop::collection::vec(any::<prop::sample::Index>(), 1..64)) {
+            let mut state = Requested;
+            for ix in choices {
+                let exits = state.exits();
+                if exits.is_empty() {
+                    prop_assert_eq!(state, Terminated);
+                    break;
+                }
+                state = exits[ix.index(exits.len())];
+            }
+            prop_assert!(reachable_from(state).contains(&Terminated));
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The `provider-adapter` service: the only component that holds cloud
+//! credentials. It serves the gRPC `Provider` API over the providers it is
+//! configured for, each behind its rate limiter, retries and breaker.
+
+pub mod config;
+pub mod service;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::v1::provider_server::ProviderServer;
+use flotilla_provider::fly::{FlyConfig, FlyProvider};
+use flotilla_provider::local::{LocalConfig, LocalProvider};
+use flotilla_provider::registry::{AnyProvider, Registry};
+use flotilla_provider::scaleway::{ScalewayConfig, ScalewayProvider};
+use flotilla_telemetry::CancellationToken;
+use flotilla_telemetry::grpc::{correlation_interceptor, health_reporter, server_span};
+use tokio::net::TcpListener;
+
+pub use config::AdapterArgs;
+pub use service::ProviderService;
+
+/// Builds the registry of every provider the arguments configure.
+pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
+    let mut registry = Registry::new(args.guard.guard());
+    if !args.fly.fly_api_token.is_empty() || !args.fly.fly_app_name.is_empty() {
+        anyhow::ensure!(
+            !args.fly.fly_api_token.is_empty() && !args.fly.fly_app_name.is_empty(),
+            "Fly needs both FLY_API_TOKEN and FLY_APP_NAME"
+        );
+        registry.insert(AnyProvider::Fly(FlyProvider::new(FlyConfig {
+            base_url: args.fly.fly_api_base_url.clone(),
+            token: args.fly.fly_api_token.expose().to_owned(),
+            app: args.fly.fly_app_name.clone(),
+            control_plane_id: args.control_plane_id.clone(),
+            request_timeout: args.guard.request_timeout(),
+            start_timeout: args.guard.start_timeout(),
+            kind: "fly",
+        })?));
+    }
+    if !args.sim.sim_api_base_url.is_empty() {
+        registry.insert(AnyProvider::Fly(FlyProvider::new(FlyConfig {
+            base_url: args.sim.sim_api_base_url.clone(),
+            token: args.sim.sim_api_token.expose().to_owned(),
+            app: args.sim.sim_app_name.clone(),
+            control_plane_id: args.control_plane_id.clone(),
+            request_timeout: args.guard.request_timeout(),
+            start_timeout: args.guard.start_timeout(),
+            kind: "sim",
+        })?));
+    }
+    let scw = &args.scaleway;
+    if !scw.scw_secret_key.is_empty() || !scw.scw_project_id.is_empty() {
+        anyhow::ensure!(
+            !scw.scw_secret_key.is_empty() && !scw.scw_project_id.is_empty(),
+            "Scaleway needs both SCW_SECRET_KEY and SCW_PROJECT_ID"
+        );
+        let mut config = ScalewayConfig::new(
+            scw.scw_zone.clone(),
+            scw.scw_project_id.clone(),
+            scw.scw_secret_key.expose(),
+            args.control_plane_id.clone(),
+        );
+        config.base_url = scw.scw_api_url.clone();
+        config.request_timeout = args.guard.request_timeout();
+        registry.insert(AnyProvider::Scaleway(ScalewayProvider::new(config)?));
+    }
+    if args.local.local_provider_enabled {
+        registry.insert(AnyProvider::Local(LocalProvider::open(LocalConfig {
+            state_dir: args.local.local_state_dir.clone(),
+            control_plane_id: args.control_plane_id.clone(),
+            stop_grace_default: Duration::from_secs(10),
+        })?));
+    }
+    anyhow::ensure!(
+        !registry.kinds().is_empty(),
+        "no provider configured: set FLY_API_TOKEN and FLY_APP_NAME, SIM_API_BASE_URL, \
+         SCW_SECRET_KEY and SCW_PROJECT_ID, or LOCAL_PROVIDER_ENABLED=true"
+    );
+    Ok(registry)
+}
+
+/// Serves the Provider API (with health and reflection) on `listener` until
+/// `shutdown`; health turns NOT_SERVING first so load balancers drain.
+pub async fn serve(
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (reporter, health) = health_reporter();
+    reporter
+        .set_serving::<ProviderServer<ProviderService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service =
+        ProviderServer::with_interceptor(ProviderService::new(registry), correlation_interceptor);
+    tracing::info!(addr = %listener.local_addr()?, "provider-adapter serving");
+    tonic::transport::Server::builder()
+        .trace_fn(server_span)
+        .timeout(Duration::from_secs(120))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                shutdown.cancelled().await;
+                reporter
+                    .set_not_serving::<ProviderServer<ProviderService>>()
+                    .await;
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// Runs the service as the binary does: telemetry already initialised.
+pub async fn run(args: AdapterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let registry = Arc::new(registry(&args)?);
+    tracing::info!(providers = ?registry.kinds(), "providers configured");
+    if let Some(addr) = args.telemetry.metrics_socket()? {
+        flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
+    }
+    let listener = TcpListener::bind(&args.listen).await?;
+    serve(registry, listener, shutdown).await
+}

@@ -1,0 +1,310 @@
+//! The Provider API over real gRPC, in front of the simulated cloud: the
+//! lifecycle, refusals as status codes, and bad input refused before it
+//! reaches a provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use flotilla_core::InstanceId;
+use flotilla_proto::status::RETRY_AFTER_MS;
+use flotilla_proto::v1;
+use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_provider_adapter::{AdapterArgs, registry, serve};
+use flotilla_sim_provider::{ErrorRates, Faults, Operation, SimConfig, SimHandle};
+use flotilla_telemetry::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Stack {
+    sim: SimHandle,
+    client: ProviderClient<Channel>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn stack() -> Stack {
+    let sim = flotilla_sim_provider::start(SimConfig {
+        faults: Faults {
+            start_delay_ms: 20,
+            stop_delay_ms: 20,
+            destroy_delay_ms: 10,
+            destroyed_linger_ms: 50,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let args = AdapterArgs::try_parse_from([
+        "provider-adapter",
+        "--sim-api-base-url",
+        sim.url(),
+        "--sim-api-token",
+        sim.token(),
+        "--control-plane-id",
+        "cp-test",
+        "--provider-request-timeout-seconds",
+        "5",
+        "--provider-retry-max-attempts",
+        "0",
+    ])
+    .unwrap();
+    let registry = Arc::new(registry(&args).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(registry, listener, stop.clone()));
+    let client = ProviderClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Stack {
+        sim,
+        client,
+        stop,
+        server,
+    }
+}
+
+fn target() -> Option<v1::ProviderTarget> {
+    Some(v1::ProviderTarget {
+        provider: "sim".into(),
+        pool: "gpu".into(),
+        region: "ams".into(),
+    })
+}
+
+fn create(start: bool) -> v1::CreateMachineRequest {
+    v1::CreateMachineRequest {
+        target: target(),
+        instance_id: InstanceId::new().to_string(),
+        name: "w-1".into(),
+        instance_type: "shared-cpu-1x".into(),
+        image: "registry/worker:1".into(),
+        start,
+        ..Default::default()
+    }
+}
+
+fn wait(id: &str, state: v1::MachineState) -> v1::WaitMachineRequest {
+    v1::WaitMachineRequest {
+        target: target(),
+        machine_id: id.into(),
+        state: state as i32,
+        timeout: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+    }
+}
+
+fn mref(id: &str) -> v1::MachineRef {
+    v1::MachineRef {
+        target: target(),
+        machine_id: id.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_machine_is_created_stopped_and_deleted_over_grpc() {
+    let mut s = stack().await;
+    let m = s
+        .client
+        .create_machine(create(true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.tags["flotilla_control_plane"], "cp-test");
+    s.client
+        .wait_machine(wait(&m.id, v1::MachineState::Started))
+        .await
+        .unwrap();
+    s.client
+        .stop_machine(v1::StopMachineRequest {
+            target: target(),
+            machine_id: m.id.clone(),
+            grace: None,
+            suspend: false,
+        })
+        .await
+        .unwrap();
+    s.client
+        .wait_machine(wait(&m.id, v1::MachineState::Stopped))
+        .await
+        .unwrap();
+    s.client
+        .delete_machine(v1::DeleteMachineRequest {
+            target: target(),
+            machine_id: m.id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    s.client
+        .wait_machine(wait(&m.id, v1::MachineState::Destroyed))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = s.client.get_machine(mref(&m.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    s.stop.cancel();
+    s.server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn provider_refusals_arrive_as_their_status_codes() {
+    let mut s = stack().await;
+    let m = s
+        .client
+        .create_machine(create(true))
+        .await
+        .unwrap()
+        .into_inner();
+    s.client
+        .wait_machine(wait(&m.id, v1::MachineState::Started))
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .delete_machine(v1::DeleteMachineRequest {
+            target: target(),
+            machine_id: m.id.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+
+    let mut f = s.sim.sim().faults();
+    f.retry_after_secs = 3;
+    f.error_rate.insert(
+        Operation::Create,
+        ErrorRates {
+            rate_429: 1.0,
+            ..Default::default()
+        },
+    );
+    s.sim.sim().set_faults(f).unwrap();
+    let err = s.client.create_machine(create(true)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(
+        err.metadata()
+            .get(RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok()),
+        Some("3000")
+    );
+
+    s.sim
+        .sim()
+        .update_faults(|f| {
+            f.error_rate.clear();
+            f.start_fails_rate = 1.0;
+        })
+        .unwrap();
+    let created = s
+        .client
+        .create_machine(create(false))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = s.client.start_machine(mref(&created.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field_and_reaches_no_provider() {
+    let mut s = stack().await;
+    let mut cases: Vec<(&str, v1::CreateMachineRequest)> = Vec::new();
+    let mut r = create(true);
+    r.target = None;
+    cases.push(("target", r));
+    let mut r = create(true);
+    r.target.as_mut().unwrap().provider = "aws".into();
+    cases.push(("target.provider", r));
+    let mut r = create(true);
+    r.target.as_mut().unwrap().pool = "Bad Pool!".into();
+    cases.push(("target.pool", r));
+    let mut r = create(true);
+    r.instance_id = "not-a-uuid".into();
+    cases.push(("instance_id", r));
+    let mut r = create(true);
+    r.instance_id = String::new();
+    cases.push(("instance_id", r));
+    let mut r = create(true);
+    r.name = "x".repeat(100);
+    cases.push(("name", r));
+    let mut r = create(true);
+    r.image = String::new();
+    cases.push(("image", r));
+    let mut r = create(true);
+    r.env = (0..100).map(|i| (format!("K{i}"), "v".into())).collect();
+    cases.push(("env", r));
+    let mut r = create(true);
+    r.tags
+        .insert("flotilla_instance_id".into(), "forged".into());
+    cases.push(("tags", r));
+    let mut r = create(true);
+    r.instance_type = "enormous".into();
+    cases.push(("instance_type", r));
+    for (field, req) in cases {
+        let err = s.client.create_machine(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err}");
+        assert!(
+            err.message().starts_with(&format!("{field}:"))
+                || err.message().contains(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(s.sim.sim().stats().total(Operation::Create), 0);
+    assert_eq!(s.sim.sim().machines().len(), 0);
+
+    let err = s.client.get_machine(mref("")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("machine_id:"),
+        "{}",
+        err.message()
+    );
+    for size in [0, 501, u32::MAX] {
+        let err = s
+            .client
+            .create_volume(v1::CreateVolumeRequest {
+                target: target(),
+                instance_id: InstanceId::new().to_string(),
+                name: String::new(),
+                size_gb: size,
+                tags: Default::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("size_gb:"), "{}", err.message());
+    }
+    let err = s
+        .client
+        .wait_machine(wait("m1", v1::MachineState::Starting))
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("state:"), "{}", err.message());
+    let mut w = wait("m1", v1::MachineState::Started);
+    w.timeout = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    let err = s.client.wait_machine(w).await.unwrap_err();
+    assert!(err.message().starts_with("timeout:"), "{}", err.message());
+    let err = s
+        .client
+        .list_machines(v1::ListMachinesRequest {
+            target: target(),
+            page_size: 1_000_000,
+            page_token: String::new(),
+            instance_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("page_size:"), "{}", err.message());
+    assert_eq!(s.sim.sim().stats().total(Operation::Get), 0);
+    assert_eq!(s.sim.sim().stats().total(Operation::VolumeCreate), 0);
+}

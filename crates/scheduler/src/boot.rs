@@ -1,0 +1,209 @@
+//! Boot supervision: a machine that does not reach `ready` within its
+//! pool's phase deadline is `startup_failed`; it is restarted a bounded
+//! number of times, then handed to termination (the pool's capacity loop
+//! creates a replacement).
+//!
+//! Design notes: progress through booting → installing → starting → ready
+//! is written by the api from what the worker reports; this loop only
+//! handles the silence. Deadlines are per pool (defaults from the
+//! environment) and evaluated in SQL, so the scan is one indexed query.
+
+use std::time::Duration;
+
+use flotilla_core::{Classify, DesiredState, InstanceState};
+use flotilla_proto::status::status_to_provider_error;
+use flotilla_proto::v1;
+use flotilla_store::instance::{
+    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_claim_overdue_boot,
+    instance_record_failure, instance_release, instance_set_desired, instance_times_entered,
+    instance_transition,
+};
+use flotilla_store::pool::pool_get;
+use flotilla_store::{StoreError, WriteCtx};
+use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::loops::ActivationStatus;
+
+use crate::Scheduler;
+
+impl Scheduler {
+    /// One activation: overdue boot phases → `startup_failed`; then
+    /// `startup_failed` instances restarted or handed to termination.
+    #[tracing::instrument(skip_all, name = "scheduler.boot")]
+    pub async fn boot_once(&self) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let ctx = WriteCtx::new("scheduler");
+        match instance_claim_overdue_boot(
+            &self.db,
+            self.tuning.boot_deadlines(),
+            &self.owner,
+            self.tuning.lease(),
+            self.tuning.scheduler_batch,
+        )
+        .await
+        {
+            Ok(rows) => {
+                status.found += rows.len() as u64;
+                for row in rows {
+                    match self.mark_startup_failed(&ctx, &row).await {
+                        Ok(()) => status.acted += 1,
+                        Err(e) => status.error(e.class(), row.id, e),
+                    }
+                }
+            }
+            Err(e) => status.error(e.class(), "claim overdue", e),
+        }
+        match instance_claim_due(
+            &self.db,
+            &ClaimQuery {
+                states: &[InstanceState::StartupFailed],
+                desired: Some(DesiredState::Running),
+                pool: None,
+                owner: &self.owner,
+                lease: self.tuning.lease(),
+                limit: self.tuning.scheduler_batch,
+            },
+        )
+        .await
+        {
+            Ok(rows) => {
+                status.found += rows.len() as u64;
+                for row in rows {
+                    match self.recover_startup(&ctx, row.clone()).await {
+                        Ok(()) => status.acted += 1,
+                        Err(e) => status.error(e.class(), row.id, e),
+                    }
+                }
+            }
+            Err(e) => status.error(e.class(), "claim startup_failed", e),
+        }
+        status
+    }
+
+    async fn mark_startup_failed(
+        &self,
+        ctx: &WriteCtx,
+        row: &InstanceRow,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let error = format!(
+            "no progress from {} within the pool's deadline (entered at {})",
+            row.state, row.state_entered_at
+        );
+        instance_transition(
+            &mut conn,
+            ctx,
+            &Transition {
+                id: row.id,
+                from: row.state,
+                to: InstanceState::StartupFailed,
+                expected_version: row.version,
+                error: Some(&error),
+                reason: Some("boot phase deadline"),
+            },
+        )
+        .await?;
+        instance_release(&mut conn, row.id, &self.owner).await?;
+        tracing::warn!(instance_id = %row.id, %error, "startup failed");
+        Ok(())
+    }
+
+    /// Restarts the machine (stop, wait stopped, start) and goes back to
+    /// `booting`, unless the instance has failed too often.
+    async fn recover_startup(&self, ctx: &WriteCtx, row: InstanceRow) -> Result<(), StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let failures =
+            instance_times_entered(&mut conn, row.id, InstanceState::StartupFailed).await?;
+        let Some(machine_id) = row
+            .provider_machine_id
+            .clone()
+            .filter(|_| failures <= self.tuning.startup_max_retries)
+        else {
+            instance_set_desired(&mut conn, row.id, DesiredState::Terminated, false).await?;
+            instance_release(&mut conn, row.id, &self.owner).await?;
+            tracing::warn!(instance_id = %row.id, failures, "startup failed too often; terminating");
+            return Ok(());
+        };
+        let Some(pool) = pool_get(&mut conn, &row.pool).await? else {
+            return Err(StoreError::NotFound(format!("pool {}", row.pool)));
+        };
+        let target = Some(v1::ProviderTarget {
+            provider: pool.provider.clone(),
+            pool: pool.name.clone(),
+            region: pool.region.clone(),
+        });
+        let cid = ctx.correlation_id.clone();
+        let mut client = self.provider.clone();
+        let restarted = async {
+            client
+                .stop_machine(outgoing(
+                    v1::StopMachineRequest {
+                        target: target.clone(),
+                        machine_id: machine_id.clone(),
+                        grace: Some(prost_types::Duration {
+                            seconds: 5,
+                            nanos: 0,
+                        }),
+                        suspend: false,
+                    },
+                    &cid,
+                ))
+                .await?;
+            client
+                .wait_machine(outgoing(
+                    v1::WaitMachineRequest {
+                        target: target.clone(),
+                        machine_id: machine_id.clone(),
+                        state: v1::MachineState::Stopped as i32,
+                        timeout: Some(prost_types::Duration {
+                            seconds: 30,
+                            nanos: 0,
+                        }),
+                    },
+                    &cid,
+                ))
+                .await?;
+            client
+                .start_machine(outgoing(
+                    v1::MachineRef {
+                        target: target.clone(),
+                        machine_id: machine_id.clone(),
+                    },
+                    &cid,
+                ))
+                .await?;
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        match restarted {
+            Ok(()) => {
+                instance_transition(
+                    &mut conn,
+                    ctx,
+                    &Transition {
+                        id: row.id,
+                        from: InstanceState::StartupFailed,
+                        to: InstanceState::Booting,
+                        expected_version: row.version,
+                        error: None,
+                        reason: Some("machine restarted after a startup failure"),
+                    },
+                )
+                .await?;
+                instance_release(&mut conn, row.id, &self.owner).await?;
+            }
+            Err(s) => {
+                let e = status_to_provider_error(&s);
+                let delay = self
+                    .tuning
+                    .retry()
+                    .delay((row.attempts + 1) as u32, rand::random())
+                    .max(e.retry_after().unwrap_or(Duration::ZERO));
+                let at = chrono::Utc::now()
+                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+                instance_record_failure(&mut conn, row.id, row.version, &e.to_string(), at, 3)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}

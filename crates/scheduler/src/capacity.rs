@@ -1,0 +1,180 @@
+//! Pool capacity: keeps the number of live-or-coming instances of each pool
+//! at its desired capacity.
+//!
+//! Capacity manages only the instances it created itself (label
+//! [`MANAGED_LABEL`]); instances asked for explicitly through `Provision`
+//! are the caller's, and a pool's capacity never terminates them.
+//!
+//! Design notes: per pool, one transaction holds an advisory lock keyed by
+//! the pool name, counts, and either requests new instances or marks
+//! surplus ones for termination — never both at once — so two replicas
+//! cannot both fill the same gap. Instances in failure states do not count:
+//! they are on their way out and their replacements are requested now.
+//! Surplus is taken from instances that are not serving yet first, then the
+//! oldest ready ones.
+
+use std::collections::BTreeMap;
+
+use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState};
+use flotilla_proto::v1;
+use flotilla_store::instance::{NewInstance, instance_insert_requested, instance_set_desired};
+use flotilla_store::outbox::outbox_insert;
+use flotilla_store::pool::{PoolRow, pool_list};
+use flotilla_store::{StoreError, WriteCtx};
+use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::propagation::current_trace_headers;
+use prost::Message;
+use sqlx::Acquire;
+
+use crate::Scheduler;
+
+/// States that count towards capacity.
+const COUNTED: &[InstanceState] = &[
+    InstanceState::Requested,
+    InstanceState::Provisioning,
+    InstanceState::Booting,
+    InstanceState::Installing,
+    InstanceState::Starting,
+    InstanceState::Ready,
+];
+
+/// Label (key, value) on the instances capacity created and manages.
+pub const MANAGED_LABEL: (&str, &str) = ("flotilla.dev/managed-by", "capacity");
+
+fn managed_filter() -> sqlx::types::Json<BTreeMap<&'static str, &'static str>> {
+    sqlx::types::Json(BTreeMap::from([MANAGED_LABEL]))
+}
+
+/// Most instances requested for one pool in one activation.
+const MAX_STEP: i64 = 1000;
+
+impl Scheduler {
+    #[tracing::instrument(skip_all, name = "scheduler.capacity")]
+    pub async fn capacity_once(&self) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let pools = match self.db.acquire().await {
+            Ok(mut conn) => pool_list(&mut conn).await,
+            Err(e) => Err(e.into()),
+        };
+        let pools = match pools {
+            Ok(p) => p,
+            Err(e) => {
+                status.error(e.class(), "pools", e);
+                return status;
+            }
+        };
+        for pool in pools {
+            status.found += 1;
+            match self.balance(&pool).await {
+                Ok(0) => status.already_done += 1,
+                Ok(_) => status.acted += 1,
+                Err(e) => status.error(e.class(), &pool.name, e),
+            }
+        }
+        status
+    }
+
+    /// Brings one pool to its desired capacity; returns how many instances
+    /// were requested or marked for termination.
+    async fn balance(&self, pool: &PoolRow) -> Result<i64, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('flotilla.capacity.' || $1))",
+        )
+        .bind(&pool.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !locked {
+            return Ok(0);
+        }
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM instances
+             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2) AND labels @> $3",
+        )
+        .bind(&pool.name)
+        .bind(InstanceState::strs(COUNTED))
+        .bind(managed_filter())
+        .fetch_one(&mut *tx)
+        .await?;
+        let desired = i64::from(pool.desired_capacity);
+        let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
+        let changed = if counted < desired {
+            let n = (desired - counted).min(MAX_STEP);
+            let new: Vec<NewInstance> = (0..n)
+                .map(|_| NewInstance {
+                    id: InstanceId::new(),
+                    pool: pool.name.clone(),
+                    name: generated_name(&pool.name),
+                    provider: pool.provider.clone(),
+                    labels: BTreeMap::from([(
+                        MANAGED_LABEL.0.to_owned(),
+                        MANAGED_LABEL.1.to_owned(),
+                    )]),
+                    idempotency_key: None,
+                    worker_token_hash: None,
+                })
+                .collect();
+            let rows = instance_insert_requested(&mut tx, &ctx, &new).await?;
+            let cmd = v1::ProvisionCommand {
+                instance_ids: rows.iter().map(|r| r.id.to_string()).collect(),
+                pool: pool.name.clone(),
+            };
+            outbox_insert(
+                &mut tx,
+                &ctx,
+                flotilla_bus::subjects::PROVISION,
+                &cmd.encode_to_vec(),
+            )
+            .await?;
+            tracing::info!(pool = %pool.name, n, "scaling up");
+            n
+        } else if counted > desired {
+            let surplus: Vec<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT id FROM instances
+                 WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)
+                   AND labels @> $4
+                 ORDER BY (state = 'ready'), created_at
+                 LIMIT $3",
+            )
+            .bind(&pool.name)
+            .bind(InstanceState::strs(COUNTED))
+            .bind(counted - desired)
+            .bind(managed_filter())
+            .fetch_all(&mut *tx)
+            .await?;
+            for id in &surplus {
+                instance_set_desired(&mut tx, InstanceId(*id), DesiredState::Terminated, false)
+                    .await?;
+            }
+            let cmd = v1::TerminateCommand {
+                instance_ids: surplus.iter().map(|u| u.to_string()).collect(),
+                force: false,
+                reason: "scale down".into(),
+            };
+            outbox_insert(
+                &mut tx,
+                &ctx,
+                flotilla_bus::subjects::TERMINATE,
+                &cmd.encode_to_vec(),
+            )
+            .await?;
+            tracing::info!(pool = %pool.name, n = surplus.len(), "scaling down");
+            surplus.len() as i64
+        } else {
+            0
+        };
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
+/// `<pool>-<8 lowercase alphanumerics>`, within the 63-char name limit.
+pub fn generated_name(pool: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..8)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let prefix: String = pool.chars().take(54).collect();
+    format!("{prefix}-{suffix}")
+}

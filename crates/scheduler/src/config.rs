@@ -1,0 +1,121 @@
+//! The scheduler's settings.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use flotilla_core::backoff::RetryPolicy;
+use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_store::instance::BootDeadlines;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "scheduler",
+    version,
+    about = "Flotilla scheduler: provisions instances, supervises boot, keeps pool capacity"
+)]
+pub struct SchedulerArgs {
+    /// gRPC address of the provider-adapter.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_URL",
+        default_value = "http://127.0.0.1:50061"
+    )]
+    pub provider_adapter_url: String,
+    /// Address workers use to reach the api (passed to each machine as
+    /// FLOTILLA_API_URL).
+    #[arg(long, env = "WORKER_API_URL", default_value = "http://127.0.0.1:50051")]
+    pub worker_api_url: String,
+    #[command(flatten)]
+    pub tuning: SchedulerTuning,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+/// Loop periods, batch sizes, limits and deadlines.
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerTuning {
+    /// Milliseconds between reconcile ticks (a CMD.provision wakes it early).
+    #[arg(long, env = "SCHEDULER_TICK_MS", default_value_t = 1000)]
+    pub scheduler_tick_ms: u64,
+    /// Instances claimed per tick.
+    #[arg(long, env = "SCHEDULER_BATCH", default_value_t = 256)]
+    pub scheduler_batch: i64,
+    /// Provider calls in flight at once per replica.
+    #[arg(long, env = "SCHEDULER_PROVIDER_CONCURRENCY", default_value_t = 32)]
+    pub scheduler_provider_concurrency: usize,
+    /// Seconds a claim is held; longer than one instance's create + start.
+    #[arg(long, env = "SCHEDULER_LEASE_SECONDS", default_value_t = 120)]
+    pub scheduler_lease_seconds: u64,
+    /// Failed provisioning attempts before an instance is `provisioning_failed`.
+    #[arg(long, env = "PROVISION_MAX_ATTEMPTS", default_value_t = 5)]
+    pub provision_max_attempts: i32,
+    /// First retry delay in milliseconds after a failed step (doubles, jittered).
+    #[arg(long, env = "PROVISION_RETRY_BASE_MS", default_value_t = 1000)]
+    pub provision_retry_base_ms: u64,
+    /// Longest retry delay in milliseconds.
+    #[arg(long, env = "PROVISION_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub provision_retry_max_ms: u64,
+    /// Default seconds an instance may stay `booting` (pools may override).
+    #[arg(long, env = "RECOVERY_BOOTING_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub recovery_booting_timeout_seconds: u64,
+    /// Default seconds an instance may stay `installing`.
+    #[arg(
+        long,
+        env = "RECOVERY_INSTALLING_TIMEOUT_SECONDS",
+        default_value_t = 900
+    )]
+    pub recovery_installing_timeout_seconds: u64,
+    /// Default seconds an instance may stay `starting`.
+    #[arg(long, env = "RECOVERY_STARTING_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub recovery_starting_timeout_seconds: u64,
+    /// Machine restarts after a startup failure before the instance is terminated.
+    #[arg(long, env = "STARTUP_MAX_RETRIES", default_value_t = 2)]
+    pub startup_max_retries: i64,
+}
+
+impl SchedulerTuning {
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.scheduler_tick_ms.max(10))
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.scheduler_lease_seconds.max(1))
+    }
+
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(self.provision_retry_base_ms.max(1)),
+            max: Duration::from_millis(self.provision_retry_max_ms.max(1)),
+        }
+    }
+
+    pub fn boot_deadlines(&self) -> BootDeadlines {
+        BootDeadlines {
+            booting: Duration::from_secs(self.recovery_booting_timeout_seconds),
+            installing: Duration::from_secs(self.recovery_installing_timeout_seconds),
+            starting: Duration::from_secs(self.recovery_starting_timeout_seconds),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn configuration_doc_lists_every_scheduler_setting() {
+        flotilla_core::config::check_doc_section(
+            "scheduler",
+            &SchedulerArgs::command(),
+            &flotilla_core::config::shared_command(),
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! The `scheduler` service: provisioning (`CMD.provision` and a reconcile
+//! loop over instances that should run), boot supervision to `ready`, and
+//! pool capacity.
+//!
+//! Design notes: loops take no input. Each activation reads the database and
+//! acts; a `CMD.provision` message only wakes the provisioning loop early, so
+//! a lost message delays work by one tick at most and never loses it. Every
+//! activation reports the same metrics (`flotilla_telemetry::loops`). Work is
+//! claimed with leases, so any number of replicas can run.
+
+pub mod boot;
+pub mod capacity;
+pub mod config;
+pub mod provision;
+
+use std::sync::Arc;
+
+use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_store::PgPool;
+use flotilla_telemetry::CancellationToken;
+use flotilla_telemetry::loops::drive;
+pub use flotilla_telemetry::loops::replica_name;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+pub use config::{SchedulerArgs, SchedulerTuning};
+pub use provision::{CrashPoint, Stepped};
+
+/// One scheduler replica.
+#[derive(Clone)]
+pub struct Scheduler {
+    pub db: PgPool,
+    pub provider: ProviderClient<Channel>,
+    pub tuning: SchedulerTuning,
+    /// This replica's lease owner name.
+    pub owner: String,
+    pub worker_api_url: String,
+    /// Test fault: stop provisioning steps at this boundary, as a crash would.
+    pub crash_after: Option<CrashPoint>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+impl Scheduler {
+    /// Runs every loop of this replica until `shutdown`, then gives back
+    /// the leases it still holds.
+    pub async fn run(self, bus: Option<Bus>, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let tick = self.tuning.tick();
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let s = self.clone();
+            let (w, sd) = (wake.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                drive("scheduler_provision", tick, w, sd, || s.provision_once()).await
+            });
+        }
+        {
+            let s = self.clone();
+            let sd = shutdown.clone();
+            tasks.spawn(async move {
+                drive("scheduler_boot", tick, Arc::new(Notify::new()), sd, || {
+                    s.boot_once()
+                })
+                .await
+            });
+        }
+        {
+            let s = self.clone();
+            let sd = shutdown.clone();
+            tasks.spawn(async move {
+                drive(
+                    "scheduler_capacity",
+                    tick,
+                    Arc::new(Notify::new()),
+                    sd,
+                    || s.capacity_once(),
+                )
+                .await
+            });
+        }
+        if let Some(bus) = bus {
+            // The command only says "look now": it wakes the loop early.
+            tasks.spawn(flotilla_bus::consumer::wake_on(
+                bus,
+                "scheduler",
+                flotilla_bus::subjects::PROVISION,
+                wake.clone(),
+                shutdown.clone(),
+            ));
+        }
+        while tasks.join_next().await.is_some() {}
+        if let Ok(mut conn) = self.db.acquire().await {
+            match flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await {
+                Ok(n) if n > 0 => tracing::info!(released = n, "leases released on shutdown"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not release leases; they will expire"),
+            }
+        }
+    }
+}
+
+/// Runs the service as the binary does: telemetry already initialised.
+pub async fn run(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = flotilla_store::connect(&args.database).await?;
+    let bus = Bus::connect(&args.nats).await?;
+    bus.ensure_streams().await?;
+    if let Some(addr) = args.telemetry.metrics_socket()? {
+        flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
+    }
+    let channel = tonic::transport::Endpoint::from_shared(args.provider_adapter_url.clone())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
+    let scheduler = Scheduler {
+        db: db.clone(),
+        provider: ProviderClient::new(channel),
+        tuning: args.tuning.clone(),
+        owner: replica_name("scheduler"),
+        worker_api_url: args.worker_api_url.clone(),
+        crash_after: None,
+    };
+    tracing::info!(owner = %scheduler.owner, "scheduler starting");
+    // Relays the outbox rows this service writes (capacity changes); any
+    // number of relays may run, one publishes at a time.
+    let relay = OutboxRelay::new(db, bus.clone());
+    let relay_shutdown = shutdown.clone();
+    let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
+    scheduler.run(Some(bus), shutdown).await;
+    let _ = relay_task.await;
+    Ok(())
+}

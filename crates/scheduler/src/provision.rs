@@ -1,0 +1,455 @@
+//! Provisioning: `requested` → `provisioning` → (create, record, start) → `booting`.
+//!
+//! Design notes: each step commits before the next provider call, so a crash
+//! at any boundary leaves a row that says what may exist:
+//! - the intent (`provisioning`) is committed before any provider call;
+//! - before each create, the hash of the new machine's worker token is
+//!   committed (`instance_prepare_create`); a row found in `provisioning`
+//!   without a machine id therefore may have a machine at the provider, so
+//!   every attempt after the first looks it up by its ownership tag and
+//!   adopts it instead of creating a second one;
+//! - the machine id is recorded the moment the create returns;
+//! - a start that fails — by error or by a machine that never shows
+//!   `started` — leaves the row in `provisioning` with `next_attempt_at` set
+//!   by backoff, so the next tick retries it: no window in which the
+//!   instance claims to be booting while nothing runs.
+//!
+//! Attempts are bounded; exhausted (or a permanent error) → `provisioning_failed`
+//! with desired state `terminated`, which hands the machine to the terminator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
+use flotilla_proto::status::status_to_provider_error;
+use flotilla_proto::v1;
+use flotilla_store::instance::{
+    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_forget_machine, instance_get,
+    instance_prepare_create, instance_record_failure, instance_record_machine, instance_release,
+    instance_set_desired, instance_transition,
+};
+use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::{StoreError, WriteCtx};
+use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::propagation::current_trace_headers;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+
+use crate::Scheduler;
+
+/// A step boundary at which tests make the scheduler "die": the step stops
+/// there, writes nothing more and keeps its lease, like a killed process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    AfterIntent,
+    AfterCreate,
+    AfterRecord,
+    AfterStart,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("crashed at {0:?} (test fault)")]
+    Crashed(CrashPoint),
+}
+
+/// What one instance's step came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stepped {
+    /// Moved on (to `booting`, or `terminated` for a cancelled request).
+    Advanced,
+    /// Failed; retried at `next_attempt_at`.
+    Retrying(ErrorClass, String),
+    /// Gave up: `provisioning_failed`, handed to termination.
+    Failed(String),
+}
+
+pub(crate) fn new_worker_token() -> (String, Vec<u8>) {
+    let bytes: [u8; 32] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    (token, hash)
+}
+
+fn target(pool: &PoolRow) -> Option<v1::ProviderTarget> {
+    Some(v1::ProviderTarget {
+        provider: pool.provider.clone(),
+        pool: pool.name.clone(),
+        region: pool.region.clone(),
+    })
+}
+
+impl Scheduler {
+    fn crash(&self, at: CrashPoint) -> Result<(), StepError> {
+        if self.crash_after == Some(at) {
+            Err(StepError::Crashed(at))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn ctx(&self) -> WriteCtx {
+        WriteCtx::new("scheduler").with_trace_headers(current_trace_headers())
+    }
+
+    /// One activation: claims due `requested`/`provisioning` instances and
+    /// steps each; one instance's failure never stops the others.
+    #[tracing::instrument(skip_all, name = "scheduler.provision")]
+    pub async fn provision_once(&self) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let claimed = match instance_claim_due(
+            &self.db,
+            &ClaimQuery {
+                states: &[InstanceState::Requested, InstanceState::Provisioning],
+                desired: None,
+                pool: None,
+                owner: &self.owner,
+                lease: self.tuning.lease(),
+                limit: self.tuning.scheduler_batch,
+            },
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                status.error(e.class(), "claim", e);
+                return status;
+            }
+        };
+        status.found = claimed.len() as u64;
+        let pools = Arc::new(self.pools_of(&claimed, &mut status).await);
+        let results: Vec<(String, Result<Stepped, StepError>)> = futures::stream::iter(claimed)
+            .map(|row| {
+                let pools = pools.clone();
+                async move {
+                    let id = row.id.to_string();
+                    let result = match pools.get(&row.pool) {
+                        Some(pool) => self.provision_instance(row, pool).await,
+                        None => Ok(Stepped::Retrying(
+                            ErrorClass::Permanent,
+                            format!("pool {} not found", row.pool),
+                        )),
+                    };
+                    (id, result)
+                }
+            })
+            .buffer_unordered(self.tuning.scheduler_provider_concurrency.max(1))
+            .collect()
+            .await;
+        for (id, r) in results {
+            match r {
+                Ok(Stepped::Advanced) => status.acted += 1,
+                Ok(Stepped::Retrying(class, e)) => status.error(class, id, e),
+                Ok(Stepped::Failed(e)) => {
+                    status.acted += 1;
+                    status.error(ErrorClass::Permanent, id, e);
+                }
+                Err(StepError::Crashed(_)) => {}
+                Err(StepError::Store(e)) => status.error(e.class(), id, e),
+            }
+        }
+        status
+    }
+
+    async fn pools_of(
+        &self,
+        rows: &[InstanceRow],
+        status: &mut ActivationStatus,
+    ) -> HashMap<String, PoolRow> {
+        let mut pools = HashMap::new();
+        let Ok(mut conn) = self.db.acquire().await else {
+            return pools;
+        };
+        for row in rows {
+            if pools.contains_key(&row.pool) {
+                continue;
+            }
+            match pool_get(&mut conn, &row.pool).await {
+                Ok(Some(p)) => {
+                    pools.insert(row.pool.clone(), p);
+                }
+                Ok(None) => {}
+                Err(e) => status.error(e.class(), &row.pool, e),
+            }
+        }
+        pools
+    }
+
+    /// Takes one claimed instance as far as it can go now.
+    #[tracing::instrument(skip_all, fields(instance_id = %row.id, state = %row.state))]
+    pub async fn provision_instance(
+        &self,
+        row: InstanceRow,
+        pool: &PoolRow,
+    ) -> Result<Stepped, StepError> {
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        let ctx = self.ctx();
+        let mut row = row;
+
+        if row.desired_state == DesiredState::Terminated {
+            if row.state == InstanceState::Requested {
+                // Nothing was ever asked of the provider: nothing to clean up.
+                instance_transition(
+                    &mut conn,
+                    &ctx,
+                    &Transition {
+                        id: row.id,
+                        from: InstanceState::Requested,
+                        to: InstanceState::Terminated,
+                        expected_version: row.version,
+                        error: None,
+                        reason: Some("cancelled before provisioning"),
+                    },
+                )
+                .await?;
+                return Ok(Stepped::Advanced);
+            }
+            // A machine may exist: the terminator owns it from here.
+            instance_release(&mut conn, row.id, &self.owner).await?;
+            return Ok(Stepped::Advanced);
+        }
+
+        let fresh = row.state == InstanceState::Requested;
+        if fresh {
+            row = instance_transition(
+                &mut conn,
+                &ctx,
+                &Transition {
+                    id: row.id,
+                    from: InstanceState::Requested,
+                    to: InstanceState::Provisioning,
+                    expected_version: row.version,
+                    error: None,
+                    reason: None,
+                },
+            )
+            .await?;
+            self.crash(CrashPoint::AfterIntent)?;
+        }
+
+        let machine_id = match row.provider_machine_id.clone() {
+            Some(id) => id,
+            None => {
+                let adopted = if fresh {
+                    None
+                } else {
+                    match self.find_machine(pool, &row).await {
+                        Ok(found) => found,
+                        Err(e) => return self.fail(&mut conn, row, e).await,
+                    }
+                };
+                let id = match adopted {
+                    Some(id) => {
+                        tracing::info!(machine_id = %id, "adopting a machine an earlier attempt created");
+                        id
+                    }
+                    None => {
+                        let (token, hash) = new_worker_token();
+                        row =
+                            instance_prepare_create(&mut conn, row.id, row.version, &hash).await?;
+                        match self.create_machine(pool, &row, token).await {
+                            Ok(id) => id,
+                            Err(e) => return self.fail(&mut conn, row, e).await,
+                        }
+                    }
+                };
+                self.crash(CrashPoint::AfterCreate)?;
+                row = instance_record_machine(&mut conn, row.id, row.version, &id).await?;
+                self.crash(CrashPoint::AfterRecord)?;
+                id
+            }
+        };
+
+        match self.start_machine(pool, &machine_id).await {
+            Ok(()) => {}
+            Err(ProviderError::NotFound(e)) => {
+                // The machine is gone (deleted behind our back): forget it so
+                // the next attempt creates a new one.
+                row = instance_forget_machine(&mut conn, row.id, row.version).await?;
+                return self.fail(&mut conn, row, ProviderError::NotFound(e)).await;
+            }
+            Err(e) => return self.fail(&mut conn, row, e).await,
+        }
+        self.crash(CrashPoint::AfterStart)?;
+        let booted = instance_transition(
+            &mut conn,
+            &ctx,
+            &Transition {
+                id: row.id,
+                from: InstanceState::Provisioning,
+                to: InstanceState::Booting,
+                expected_version: row.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await;
+        match booted {
+            Ok(_) => {}
+            // The worker reported first and the api recorded the start: the
+            // step is done, by someone else.
+            Err(StoreError::Conflict(_))
+                if instance_get(&mut conn, row.id)
+                    .await?
+                    .is_some_and(|r| InstanceState::LIVE.contains(&r.state)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        instance_release(&mut conn, row.id, &self.owner).await?;
+        metrics::counter!("flotilla_scheduler_machines_started_total").increment(1);
+        Ok(Stepped::Advanced)
+    }
+
+    async fn find_machine(
+        &self,
+        pool: &PoolRow,
+        row: &InstanceRow,
+    ) -> Result<Option<String>, ProviderError> {
+        let found = self
+            .provider
+            .clone()
+            .list_machines(outgoing(
+                v1::ListMachinesRequest {
+                    target: target(pool),
+                    page_size: 0,
+                    page_token: String::new(),
+                    instance_id: row.id.to_string(),
+                },
+                &self.ctx().correlation_id,
+            ))
+            .await
+            .map_err(|s| status_to_provider_error(&s))?
+            .into_inner()
+            .machines;
+        let mut live: Vec<_> = found
+            .into_iter()
+            .filter(|m| m.state != v1::MachineState::Destroyed as i32)
+            .collect();
+        live.sort_by_key(|m| m.created_at.map(|t| (t.seconds, t.nanos)));
+        if live.len() > 1 {
+            // Never expected; the orphan scan deletes the ones not recorded.
+            tracing::error!(
+                count = live.len(),
+                "several machines carry this instance's tag"
+            );
+        }
+        Ok(live.into_iter().next().map(|m| m.id))
+    }
+
+    async fn create_machine(
+        &self,
+        pool: &PoolRow,
+        row: &InstanceRow,
+        token: String,
+    ) -> Result<String, ProviderError> {
+        let env = HashMap::from([
+            ("FLOTILLA_INSTANCE_ID".to_owned(), row.id.to_string()),
+            ("FLOTILLA_WORKER_TOKEN".to_owned(), token),
+            ("FLOTILLA_API_URL".to_owned(), self.worker_api_url.clone()),
+            ("FLOTILLA_POOL".to_owned(), row.pool.clone()),
+        ]);
+        let req = v1::CreateMachineRequest {
+            target: target(pool),
+            instance_id: row.id.to_string(),
+            name: row.name.clone(),
+            instance_type: pool.instance_type.clone(),
+            image: pool.image.clone(),
+            env,
+            tags: HashMap::new(),
+            volume_ids: Vec::new(),
+            start: false,
+        };
+        let m = self
+            .provider
+            .clone()
+            .create_machine(outgoing(req, &self.ctx().correlation_id))
+            .await
+            .map_err(|s| status_to_provider_error(&s))?
+            .into_inner();
+        metrics::counter!("flotilla_scheduler_machines_created_total").increment(1);
+        Ok(m.id)
+    }
+
+    /// Starts the machine and succeeds only once it is started. A refusal
+    /// because it is already running (a retry after a crash past the start)
+    /// counts as started when the provider shows it so.
+    async fn start_machine(&self, pool: &PoolRow, id: &str) -> Result<(), ProviderError> {
+        let mref = v1::MachineRef {
+            target: target(pool),
+            machine_id: id.to_owned(),
+        };
+        let cid = self.ctx().correlation_id;
+        match self
+            .provider
+            .clone()
+            .start_machine(outgoing(mref.clone(), &cid))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) => {
+                let e = status_to_provider_error(&s);
+                if let ProviderError::FailedPrecondition(_) = e {
+                    let m = self
+                        .provider
+                        .clone()
+                        .get_machine(outgoing(mref, &cid))
+                        .await
+                        .map_err(|s| status_to_provider_error(&s))?
+                        .into_inner();
+                    if m.state == v1::MachineState::Started as i32 {
+                        return Ok(());
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a failed attempt: retried later with backoff, or — attempts
+    /// exhausted or the error permanent — `provisioning_failed`, handed to
+    /// termination.
+    async fn fail(
+        &self,
+        conn: &mut PgConnection,
+        row: InstanceRow,
+        e: ProviderError,
+    ) -> Result<Stepped, StepError> {
+        let class = e.class();
+        let attempts = row.attempts + 1;
+        let message = e.to_string();
+        if class == ErrorClass::Permanent || attempts >= self.tuning.provision_max_attempts {
+            let failed = instance_transition(
+                conn,
+                &self.ctx(),
+                &Transition {
+                    id: row.id,
+                    from: InstanceState::Provisioning,
+                    to: InstanceState::ProvisioningFailed,
+                    expected_version: row.version,
+                    error: Some(&message),
+                    reason: Some("provisioning attempts exhausted"),
+                },
+            )
+            .await?;
+            instance_set_desired(conn, failed.id, DesiredState::Terminated, false).await?;
+            instance_release(conn, failed.id, &self.owner).await?;
+            tracing::warn!(attempts, error = %message, "provisioning failed; handed to termination");
+            return Ok(Stepped::Failed(message));
+        }
+        let jitter: f64 = rand::random();
+        let mut delay = self.tuning.retry().delay(attempts as u32, jitter);
+        if let Some(after) = e.retry_after() {
+            delay = delay.max(after);
+        }
+        let retry_at = chrono::Utc::now()
+            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+        instance_record_failure(conn, row.id, row.version, &message, retry_at, 3).await?;
+        tracing::info!(attempts, ?delay, error = %message, "provisioning step failed; will retry");
+        metrics::counter!("flotilla_scheduler_retries_total", "class" => class.as_str())
+            .increment(1);
+        Ok(Stepped::Retrying(class, message))
+    }
+}

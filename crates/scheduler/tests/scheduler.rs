@@ -1,0 +1,661 @@
+//! The scheduler on a real PostgreSQL, talking gRPC to a real
+//! provider-adapter in front of the simulated cloud: provisioning, crashes
+//! at every step boundary, failed starts, restarts, boot deadlines, capacity.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_scheduler::{CrashPoint, Scheduler, SchedulerTuning};
+use flotilla_sim_provider::{ErrorRates, Faults, Operation};
+use flotilla_store::WriteCtx;
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
+    instance_transition,
+};
+use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
+use flotilla_telemetry::CancellationToken;
+use flotilla_test_utils::TestDb;
+use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
+
+struct Env {
+    db: TestDb,
+    stack: ProviderStack,
+}
+
+async fn env(faults: Faults) -> Env {
+    let db = TestDb::new().await;
+    let stack = provider_stack(faults, &[]).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: "gpu".into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            image: "registry/worker:1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    Env { db, stack }
+}
+
+#[derive(Parser)]
+struct Tuning {
+    #[command(flatten)]
+    t: SchedulerTuning,
+}
+
+fn tuning(extra: &[&str]) -> SchedulerTuning {
+    let mut args = vec![
+        "x",
+        "--scheduler-tick-ms",
+        "20",
+        "--provision-retry-base-ms",
+        "50",
+        "--provision-retry-max-ms",
+        "200",
+        "--scheduler-lease-seconds",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Tuning::try_parse_from(args).unwrap().t
+}
+
+fn scheduler(env: &Env, name: &str, crash: Option<CrashPoint>, t: SchedulerTuning) -> Scheduler {
+    Scheduler {
+        db: env.db.pool.clone(),
+        provider: env.stack.client.clone(),
+        tuning: t,
+        owner: name.into(),
+        worker_api_url: "http://127.0.0.1:1".into(),
+        crash_after: crash,
+    }
+}
+
+async fn request(env: &Env, n: usize) -> Vec<InstanceId> {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("w-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+async fn rows(env: &Env) -> Vec<InstanceRow> {
+    sqlx::query_as(
+        "SELECT id, pool, name, provider, provider_machine_id, state, desired_state, version,
+                attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned,
+                force_terminate, needs_attention, labels, idempotency_key, lease_owner,
+                lease_until, created_at, updated_at, worker_idle, suspect_since, stuck_recoveries
+         FROM instances ORDER BY id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Runs activations until every instance is past provisioning (or gives up).
+async fn provision_all(s: &Scheduler, env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.provision_once().await;
+        let pending = rows(env)
+            .await
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    InstanceState::Requested | InstanceState::Provisioning
+                )
+            })
+            .count();
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} instances still provisioning"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The provider's truth: live machines per instance tag.
+fn machines_by_instance(env: &Env) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for m in env.stack.sim.sim().machines() {
+        if m.machine.state.to_string() == "destroyed" {
+            continue;
+        }
+        let tag = m
+            .machine
+            .config
+            .metadata
+            .get("flotilla_instance_id")
+            .cloned()
+            .unwrap_or_default();
+        by.entry(tag).or_default().push(m.machine.id.clone());
+    }
+    by
+}
+
+/// Exactly one machine per instance at the provider, none untracked, and
+/// each row records the machine the provider has.
+async fn assert_one_machine_each(env: &Env, ids: &[InstanceId]) {
+    let by = machines_by_instance(env);
+    assert_eq!(
+        by.len(),
+        ids.len(),
+        "machines for unknown instances: {by:?}"
+    );
+    for row in rows(env).await {
+        let machines = by.get(&row.id.to_string()).cloned().unwrap_or_default();
+        assert_eq!(machines.len(), 1, "instance {} has {machines:?}", row.id);
+        assert_eq!(
+            row.provider_machine_id.as_deref(),
+            Some(machines[0].as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_instances_get_one_started_machine_each_and_boot() {
+    let env = env(instant()).await;
+    let ids = request(&env, 200).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    provision_all(&s, &env).await;
+    let all = rows(&env).await;
+    assert!(all.iter().all(|r| r.state == InstanceState::Booting));
+    assert!(
+        all.iter().all(|r| r.lease_owner.is_none()),
+        "leases given back"
+    );
+    assert_one_machine_each(&env, &ids).await;
+    for m in env.stack.sim.sim().machines() {
+        assert_eq!(m.machine.state.to_string(), "started");
+        assert!(m.machine.config.env.contains_key("FLOTILLA_WORKER_TOKEN"));
+    }
+    // Each machine carries the token whose hash the row holds.
+    let (hash, token): (Vec<u8>, String) = {
+        let row = &all[0];
+        let m = env
+            .stack
+            .sim
+            .sim()
+            .machine(row.provider_machine_id.as_deref().unwrap())
+            .unwrap();
+        let hash: Vec<u8> =
+            sqlx::query_scalar("SELECT worker_token_hash FROM instances WHERE id = $1")
+                .bind(row.id.0)
+                .fetch_one(&env.db.pool)
+                .await
+                .unwrap();
+        (hash, m.machine.config.env["FLOTILLA_WORKER_TOKEN"].clone())
+    };
+    use sha2::Digest;
+    assert_eq!(hash, sha2::Sha256::digest(token.as_bytes()).to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_step_boundary_leaves_exactly_one_machine_per_instance() {
+    for point in [
+        CrashPoint::AfterIntent,
+        CrashPoint::AfterCreate,
+        CrashPoint::AfterRecord,
+        CrashPoint::AfterStart,
+    ] {
+        let env = env(instant()).await;
+        let ids = request(&env, 20).await;
+        let dying = scheduler(&env, "dying", Some(point), tuning(&[]));
+        dying.provision_once().await;
+        let after_crash = rows(&env).await;
+        assert!(
+            after_crash
+                .iter()
+                .all(|r| r.lease_owner.as_deref() == Some("dying")),
+            "{point:?}: a dead replica keeps its leases until they expire"
+        );
+        // A new replica takes over once the leases expire.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let fresh = scheduler(&env, "fresh", None, tuning(&[]));
+        provision_all(&fresh, &env).await;
+        assert!(
+            rows(&env)
+                .await
+                .iter()
+                .all(|r| r.state == InstanceState::Booting),
+            "{point:?}"
+        );
+        assert_one_machine_each(&env, &ids).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_succeeds_but_errors_is_adopted_not_duplicated() {
+    let env = env(Faults {
+        create_succeeds_but_errors_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    let ids = request(&env, 10).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    s.provision_once().await;
+    assert!(
+        rows(&env)
+            .await
+            .iter()
+            .all(|r| r.state == InstanceState::Provisioning
+                && r.provider_machine_id.is_none()
+                && r.attempts == 1)
+    );
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.create_succeeds_but_errors_rate = 0.0)
+        .unwrap();
+    provision_all(&s, &env).await;
+    assert_one_machine_each(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_without_error_is_rolled_back_and_retried_on_the_next_tick() {
+    let env = env(Faults {
+        start_fails_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    request(&env, 5).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    s.provision_once().await;
+    let failed_at = Instant::now();
+    for r in rows(&env).await {
+        assert_eq!(
+            r.state,
+            InstanceState::Provisioning,
+            "never booting while nothing runs"
+        );
+        assert_eq!(r.attempts, 1);
+        assert!(r.provider_machine_id.is_some(), "the machine is recorded");
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("did not start")
+        );
+        assert!(r.next_attempt_at > chrono::Utc::now() - chrono::Duration::seconds(1));
+    }
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.start_fails_rate = 0.0)
+        .unwrap();
+    let stop = CancellationToken::new();
+    let runner = tokio::spawn(s.clone().run(None, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows(&env)
+        .await
+        .iter()
+        .any(|r| r.state != InstanceState::Booting)
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let retry_after = failed_at.elapsed();
+    println!("start failure -> successful retry: {retry_after:?} (retry base 50 ms, tick 20 ms)");
+    assert!(retry_after < Duration::from_secs(2), "{retry_after:?}");
+    stop.cancel();
+    runner.await.unwrap();
+    // The machines that failed to start were started again, not replaced.
+    assert_eq!(env.stack.sim.sim().machines().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_errors_is_rolled_back_and_succeeds_on_the_next_tick() {
+    let mut faults = instant();
+    faults.error_rate.insert(
+        Operation::Start,
+        ErrorRates {
+            rate_503: 1.0,
+            ..Default::default()
+        },
+    );
+    let env = env(faults).await;
+    let ids = request(&env, 5).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    s.provision_once().await;
+    assert!(
+        rows(&env)
+            .await
+            .iter()
+            .all(|r| r.state == InstanceState::Provisioning && r.attempts == 1)
+    );
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.error_rate.clear())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    provision_all(&s, &env).await;
+    assert_one_machine_each(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_attempts_end_in_provisioning_failed_handed_to_termination() {
+    let env = env(Faults {
+        start_fails_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    request(&env, 3).await;
+    let s = scheduler(&env, "s1", None, tuning(&["--provision-max-attempts", "3"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows(&env)
+        .await
+        .iter()
+        .any(|r| r.state != InstanceState::ProvisioningFailed)
+    {
+        assert!(Instant::now() < deadline);
+        s.provision_once().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in rows(&env).await {
+        assert_eq!(r.desired_state, DesiredState::Terminated);
+        assert!(
+            r.provider_machine_id.is_some(),
+            "the terminator knows what to delete"
+        );
+    }
+    assert_eq!(
+        env.stack.sim.sim().machines().len(),
+        3,
+        "no extra machines were created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_scheduler_mid_batch_loses_nothing_and_duplicates_nothing() {
+    let env = env(Faults {
+        latency_ms: 5,
+        ..instant()
+    })
+    .await;
+    let ids = request(&env, 100).await;
+    let first = scheduler(
+        &env,
+        "first",
+        None,
+        tuning(&["--scheduler-provider-concurrency", "4"]),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(first.run(None, stop));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows(&env)
+        .await
+        .iter()
+        .filter(|r| r.state == InstanceState::Booting)
+        .count()
+        < 20
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // kill -9: no shutdown, leases stay until they expire.
+    task.abort();
+    let _ = task.await;
+    let booting = rows(&env)
+        .await
+        .iter()
+        .filter(|r| r.state == InstanceState::Booting)
+        .count();
+    assert!(booting < 100, "killed mid-batch ({booting} done)");
+    let second = scheduler(&env, "second", None, tuning(&[]));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    provision_all(&second, &env).await;
+    assert_one_machine_each(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_phase_past_its_deadline_is_restarted_then_terminated() {
+    let env = env(instant()).await;
+    let ids = request(&env, 1).await;
+    let t = tuning(&[
+        "--recovery-booting-timeout-seconds",
+        "1",
+        "--startup-max-retries",
+        "1",
+    ]);
+    let s = scheduler(&env, "s1", None, t);
+    provision_all(&s, &env).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    async fn get(conn: &mut sqlx::PgConnection, id: InstanceId) -> InstanceRow {
+        instance_get(conn, id).await.unwrap().unwrap()
+    }
+    assert_eq!(get(&mut conn, ids[0]).await.state, InstanceState::Booting);
+    s.boot_once().await;
+    assert_eq!(
+        get(&mut conn, ids[0]).await.state,
+        InstanceState::Booting,
+        "not yet overdue"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.boot_once().await;
+    // Overdue → startup_failed → restarted → booting again (one retry allowed).
+    let row = get(&mut conn, ids[0]).await;
+    assert_eq!(row.state, InstanceState::Booting);
+    assert_eq!(row.desired_state, DesiredState::Running);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.boot_once().await;
+    let row = get(&mut conn, ids[0]).await;
+    assert_eq!(row.state, InstanceState::StartupFailed);
+    assert_eq!(
+        row.desired_state,
+        DesiredState::Terminated,
+        "second failure: give up"
+    );
+    let history: Vec<String> =
+        sqlx::query_scalar("SELECT to_state FROM action_logs WHERE instance_id = $1 ORDER BY id")
+            .bind(ids[0].0)
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        history,
+        [
+            "requested",
+            "provisioning",
+            "booting",
+            "startup_failed",
+            "booting",
+            "startup_failed"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_ready_report_is_all_it_takes_after_boot() {
+    // The api writes phase reports; here the test plays the worker.
+    let env = env(instant()).await;
+    request(&env, 3).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    provision_all(&s, &env).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    for r in rows(&env).await {
+        instance_transition(
+            &mut conn,
+            &WriteCtx::new("worker"),
+            &Transition {
+                id: r.id,
+                from: InstanceState::Booting,
+                to: InstanceState::Ready,
+                expected_version: r.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    s.boot_once().await;
+    assert!(
+        rows(&env)
+            .await
+            .iter()
+            .all(|r| r.state == InstanceState::Ready)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_fills_a_pool_then_marks_the_surplus_for_termination() {
+    let env = env(instant()).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    // Instances asked for explicitly are not the pool's to manage.
+    let explicit = request(&env, 2).await;
+    pool_set_desired_capacity(&mut conn, "gpu", 5, None)
+        .await
+        .unwrap();
+    s.capacity_once().await;
+    s.capacity_once().await;
+    assert_eq!(rows(&env).await.len(), 7, "filled once, not twice");
+    let cmds: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE subject = 'CMD.provision'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(cmds, 1);
+    provision_all(&s, &env).await;
+
+    pool_set_desired_capacity(&mut conn, "gpu", 2, None)
+        .await
+        .unwrap();
+    s.capacity_once().await;
+    let all = rows(&env).await;
+    assert!(
+        all.iter()
+            .filter(|r| explicit.contains(&r.id))
+            .all(|r| r.desired_state == DesiredState::Running),
+        "explicitly provisioned instances are never scaled down"
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|r| r.desired_state == DesiredState::Terminated)
+            .count(),
+        3
+    );
+    // Marking is idempotent: the next activation changes nothing.
+    s.capacity_once().await;
+    assert_eq!(
+        rows(&env)
+            .await
+            .iter()
+            .filter(|r| r.desired_state == DesiredState::Terminated)
+            .count(),
+        3
+    );
+    let cmds: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE subject = 'CMD.terminate'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(cmds, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_overtaken_by_the_workers_own_report_finishes_cleanly() {
+    let env = env(instant()).await;
+    let ids = request(&env, 1).await;
+    // The scheduler dies right after starting the machine...
+    let dying = scheduler(&env, "dying", Some(CrashPoint::AfterStart), tuning(&[]));
+    dying.provision_once().await;
+    let stale = rows(&env).await.remove(0);
+    assert_eq!(stale.state, InstanceState::Provisioning);
+    // ...and the worker reports ready first (the api writes this).
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let mut r = stale.clone();
+    for to in [InstanceState::Booting, InstanceState::Ready] {
+        r = instance_transition(
+            &mut conn,
+            &WriteCtx::new("worker"),
+            &Transition {
+                id: r.id,
+                from: r.state,
+                to,
+                expected_version: r.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // A replica still holding the old row finishes its step without error.
+    let s = scheduler(&env, "dying", None, tuning(&[]));
+    let pool = flotilla_store::pool::pool_get(&mut conn, "gpu")
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = s.provision_instance(stale, &pool).await.unwrap();
+    assert_eq!(outcome, flotilla_scheduler::Stepped::Advanced);
+    let now = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    assert_eq!(now.state, InstanceState::Ready);
+    assert!(now.lease_owner.is_none(), "lease given back");
+    assert_one_machine_each(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stuck_in_installing_is_recovered_by_a_restart() {
+    let env = env(instant()).await;
+    let ids = request(&env, 1).await;
+    let s = scheduler(
+        &env,
+        "s1",
+        None,
+        tuning(&["--recovery-installing-timeout-seconds", "1"]),
+    );
+    provision_all(&s, &env).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let r = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    // The worker said "installing" and then went quiet.
+    instance_transition(
+        &mut conn,
+        &WriteCtx::new("worker"),
+        &Transition {
+            id: r.id,
+            from: InstanceState::Booting,
+            to: InstanceState::Installing,
+            expected_version: r.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.boot_once().await;
+    let r = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    assert_eq!(r.state, InstanceState::Booting, "restarted, booting again");
+    let machine = env
+        .stack
+        .sim
+        .sim()
+        .machine(r.provider_machine_id.as_deref().unwrap())
+        .unwrap();
+    assert_eq!(machine.machine.state.to_string(), "started");
+}

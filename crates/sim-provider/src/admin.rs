@@ -1,0 +1,58 @@
+//! The `/_sim` routes: ground truth, fault control and reset over HTTP, for
+//! benchmarks and tools that run the sim as a separate process. They need
+//! no token and are never subject to injected faults.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::cloud::Sim;
+use crate::error::ApiError;
+use crate::faults::Faults;
+
+pub(crate) fn routes() -> Router<Sim> {
+    Router::new()
+        .route("/_sim/faults", get(get_faults).put(put_faults))
+        .route("/_sim/machines", get(machines))
+        .route("/_sim/volumes", get(volumes))
+        .route("/_sim/machines/{id}/kill", post(kill))
+        .route("/_sim/stats", get(stats))
+        .route("/_sim/reset", post(reset))
+}
+
+async fn get_faults(State(sim): State<Sim>) -> Response {
+    Json(sim.faults()).into_response()
+}
+
+/// Replaces the whole fault set; fields left out take their defaults.
+async fn put_faults(State(sim): State<Sim>, body: Bytes) -> Result<Response, ApiError> {
+    let faults: Faults = serde_json::from_slice(&body).map_err(|err| ApiError::bad_json(&err))?;
+    sim.set_faults(faults)
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    Ok(Json(sim.faults()).into_response())
+}
+
+async fn machines(State(sim): State<Sim>) -> Response {
+    Json(sim.machines()).into_response()
+}
+
+async fn volumes(State(sim): State<Sim>) -> Response {
+    Json(sim.volumes()).into_response()
+}
+
+async fn kill(State(sim): State<Sim>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let killed = sim.kill(&id).ok_or(ApiError::machine_not_found())?;
+    Ok(Json(killed).into_response())
+}
+
+async fn stats(State(sim): State<Sim>) -> Response {
+    Json(sim.stats()).into_response()
+}
+
+async fn reset(State(sim): State<Sim>) -> Response {
+    sim.reset();
+    Json(json!({ "ok": true })).into_response()
+}

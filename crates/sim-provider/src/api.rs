@@ -1,0 +1,306 @@
+//! The `/v1` routes: Fly's Machines API paths and bodies, the bearer-token
+//! check, and the per-request faults (latency, injected errors) applied
+//! before a handler acts.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::cloud::{MachineFilter, Sim};
+use crate::error::ApiError;
+use crate::faults::{Injected, Operation, chance};
+use crate::model::{
+    CreateMachineRequest, CreateVolumeRequest, MachineState, StartResponse, StopRequest,
+};
+
+pub(crate) fn routes() -> Router<Sim> {
+    Router::new()
+        .route(
+            "/v1/apps/{app}/machines",
+            get(list_machines).post(create_machine),
+        )
+        .route(
+            "/v1/apps/{app}/machines/{id}",
+            get(get_machine).delete(destroy_machine),
+        )
+        .route("/v1/apps/{app}/machines/{id}/start", post(start_machine))
+        .route("/v1/apps/{app}/machines/{id}/stop", post(stop_machine))
+        .route(
+            "/v1/apps/{app}/machines/{id}/suspend",
+            post(suspend_machine),
+        )
+        .route("/v1/apps/{app}/machines/{id}/wait", get(wait_machine))
+        .route(
+            "/v1/apps/{app}/volumes",
+            get(list_volumes).post(create_volume),
+        )
+        .route(
+            "/v1/apps/{app}/volumes/{id}",
+            get(get_volume).delete(destroy_volume),
+        )
+}
+
+type AppPath = Result<Path<String>, PathRejection>;
+type ItemPath = Result<Path<(String, String)>, PathRejection>;
+
+/// Fly's `wait` accepts 1 to 60 seconds and defaults to 60.
+const WAIT_TIMEOUT_SECS: std::ops::RangeInclusive<u64> = 1..=60;
+
+/// Runs one API call: latency, auth and injected errors first, then `work`
+/// unless one of them answered; counts the answer either way.
+async fn guarded(
+    sim: &Sim,
+    op: Operation,
+    headers: &HeaderMap,
+    work: impl Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let response = match admit(sim, op, headers).await {
+        Ok(()) => work.await.unwrap_or_else(IntoResponse::into_response),
+        Err(refused) => refused.into_response(),
+    };
+    sim.record(op, response.status().as_u16());
+    response
+}
+
+async fn admit(sim: &Sim, op: Operation, headers: &HeaderMap) -> Result<(), ApiError> {
+    let faults = sim.current_faults();
+    let latency = faults.roll_latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if !sim.authorized(bearer) {
+        return Err(ApiError::Unauthorized);
+    }
+    match faults.roll_error(op) {
+        None => Ok(()),
+        Some(Injected::RateLimited { retry_after_secs }) => {
+            Err(ApiError::RateLimited { retry_after_secs })
+        }
+        Some(Injected::Internal) => Err(ApiError::Internal),
+        Some(Injected::Unavailable) => Err(ApiError::Unavailable),
+        Some(Injected::Timeout(hold)) => {
+            tokio::time::sleep(hold).await;
+            Err(ApiError::GatewayTimeout)
+        }
+    }
+}
+
+/// Bodies are parsed here rather than by axum's `Json` so that any content
+/// type is accepted and every bad body is a JSON 400.
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|err| ApiError::bad_json(&err))
+}
+
+fn ok() -> Response {
+    Json(json!({ "ok": true })).into_response()
+}
+
+async fn create_machine(
+    State(sim): State<Sim>,
+    path: AppPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    guarded(&sim, Operation::Create, &headers, async {
+        let Path(app) = path?;
+        let request: CreateMachineRequest = parse_json(&body)?;
+        let machine = sim.create_machine(&app, request)?;
+        // The "created but never recorded" failure: the machine exists and
+        // runs, but the caller is told it failed.
+        if chance(sim.current_faults().create_succeeds_but_errors_rate) {
+            return Err(ApiError::Internal);
+        }
+        Ok(Json(machine).into_response())
+    })
+    .await
+}
+
+async fn list_machines(
+    State(sim): State<Sim>,
+    path: AppPath,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    guarded(&sim, Operation::List, &headers, async {
+        let Path(app) = path?;
+        let Query(pairs) = query?;
+        let mut filter = MachineFilter::default();
+        for (key, value) in pairs {
+            if key == "region" {
+                filter.region = Some(value);
+            } else if let Some(meta_key) = key.strip_prefix("metadata.") {
+                filter.metadata.push((meta_key.to_owned(), value));
+            }
+        }
+        Ok(Json(sim.list_machines(&app, &filter)).into_response())
+    })
+    .await
+}
+
+async fn get_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::Get, &headers, async {
+        let Path((app, id)) = path?;
+        Ok(Json(sim.get_machine(&app, &id)?).into_response())
+    })
+    .await
+}
+
+async fn start_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::Start, &headers, async {
+        let Path((app, id)) = path?;
+        let previous_state = sim.start_machine(&app, &id)?;
+        let answer = StartResponse {
+            previous_state,
+            migrated: false,
+            new_host: String::new(),
+        };
+        Ok(Json(answer).into_response())
+    })
+    .await
+}
+
+async fn stop_machine(
+    State(sim): State<Sim>,
+    path: ItemPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    guarded(&sim, Operation::Stop, &headers, async {
+        let Path((app, id)) = path?;
+        // The body is optional; when given it must still be well formed.
+        if !body.is_empty() {
+            let _: StopRequest = parse_json(&body)?;
+        }
+        sim.stop_machine(&app, &id)?;
+        Ok(ok())
+    })
+    .await
+}
+
+async fn suspend_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::Suspend, &headers, async {
+        let Path((app, id)) = path?;
+        sim.suspend_machine(&app, &id)?;
+        Ok(ok())
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    state: Option<String>,
+    timeout: Option<String>,
+}
+
+async fn wait_machine(
+    State(sim): State<Sim>,
+    path: ItemPath,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    guarded(&sim, Operation::Wait, &headers, async {
+        let Path((app, id)) = path?;
+        let Query(query) = query?;
+        let target = match query.state.as_deref() {
+            None => MachineState::Started,
+            Some(name) => name
+                .parse()
+                .ok()
+                .filter(|state| MachineState::WAITABLE.contains(state))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid state {name:?}: must be started, stopped, suspended or destroyed"
+                    ))
+                })?,
+        };
+        let secs = match query.timeout.as_deref() {
+            None => *WAIT_TIMEOUT_SECS.end(),
+            Some(raw) => raw
+                .parse()
+                .ok()
+                .filter(|secs| WAIT_TIMEOUT_SECS.contains(secs))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid timeout {raw:?}: must be whole seconds between 1 and 60"
+                    ))
+                })?,
+        };
+        sim.wait_for_state(&app, &id, target, Duration::from_secs(secs))
+            .await?;
+        Ok(ok())
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct DestroyQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn destroy_machine(
+    State(sim): State<Sim>,
+    path: ItemPath,
+    query: Result<Query<DestroyQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    guarded(&sim, Operation::Delete, &headers, async {
+        let Path((app, id)) = path?;
+        let Query(query) = query?;
+        sim.destroy_machine(&app, &id, query.force)?;
+        Ok(ok())
+    })
+    .await
+}
+
+async fn create_volume(
+    State(sim): State<Sim>,
+    path: AppPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    guarded(&sim, Operation::VolumeCreate, &headers, async {
+        let Path(app) = path?;
+        let request: CreateVolumeRequest = parse_json(&body)?;
+        Ok(Json(sim.create_volume(&app, request)?).into_response())
+    })
+    .await
+}
+
+async fn list_volumes(State(sim): State<Sim>, path: AppPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::VolumeList, &headers, async {
+        let Path(app) = path?;
+        Ok(Json(sim.list_volumes(&app)).into_response())
+    })
+    .await
+}
+
+async fn get_volume(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::VolumeGet, &headers, async {
+        let Path((app, id)) = path?;
+        Ok(Json(sim.get_volume(&app, &id)?).into_response())
+    })
+    .await
+}
+
+async fn destroy_volume(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::VolumeDelete, &headers, async {
+        let Path((app, id)) = path?;
+        Ok(Json(sim.destroy_volume(&app, &id)?).into_response())
+    })
+    .await
+}

@@ -1,0 +1,865 @@
+//! The simulated cloud: every app's machines and volumes, the state machine
+//! that moves them, and the ground truth tests read.
+//!
+//! Design notes: all state lives behind one `std::sync::Mutex`, held only for
+//! the bookkeeping of one call and never across an await, so thousands of
+//! machines and many concurrent calls stay cheap. A transition that takes
+//! time (`starting` → `started`) is a timer task that re-takes the lock and
+//! applies its step only if the machine's version is still the one it was
+//! scheduled at; any change in between (a stop, a kill, a forced destroy)
+//! bumps the version and so cancels it. Zero delays apply inline, under the
+//! same lock, so benchmarks at zero latency spawn no timers. `wait` watches a
+//! per-machine `watch` channel instead of polling.
+//!
+//! Destroyed machines and volumes stay in the truth (tests want to see what
+//! was destroyed); the API hides them as Fly does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::faults::{Faults, InvalidFaults, Operation, chance};
+use crate::ids;
+use crate::model::{
+    CreateMachineRequest, CreateVolumeRequest, Machine, MachineState, Restart, Volume, VolumeState,
+};
+use crate::stats::Stats;
+
+/// How a sim is set up when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// The bearer token every `/v1` call must carry.
+    pub token: String,
+    /// Region of machines created without one (and without a volume).
+    pub default_region: String,
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            token: "sim-token".to_owned(),
+            default_region: "iad".to_owned(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// A machine as the sim knows it, with the app it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineTruth {
+    pub app: String,
+    #[serde(flatten)]
+    pub machine: Machine,
+}
+
+/// A volume as the sim knows it, with the app it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeTruth {
+    pub app: String,
+    #[serde(flatten)]
+    pub volume: Volume,
+}
+
+/// Which machines a list call returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct MachineFilter {
+    pub region: Option<String>,
+    /// Every pair must be in the machine's `config.metadata`.
+    pub metadata: Vec<(String, String)>,
+}
+
+impl MachineFilter {
+    fn matches(&self, machine: &Machine) -> bool {
+        self.region.as_ref().is_none_or(|r| *r == machine.region)
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| machine.config.metadata.get(k) == Some(v))
+    }
+}
+
+/// The simulated cloud. Cheap to clone: clones share the same state.
+#[derive(Clone)]
+pub struct Sim {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("default_region", &self.inner.default_region)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    token: String,
+    default_region: String,
+    world: Mutex<World>,
+    faults: RwLock<Arc<Faults>>,
+    stats: Mutex<Stats>,
+}
+
+#[derive(Default)]
+struct World {
+    apps: HashMap<String, App>,
+    /// Creation order, so listings are stable.
+    next_seq: u64,
+}
+
+#[derive(Default)]
+struct App {
+    machines: HashMap<String, MachineRecord>,
+    volumes: HashMap<String, VolumeRecord>,
+}
+
+struct MachineRecord {
+    app: String,
+    seq: u64,
+    machine: Machine,
+    /// Bumped on every state change; a timer applies only at its own version.
+    version: u64,
+    destroyed_at: Option<Instant>,
+    state_tx: watch::Sender<MachineState>,
+}
+
+struct VolumeRecord {
+    app: String,
+    seq: u64,
+    volume: Volume,
+}
+
+/// The second half of a transition, due after a delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    FinishStart {
+        fails: bool,
+    },
+    FinishStop,
+    FinishSuspend,
+    FinishDestroy,
+    /// The worker process exits by itself.
+    Die,
+}
+
+#[derive(Debug)]
+struct Pending {
+    app: String,
+    id: String,
+    version: u64,
+    step: Step,
+    delay: Duration,
+}
+
+fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+impl MachineRecord {
+    fn set_state(&mut self, state: MachineState) {
+        self.machine.state = state;
+        self.machine.updated_at = Utc::now();
+        self.version += 1;
+        self.state_tx.send_replace(state);
+    }
+
+    fn pending(&self, step: Step, delay: Duration) -> Pending {
+        Pending {
+            app: self.app.clone(),
+            id: self.machine.id.clone(),
+            version: self.version,
+            step,
+            delay,
+        }
+    }
+
+    /// Past its linger, a destroyed machine answers 404 as if it never was.
+    fn is_gone(&self, linger: Duration) -> bool {
+        self.destroyed_at.is_some_and(|at| at.elapsed() >= linger)
+    }
+
+    fn begin_start(&mut self, faults: &Faults) -> Pending {
+        self.set_state(MachineState::Starting);
+        let fails = chance(faults.start_fails_rate);
+        self.pending(Step::FinishStart { fails }, millis(faults.start_delay_ms))
+    }
+
+    fn begin_stop(&mut self, faults: &Faults) -> Pending {
+        self.set_state(MachineState::Stopping);
+        self.pending(Step::FinishStop, millis(faults.stop_delay_ms))
+    }
+
+    fn begin_suspend(&mut self, faults: &Faults) -> Pending {
+        self.set_state(MachineState::Suspending);
+        self.pending(Step::FinishSuspend, millis(faults.stop_delay_ms))
+    }
+
+    fn begin_destroy(&mut self, faults: &Faults) -> Pending {
+        self.set_state(MachineState::Destroying);
+        self.pending(Step::FinishDestroy, millis(faults.destroy_delay_ms))
+    }
+
+    /// The machine's process is gone; an `auto_destroy` machine goes on to
+    /// be destroyed, as Fly does.
+    fn exited(&mut self, faults: &Faults) -> Option<Pending> {
+        self.set_state(MachineState::Stopped);
+        (self.machine.config.auto_destroy == Some(true)).then(|| self.begin_destroy(faults))
+    }
+
+    fn truth(&self) -> MachineTruth {
+        MachineTruth {
+            app: self.app.clone(),
+            machine: self.machine.clone(),
+        }
+    }
+}
+
+impl VolumeRecord {
+    fn truth(&self) -> VolumeTruth {
+        VolumeTruth {
+            app: self.app.clone(),
+            volume: self.volume.clone(),
+        }
+    }
+}
+
+impl World {
+    fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn live_machine(
+        &mut self,
+        app: &str,
+        id: &str,
+        linger: Duration,
+    ) -> Result<&mut MachineRecord, ApiError> {
+        self.apps
+            .get_mut(app)
+            .and_then(|a| a.machines.get_mut(id))
+            .filter(|rec| !rec.is_gone(linger))
+            .ok_or(ApiError::machine_not_found())
+    }
+
+    fn live_volume(&mut self, app: &str, id: &str) -> Result<&mut VolumeRecord, ApiError> {
+        self.apps
+            .get_mut(app)
+            .and_then(|a| a.volumes.get_mut(id))
+            .filter(|rec| rec.volume.state != VolumeState::Destroyed)
+            .ok_or(ApiError::volume_not_found())
+    }
+
+    fn find_machine(&mut self, id: &str) -> Option<&mut MachineRecord> {
+        self.apps.values_mut().find_map(|a| a.machines.get_mut(id))
+    }
+
+    /// Applies a due step if nothing changed the machine since it was
+    /// scheduled; returns the step that follows, if any.
+    fn apply(&mut self, pending: &Pending, faults: &Faults) -> Option<Pending> {
+        let app = self.apps.get_mut(&pending.app)?;
+        let rec = app.machines.get_mut(&pending.id)?;
+        if rec.version != pending.version {
+            return None;
+        }
+        match pending.step {
+            Step::FinishStart { fails: true } => {
+                rec.set_state(MachineState::Failed);
+                None
+            }
+            Step::FinishStart { fails: false } => {
+                rec.set_state(MachineState::Started);
+                faults
+                    .roll_death()
+                    .map(|after| rec.pending(Step::Die, after))
+            }
+            Step::FinishStop | Step::Die => rec.exited(faults),
+            Step::FinishSuspend => {
+                rec.set_state(MachineState::Suspended);
+                None
+            }
+            Step::FinishDestroy => {
+                rec.set_state(MachineState::Destroyed);
+                rec.destroyed_at = Some(Instant::now());
+                // Volumes stay bound until the destroy completes: deleting
+                // one earlier is Fly's 412, which clients must retry.
+                for mount in &rec.machine.config.mounts {
+                    if let Some(vol) = app.volumes.get_mut(&mount.volume)
+                        && vol.volume.attached_machine_id.as_deref() == Some(&pending.id)
+                    {
+                        vol.volume.attached_machine_id = None;
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+fn still_active() -> ApiError {
+    ApiError::FailedPrecondition("machine still active, refusing to start".to_owned())
+}
+
+fn being_destroyed() -> ApiError {
+    ApiError::FailedPrecondition("machine has been destroyed".to_owned())
+}
+
+impl Sim {
+    pub fn new(config: SimConfig) -> Sim {
+        Sim {
+            inner: Arc::new(Inner {
+                token: config.token,
+                default_region: config.default_region,
+                world: Mutex::new(World::default()),
+                faults: RwLock::new(Arc::new(config.faults)),
+                stats: Mutex::new(Stats::default()),
+            }),
+        }
+    }
+
+    pub fn token(&self) -> &str {
+        &self.inner.token
+    }
+
+    // --- ground truth and control, for tests and the admin endpoints ---
+
+    pub fn faults(&self) -> Faults {
+        Faults::clone(&self.current_faults())
+    }
+
+    /// Replaces the fault set; applies to the next request and the next
+    /// scheduled transition.
+    pub fn set_faults(&self, faults: Faults) -> Result<(), InvalidFaults> {
+        faults.validate()?;
+        *self
+            .inner
+            .faults
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(faults);
+        Ok(())
+    }
+
+    /// Changes some knobs and keeps the rest.
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) -> Result<(), InvalidFaults> {
+        let mut faults = self.faults();
+        change(&mut faults);
+        self.set_faults(faults)
+    }
+
+    /// Every machine the sim holds, destroyed ones included, in creation order.
+    pub fn machines(&self) -> Vec<MachineTruth> {
+        let world = self.world();
+        let mut records: Vec<&MachineRecord> = world
+            .apps
+            .values()
+            .flat_map(|a| a.machines.values())
+            .collect();
+        records.sort_by_key(|rec| rec.seq);
+        records.into_iter().map(MachineRecord::truth).collect()
+    }
+
+    pub fn machine(&self, id: &str) -> Option<MachineTruth> {
+        self.world()
+            .apps
+            .values()
+            .find_map(|a| a.machines.get(id))
+            .map(MachineRecord::truth)
+    }
+
+    /// Every volume the sim holds, destroyed ones included, in creation order.
+    pub fn volumes(&self) -> Vec<VolumeTruth> {
+        let world = self.world();
+        let mut records: Vec<&VolumeRecord> = world
+            .apps
+            .values()
+            .flat_map(|a| a.volumes.values())
+            .collect();
+        records.sort_by_key(|rec| rec.seq);
+        records.into_iter().map(VolumeRecord::truth).collect()
+    }
+
+    pub fn volume(&self, id: &str) -> Option<VolumeTruth> {
+        self.world()
+            .apps
+            .values()
+            .find_map(|a| a.volumes.get(id))
+            .map(VolumeRecord::truth)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forgets every machine, volume and counter; the faults stay as set.
+    /// Pending `wait` calls end with 404.
+    pub fn reset(&self) {
+        *self.world() = World::default();
+        *self
+            .inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Stats::default();
+    }
+
+    /// The machine's process dies now: a running machine goes to `stopped`
+    /// (and on to destroyed if `auto_destroy`). `None` if the id is unknown.
+    pub fn kill(&self, id: &str) -> Option<MachineTruth> {
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let rec = world.find_machine(id)?;
+        let next = match rec.machine.state {
+            MachineState::Starting
+            | MachineState::Started
+            | MachineState::Stopping
+            | MachineState::Suspending
+            | MachineState::Replacing => rec.exited(&faults),
+            MachineState::Created
+            | MachineState::Stopped
+            | MachineState::Suspended
+            | MachineState::Failed
+            | MachineState::Destroying
+            | MachineState::Destroyed => None,
+        };
+        self.run_steps(&mut world, &faults, next);
+        world.find_machine(id).map(|rec| rec.truth())
+    }
+
+    // --- the API operations ---
+
+    pub(crate) fn authorized(&self, bearer: Option<&str>) -> bool {
+        bearer == Some(self.inner.token.as_str())
+    }
+
+    pub(crate) fn record(&self, op: Operation, status: u16) {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(op, status);
+    }
+
+    pub(crate) fn current_faults(&self) -> Arc<Faults> {
+        Arc::clone(
+            &self
+                .inner
+                .faults
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    pub(crate) fn create_machine(
+        &self,
+        app: &str,
+        request: CreateMachineRequest,
+    ) -> Result<Machine, ApiError> {
+        let config = request.config;
+        if config.image.as_deref().is_none_or(str::is_empty) {
+            return Err(ApiError::BadRequest(
+                "invalid config.image: an image is required".to_owned(),
+            ));
+        }
+        if let Some(restart) = &config.restart
+            && !Restart::POLICIES.contains(&restart.policy.as_str())
+        {
+            return Err(ApiError::BadRequest(format!(
+                "invalid config.restart.policy {:?}: must be one of {:?}",
+                restart.policy,
+                Restart::POLICIES
+            )));
+        }
+
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let seq = world.next_seq();
+        let app_state = world.apps.entry(app.to_owned()).or_default();
+
+        let mut region = request.region;
+        for mount in &config.mounts {
+            let volume = app_state
+                .volumes
+                .get(&mount.volume)
+                .map(|rec| &rec.volume)
+                .filter(|v| v.state != VolumeState::Destroyed)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("volume {} not found", mount.volume))
+                })?;
+            if let Some(holder) = &volume.attached_machine_id {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume is currently bound to machine: {holder}"
+                )));
+            }
+            match &region {
+                None => region = Some(volume.region.clone()),
+                Some(r) if *r != volume.region => {
+                    return Err(ApiError::BadRequest(format!(
+                        "volume {} is in region {}, not {r}",
+                        volume.id, volume.region
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+
+        let id = ids::machine_id();
+        let now = Utc::now();
+        let machine = Machine {
+            name: request.name.unwrap_or_else(|| format!("machine-{id}")),
+            id: id.clone(),
+            state: MachineState::Created,
+            region: region.unwrap_or_else(|| self.inner.default_region.clone()),
+            instance_id: ids::instance_id(),
+            private_ip: ids::private_ip(),
+            config,
+            created_at: now,
+            updated_at: now,
+        };
+        for mount in &machine.config.mounts {
+            if let Some(vol) = app_state.volumes.get_mut(&mount.volume) {
+                vol.volume.attached_machine_id = Some(id.clone());
+            }
+        }
+        // Fly answers a create with the machine as created; the launch
+        // shows only in later reads.
+        let answer = machine.clone();
+        let (state_tx, _) = watch::channel(MachineState::Created);
+        let rec = app_state
+            .machines
+            .entry(id)
+            .insert_entry(MachineRecord {
+                app: app.to_owned(),
+                seq,
+                machine,
+                version: 0,
+                destroyed_at: None,
+                state_tx,
+            })
+            .into_mut();
+        let launch = (request.skip_launch != Some(true)).then(|| rec.begin_start(&faults));
+        self.run_steps(&mut world, &faults, launch);
+        Ok(answer)
+    }
+
+    pub(crate) fn get_machine(&self, app: &str, id: &str) -> Result<Machine, ApiError> {
+        let linger = millis(self.current_faults().destroyed_linger_ms);
+        let mut world = self.world();
+        Ok(world.live_machine(app, id, linger)?.machine.clone())
+    }
+
+    pub(crate) fn list_machines(&self, app: &str, filter: &MachineFilter) -> Vec<Machine> {
+        let world = self.world();
+        let Some(app_state) = world.apps.get(app) else {
+            return Vec::new();
+        };
+        let mut records: Vec<&MachineRecord> = app_state
+            .machines
+            .values()
+            .filter(|rec| rec.machine.state != MachineState::Destroyed)
+            .filter(|rec| filter.matches(&rec.machine))
+            .collect();
+        records.sort_by_key(|rec| rec.seq);
+        records.into_iter().map(|rec| rec.machine.clone()).collect()
+    }
+
+    /// Returns the state the machine was started from.
+    pub(crate) fn start_machine(&self, app: &str, id: &str) -> Result<MachineState, ApiError> {
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let rec = world.live_machine(app, id, millis(faults.destroyed_linger_ms))?;
+        let previous = rec.machine.state;
+        match previous {
+            MachineState::Created
+            | MachineState::Stopped
+            | MachineState::Suspended
+            | MachineState::Failed => {}
+            MachineState::Starting
+            | MachineState::Started
+            | MachineState::Stopping
+            | MachineState::Suspending
+            | MachineState::Replacing => return Err(still_active()),
+            MachineState::Destroying | MachineState::Destroyed => return Err(being_destroyed()),
+        }
+        let launch = rec.begin_start(&faults);
+        self.run_steps(&mut world, &faults, Some(launch));
+        Ok(previous)
+    }
+
+    pub(crate) fn stop_machine(&self, app: &str, id: &str) -> Result<(), ApiError> {
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let rec = world.live_machine(app, id, millis(faults.destroyed_linger_ms))?;
+        let next = match rec.machine.state {
+            MachineState::Starting
+            | MachineState::Started
+            | MachineState::Suspending
+            | MachineState::Suspended
+            | MachineState::Replacing => rec.begin_stop(&faults),
+            // Nothing is running: stopping again is a no-op, as on Fly.
+            MachineState::Created
+            | MachineState::Stopping
+            | MachineState::Stopped
+            | MachineState::Failed => return Ok(()),
+            MachineState::Destroying | MachineState::Destroyed => return Err(being_destroyed()),
+        };
+        self.run_steps(&mut world, &faults, Some(next));
+        Ok(())
+    }
+
+    pub(crate) fn suspend_machine(&self, app: &str, id: &str) -> Result<(), ApiError> {
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let rec = world.live_machine(app, id, millis(faults.destroyed_linger_ms))?;
+        let next = match rec.machine.state {
+            MachineState::Started => rec.begin_suspend(&faults),
+            MachineState::Suspending | MachineState::Suspended => return Ok(()),
+            MachineState::Created
+            | MachineState::Starting
+            | MachineState::Stopping
+            | MachineState::Stopped
+            | MachineState::Replacing
+            | MachineState::Failed => {
+                return Err(ApiError::FailedPrecondition(
+                    "machine is not started, refusing to suspend".to_owned(),
+                ));
+            }
+            MachineState::Destroying | MachineState::Destroyed => return Err(being_destroyed()),
+        };
+        self.run_steps(&mut world, &faults, Some(next));
+        Ok(())
+    }
+
+    pub(crate) fn destroy_machine(&self, app: &str, id: &str, force: bool) -> Result<(), ApiError> {
+        let faults = self.current_faults();
+        let mut world = self.world();
+        let rec = world.live_machine(app, id, millis(faults.destroyed_linger_ms))?;
+        let state = rec.machine.state;
+        if state == MachineState::Destroyed {
+            return Err(ApiError::machine_not_found());
+        }
+        if !force && !MachineState::DESTROYABLE.contains(&state) {
+            return Err(ApiError::FailedPrecondition(
+                "unable to destroy machine, not currently stopped, suspended or failed".to_owned(),
+            ));
+        }
+        if state == MachineState::Destroying {
+            return Ok(());
+        }
+        let next = rec.begin_destroy(&faults);
+        self.run_steps(&mut world, &faults, Some(next));
+        Ok(())
+    }
+
+    /// Resolves when the machine is in `target`. The lock is released before
+    /// waiting; a reset ends the wait with 404.
+    pub(crate) async fn wait_for_state(
+        &self,
+        app: &str,
+        id: &str,
+        target: MachineState,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let mut state_rx = {
+            let linger = millis(self.current_faults().destroyed_linger_ms);
+            let mut world = self.world();
+            world.live_machine(app, id, linger)?.state_tx.subscribe()
+        };
+        match tokio::time::timeout(timeout, state_rx.wait_for(|s| *s == target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_closed)) => Err(ApiError::machine_not_found()),
+            Err(_elapsed) => Err(ApiError::WaitTimedOut(target)),
+        }
+    }
+
+    pub(crate) fn create_volume(
+        &self,
+        app: &str,
+        request: CreateVolumeRequest,
+    ) -> Result<Volume, ApiError> {
+        let name_ok = !request.name.is_empty()
+            && request.name.len() <= CreateVolumeRequest::MAX_NAME_LEN
+            && request
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !name_ok {
+            return Err(ApiError::BadRequest(format!(
+                "invalid volume name {:?}: 1 to {} characters of a-z, 0-9 and _",
+                request.name,
+                CreateVolumeRequest::MAX_NAME_LEN
+            )));
+        }
+        if !CreateVolumeRequest::SIZE_GB.contains(&request.size_gb) {
+            return Err(ApiError::BadRequest(format!(
+                "invalid size_gb {}: must be between {} and {}",
+                request.size_gb,
+                CreateVolumeRequest::SIZE_GB.start(),
+                CreateVolumeRequest::SIZE_GB.end()
+            )));
+        }
+        let Some(region) = request.region.filter(|r| !r.is_empty()) else {
+            return Err(ApiError::BadRequest("region is required".to_owned()));
+        };
+        let volume = Volume {
+            id: ids::volume_id(),
+            name: request.name,
+            state: VolumeState::Created,
+            size_gb: request.size_gb,
+            region,
+            attached_machine_id: None,
+            created_at: Utc::now(),
+        };
+        let mut world = self.world();
+        let seq = world.next_seq();
+        world
+            .apps
+            .entry(app.to_owned())
+            .or_default()
+            .volumes
+            .insert(
+                volume.id.clone(),
+                VolumeRecord {
+                    app: app.to_owned(),
+                    seq,
+                    volume: volume.clone(),
+                },
+            );
+        Ok(volume)
+    }
+
+    pub(crate) fn get_volume(&self, app: &str, id: &str) -> Result<Volume, ApiError> {
+        Ok(self.world().live_volume(app, id)?.volume.clone())
+    }
+
+    pub(crate) fn list_volumes(&self, app: &str) -> Vec<Volume> {
+        let world = self.world();
+        let Some(app_state) = world.apps.get(app) else {
+            return Vec::new();
+        };
+        let mut records: Vec<&VolumeRecord> = app_state
+            .volumes
+            .values()
+            .filter(|rec| rec.volume.state != VolumeState::Destroyed)
+            .collect();
+        records.sort_by_key(|rec| rec.seq);
+        records.into_iter().map(|rec| rec.volume.clone()).collect()
+    }
+
+    pub(crate) fn destroy_volume(&self, app: &str, id: &str) -> Result<Volume, ApiError> {
+        let mut world = self.world();
+        let rec = world.live_volume(app, id)?;
+        if let Some(holder) = &rec.volume.attached_machine_id {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume is currently bound to machine: {holder}"
+            )));
+        }
+        rec.volume.state = VolumeState::Destroyed;
+        Ok(rec.volume.clone())
+    }
+
+    // --- plumbing ---
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.inner
+            .world
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies due steps now and hands delayed ones to timer tasks. Outside
+    /// a Tokio runtime there is nothing to run a timer, so every step applies
+    /// at once.
+    fn run_steps(&self, world: &mut World, faults: &Faults, first: Option<Pending>) {
+        let mut next = first;
+        while let Some(pending) = next.take() {
+            if !pending.delay.is_zero()
+                && let Ok(runtime) = Handle::try_current()
+            {
+                self.spawn_timer(&runtime, pending);
+            } else {
+                next = world.apply(&pending, faults);
+            }
+        }
+    }
+
+    fn spawn_timer(&self, runtime: &Handle, pending: Pending) {
+        let sim = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(pending.delay).await;
+            let faults = sim.current_faults();
+            let mut world = sim.world();
+            let next = world.apply(&pending, &faults);
+            sim.run_steps(&mut world, &faults, next);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MachineConfig;
+
+    fn instant_sim() -> Sim {
+        Sim::new(SimConfig {
+            faults: Faults::instant(),
+            ..SimConfig::default()
+        })
+    }
+
+    fn request(image: &str) -> CreateMachineRequest {
+        CreateMachineRequest {
+            config: MachineConfig {
+                image: Some(image.to_owned()),
+                ..MachineConfig::default()
+            },
+            ..CreateMachineRequest::default()
+        }
+    }
+
+    #[test]
+    fn with_zero_delays_a_create_is_started_before_the_call_returns() {
+        let sim = instant_sim();
+        let machine = sim.create_machine("app", request("img")).unwrap();
+        assert_eq!(machine.state, MachineState::Created);
+        let truth = sim.machine(&machine.id).unwrap();
+        assert_eq!(truth.machine.state, MachineState::Started);
+    }
+
+    #[test]
+    fn an_auto_destroy_machine_that_is_killed_ends_destroyed() {
+        let sim = instant_sim();
+        let mut req = request("img");
+        req.config.auto_destroy = Some(true);
+        let machine = sim.create_machine("app", req).unwrap();
+        let killed = sim.kill(&machine.id).unwrap();
+        assert_eq!(killed.machine.state, MachineState::Destroyed);
+    }
+
+    #[test]
+    fn a_stale_timer_does_not_undo_a_later_change() {
+        let sim = instant_sim();
+        let machine = sim.create_machine("app", request("img")).unwrap();
+        let pending = {
+            let mut world = sim.world();
+            let rec = world.find_machine(&machine.id).unwrap();
+            rec.pending(Step::Die, Duration::ZERO)
+        };
+        sim.stop_machine("app", &machine.id).unwrap();
+        sim.start_machine("app", &machine.id).unwrap();
+        let next = sim.world().apply(&pending, &Faults::instant());
+        assert!(next.is_none());
+        let state = sim.machine(&machine.id).unwrap().machine.state;
+        assert_eq!(state, MachineState::Started);
+    }
+}

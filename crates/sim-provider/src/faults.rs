@@ -1,0 +1,325 @@
+//! The fault knobs and state timings, and the per-request dice rolls that
+//! turn them into injected failures.
+//!
+//! Every failure a real cloud produces that Flotilla must survive has a knob
+//! here: slow answers, rate limiting, 5xx, answers that never come, effects
+//! that happened although the answer said error ("created but never
+//! recorded"), answers that said success although the effect failed, and
+//! workers that die on their own. All of it can change while the sim runs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One class of API call, as counted in stats and targeted by `error_rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Create,
+    Get,
+    List,
+    Start,
+    Stop,
+    Suspend,
+    Wait,
+    Delete,
+    VolumeCreate,
+    VolumeGet,
+    VolumeList,
+    VolumeDelete,
+}
+
+impl Operation {
+    pub const ALL: &'static [Operation] = &[
+        Operation::Create,
+        Operation::Get,
+        Operation::List,
+        Operation::Start,
+        Operation::Stop,
+        Operation::Suspend,
+        Operation::Wait,
+        Operation::Delete,
+        Operation::VolumeCreate,
+        Operation::VolumeGet,
+        Operation::VolumeList,
+        Operation::VolumeDelete,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Get => "get",
+            Operation::List => "list",
+            Operation::Start => "start",
+            Operation::Stop => "stop",
+            Operation::Suspend => "suspend",
+            Operation::Wait => "wait",
+            Operation::Delete => "delete",
+            Operation::VolumeCreate => "volume_create",
+            Operation::VolumeGet => "volume_get",
+            Operation::VolumeList => "volume_list",
+            Operation::VolumeDelete => "volume_delete",
+        }
+    }
+}
+
+/// Probabilities (0.0..=1.0, summing to at most 1.0) that a call is answered
+/// with an injected error instead of being served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ErrorRates {
+    /// 429 with `Retry-After`.
+    pub rate_429: f64,
+    pub rate_500: f64,
+    pub rate_503: f64,
+    /// No effect, and the answer (504) only comes after `timeout_ms`.
+    pub rate_timeout: f64,
+}
+
+impl ErrorRates {
+    fn rates(&self) -> [(&'static str, f64); 4] {
+        [
+            ("rate_429", self.rate_429),
+            ("rate_500", self.rate_500),
+            ("rate_503", self.rate_503),
+            ("rate_timeout", self.rate_timeout),
+        ]
+    }
+}
+
+/// Everything the sim can be told to do wrong, and how long state changes
+/// take. Unknown fields are refused so a typo does not silently disable a
+/// fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every `/v1` answer.
+    pub latency_ms: u64,
+    /// A uniformly random extra `0..=latency_jitter_ms` on top of `latency_ms`.
+    pub latency_jitter_ms: u64,
+    /// Injected errors for the operations listed here.
+    pub error_rate: BTreeMap<Operation, ErrorRates>,
+    /// Injected errors for every operation not listed in `error_rate`.
+    pub error_rate_all: ErrorRates,
+    /// `Retry-After` seconds on an injected 429.
+    pub retry_after_secs: u64,
+    /// How long an injected timeout holds the request before its 504.
+    pub timeout_ms: u64,
+    /// Create does create (and launch) the machine but answers 500.
+    pub create_succeeds_but_errors_rate: f64,
+    /// A launch (start, or create without `skip_launch`) is accepted but the
+    /// machine ends `failed` instead of `started`.
+    pub start_fails_rate: f64,
+    /// Chance that a machine reaching `started` later stops by itself.
+    pub die_rate: f64,
+    /// `[min, max]` milliseconds after `started` at which a dying machine stops.
+    pub die_after_ms: [u64; 2],
+    /// `starting` → `started`.
+    pub start_delay_ms: u64,
+    /// `stopping` → `stopped`, and `suspending` → `suspended`.
+    pub stop_delay_ms: u64,
+    /// `destroying` → `destroyed`.
+    pub destroy_delay_ms: u64,
+    /// How long `GET` still shows a destroyed machine before answering 404.
+    pub destroyed_linger_ms: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            latency_ms: 0,
+            latency_jitter_ms: 0,
+            error_rate: BTreeMap::new(),
+            error_rate_all: ErrorRates::default(),
+            retry_after_secs: 1,
+            timeout_ms: 10_000,
+            create_succeeds_but_errors_rate: 0.0,
+            start_fails_rate: 0.0,
+            die_rate: 0.0,
+            die_after_ms: [1_000, 10_000],
+            start_delay_ms: 50,
+            stop_delay_ms: 50,
+            destroy_delay_ms: 20,
+            destroyed_linger_ms: 2_000,
+        }
+    }
+}
+
+/// A fault set that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid faults: {0}")]
+pub struct InvalidFaults(pub String);
+
+/// What the dice decided for one request before it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Injected {
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    Internal,
+    Unavailable,
+    /// Hold the request this long, then answer 504 without acting.
+    Timeout(Duration),
+}
+
+impl Faults {
+    /// The same timings with no faults and no delays at all: what benchmarks
+    /// of Flotilla's own overhead run against.
+    pub fn instant() -> Self {
+        Faults {
+            start_delay_ms: 0,
+            stop_delay_ms: 0,
+            destroy_delay_ms: 0,
+            destroyed_linger_ms: 0,
+            ..Faults::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidFaults> {
+        let singles = [
+            (
+                "create_succeeds_but_errors_rate",
+                self.create_succeeds_but_errors_rate,
+            ),
+            ("start_fails_rate", self.start_fails_rate),
+            ("die_rate", self.die_rate),
+        ];
+        for (name, rate) in singles {
+            check_rate(name, rate)?;
+        }
+        let tables = std::iter::once(("error_rate_all", &self.error_rate_all))
+            .chain(self.error_rate.iter().map(|(op, r)| (op.as_str(), r)));
+        for (scope, rates) in tables {
+            let mut sum = 0.0;
+            for (name, rate) in rates.rates() {
+                check_rate(&format!("{scope}.{name}"), rate)?;
+                sum += rate;
+            }
+            if sum > 1.0 {
+                return Err(InvalidFaults(format!(
+                    "{scope}: rates add up to {sum}, more than 1.0"
+                )));
+            }
+        }
+        let [min, max] = self.die_after_ms;
+        if min > max {
+            return Err(InvalidFaults(format!(
+                "die_after_ms: min {min} is above max {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn error_rates(&self, op: Operation) -> &ErrorRates {
+        self.error_rate.get(&op).unwrap_or(&self.error_rate_all)
+    }
+
+    /// The extra delay this request gets before anything else happens.
+    pub(crate) fn roll_latency(&self) -> Duration {
+        let jitter = if self.latency_jitter_ms == 0 {
+            0
+        } else {
+            rand::random_range(0..=self.latency_jitter_ms)
+        };
+        Duration::from_millis(self.latency_ms.saturating_add(jitter))
+    }
+
+    /// One roll decides among the error kinds, so their rates add up.
+    pub(crate) fn roll_error(&self, op: Operation) -> Option<Injected> {
+        let rates = self.error_rates(op);
+        let roll: f64 = rand::random();
+        let outcomes = [
+            (
+                rates.rate_429,
+                Injected::RateLimited {
+                    retry_after_secs: self.retry_after_secs,
+                },
+            ),
+            (rates.rate_500, Injected::Internal),
+            (rates.rate_503, Injected::Unavailable),
+            (
+                rates.rate_timeout,
+                Injected::Timeout(Duration::from_millis(self.timeout_ms)),
+            ),
+        ];
+        let mut threshold = 0.0;
+        for (rate, outcome) in outcomes {
+            threshold += rate;
+            if roll < threshold {
+                return Some(outcome);
+            }
+        }
+        None
+    }
+
+    /// How long after reaching `started` this machine dies, if it does.
+    pub(crate) fn roll_death(&self) -> Option<Duration> {
+        if !chance(self.die_rate) {
+            return None;
+        }
+        let [min, max] = self.die_after_ms;
+        let ms = if min >= max {
+            min
+        } else {
+            rand::random_range(min..=max)
+        };
+        Some(Duration::from_millis(ms))
+    }
+}
+
+/// True with probability `p`; never panics on a rate outside 0..=1.
+pub(crate) fn chance(p: f64) -> bool {
+    p > 0.0 && rand::random::<f64>() < p
+}
+
+fn check_rate(name: &str, rate: f64) -> Result<(), InvalidFaults> {
+    if (0.0..=1.0).contains(&rate) {
+        Ok(())
+    } else {
+        Err(InvalidFaults(format!(
+            "{name} must be between 0.0 and 1.0, got {rate}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_above_one_in_total_are_refused() {
+        let mut faults = Faults::default();
+        faults.error_rate.insert(
+            Operation::Create,
+            ErrorRates {
+                rate_500: 0.6,
+                rate_503: 0.6,
+                ..ErrorRates::default()
+            },
+        );
+        assert!(faults.validate().is_err());
+    }
+
+    #[test]
+    fn an_operation_entry_overrides_the_all_rates() {
+        let mut faults = Faults {
+            error_rate_all: ErrorRates {
+                rate_500: 1.0,
+                ..ErrorRates::default()
+            },
+            ..Faults::default()
+        };
+        faults
+            .error_rate
+            .insert(Operation::Get, ErrorRates::default());
+        assert_eq!(faults.roll_error(Operation::Get), None);
+        assert_eq!(faults.roll_error(Operation::List), Some(Injected::Internal));
+    }
+
+    #[test]
+    fn a_misspelled_knob_is_refused() {
+        let parsed = serde_json::from_str::<Faults>(r#"{"start_fail_rate": 1.0}"#);
+        assert!(parsed.is_err());
+    }
+}

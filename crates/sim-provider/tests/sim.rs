@@ -1,0 +1,725 @@
+//! The sim as a Fly client sees it: real HTTP on a port-0 listener, checked
+//! against the ground truth the sim exposes.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use flotilla_sim_provider::{
+    ErrorRates, Faults, Machine, MachineState, Operation, SimConfig, SimHandle, Volume,
+    VolumeState, start,
+};
+use futures::StreamExt;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+
+const APP: &str = "flotilla-test";
+
+/// Short timings so the suite runs in a few seconds.
+fn fast_faults() -> Faults {
+    Faults {
+        start_delay_ms: 20,
+        stop_delay_ms: 20,
+        destroy_delay_ms: 20,
+        destroyed_linger_ms: 200,
+        ..Faults::default()
+    }
+}
+
+struct Fly {
+    sim: SimHandle,
+    http: reqwest::Client,
+}
+
+impl Fly {
+    async fn start(faults: Faults) -> Fly {
+        // The workspace's reqwest uses rustls without a built-in crypto
+        // provider; the first test to get here installs ring (the sim itself
+        // is plain HTTP, but reqwest builds its TLS config eagerly).
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let sim = start(SimConfig {
+            faults,
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim starts");
+        Fly {
+            sim,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/apps/{APP}{path}", self.sim.url())
+    }
+
+    fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        request.bearer_auth(self.sim.token())
+    }
+
+    async fn get(&self, path: &str) -> Response {
+        self.authed(self.http.get(self.url(path)))
+            .send()
+            .await
+            .expect("sim answers")
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Response {
+        self.authed(self.http.post(self.url(path)).json(&body))
+            .send()
+            .await
+            .expect("sim answers")
+    }
+
+    async fn delete(&self, path: &str) -> Response {
+        self.authed(self.http.delete(self.url(path)))
+            .send()
+            .await
+            .expect("sim answers")
+    }
+
+    async fn create(&self, body: Value) -> Response {
+        self.post("/machines", body).await
+    }
+
+    async fn create_machine(&self) -> Machine {
+        let response = self
+            .create(json!({ "region": "ord", "config": { "image": "worker:1" } }))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("machine json")
+    }
+
+    async fn wait(&self, id: &str, state: &str, timeout_secs: u64) -> Response {
+        self.get(&format!(
+            "/machines/{id}/wait?state={state}&timeout={timeout_secs}"
+        ))
+        .await
+    }
+
+    async fn create_started(&self) -> Machine {
+        let machine = self.create_machine().await;
+        assert_eq!(self.wait(&machine.id, "started", 5).await.status(), 200);
+        machine
+    }
+
+    async fn state_of(&self, id: &str) -> MachineState {
+        self.sim
+            .sim()
+            .machine(id)
+            .expect("machine in truth")
+            .machine
+            .state
+    }
+
+    /// Polls the truth until the machine is in `state`, for transitions no
+    /// API call can wait on (a machine that fails instead of starting).
+    async fn eventually_state(&self, id: &str, state: MachineState) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.state_of(id).await != state {
+            assert!(
+                Instant::now() < deadline,
+                "machine {id} never reached {state}, is {}",
+                self.state_of(id).await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn error_of(response: Response) -> String {
+    let body: Value = response.json().await.expect("error json");
+    body["error"].as_str().expect("error string").to_owned()
+}
+
+#[tokio::test]
+async fn a_machine_goes_from_created_to_started_to_stopped_to_destroyed_and_then_is_not_found() {
+    let fly = Fly::start(fast_faults()).await;
+    let response = fly
+        .create(json!({
+            "name": "w1",
+            "region": "ord",
+            "config": {
+                "image": "worker:1",
+                "env": { "MODE": "batch" },
+                "guest": { "cpu_kind": "shared", "cpus": 1, "memory_mb": 256 },
+                "restart": { "policy": "no" },
+                "dns": { "skip_registration": true }
+            }
+        }))
+        .await;
+    assert_eq!(response.status(), 200);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["state"], "created");
+    assert_eq!(created["name"], "w1");
+    assert_eq!(created["region"], "ord");
+    assert_eq!(created["config"]["env"]["MODE"], "batch");
+    assert_eq!(created["config"]["dns"]["skip_registration"], true);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 14);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(created["private_ip"].as_str().unwrap().starts_with("fdaa:"));
+    assert!(chrono::DateTime::parse_from_rfc3339(created["created_at"].as_str().unwrap()).is_ok());
+
+    assert_eq!(fly.wait(&id, "started", 5).await.status(), 200);
+    let machine: Machine = fly
+        .get(&format!("/machines/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(machine.state, MachineState::Started);
+
+    let stop = fly
+        .post(
+            &format!("/machines/{id}/stop"),
+            json!({ "signal": "SIGTERM", "timeout": "10s" }),
+        )
+        .await;
+    assert_eq!(stop.status(), 200);
+    assert_eq!(stop.json::<Value>().await.unwrap(), json!({ "ok": true }));
+    assert_eq!(fly.wait(&id, "stopped", 5).await.status(), 200);
+    assert_eq!(fly.state_of(&id).await, MachineState::Stopped);
+
+    let delete = fly.delete(&format!("/machines/{id}")).await;
+    assert_eq!(delete.status(), 200);
+    assert_eq!(fly.wait(&id, "destroyed", 5).await.status(), 200);
+    let lingering: Machine = fly
+        .get(&format!("/machines/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(lingering.state, MachineState::Destroyed);
+    let listed: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
+    assert!(listed.is_empty(), "destroyed machines are not listed");
+
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let gone = fly.get(&format!("/machines/{id}")).await;
+    assert_eq!(gone.status(), 404);
+    assert_eq!(error_of(gone).await, "machine not found");
+    assert_eq!(fly.state_of(&id).await, MachineState::Destroyed);
+}
+
+#[tokio::test]
+async fn deleting_a_started_machine_is_refused_and_the_machine_keeps_running() {
+    let fly = Fly::start(fast_faults()).await;
+    let machine = fly.create_started().await;
+
+    let delete = fly.delete(&format!("/machines/{}", machine.id)).await;
+    assert_eq!(delete.status(), 412);
+    assert_eq!(
+        error_of(delete).await,
+        "failed_precondition: unable to destroy machine, not currently stopped, suspended or failed"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fly.state_of(&machine.id).await, MachineState::Started);
+    let listed: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
+    assert_eq!(listed.len(), 1);
+}
+
+#[tokio::test]
+async fn starting_a_machine_that_is_still_stopping_is_refused_until_the_stop_settles() {
+    let fly = Fly::start(Faults {
+        stop_delay_ms: 300,
+        ..fast_faults()
+    })
+    .await;
+    let machine = fly.create_started().await;
+    let id = &machine.id;
+
+    let already_started = fly.post(&format!("/machines/{id}/start"), json!({})).await;
+    assert_eq!(already_started.status(), 412);
+
+    assert_eq!(
+        fly.post(&format!("/machines/{id}/stop"), json!({}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(fly.state_of(id).await, MachineState::Stopping);
+    let early = fly.post(&format!("/machines/{id}/start"), json!({})).await;
+    assert_eq!(early.status(), 412);
+    assert_eq!(
+        error_of(early).await,
+        "failed_precondition: machine still active, refusing to start"
+    );
+
+    assert_eq!(fly.wait(id, "stopped", 5).await.status(), 200);
+    let start = fly.post(&format!("/machines/{id}/start"), json!({})).await;
+    assert_eq!(start.status(), 200);
+    assert_eq!(
+        start.json::<Value>().await.unwrap(),
+        json!({ "previous_state": "stopped", "migrated": false, "new_host": "" })
+    );
+    assert_eq!(fly.wait(id, "started", 5).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_forced_delete_destroys_a_started_machine() {
+    let fly = Fly::start(fast_faults()).await;
+    let machine = fly.create_started().await;
+
+    let delete = fly
+        .delete(&format!("/machines/{}?force=true", machine.id))
+        .await;
+    assert_eq!(delete.status(), 200);
+    assert_eq!(fly.wait(&machine.id, "destroyed", 5).await.status(), 200);
+    assert_eq!(fly.state_of(&machine.id).await, MachineState::Destroyed);
+}
+
+#[tokio::test]
+async fn wait_answers_200_once_the_state_is_reached_and_408_when_it_never_is() {
+    let fly = Fly::start(Faults {
+        start_delay_ms: 200,
+        ..fast_faults()
+    })
+    .await;
+    let machine = fly.create_machine().await;
+    let id = &machine.id;
+
+    let began = Instant::now();
+    assert_eq!(fly.wait(id, "started", 5).await.status(), 200);
+    assert!(
+        began.elapsed() >= Duration::from_millis(150),
+        "wait returned before the start delay"
+    );
+
+    let began = Instant::now();
+    let timed_out = fly.wait(id, "stopped", 1).await;
+    assert_eq!(timed_out.status(), 408);
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    assert_eq!(
+        error_of(timed_out).await,
+        "deadline_exceeded: timeout waiting for machine to be stopped"
+    );
+
+    assert_eq!(fly.wait(id, "sleeping", 1).await.status(), 400);
+    assert_eq!(fly.wait(id, "started", 61).await.status(), 400);
+    assert_eq!(fly.wait("00000000000000", "started", 1).await.status(), 404);
+}
+
+#[tokio::test]
+async fn a_bound_volume_cannot_be_deleted_until_its_machine_is_fully_destroyed() {
+    let fly = Fly::start(Faults {
+        destroy_delay_ms: 300,
+        ..fast_faults()
+    })
+    .await;
+    let volume: Volume = fly
+        .post(
+            "/volumes",
+            json!({ "name": "scratch_1", "region": "ord", "size_gb": 10 }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(volume.id.starts_with("vol_"));
+    assert_eq!(volume.state, VolumeState::Created);
+    assert_eq!(volume.attached_machine_id, None);
+
+    let created = fly
+        .create(json!({ "config": {
+            "image": "worker:1",
+            "mounts": [{ "volume": volume.id, "path": "/data" }]
+        }}))
+        .await;
+    assert_eq!(created.status(), 200);
+    let machine: Machine = created.json().await.unwrap();
+    assert_eq!(
+        machine.region, "ord",
+        "a machine follows its volume's region"
+    );
+    let bound: Volume = fly
+        .get(&format!("/volumes/{}", volume.id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        bound.attached_machine_id.as_deref(),
+        Some(machine.id.as_str())
+    );
+
+    assert_eq!(fly.wait(&machine.id, "started", 5).await.status(), 200);
+    fly.post(&format!("/machines/{}/stop", machine.id), json!({}))
+        .await;
+    assert_eq!(fly.wait(&machine.id, "stopped", 5).await.status(), 200);
+    assert_eq!(
+        fly.delete(&format!("/machines/{}", machine.id))
+            .await
+            .status(),
+        200
+    );
+
+    let refused = fly.delete(&format!("/volumes/{}", volume.id)).await;
+    assert_eq!(refused.status(), 412);
+    assert_eq!(
+        error_of(refused).await,
+        format!(
+            "failed_precondition: volume is currently bound to machine: {}",
+            machine.id
+        )
+    );
+
+    assert_eq!(fly.wait(&machine.id, "destroyed", 5).await.status(), 200);
+    let deleted = fly.delete(&format!("/volumes/{}", volume.id)).await;
+    assert_eq!(deleted.status(), 200);
+    let deleted: Volume = deleted.json().await.unwrap();
+    assert_eq!(deleted.state, VolumeState::Destroyed);
+    assert_eq!(
+        fly.get(&format!("/volumes/{}", volume.id)).await.status(),
+        404
+    );
+    let listed: Vec<Volume> = fly.get("/volumes").await.json().await.unwrap();
+    assert!(listed.is_empty());
+}
+
+#[tokio::test]
+async fn calls_without_the_right_token_are_unauthorized() {
+    let fly = Fly::start(fast_faults()).await;
+    let url = fly.url("/machines");
+
+    let missing = fly.http.get(&url).send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+    assert_eq!(error_of(missing).await, "unauthorized");
+
+    let wrong = fly
+        .http
+        .post(&url)
+        .bearer_auth("not-the-token")
+        .json(&json!({ "config": { "image": "worker:1" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(fly.sim.sim().machines().is_empty());
+    assert_eq!(fly.sim.sim().stats().count(Operation::Create, 401), 1);
+}
+
+#[tokio::test]
+async fn an_injected_429_carries_retry_after_and_creates_nothing() {
+    let mut faults = fast_faults();
+    faults.retry_after_secs = 7;
+    faults.error_rate.insert(
+        Operation::Create,
+        ErrorRates {
+            rate_429: 1.0,
+            ..ErrorRates::default()
+        },
+    );
+    let fly = Fly::start(faults).await;
+
+    let limited = fly
+        .create(json!({ "config": { "image": "worker:1" } }))
+        .await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "7");
+    assert_eq!(error_of(limited).await, "rate limited");
+    assert!(fly.sim.sim().machines().is_empty());
+    assert_eq!(
+        fly.get("/machines").await.status(),
+        200,
+        "only create is limited"
+    );
+}
+
+#[tokio::test]
+async fn a_create_that_succeeds_but_errors_leaves_a_running_machine_behind() {
+    let fly = Fly::start(Faults {
+        create_succeeds_but_errors_rate: 1.0,
+        ..fast_faults()
+    })
+    .await;
+
+    let response = fly
+        .create(json!({ "config": { "image": "worker:1", "metadata": { "instance": "i-1" } } }))
+        .await;
+    assert_eq!(response.status(), 500);
+
+    let truth = fly.sim.sim().machines();
+    assert_eq!(
+        truth.len(),
+        1,
+        "the machine exists although the call failed"
+    );
+    assert_eq!(truth[0].app, APP);
+    assert_eq!(truth[0].machine.config.metadata["instance"], "i-1");
+    fly.eventually_state(&truth[0].machine.id, MachineState::Started)
+        .await;
+    let listed: Vec<Machine> = fly
+        .get("/machines?metadata.instance=i-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "a client can find it by its metadata");
+}
+
+#[tokio::test]
+async fn a_start_that_fails_answers_200_but_the_machine_never_runs() {
+    let fly = Fly::start(Faults {
+        start_fails_rate: 1.0,
+        ..fast_faults()
+    })
+    .await;
+
+    let launched = fly.create_machine().await;
+    fly.eventually_state(&launched.id, MachineState::Failed)
+        .await;
+
+    let idle: Machine = fly
+        .create(json!({ "config": { "image": "worker:1" }, "skip_launch": true }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(fly.state_of(&idle.id).await, MachineState::Created);
+    let start = fly
+        .post(&format!("/machines/{}/start", idle.id), json!({}))
+        .await;
+    assert_eq!(start.status(), 200);
+    assert_eq!(
+        start.json::<Value>().await.unwrap()["previous_state"],
+        "created"
+    );
+    fly.eventually_state(&idle.id, MachineState::Failed).await;
+}
+
+#[tokio::test]
+async fn listing_filters_on_every_metadata_pair_and_on_region() {
+    let fly = Fly::start(fast_faults()).await;
+    let specs = [
+        ("ord", "pool-a", "i-1"),
+        ("ord", "pool-a", "i-2"),
+        ("ams", "pool-a", "i-3"),
+        ("ord", "pool-b", "i-4"),
+    ];
+    for (region, pool, instance) in specs {
+        let response = fly
+            .create(json!({ "region": region, "config": {
+                "image": "worker:1",
+                "metadata": { "pool": pool, "instance": instance }
+            }}))
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    let instances = |machines: Vec<Machine>| -> Vec<String> {
+        let mut ids: Vec<String> = machines
+            .into_iter()
+            .map(|m| m.config.metadata["instance"].clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    let pool_a: Vec<Machine> = fly
+        .get("/machines?metadata.pool=pool-a")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(instances(pool_a), ["i-1", "i-2", "i-3"]);
+    let both: Vec<Machine> = fly
+        .get("/machines?metadata.pool=pool-a&metadata.instance=i-2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(instances(both), ["i-2"]);
+    let in_ord: Vec<Machine> = fly
+        .get("/machines?metadata.pool=pool-a&region=ord")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(instances(in_ord), ["i-1", "i-2"]);
+    let none: Vec<Machine> = fly
+        .get("/machines?metadata.pool=pool-c")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn two_thousand_machines_created_concurrently_are_all_there() {
+    let fly = Fly::start(Faults::instant()).await;
+    let statuses: Vec<StatusCode> = futures::stream::iter(0..2_000)
+        .map(|i| {
+            let fly = &fly;
+            async move {
+                fly.create(json!({ "config": {
+                    "image": "worker:1",
+                    "metadata": { "instance": format!("i-{i}") }
+                }}))
+                .await
+                .status()
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+
+    let listed: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
+    assert_eq!(listed.len(), 2_000);
+    let truth = fly.sim.sim().machines();
+    let ids: HashSet<&str> = truth.iter().map(|t| t.machine.id.as_str()).collect();
+    assert_eq!(ids.len(), 2_000, "every machine has its own id");
+    let instances: HashSet<&str> = truth
+        .iter()
+        .map(|t| t.machine.config.metadata["instance"].as_str())
+        .collect();
+    assert_eq!(instances.len(), 2_000);
+    assert!(
+        truth
+            .iter()
+            .all(|t| t.machine.state == MachineState::Started)
+    );
+    assert_eq!(fly.sim.sim().stats().count(Operation::Create, 200), 2_000);
+}
+
+#[tokio::test]
+async fn malformed_or_invalid_bodies_are_json_400s() {
+    let fly = Fly::start(fast_faults()).await;
+
+    let garbage = fly
+        .authed(fly.http.post(fly.url("/machines")).body("{not json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    assert!(error_of(garbage).await.starts_with("invalid request body"));
+
+    let no_image = fly.create(json!({ "config": { "env": {} } })).await;
+    assert_eq!(no_image.status(), 400);
+    assert!(error_of(no_image).await.contains("image"));
+
+    let bad_volumes = [
+        json!({ "name": "Has-Caps", "region": "ord", "size_gb": 1 }),
+        json!({ "name": "a_name_that_is_far_too_long_for_fly", "region": "ord", "size_gb": 1 }),
+        json!({ "name": "ok", "region": "ord", "size_gb": 0 }),
+        json!({ "name": "ok", "region": "ord", "size_gb": 501 }),
+        json!({ "name": "ok", "region": "ord" }),
+    ];
+    for body in bad_volumes {
+        let response = fly.post("/volumes", body.clone()).await;
+        assert_eq!(response.status(), 400, "{body}");
+        assert!(!error_of(response).await.is_empty());
+    }
+    assert!(fly.sim.sim().machines().is_empty());
+    assert!(fly.sim.sim().volumes().is_empty());
+}
+
+#[tokio::test]
+async fn an_injected_timeout_answers_504_only_after_the_client_gave_up() {
+    let mut faults = fast_faults();
+    faults.timeout_ms = 300;
+    faults.error_rate.insert(
+        Operation::Get,
+        ErrorRates {
+            rate_timeout: 1.0,
+            ..ErrorRates::default()
+        },
+    );
+    let fly = Fly::start(faults).await;
+    let machine = fly.create_machine().await;
+
+    let impatient = fly
+        .authed(fly.http.get(fly.url(&format!("/machines/{}", machine.id))))
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(impatient.is_err_and(|err| err.is_timeout()));
+
+    let began = Instant::now();
+    let patient = fly.get(&format!("/machines/{}", machine.id)).await;
+    assert_eq!(patient.status(), 504);
+    assert!(began.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_machine_dies_by_itself_or_when_killed_and_faults_change_over_http() {
+    let fly = Fly::start(fast_faults()).await;
+    let admin = |path: &str| format!("{}/_sim{path}", fly.sim.url());
+
+    let mut dying = fast_faults();
+    dying.die_rate = 1.0;
+    dying.die_after_ms = [30, 30];
+    let put = fly
+        .http
+        .put(admin("/faults"))
+        .json(&dying)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let read: Faults = fly
+        .http
+        .get(admin("/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read, dying);
+    let typo = fly
+        .http
+        .put(admin("/faults"))
+        .json(&json!({ "die_rte": 1.0 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(typo.status(), 400);
+
+    let doomed = fly.create_started().await;
+    assert_eq!(fly.wait(&doomed.id, "stopped", 5).await.status(), 200);
+
+    fly.sim.sim().set_faults(fast_faults()).unwrap();
+    let victim = fly.create_started().await;
+    let killed = fly
+        .http
+        .post(admin(&format!("/machines/{}/kill", victim.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(killed.status(), 200);
+    assert_eq!(fly.state_of(&victim.id).await, MachineState::Stopped);
+
+    let truth: Vec<Value> = fly
+        .http
+        .get(admin("/machines"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(truth.len(), 2);
+    assert!(
+        truth
+            .iter()
+            .all(|m| m["app"] == APP && m["state"] == "stopped")
+    );
+    let stats: Value = fly
+        .http
+        .get(admin("/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["requests"]["create"]["200"], 2);
+
+    let reset = fly.http.post(admin("/reset")).send().await.unwrap();
+    assert_eq!(reset.status(), 200);
+    assert!(fly.sim.sim().machines().is_empty());
+    assert_eq!(fly.sim.sim().stats().total(Operation::Create), 0);
+}

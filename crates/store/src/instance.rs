@@ -1,0 +1,633 @@
+//! Instance rows: creation, the guarded state transition, work claiming and
+//! the per-step retry bookkeeping.
+//!
+//! Design notes: a transition is one conditional `UPDATE … WHERE state = $from
+//! AND version = $v` plus its action log and its `EVT.instance.<state>`
+//! outbox row, inside one (nested) transaction. The caller learns whether it
+//! applied: a stale version is [`StoreError::Conflict`], never a silent
+//! overwrite. Claims are leases taken with `FOR UPDATE SKIP LOCKED`, because
+//! the work they cover (provider calls) is too long to hold a transaction
+//! open; the version check still guards every write made under a lease.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flotilla_core::{DesiredState, InstanceId, InstanceState, check_transition};
+use flotilla_proto::v1;
+use prost::Message;
+use sqlx::types::Json;
+use sqlx::{Acquire, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub use crate::instance_columns;
+use crate::outbox::outbox_insert_many;
+use crate::{Result, StoreError, WriteCtx, to_timestamp};
+
+/// Columns of the row struct, in one place for every `SELECT`/`RETURNING`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! instance_columns {
+    () => {
+        "id, pool, name, provider, provider_machine_id, state, desired_state, \
+    version, attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned, \
+    force_terminate, needs_attention, labels, idempotency_key, lease_owner, lease_until, \
+    created_at, updated_at, worker_idle, suspect_since, stuck_recoveries"
+    };
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InstanceRow {
+    #[sqlx(try_from = "Uuid")]
+    pub id: InstanceId,
+    pub pool: String,
+    pub name: String,
+    pub provider: String,
+    pub provider_machine_id: Option<String>,
+    #[sqlx(try_from = "String")]
+    pub state: InstanceState,
+    #[sqlx(try_from = "String")]
+    pub desired_state: DesiredState,
+    pub version: i64,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub state_entered_at: DateTime<Utc>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub cordoned: bool,
+    pub force_terminate: bool,
+    pub needs_attention: bool,
+    pub labels: Json<BTreeMap<String, String>>,
+    pub idempotency_key: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The worker's last heartbeat said it runs no work item.
+    pub worker_idle: bool,
+    /// When the watchdog found this ready worker silent (cleared by a heartbeat).
+    pub suspect_since: Option<DateTime<Utc>>,
+    /// Times the watchdog found this instance stuck in its current state.
+    pub stuck_recoveries: i32,
+}
+
+impl InstanceRow {
+    pub fn to_proto(&self) -> v1::Instance {
+        v1::Instance {
+            id: self.id.to_string(),
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            provider: self.provider.clone(),
+            provider_machine_id: self.provider_machine_id.clone().unwrap_or_default(),
+            state: v1::InstanceState::from(self.state) as i32,
+            desired_state: v1::DesiredState::from(self.desired_state) as i32,
+            version: self.version as u64,
+            attempts: self.attempts.max(0) as u32,
+            last_error: self.last_error.clone().unwrap_or_default(),
+            state_entered_at: Some(to_timestamp(self.state_entered_at)),
+            last_heartbeat: self.last_heartbeat.map(to_timestamp),
+            labels: self.labels.0.clone().into_iter().collect(),
+            created_at: Some(to_timestamp(self.created_at)),
+            cordoned: self.cordoned,
+            needs_attention: self.needs_attention,
+            next_attempt_at: Some(to_timestamp(self.next_attempt_at)),
+        }
+    }
+}
+
+/// An instance to create in state `requested`.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub id: InstanceId,
+    pub pool: String,
+    pub name: String,
+    pub provider: String,
+    pub labels: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    /// Hash of the worker token issued for this instance.
+    pub worker_token_hash: Option<Vec<u8>>,
+}
+
+/// One requested state change.
+#[derive(Debug, Clone)]
+pub struct Transition<'a> {
+    pub id: InstanceId,
+    pub from: InstanceState,
+    pub to: InstanceState,
+    /// The version the caller read; the write applies only if it is unchanged.
+    pub expected_version: i64,
+    pub error: Option<&'a str>,
+    pub reason: Option<&'a str>,
+}
+
+fn event_subject(state: InstanceState) -> String {
+    format!("EVT.instance.{}", state.as_str())
+}
+
+fn instance_event(
+    row: &InstanceRow,
+    from: Option<InstanceState>,
+    log_id: i64,
+    at: DateTime<Utc>,
+    ctx: &WriteCtx,
+    reason: Option<&str>,
+) -> v1::InstanceEvent {
+    v1::InstanceEvent {
+        event_id: log_id as u64,
+        instance_id: row.id.to_string(),
+        pool: row.pool.clone(),
+        from_state: from.map_or(v1::InstanceState::Unspecified, v1::InstanceState::from) as i32,
+        to_state: v1::InstanceState::from(row.state) as i32,
+        version: row.version as u64,
+        at: Some(to_timestamp(at)),
+        actor: ctx.actor.clone(),
+        correlation_id: ctx.correlation_id.as_str().to_owned(),
+        error: row.last_error.clone().unwrap_or_default(),
+        reason: reason.unwrap_or_default().to_owned(),
+        provider_machine_id: row.provider_machine_id.clone().unwrap_or_default(),
+        stream_sequence: 0,
+    }
+}
+
+/// Inserts instances in state `requested`, each with its action log and
+/// `EVT.instance.requested` event, in one (nested) transaction.
+pub async fn instance_insert_requested(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    new: &[NewInstance],
+) -> Result<Vec<InstanceRow>> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = conn.begin().await?;
+    let ids: Vec<Uuid> = new.iter().map(|n| n.id.0).collect();
+    let pools: Vec<&str> = new.iter().map(|n| n.pool.as_str()).collect();
+    let names: Vec<&str> = new.iter().map(|n| n.name.as_str()).collect();
+    let providers: Vec<&str> = new.iter().map(|n| n.provider.as_str()).collect();
+    let labels: Vec<Json<&BTreeMap<String, String>>> =
+        new.iter().map(|n| Json(&n.labels)).collect();
+    let keys: Vec<Option<&str>> = new.iter().map(|n| n.idempotency_key.as_deref()).collect();
+    let tokens: Vec<Option<&[u8]>> = new.iter().map(|n| n.worker_token_hash.as_deref()).collect();
+    let rows: Vec<InstanceRow> = sqlx::query_as(concat!("INSERT INTO instances (id, pool, name, provider, state, labels, idempotency_key, worker_token_hash)
+         SELECT id, pool, name, provider, 'requested', labels, key, token
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::bytea[])
+           AS t(id, pool, name, provider, labels, key, token)
+         RETURNING ", instance_columns!()))
+    .bind(&ids)
+    .bind(&pools)
+    .bind(&names)
+    .bind(&providers)
+    .bind(&labels)
+    .bind(&keys)
+    .bind(&tokens)
+    .fetch_all(&mut *tx)
+    .await?;
+
+    let logs: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id)
+         SELECT id, NULL, 'requested', $2, $3 FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(id, n)
+         ORDER BY n
+         RETURNING id, instance_id, at",
+    )
+    .bind(&ids)
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_id: BTreeMap<Uuid, (i64, DateTime<Utc>)> = logs
+        .into_iter()
+        .map(|(log, id, at)| (id, (log, at)))
+        .collect();
+
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (log_id, at) = by_id
+            .get(&row.id.0)
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("no action log for {}", row.id)))?;
+        let event = instance_event(row, None, log_id, at, ctx, None);
+        events.push((event_subject(row.state), event.encode_to_vec()));
+    }
+    outbox_insert_many(&mut tx, ctx, &events).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Applies one transition if the table allows it and the row is still at
+/// `expected_version` in state `from`. Writes the action log and the event
+/// in the same transaction. Resets the step's attempt bookkeeping.
+pub async fn instance_transition(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    t: &Transition<'_>,
+) -> Result<InstanceRow> {
+    check_transition(t.from, t.to)?;
+    let mut tx = conn.begin().await?;
+    let row: Option<InstanceRow> = sqlx::query_as(concat!(
+        "UPDATE instances SET state = $3, version = version + 1, attempts = 0, stuck_recoveries = 0,
+             next_attempt_at = now(), last_error = $5, state_entered_at = now(), updated_at = now()
+         WHERE id = $1 AND state = $2 AND version = $4
+         RETURNING ",
+        instance_columns!()
+    ))
+    .bind(t.id.0)
+    .bind(t.from.as_str())
+    .bind(t.to.as_str())
+    .bind(t.expected_version)
+    .bind(t.error)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        drop(tx);
+        return Err(stale_or_missing(conn, t.id, t.expected_version).await);
+    };
+    let (log_id, at): (i64, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id, error, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, at",
+    )
+    .bind(t.id.0)
+    .bind(t.from.as_str())
+    .bind(t.to.as_str())
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .bind(t.error)
+    .bind(t.reason)
+    .fetch_one(&mut *tx)
+    .await?;
+    let event = instance_event(&row, Some(t.from), log_id, at, ctx, t.reason);
+    outbox_insert_many(
+        &mut tx,
+        ctx,
+        &[(event_subject(row.state), event.encode_to_vec())],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Why a conditional write matched nothing.
+async fn stale_or_missing(conn: &mut PgConnection, id: InstanceId, expected: i64) -> StoreError {
+    match sqlx::query_as::<_, (String, i64)>("SELECT state, version FROM instances WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await
+    {
+        Ok(Some((state, version))) => StoreError::Conflict(format!(
+            "instance {id} is {state} at version {version}, expected version {expected}"
+        )),
+        Ok(None) => StoreError::NotFound(format!("instance {id}")),
+        Err(e) => e.into(),
+    }
+}
+
+pub async fn instance_get(conn: &mut PgConnection, id: InstanceId) -> Result<Option<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM instances WHERE id = $1"
+    ))
+    .bind(id.0)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Filters for [`instance_list`]; pages are keyed by id (time-ordered).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub pool: Option<String>,
+    pub states: Vec<InstanceState>,
+    pub labels: BTreeMap<String, String>,
+    pub after: Option<InstanceId>,
+    pub limit: i64,
+}
+
+pub async fn instance_list(conn: &mut PgConnection, f: &ListFilter) -> Result<Vec<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM instances
+         WHERE ($1::text IS NULL OR pool = $1)
+           AND (cardinality($2::text[]) = 0 OR state = ANY($2))
+           AND labels @> $3
+           AND ($4::uuid IS NULL OR id > $4)
+         ORDER BY id LIMIT $5"
+    ))
+    .bind(f.pool.as_deref())
+    .bind(InstanceState::strs(&f.states))
+    .bind(Json(&f.labels))
+    .bind(f.after.map(|a| a.0))
+    .bind(f.limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// What a loop wants to claim.
+#[derive(Debug, Clone)]
+pub struct ClaimQuery<'a> {
+    pub states: &'a [InstanceState],
+    pub desired: Option<DesiredState>,
+    pub pool: Option<&'a str>,
+    /// Identifies the claiming replica (host, pid, loop).
+    pub owner: &'a str,
+    /// Longer than the work the claim covers; an expired lease is free to take.
+    pub lease: Duration,
+    pub limit: i64,
+}
+
+/// Leases up to `limit` due rows (next attempt reached, lease free or
+/// expired), oldest due first. Concurrent claimers never get the same row.
+pub async fn instance_claim_due(pool: &PgPool, q: &ClaimQuery<'_>) -> Result<Vec<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH due AS (
+             SELECT id AS due_id FROM instances
+             WHERE state = ANY($1)
+               AND ($2::text IS NULL OR desired_state = $2)
+               AND ($3::text IS NULL OR pool = $3)
+               AND next_attempt_at <= now()
+               AND (lease_until IS NULL OR lease_until < now())
+             ORDER BY next_attempt_at
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE instances
+         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6)
+         FROM due WHERE id = due.due_id
+         RETURNING ",
+        instance_columns!()
+    ))
+    .bind(InstanceState::strs(q.states))
+    .bind(q.desired.map(DesiredState::as_str))
+    .bind(q.pool)
+    .bind(q.limit)
+    .bind(q.owner)
+    .bind(q.lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Gives a lease back (only if `owner` still holds it).
+pub async fn instance_release(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    owner: &str,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE instances SET lease_owner = NULL, lease_until = NULL
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id.0)
+    .bind(owner)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Gives back every lease of a replica (graceful shutdown).
+pub async fn instance_release_owner(conn: &mut PgConnection, owner: &str) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE instances SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+    )
+    .bind(owner)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Records the provider machine id the moment a create returns, before any
+/// further step, so a crash afterwards cannot orphan the machine.
+pub async fn instance_record_machine(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+    machine_id: &str,
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET provider_machine_id = $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2 RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .bind(machine_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
+/// Records a failed attempt at the current step without changing state:
+/// the row stays where it is and a later tick retries at `retry_at`. The
+/// lease is given back. `attention_after` flags the row for an operator
+/// once that many attempts have failed (it is still retried).
+pub async fn instance_record_failure(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+    error: &str,
+    retry_at: DateTime<Utc>,
+    attention_after: i32,
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET attempts = attempts + 1, last_error = $3, next_attempt_at = $4,
+             needs_attention = needs_attention OR attempts + 1 >= $5,
+             version = version + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
+         WHERE id = $1 AND version = $2 RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .bind(error)
+    .bind(retry_at)
+    .bind(attention_after)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
+/// Counts of instances by pool and state (for metrics and capacity).
+pub async fn instance_count_by_pool_state(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, InstanceState, i64)>> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT pool, state, count(*) FROM instances WHERE state <> 'terminated' GROUP BY 1, 2",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(p, s, n)| {
+            s.parse::<InstanceState>()
+                .map(|s| (p, s, n))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect()
+}
+
+/// Records that a create is about to be attempted, with the hash of the
+/// worker token the new machine will carry. Committed before the provider
+/// call, so a crash afterwards is known: a later attempt looks for a
+/// machine by its tag before creating another.
+pub async fn instance_prepare_create(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+    worker_token_hash: &[u8],
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET worker_token_hash = $3, version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2 AND state = 'provisioning'
+           AND provider_machine_id IS NULL RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .bind(worker_token_hash)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
+/// Forgets a machine the provider says does not exist (404 on start), so
+/// the next attempt creates one. Only while still provisioning.
+pub async fn instance_forget_machine(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET provider_machine_id = NULL, version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2 AND state = 'provisioning' RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
+/// Sets the desired state (and `force`), bumping the version; returns the
+/// row, or `None` when the instance does not exist.
+pub async fn instance_set_desired(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    desired: DesiredState,
+    force: bool,
+) -> Result<Option<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "UPDATE instances SET desired_state = $2, force_terminate = force_terminate OR $3,
+             next_attempt_at = now(), version = version + 1, updated_at = now()
+         WHERE id = $1 RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(desired.as_str())
+    .bind(force)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Per-pool boot phase deadlines, with the service defaults for pools that
+/// set none.
+#[derive(Debug, Clone, Copy)]
+pub struct BootDeadlines {
+    pub booting: Duration,
+    pub installing: Duration,
+    pub starting: Duration,
+}
+
+/// Leases instances that stayed in a boot phase past their pool's deadline.
+pub async fn instance_claim_overdue_boot(
+    pool: &PgPool,
+    defaults: BootDeadlines,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH due AS (
+             SELECT i.id AS due_id FROM instances i JOIN pools p ON p.name = i.pool
+             WHERE i.state IN ('booting', 'installing', 'starting')
+               AND (i.lease_until IS NULL OR i.lease_until < now())
+               AND i.state_entered_at + make_interval(secs => CASE i.state
+                     WHEN 'booting' THEN COALESCE(p.booting_timeout_seconds, $1)
+                     WHEN 'installing' THEN COALESCE(p.installing_timeout_seconds, $2)
+                     ELSE COALESCE(p.starting_timeout_seconds, $3) END) < now()
+             ORDER BY i.state_entered_at
+             LIMIT $4
+             FOR UPDATE OF i SKIP LOCKED
+         )
+         UPDATE instances
+         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6)
+         FROM due WHERE id = due.due_id
+         RETURNING ",
+        instance_columns!()
+    ))
+    .bind(defaults.booting.as_secs_f64())
+    .bind(defaults.installing.as_secs_f64())
+    .bind(defaults.starting.as_secs_f64())
+    .bind(limit)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// How many times an instance has entered `state` (from its action log).
+pub async fn instance_times_entered(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    state: InstanceState,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM action_logs WHERE instance_id = $1 AND to_state = $2",
+    )
+    .bind(id.0)
+    .bind(state.as_str())
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Cordons the instance: no new work is dispatched to it, and the worker
+/// learns it from its next heartbeat. Idempotent.
+pub async fn instance_cordon(conn: &mut PgConnection, id: InstanceId) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE instances SET cordoned = true, updated_at = now() WHERE id = $1 AND NOT cordoned",
+    )
+    .bind(id.0)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Schedules the next look at an instance without counting a failure
+/// (waiting on a drain or a stop is not an error). Gives the lease back.
+pub async fn instance_requeue(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    owner: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE instances SET next_attempt_at = $3, lease_owner = NULL, lease_until = NULL
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id.0)
+    .bind(owner)
+    .bind(at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Pools: groups of identical workers with a desired capacity and per-pool
+//! timeouts.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use flotilla_proto::v1;
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use crate::{Result, StoreError, to_timestamp};
+
+/// Columns of the row struct, in one place for every `SELECT`/`RETURNING`.
+macro_rules! pool_columns {
+    () => {
+        "name, provider, instance_type, region, image, desired_capacity, \
+    volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
+    starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
+    created_at, updated_at"
+    };
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PoolRow {
+    pub name: String,
+    pub provider: String,
+    pub instance_type: String,
+    pub region: String,
+    pub image: String,
+    pub desired_capacity: i32,
+    pub volume_size_gb: i32,
+    pub booting_timeout_seconds: Option<i32>,
+    pub installing_timeout_seconds: Option<i32>,
+    pub starting_timeout_seconds: Option<i32>,
+    pub draining_timeout_seconds: Option<i32>,
+    pub price_per_hour_micros: i64,
+    pub labels: Json<BTreeMap<String, String>>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl PoolRow {
+    pub fn to_proto(&self) -> v1::Pool {
+        let secs = |v: Option<i32>| v.map_or(0, |s| s.max(0) as u32);
+        v1::Pool {
+            name: self.name.clone(),
+            provider: self.provider.clone(),
+            instance_type: self.instance_type.clone(),
+            region: self.region.clone(),
+            desired_capacity: self.desired_capacity.max(0) as u32,
+            timeouts: Some(v1::PoolTimeouts {
+                booting_seconds: secs(self.booting_timeout_seconds),
+                installing_seconds: secs(self.installing_timeout_seconds),
+                starting_seconds: secs(self.starting_timeout_seconds),
+                draining_seconds: secs(self.draining_timeout_seconds),
+            }),
+            labels: self.labels.0.clone().into_iter().collect(),
+            image: self.image.clone(),
+            volume_size_gb: self.volume_size_gb.max(0) as u32,
+            price_per_hour_micros: self.price_per_hour_micros.max(0) as u64,
+            version: self.version as u64,
+            created_at: Some(to_timestamp(self.created_at)),
+        }
+    }
+}
+
+/// A pool to create; validated by the caller (the API) before it gets here,
+/// and again by the schema's CHECK constraints.
+#[derive(Debug, Clone, Default)]
+pub struct NewPool {
+    pub name: String,
+    pub provider: String,
+    pub instance_type: String,
+    pub region: String,
+    pub image: String,
+    pub desired_capacity: i32,
+    pub volume_size_gb: i32,
+    pub booting_timeout_seconds: Option<i32>,
+    pub installing_timeout_seconds: Option<i32>,
+    pub starting_timeout_seconds: Option<i32>,
+    pub draining_timeout_seconds: Option<i32>,
+    pub price_per_hour_micros: i64,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
+pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow> {
+    Ok(sqlx::query_as(concat!(
+        "INSERT INTO pools (name, provider, instance_type, region, image, desired_capacity,
+             volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
+             starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         RETURNING ",
+        pool_columns!()
+    ))
+    .bind(&p.name)
+    .bind(&p.provider)
+    .bind(&p.instance_type)
+    .bind(&p.region)
+    .bind(&p.image)
+    .bind(p.desired_capacity)
+    .bind(p.volume_size_gb)
+    .bind(p.booting_timeout_seconds)
+    .bind(p.installing_timeout_seconds)
+    .bind(p.starting_timeout_seconds)
+    .bind(p.draining_timeout_seconds)
+    .bind(p.price_per_hour_micros)
+    .bind(Json(&p.labels))
+    .fetch_one(conn)
+    .await?)
+}
+
+pub async fn pool_get(conn: &mut PgConnection, name: &str) -> Result<Option<PoolRow>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        pool_columns!(),
+        " FROM pools WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(conn)
+    .await?)
+}
+
+pub async fn pool_list(conn: &mut PgConnection) -> Result<Vec<PoolRow>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        pool_columns!(),
+        " FROM pools ORDER BY name"
+    ))
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Sets the desired capacity; when `expected_version` is given the write
+/// applies only at that version ([`StoreError::Conflict`] otherwise).
+pub async fn pool_set_desired_capacity(
+    conn: &mut PgConnection,
+    name: &str,
+    desired: i32,
+    expected_version: Option<i64>,
+) -> Result<PoolRow> {
+    let row: Option<PoolRow> = sqlx::query_as(concat!(
+        "UPDATE pools SET desired_capacity = $2, version = version + 1, updated_at = now()
+         WHERE name = $1 AND ($3::bigint IS NULL OR version = $3) RETURNING ",
+        pool_columns!()
+    ))
+    .bind(name)
+    .bind(desired)
+    .bind(expected_version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => match pool_get(conn, name).await? {
+            Some(p) => Err(StoreError::Conflict(format!(
+                "pool {name} is at version {}, expected {expected_version:?}",
+                p.version
+            ))),
+            None => Err(StoreError::NotFound(format!("pool {name}"))),
+        },
+    }
+}
+
+/// Per-pool phase deadlines to store; `None` means "use the service default".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolTimeoutsUpdate {
+    pub booting_seconds: Option<i32>,
+    pub installing_seconds: Option<i32>,
+    pub starting_seconds: Option<i32>,
+    pub draining_seconds: Option<i32>,
+}
+
+/// A partial update of a pool: each `Some` replaces the stored value.
+#[derive(Debug, Clone, Default)]
+pub struct PoolUpdate {
+    pub desired_capacity: Option<i32>,
+    /// Replaces all four deadlines at once, as the API's `PoolTimeouts` message does.
+    pub timeouts: Option<PoolTimeoutsUpdate>,
+    pub price_per_hour_micros: Option<i64>,
+}
+
+/// The pool after an update, and its desired capacity before it, so the
+/// caller can tell whether capacity changed (and wake the scheduler).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PoolUpdated {
+    #[sqlx(flatten)]
+    pub pool: PoolRow,
+    pub previous_capacity: i32,
+}
+
+/// Applies `u`; when `expected_version` is given the write applies only at
+/// that version ([`StoreError::Conflict`] otherwise, [`StoreError::NotFound`]
+/// for an unknown pool). Bumps the version.
+pub async fn pool_update(
+    conn: &mut PgConnection,
+    name: &str,
+    u: &PoolUpdate,
+    expected_version: Option<i64>,
+) -> Result<PoolUpdated> {
+    let t = u.timeouts.unwrap_or_default();
+    // The CTE reads the old capacity under the row lock the UPDATE takes
+    // anyway, so "previous" is the value this write replaced.
+    let row: Option<PoolUpdated> = sqlx::query_as(concat!(
+        "WITH old AS (
+             SELECT name AS old_name, desired_capacity AS previous_capacity
+             FROM pools WHERE name = $1 FOR UPDATE
+         )
+         UPDATE pools SET
+             desired_capacity = COALESCE($2::int, desired_capacity),
+             booting_timeout_seconds = CASE WHEN $3::bool THEN $4::int ELSE booting_timeout_seconds END,
+             installing_timeout_seconds = CASE WHEN $3::bool THEN $5::int ELSE installing_timeout_seconds END,
+             starting_timeout_seconds = CASE WHEN $3::bool THEN $6::int ELSE starting_timeout_seconds END,
+             draining_timeout_seconds = CASE WHEN $3::bool THEN $7::int ELSE draining_timeout_seconds END,
+             price_per_hour_micros = COALESCE($8::bigint, price_per_hour_micros),
+             version = version + 1, updated_at = now()
+         FROM old
+         WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
+         RETURNING previous_capacity, ",
+        pool_columns!()
+    ))
+    .bind(name)
+    .bind(u.desired_capacity)
+    .bind(u.timeouts.is_some())
+    .bind(t.booting_seconds)
+    .bind(t.installing_seconds)
+    .bind(t.starting_seconds)
+    .bind(t.draining_seconds)
+    .bind(u.price_per_hour_micros)
+    .bind(expected_version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => match pool_get(conn, name).await? {
+            Some(p) => Err(StoreError::Conflict(format!(
+                "pool {name} is at version {}, expected {}",
+                p.version,
+                expected_version.unwrap_or_default()
+            ))),
+            None => Err(StoreError::NotFound(format!("pool {name}"))),
+        },
+    }
+}

@@ -1,0 +1,276 @@
+//! What the watchdog reads and writes: silent workers, suspicion, storm
+//! holds, and the database's side of the orphan scan.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flotilla_core::{InstanceId, InstanceState};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::Result;
+use crate::instance::InstanceRow;
+
+/// Leases `ready` instances whose last sign of life (heartbeat, or entering
+/// `ready`) is older than `timeout`.
+pub async fn watchdog_claim_silent(
+    pool: &PgPool,
+    timeout: Duration,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH due AS (
+             SELECT id AS due_id FROM instances
+             WHERE state = 'ready'
+               AND COALESCE(last_heartbeat, state_entered_at) < now() - make_interval(secs => $1)
+               AND (lease_until IS NULL OR lease_until < now())
+             ORDER BY COALESCE(last_heartbeat, state_entered_at)
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE instances
+         SET lease_owner = $3, lease_until = now() + make_interval(secs => $4)
+         FROM due WHERE id = due.due_id
+         RETURNING ",
+        crate::instance::instance_columns!()
+    ))
+    .bind(timeout.as_secs_f64())
+    .bind(limit)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a silent worker suspect (keeps the first time it was found so).
+pub async fn watchdog_mark_suspect(
+    conn: &mut PgConnection,
+    id: InstanceId,
+) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE instances SET suspect_since = COALESCE(suspect_since, now())
+         WHERE id = $1 RETURNING suspect_since",
+    )
+    .bind(id.0)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Clears suspicion of instances that are no longer silent (a heartbeat
+/// arrived) or no longer ready.
+pub async fn watchdog_clear_recovered(conn: &mut PgConnection, timeout: Duration) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE instances SET suspect_since = NULL
+         WHERE suspect_since IS NOT NULL
+           AND (state <> 'ready' OR last_heartbeat >= suspect_since
+                OR COALESCE(last_heartbeat, state_entered_at) >= now() - make_interval(secs => $1))",
+    )
+    .bind(timeout.as_secs_f64())
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Ready instances of a pool and how many of them are suspect.
+pub async fn watchdog_pool_suspicion(conn: &mut PgConnection, pool: &str) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE suspect_since IS NOT NULL), count(*)
+         FROM instances WHERE pool = $1 AND state = 'ready'",
+    )
+    .bind(pool)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Sets or clears a pool's storm hold; returns whether it changed.
+pub async fn watchdog_set_storm_hold(
+    conn: &mut PgConnection,
+    pool: &str,
+    hold: bool,
+) -> Result<bool> {
+    let sql = if hold {
+        "UPDATE pools SET storm_hold_since = now() WHERE name = $1 AND storm_hold_since IS NULL"
+    } else {
+        "UPDATE pools SET storm_hold_since = NULL WHERE name = $1 AND storm_hold_since IS NOT NULL"
+    };
+    Ok(sqlx::query(sql)
+        .bind(pool)
+        .execute(conn)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+pub async fn watchdog_storm_held(conn: &mut PgConnection, pool: &str) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT storm_hold_since IS NOT NULL FROM pools WHERE name = $1")
+            .bind(pool)
+            .fetch_optional(conn)
+            .await?
+            .unwrap_or(false),
+    )
+}
+
+/// What the database knows of one instance, for the orphan scan.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Known {
+    pub id: Uuid,
+    #[sqlx(try_from = "String")]
+    pub state: InstanceState,
+    pub provider_machine_id: Option<String>,
+    pub state_entered_at: DateTime<Utc>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub version: i64,
+}
+
+/// Instances of the given ids (missing ids are simply absent).
+pub async fn watchdog_known(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Known>> {
+    Ok(sqlx::query_as(
+        "SELECT id, state, provider_machine_id, state_entered_at, lease_until, version
+         FROM instances WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Instances of a provider/region that should have a machine running there
+/// now, recorded before `before` (so a listing taken afterwards must show it).
+pub async fn watchdog_live_with_machine(
+    conn: &mut PgConnection,
+    provider: &str,
+    region: &str,
+    before: DateTime<Utc>,
+) -> Result<Vec<Known>> {
+    Ok(sqlx::query_as(
+        "SELECT i.id, i.state, i.provider_machine_id, i.state_entered_at, i.lease_until, i.version
+         FROM instances i JOIN pools p ON p.name = i.pool
+         WHERE p.provider = $1 AND p.region = $2
+           AND i.provider_machine_id IS NOT NULL
+           AND i.state IN ('booting', 'installing', 'starting', 'ready', 'draining')
+           AND i.updated_at < $3",
+    )
+    .bind(provider)
+    .bind(region)
+    .bind(before)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Volumes the database tracks for instances, by provider volume id.
+pub async fn watchdog_known_volumes(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT v.provider_volume_id, i.state FROM instance_volumes v
+         JOIN instances i ON i.id = v.instance_id
+         WHERE v.provider_volume_id = ANY($1) AND v.state <> 'deleted'",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Per-state timeouts of the stuck scan.
+#[derive(Debug, Clone, Copy)]
+pub struct StuckTimeouts {
+    pub provisioning: Duration,
+    pub draining: Duration,
+    pub stopping: Duration,
+    pub deleting: Duration,
+}
+
+/// Leases instances that stayed in a transitional state past its timeout,
+/// counting one more recovery for each. The k-th recovery of a state comes
+/// k + 1 timeouts after it was entered, so retries are spaced by the timeout.
+pub async fn watchdog_claim_stuck(
+    pool: &PgPool,
+    t: StuckTimeouts,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<(InstanceRow, i32)>> {
+    let rows: Vec<InstanceRow> = sqlx::query_as(concat!(
+        "WITH due AS (
+             SELECT id AS due_id FROM instances
+             WHERE (lease_until IS NULL OR lease_until < now())
+               AND state_entered_at + make_interval(secs => CASE state
+                     WHEN 'provisioning' THEN $1
+                     WHEN 'draining' THEN $2
+                     WHEN 'stopping' THEN $3
+                     WHEN 'deleting' THEN $4 END) * (stuck_recoveries + 1) < now()
+               AND state IN ('provisioning', 'draining', 'stopping', 'deleting')
+             ORDER BY state_entered_at
+             LIMIT $5
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE instances
+         SET lease_owner = $6, lease_until = now() + make_interval(secs => $7),
+             stuck_recoveries = stuck_recoveries + 1
+         FROM due WHERE id = due.due_id
+         RETURNING ",
+        crate::instance::instance_columns!()
+    ))
+    .bind(t.provisioning.as_secs_f64())
+    .bind(t.draining.as_secs_f64())
+    .bind(t.stopping.as_secs_f64())
+    .bind(t.deleting.as_secs_f64())
+    .bind(limit)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id.0).collect();
+    let counts: Vec<(Uuid, i32)> =
+        sqlx::query_as("SELECT id, stuck_recoveries FROM instances WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let n = counts
+                .iter()
+                .find(|(id, _)| *id == r.id.0)
+                .map_or(1, |(_, n)| *n);
+            (r, n)
+        })
+        .collect())
+}
+
+/// Lets the owning loop retry now (and gives the watchdog's lease back).
+pub async fn watchdog_nudge(conn: &mut PgConnection, id: InstanceId, owner: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE instances SET next_attempt_at = now(), lease_owner = NULL, lease_until = NULL
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id.0)
+    .bind(owner)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Flags an instance for an operator (the breaker is open: no more nudges).
+pub async fn watchdog_flag(conn: &mut PgConnection, id: InstanceId, error: &str) -> Result<()> {
+    sqlx::query("UPDATE instances SET needs_attention = true, last_error = $2 WHERE id = $1")
+        .bind(id.0)
+        .bind(error)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Asks for a forced delete (a stop that never settles).
+pub async fn watchdog_force(conn: &mut PgConnection, id: InstanceId) -> Result<()> {
+    sqlx::query(
+        "UPDATE instances SET force_terminate = true, next_attempt_at = now() WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

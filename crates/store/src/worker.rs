@@ -1,0 +1,99 @@
+//! What the worker API reads and writes on an instance row: the agent's
+//! credential (the hash of its worker token) and its proof of life.
+//!
+//! Design notes: a heartbeat is one plain `UPDATE` of `last_heartbeat` for
+//! now; it touches no indexed column, so PostgreSQL can apply it as a HOT
+//! update in the page room the table's fillfactor leaves. It neither bumps
+//! the version nor writes an action log: a heartbeat is not a transition,
+//! and bumping the version would make every heartbeat conflict with the
+//! loops' guarded writes.
+
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// Columns of [`WorkerView`], shared by its `SELECT` and `RETURNING`.
+macro_rules! worker_columns {
+    () => {
+        "id, state, desired_state, version, cordoned, worker_token_hash"
+    };
+}
+
+/// The part of an instance row its agent is told about or authenticated by.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WorkerView {
+    #[sqlx(try_from = "Uuid")]
+    pub id: InstanceId,
+    #[sqlx(try_from = "String")]
+    pub state: InstanceState,
+    #[sqlx(try_from = "String")]
+    pub desired_state: DesiredState,
+    pub version: i64,
+    pub cordoned: bool,
+    /// SHA-256 of the worker token issued for the instance; `None` until issued.
+    pub worker_token_hash: Option<Vec<u8>>,
+}
+
+pub async fn worker_get(conn: &mut PgConnection, id: InstanceId) -> Result<Option<WorkerView>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        worker_columns!(),
+        " FROM instances WHERE id = $1"
+    ))
+    .bind(id.0)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Whether any instance was issued the token with this hash. Only asked
+/// after a token failed for the instance it was sent for, to tell a token
+/// of another instance (refused) from no valid token at all.
+///
+/// The column has no index, so this scans; it runs only on that failure path.
+pub async fn worker_token_hash_exists(conn: &mut PgConnection, hash: &[u8]) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM instances WHERE worker_token_hash = $1)")
+            .bind(hash)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Records a heartbeat now; `None` when the instance does not exist.
+pub async fn worker_heartbeat(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    idle: Option<bool>,
+) -> Result<Option<WorkerView>> {
+    // `idle` is what drain waits for; a phase report (None) leaves it as is.
+    Ok(sqlx::query_as(concat!(
+        "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle)
+         WHERE id = $1 RETURNING ",
+        worker_columns!()
+    ))
+    .bind(id.0)
+    .bind(idle)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Records many heartbeats with one statement; returns the view of every
+/// instance that exists (missing ids are simply absent).
+pub async fn worker_heartbeat_batch(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    idle: &[bool],
+) -> Result<Vec<WorkerView>> {
+    Ok(sqlx::query_as(
+        "UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle
+         FROM UNNEST($1::uuid[], $2::bool[]) AS v(id, idle)
+         WHERE i.id = v.id
+         RETURNING i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash",
+    )
+    .bind(ids)
+    .bind(idle)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,612 @@
+//! The store's invariants on a real PostgreSQL: guarded transitions,
+//! atomicity, optimistic concurrency, exclusive claims.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use flotilla_core::{InstanceId, InstanceState};
+use flotilla_proto::v1;
+use flotilla_store::instance::{
+    ClaimQuery, ListFilter, NewInstance, Transition, instance_claim_due, instance_get,
+    instance_insert_requested, instance_list, instance_record_failure, instance_record_machine,
+    instance_release_owner, instance_transition,
+};
+use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
+use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
+use flotilla_test_utils::TestDb;
+use prost::Message;
+use sqlx::{Acquire, PgPool};
+
+async fn make_pool(db: &PgPool, name: &str) {
+    let mut conn = db.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: name.into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+fn new_instances(pool: &str, n: usize) -> Vec<NewInstance> {
+    (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: pool.into(),
+            name: format!("w-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::from([("team".into(), "ml".into())]),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect()
+}
+
+async fn insert(db: &PgPool, pool: &str, n: usize) -> Vec<flotilla_store::instance::InstanceRow> {
+    let mut conn = db.acquire().await.unwrap();
+    instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new_instances(pool, n))
+        .await
+        .unwrap()
+}
+
+async fn count(db: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(db).await.unwrap()
+}
+
+#[tokio::test]
+async fn migrated_schema_has_every_table_and_refuses_unknown_states() {
+    let db = TestDb::new().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "action_logs",
+            "idempotency_records",
+            "instance_volumes",
+            "instances",
+            "outbox",
+            "pools"
+        ]
+    );
+    make_pool(&db.pool, "p").await;
+    let row = &insert(&db.pool, "p", 1).await[0];
+    let err = sqlx::query("UPDATE instances SET state = 'running' WHERE id = $1")
+        .bind(row.id.0)
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("check constraint"), "{err}");
+    // Every state of the domain is accepted by the schema.
+    for s in InstanceState::ALL {
+        sqlx::query("UPDATE instances SET state = $2 WHERE id = $1")
+            .bind(row.id.0)
+            .bind(s.as_str())
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("schema refuses {s}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn creating_instances_writes_rows_action_logs_and_events_together() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 3).await;
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r.state == InstanceState::Requested && r.version == 1)
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 3);
+    let events: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT subject, payload FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 3);
+    for ((subject, payload), row) in events.iter().zip(&rows) {
+        assert_eq!(subject, "EVT.instance.requested");
+        let ev = v1::InstanceEvent::decode(payload.as_slice()).unwrap();
+        assert_eq!(ev.instance_id, row.id.to_string());
+        assert_eq!(ev.to_state, v1::InstanceState::Requested as i32);
+        assert_eq!(ev.from_state, v1::InstanceState::Unspecified as i32);
+    }
+}
+
+#[tokio::test]
+async fn a_transition_bumps_the_version_and_logs_and_publishes_it() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let row = insert(&db.pool, "p", 1).await.remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ctx = WriteCtx::new("scheduler");
+    let after = instance_transition(
+        &mut conn,
+        &ctx,
+        &Transition {
+            id: row.id,
+            from: InstanceState::Requested,
+            to: InstanceState::Provisioning,
+            expected_version: row.version,
+            error: None,
+            reason: Some("provision command"),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.state, InstanceState::Provisioning);
+    assert_eq!(after.version, row.version + 1);
+
+    let logs = action_log::action_log_for_instance(&mut conn, row.id.0)
+        .await
+        .unwrap();
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[1].from_state.as_deref(), Some("requested"));
+    assert_eq!(logs[1].to_state, "provisioning");
+    assert_eq!(logs[1].actor, "scheduler");
+    assert_eq!(logs[1].correlation_id, ctx.correlation_id.as_str());
+    assert_eq!(logs[1].reason.as_deref(), Some("provision command"));
+
+    let (subject, payload, headers): (String, Vec<u8>, serde_json::Value) =
+        sqlx::query_as("SELECT subject, payload, headers FROM outbox ORDER BY id DESC LIMIT 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(subject, "EVT.instance.provisioning");
+    let ev = v1::InstanceEvent::decode(payload.as_slice()).unwrap();
+    assert_eq!(ev.version, after.version as u64);
+    assert_eq!(ev.event_id, logs[1].id as u64);
+    assert_eq!(
+        headers["Flotilla-Correlation-Id"],
+        ctx.correlation_id.as_str()
+    );
+}
+
+#[tokio::test]
+async fn an_illegal_transition_is_a_typed_error_and_writes_nothing() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let row = insert(&db.pool, "p", 1).await.remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let err = instance_transition(
+        &mut conn,
+        &WriteCtx::new("test"),
+        &Transition {
+            id: row.id,
+            from: InstanceState::Requested,
+            to: InstanceState::Ready,
+            expected_version: row.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::IllegalTransition(e) if e.to == InstanceState::Ready),
+        "{err}"
+    );
+    let now = instance_get(&mut conn, row.id).await.unwrap().unwrap();
+    assert_eq!((now.state, now.version), (row.state, row.version));
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 1);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 1);
+}
+
+#[tokio::test]
+async fn a_stale_version_write_is_rejected_and_writes_nothing() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let row = insert(&db.pool, "p", 1).await.remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ctx = WriteCtx::new("test");
+    let step = |v| Transition {
+        id: row.id,
+        from: InstanceState::Requested,
+        to: InstanceState::Provisioning,
+        expected_version: v,
+        error: None,
+        reason: None,
+    };
+    // Another writer moved the row on (here: recorded a failure).
+    instance_record_failure(
+        &mut conn,
+        row.id,
+        row.version,
+        "boom",
+        chrono::Utc::now(),
+        99,
+    )
+    .await
+    .unwrap();
+    let err = instance_transition(&mut conn, &ctx, &step(row.version))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let now = instance_get(&mut conn, row.id).await.unwrap().unwrap();
+    assert_eq!(now.state, InstanceState::Requested);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 1);
+    // With the fresh version it applies.
+    instance_transition(&mut conn, &ctx, &step(now.version))
+        .await
+        .unwrap();
+    // A missing row is NotFound, not Conflict.
+    let missing = Transition {
+        id: InstanceId::new(),
+        ..step(1)
+    };
+    let err = instance_transition(&mut conn, &ctx, &missing)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn of_two_concurrent_writers_at_one_version_exactly_one_wins() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 20).await;
+    let mut handles = Vec::new();
+    for row in rows.iter().flat_map(|r| [r.clone(), r.clone()]) {
+        let pool = db.pool.clone();
+        handles.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            instance_transition(
+                &mut conn,
+                &WriteCtx::new("racer"),
+                &Transition {
+                    id: row.id,
+                    from: InstanceState::Requested,
+                    to: InstanceState::Provisioning,
+                    expected_version: row.version,
+                    error: None,
+                    reason: None,
+                },
+            )
+            .await
+            .is_ok()
+        }));
+    }
+    let mut wins = 0;
+    for h in handles {
+        wins += h.await.unwrap() as usize;
+    }
+    assert_eq!(wins, 20);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM action_logs WHERE to_state = 'provisioning'"
+        )
+        .await,
+        20
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_transaction_leaves_no_half_written_transition() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let row = insert(&db.pool, "p", 1).await.remove(0);
+    {
+        let mut conn = db.pool.acquire().await.unwrap();
+        let mut tx = conn.begin().await.unwrap();
+        instance_transition(
+            &mut tx,
+            &WriteCtx::new("test"),
+            &Transition {
+                id: row.id,
+                from: InstanceState::Requested,
+                to: InstanceState::Provisioning,
+                expected_version: row.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+        // The process dies here: the transaction is never committed.
+        drop(tx);
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let now = instance_get(&mut conn, row.id).await.unwrap().unwrap();
+    assert_eq!((now.state, now.version), (InstanceState::Requested, 1));
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 1);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claimers_never_get_the_same_row() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 300).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+    let mut handles = Vec::new();
+    for replica in 0..4 {
+        let pool = db.pool.clone();
+        let barrier = barrier.clone();
+        handles.push(tokio::spawn(async move {
+            let owner = format!("replica-{replica}");
+            let mut mine = Vec::new();
+            // 5 rounds x 4 replicas x 20 rows covers all 300 with room to spare.
+            for _round in 0..5 {
+                // Start every round together so the claims really collide.
+                barrier.wait().await;
+                let got = instance_claim_due(
+                    &pool,
+                    &ClaimQuery {
+                        states: &[InstanceState::Requested],
+                        desired: None,
+                        pool: None,
+                        owner: &owner,
+                        lease: Duration::from_secs(60),
+                        limit: 20,
+                    },
+                )
+                .await
+                .unwrap();
+                assert!(got.iter().all(|r| r.lease_owner.as_deref() == Some(&owner)));
+                mine.extend(got.into_iter().map(|r| r.id));
+            }
+            mine
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for h in handles {
+        for id in h.await.unwrap() {
+            total += 1;
+            assert!(seen.insert(id), "{id} claimed twice");
+        }
+    }
+    assert_eq!(total, 300);
+}
+
+#[tokio::test]
+async fn a_claim_skips_rows_another_replica_has_locked_instead_of_waiting() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 4).await;
+    // Another replica is in the middle of claiming the first two rows.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM instances WHERE id = ANY($1) FOR UPDATE")
+        .bind(vec![rows[0].id.0, rows[1].id.0])
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        instance_claim_due(
+            &db.pool,
+            &ClaimQuery {
+                states: &[InstanceState::Requested],
+                desired: None,
+                pool: None,
+                owner: "me",
+                lease: Duration::from_secs(60),
+                limit: 10,
+            },
+        ),
+    )
+    .await
+    .expect("a claim must not wait for another replica's locks")
+    .unwrap();
+    let got: HashSet<_> = got.into_iter().map(|r| r.id).collect();
+    assert_eq!(got, HashSet::from([rows[2].id, rows[3].id]));
+    other.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn claims_skip_rows_not_yet_due_and_take_over_expired_leases() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 2).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // One row failed and waits an hour for its retry.
+    instance_record_failure(
+        &mut conn,
+        rows[0].id,
+        rows[0].version,
+        "provider said 503",
+        chrono::Utc::now() + chrono::Duration::hours(1),
+        3,
+    )
+    .await
+    .unwrap();
+    let claim = |owner: &'static str, lease| {
+        let pool = db.pool.clone();
+        async move {
+            instance_claim_due(
+                &pool,
+                &ClaimQuery {
+                    states: &[InstanceState::Requested],
+                    desired: None,
+                    pool: Some("p"),
+                    owner,
+                    lease,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let a = claim("a", Duration::from_millis(200)).await;
+    assert_eq!(a.iter().map(|r| r.id).collect::<Vec<_>>(), vec![rows[1].id]);
+    assert!(claim("b", Duration::from_secs(60)).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = claim("b", Duration::from_secs(60)).await;
+    assert_eq!(b.iter().map(|r| r.id).collect::<Vec<_>>(), vec![rows[1].id]);
+    // Shutdown gives leases back.
+    assert_eq!(instance_release_owner(&mut conn, "b").await.unwrap(), 1);
+    assert_eq!(claim("c", Duration::from_secs(60)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_failure_keeps_the_state_counts_attempts_and_flags_after_the_threshold() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let mut row = insert(&db.pool, "p", 1).await.remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    for attempt in 1..=3 {
+        row = instance_record_failure(
+            &mut conn,
+            row.id,
+            row.version,
+            "412 machine still started",
+            chrono::Utc::now(),
+            3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(row.state, InstanceState::Requested);
+        assert_eq!(row.attempts, attempt);
+        assert_eq!(row.needs_attention, attempt >= 3);
+        assert!(row.lease_owner.is_none());
+    }
+    assert_eq!(row.last_error.as_deref(), Some("412 machine still started"));
+    // Moving on resets the step's bookkeeping.
+    let row = instance_transition(
+        &mut conn,
+        &WriteCtx::new("t"),
+        &Transition {
+            id: row.id,
+            from: InstanceState::Requested,
+            to: InstanceState::Provisioning,
+            expected_version: row.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(row.attempts, 0);
+    let row = instance_record_machine(&mut conn, row.id, row.version, "m-123")
+        .await
+        .unwrap();
+    assert_eq!(row.provider_machine_id.as_deref(), Some("m-123"));
+}
+
+#[tokio::test]
+async fn names_are_unique_among_a_pools_live_instances() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 1).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let err = instance_insert_requested(&mut conn, &WriteCtx::new("t"), &new_instances("p", 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Duplicate(_)), "{err}");
+    // The batch was refused whole.
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM instances").await, 1);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 1);
+}
+
+#[tokio::test]
+async fn list_filters_by_pool_state_and_labels_and_pages_by_id() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "a").await;
+    make_pool(&db.pool, "b").await;
+    insert(&db.pool, "a", 5).await;
+    insert(&db.pool, "b", 2).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut filter = ListFilter {
+        pool: Some("a".into()),
+        limit: 2,
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    loop {
+        let page = instance_list(&mut conn, &filter).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        filter.after = page.last().map(|r| r.id);
+        all.extend(page);
+    }
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    let labelled = instance_list(
+        &mut conn,
+        &ListFilter {
+            labels: BTreeMap::from([("team".into(), "ml".into())]),
+            states: vec![InstanceState::Requested],
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(labelled.len(), 7);
+    let none = instance_list(
+        &mut conn,
+        &ListFilter {
+            labels: BTreeMap::from([("team".into(), "web".into())]),
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn pool_capacity_updates_are_version_checked() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let p = pool_set_desired_capacity(&mut conn, "p", 5, Some(1))
+        .await
+        .unwrap();
+    assert_eq!((p.desired_capacity, p.version), (5, 2));
+    let err = pool_set_desired_capacity(&mut conn, "p", 9, Some(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let err = pool_set_desired_capacity(&mut conn, "nope", 1, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_keeps_its_first_answer() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ttl = Duration::from_secs(3600);
+    assert!(
+        idempotency::idempotency_put(&mut conn, "provision", "k1", b"h1", b"first", ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !idempotency::idempotency_put(&mut conn, "provision", "k1", b"h2", b"second", ttl)
+            .await
+            .unwrap()
+    );
+    let rec = idempotency::idempotency_get(&mut conn, "provision", "k1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (rec.request_hash.as_slice(), rec.response.as_slice()),
+        (&b"h1"[..], &b"first"[..])
+    );
+    // Scopes are separate key spaces.
+    assert!(
+        idempotency::idempotency_get(&mut conn, "terminate", "k1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

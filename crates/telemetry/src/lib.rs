@@ -1,0 +1,17 @@
+//! One telemetry setup for every Flotilla binary.
+//!
+//! It owns: the `tracing` subscriber (JSON or pretty logs, OTLP trace export
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set), W3C trace-context propagation
+//! across gRPC metadata and NATS headers, the process-wide Prometheus
+//! recorder and its `/metrics` endpoint, the loop metrics every reconcile
+//! loop reports, gRPC health, and the shutdown signal.
+
+pub mod grpc;
+pub mod loops;
+pub mod metrics;
+pub mod propagation;
+pub mod shutdown;
+mod subscriber;
+
+pub use subscriber::{TelemetryError, TelemetryGuard, init};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,545 @@
+//! The termination sequence: cordon → drain → stop → wait stopped → delete
+//! machine → delete volumes → `terminated`.
+//!
+//! Design notes: each activation claims instances whose desired state is
+//! `terminated` and takes each as far as it can go now, one committed step
+//! at a time, so a crash between steps resumes where it stopped. Waiting
+//! (a drain, a stop that has not settled) requeues the instance without
+//! counting a failure. A refusal (Fly's 412 on deleting a machine that still
+//! runs, a volume still bound to a machine being destroyed) is retryable:
+//! the row stays where it is with `next_attempt_at` set, and the loop goes
+//! on with the others. `terminated` is written only once the provider
+//! confirmed the machine gone (404, or `destroyed`) and every volume marked
+//! `delete_on_terminate` deleted. Nothing is ever given up: after
+//! `TERMINATE_ALERT_AFTER_ATTEMPTS` the row is flagged for an operator and
+//! still retried.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
+use flotilla_proto::status::status_to_provider_error;
+use flotilla_proto::v1;
+use flotilla_store::instance::{
+    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_cordon,
+    instance_record_failure, instance_release, instance_requeue, instance_transition,
+};
+use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::volume::{volume_mark_deleted, volume_pending_delete, volume_record_failure};
+use flotilla_store::{StoreError, WriteCtx};
+use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::propagation::current_trace_headers;
+use futures::StreamExt;
+use sqlx::PgConnection;
+
+use crate::Terminator;
+
+use InstanceState as S;
+
+/// States the terminator takes down (`requested` ones are cancelled by the
+/// scheduler, which never called the provider for them).
+pub const TAKEN_DOWN: &[InstanceState] = &[
+    S::Provisioning,
+    S::Booting,
+    S::Installing,
+    S::Starting,
+    S::Ready,
+    S::Draining,
+    S::Stopping,
+    S::Stopped,
+    S::Deleting,
+    S::ProvisioningFailed,
+    S::StartupFailed,
+    S::WorkerDead,
+    S::Lost,
+];
+
+/// How far one instance got in this activation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider confirmed everything gone; the row says `terminated`.
+    Terminated,
+    /// Waiting on the worker or the provider; looked at again soon.
+    Waiting,
+    /// A step failed or was refused; retried with backoff.
+    Retrying(ErrorClass, String),
+}
+
+/// What one step did.
+enum Next {
+    /// The row moved on; take the next step now.
+    Continue(Box<InstanceRow>),
+    Done(Outcome),
+}
+
+impl Terminator {
+    fn ctx(&self) -> WriteCtx {
+        WriteCtx::new("terminator").with_trace_headers(current_trace_headers())
+    }
+
+    #[tracing::instrument(skip_all, name = "terminator.terminate")]
+    pub async fn terminate_once(&self) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let claimed = match instance_claim_due(
+            &self.db,
+            &ClaimQuery {
+                states: TAKEN_DOWN,
+                desired: Some(DesiredState::Terminated),
+                pool: None,
+                owner: &self.owner,
+                lease: self.tuning.lease(),
+                limit: self.tuning.terminator_batch,
+            },
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                status.error(e.class(), "claim", e);
+                return status;
+            }
+        };
+        status.found = claimed.len() as u64;
+        let mut pools: HashMap<String, Option<PoolRow>> = HashMap::new();
+        if let Ok(mut conn) = self.db.acquire().await {
+            for row in &claimed {
+                if !pools.contains_key(&row.pool) {
+                    let p = pool_get(&mut conn, &row.pool).await.ok().flatten();
+                    pools.insert(row.pool.clone(), p);
+                }
+            }
+        }
+        let results: Vec<(String, Result<Outcome, StoreError>)> = futures::stream::iter(claimed)
+            .map(|row| {
+                let pool = pools.get(&row.pool).cloned().flatten();
+                async move {
+                    let id = row.id.to_string();
+                    let r = match pool {
+                        Some(pool) => self.take_down(row, &pool).await,
+                        None => Err(StoreError::NotFound(format!("pool {}", row.pool))),
+                    };
+                    (id, r)
+                }
+            })
+            .buffer_unordered(self.tuning.terminator_provider_concurrency.max(1))
+            .collect()
+            .await;
+        for (id, r) in results {
+            match r {
+                Ok(Outcome::Terminated) => status.acted += 1,
+                Ok(Outcome::Waiting) => {}
+                Ok(Outcome::Retrying(class, e)) => status.error(class, id, e),
+                Err(e) => status.error(e.class(), id, e),
+            }
+        }
+        status
+    }
+
+    /// Takes one claimed instance as far as it can go now.
+    #[tracing::instrument(skip_all, fields(instance_id = %row.id))]
+    pub async fn take_down(&self, row: InstanceRow, pool: &PoolRow) -> Result<Outcome, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let mut row = row;
+        // Each state has at most one step before it either moves on or waits;
+        // the bound only guards against a bug looping forever.
+        for _ in 0..8 {
+            match self.step(&mut conn, row, pool).await? {
+                Next::Continue(next) => row = *next,
+                Next::Done(outcome) => return Ok(outcome),
+            }
+        }
+        instance_release(&mut conn, row.id, &self.owner).await?;
+        Ok(Outcome::Waiting)
+    }
+
+    async fn step(
+        &self,
+        conn: &mut PgConnection,
+        row: InstanceRow,
+        pool: &PoolRow,
+    ) -> Result<Next, StoreError> {
+        let force = row.force_terminate;
+        match row.state {
+            S::Provisioning | S::ProvisioningFailed | S::Lost | S::Stopped => {
+                self.move_to(conn, &row, S::Deleting, None).await
+            }
+            S::Booting | S::Installing | S::Starting | S::StartupFailed | S::WorkerDead => {
+                let to = if force { S::Deleting } else { S::Stopping };
+                self.move_to(conn, &row, to, None).await
+            }
+            S::Ready => {
+                instance_cordon(conn, row.id).await?;
+                let to = if force { S::Deleting } else { S::Draining };
+                self.move_to(conn, &row, to, Some("cordoned")).await
+            }
+            S::Draining => {
+                if force {
+                    return self.move_to(conn, &row, S::Deleting, Some("forced")).await;
+                }
+                let idle_since_cordon = row.worker_idle
+                    && row
+                        .last_heartbeat
+                        .is_some_and(|at| at > row.state_entered_at);
+                let deadline = pool
+                    .draining_timeout_seconds
+                    .map(|s| Duration::from_secs(s.max(0) as u64))
+                    .unwrap_or(Duration::from_secs(self.tuning.drain_timeout_seconds));
+                let waited = (chrono::Utc::now() - row.state_entered_at)
+                    .to_std()
+                    .unwrap_or_default();
+                if idle_since_cordon {
+                    self.move_to(conn, &row, S::Stopping, Some("worker idle"))
+                        .await
+                } else if waited >= deadline {
+                    self.move_to(conn, &row, S::Stopping, Some("drain deadline passed"))
+                        .await
+                } else {
+                    let next = deadline.saturating_sub(waited).min(self.tuning.poll());
+                    self.requeue(conn, &row, next).await
+                }
+            }
+            S::Stopping => self.stop(conn, row, pool).await,
+            S::Deleting => self.delete(conn, row, pool).await,
+            S::Requested | S::Terminated => {
+                instance_release(conn, row.id, &self.owner).await?;
+                Ok(Next::Done(Outcome::Waiting))
+            }
+        }
+    }
+
+    async fn move_to(
+        &self,
+        conn: &mut PgConnection,
+        row: &InstanceRow,
+        to: InstanceState,
+        reason: Option<&str>,
+    ) -> Result<Next, StoreError> {
+        let next = instance_transition(
+            conn,
+            &self.ctx(),
+            &Transition {
+                id: row.id,
+                from: row.state,
+                to,
+                expected_version: row.version,
+                error: None,
+                reason,
+            },
+        )
+        .await?;
+        Ok(Next::Continue(Box::new(next)))
+    }
+
+    async fn requeue(
+        &self,
+        conn: &mut PgConnection,
+        row: &InstanceRow,
+        after: Duration,
+    ) -> Result<Next, StoreError> {
+        let at = chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+        instance_requeue(conn, row.id, &self.owner, at).await?;
+        Ok(Next::Done(Outcome::Waiting))
+    }
+
+    /// A failed or refused step: retried with backoff, flagged after the
+    /// alert threshold, never abandoned.
+    async fn retry(
+        &self,
+        conn: &mut PgConnection,
+        row: &InstanceRow,
+        e: ProviderError,
+    ) -> Result<Next, StoreError> {
+        let attempts = row.attempts + 1;
+        let mut delay = self.tuning.retry().delay(attempts as u32, rand::random());
+        if let Some(after) = e.retry_after() {
+            delay = delay.max(after);
+        }
+        let at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        let message = e.to_string();
+        let updated = instance_record_failure(
+            conn,
+            row.id,
+            row.version,
+            &message,
+            at,
+            self.tuning.terminate_alert_after_attempts,
+        )
+        .await?;
+        if updated.needs_attention && !row.needs_attention {
+            tracing::error!(
+                instance_id = %row.id, attempts, error = %message,
+                "termination keeps failing; an operator should look (still retrying)"
+            );
+        }
+        metrics::counter!(
+            "flotilla_terminator_attempts_total",
+            "step" => row.state.as_str(), "outcome" => e.kind()
+        )
+        .increment(1);
+        Ok(Next::Done(Outcome::Retrying(e.class(), message)))
+    }
+
+    fn target(pool: &PoolRow) -> Option<v1::ProviderTarget> {
+        Some(v1::ProviderTarget {
+            provider: pool.provider.clone(),
+            pool: pool.name.clone(),
+            region: pool.region.clone(),
+        })
+    }
+
+    /// Stop, then wait (bounded) for the provider to report it stopped.
+    async fn stop(
+        &self,
+        conn: &mut PgConnection,
+        row: InstanceRow,
+        pool: &PoolRow,
+    ) -> Result<Next, StoreError> {
+        let Some(machine_id) = row.provider_machine_id.clone() else {
+            return self
+                .move_to(conn, &row, S::Deleting, Some("no machine recorded"))
+                .await;
+        };
+        let cid = self.ctx().correlation_id;
+        let mut client = self.provider.clone();
+        let stopped = client
+            .stop_machine(outgoing(
+                v1::StopMachineRequest {
+                    target: Self::target(pool),
+                    machine_id: machine_id.clone(),
+                    grace: Some(prost_types::Duration {
+                        seconds: self.tuning.stop_grace_seconds,
+                        nanos: 0,
+                    }),
+                    suspend: false,
+                },
+                &cid,
+            ))
+            .await;
+        match stopped.map_err(|s| status_to_provider_error(&s)) {
+            Ok(_) => {}
+            Err(ProviderError::NotFound(_)) => {
+                return self
+                    .move_to(conn, &row, S::Deleting, Some("machine already gone"))
+                    .await;
+            }
+            Err(e) => return self.retry(conn, &row, e).await,
+        }
+        let waited = client
+            .wait_machine(outgoing(
+                v1::WaitMachineRequest {
+                    target: Self::target(pool),
+                    machine_id: machine_id.clone(),
+                    state: v1::MachineState::Stopped as i32,
+                    timeout: Some(prost_types::Duration {
+                        seconds: self.tuning.provider_wait_seconds.max(1),
+                        nanos: 0,
+                    }),
+                },
+                &cid,
+            ))
+            .await
+            .map_err(|s| status_to_provider_error(&s));
+        match waited {
+            Ok(_) => self.move_to(conn, &row, S::Stopped, None).await,
+            Err(ProviderError::NotFound(_)) => {
+                self.move_to(conn, &row, S::Deleting, Some("machine already gone"))
+                    .await
+            }
+            Err(ProviderError::DeadlineExceeded(_)) => {
+                // Not settled yet, or settled in a state a stop-wait never
+                // sees (failed): ask what it is.
+                match self.machine_state(pool, &machine_id).await {
+                    Ok(Some(state)) if settled(state) => {
+                        self.move_to(conn, &row, S::Stopped, None).await
+                    }
+                    Ok(None) => {
+                        self.move_to(conn, &row, S::Deleting, Some("machine already gone"))
+                            .await
+                    }
+                    Ok(Some(_)) => self.requeue(conn, &row, self.tuning.poll()).await,
+                    Err(e) => self.retry(conn, &row, e).await,
+                }
+            }
+            Err(e) => self.retry(conn, &row, e).await,
+        }
+    }
+
+    /// `None` when the provider says the machine does not exist.
+    async fn machine_state(
+        &self,
+        pool: &PoolRow,
+        machine_id: &str,
+    ) -> Result<Option<v1::MachineState>, ProviderError> {
+        match self
+            .provider
+            .clone()
+            .get_machine(outgoing(
+                v1::MachineRef {
+                    target: Self::target(pool),
+                    machine_id: machine_id.to_owned(),
+                },
+                &self.ctx().correlation_id,
+            ))
+            .await
+        {
+            Ok(m) => Ok(Some(
+                v1::MachineState::try_from(m.into_inner().state)
+                    .unwrap_or(v1::MachineState::Unspecified),
+            )),
+            Err(s) => match status_to_provider_error(&s) {
+                ProviderError::NotFound(_) => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Machines this instance may own at the provider: the recorded one, or —
+    /// when none was recorded (a crash between create and record) — any
+    /// carrying its tag.
+    async fn machines_of(
+        &self,
+        row: &InstanceRow,
+        pool: &PoolRow,
+    ) -> Result<Vec<String>, ProviderError> {
+        if let Some(id) = &row.provider_machine_id {
+            return Ok(vec![id.clone()]);
+        }
+        let found = self
+            .provider
+            .clone()
+            .list_machines(outgoing(
+                v1::ListMachinesRequest {
+                    target: Self::target(pool),
+                    page_size: 0,
+                    page_token: String::new(),
+                    instance_id: row.id.to_string(),
+                },
+                &self.ctx().correlation_id,
+            ))
+            .await
+            .map_err(|s| status_to_provider_error(&s))?;
+        Ok(found
+            .into_inner()
+            .machines
+            .into_iter()
+            .filter(|m| m.state != v1::MachineState::Destroyed as i32)
+            .map(|m| m.id)
+            .collect())
+    }
+
+    /// Deletes the machine(s), confirms they are gone, deletes the volumes,
+    /// and only then writes `terminated`.
+    async fn delete(
+        &self,
+        conn: &mut PgConnection,
+        row: InstanceRow,
+        pool: &PoolRow,
+    ) -> Result<Next, StoreError> {
+        let machines = match self.machines_of(&row, pool).await {
+            Ok(m) => m,
+            Err(e) => return self.retry(conn, &row, e).await,
+        };
+        let cid = self.ctx().correlation_id;
+        let mut client = self.provider.clone();
+        for machine_id in &machines {
+            let deleted = client
+                .delete_machine(outgoing(
+                    v1::DeleteMachineRequest {
+                        target: Self::target(pool),
+                        machine_id: machine_id.clone(),
+                        force: row.force_terminate,
+                    },
+                    &cid,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s));
+            match deleted {
+                Ok(_) | Err(ProviderError::NotFound(_)) => {}
+                Err(e @ ProviderError::FailedPrecondition(_)) => {
+                    // Still running (restarted behind our back, or a stop
+                    // that did not hold): ask it to stop again so the next
+                    // attempt can delete it.
+                    let _ = client
+                        .stop_machine(outgoing(
+                            v1::StopMachineRequest {
+                                target: Self::target(pool),
+                                machine_id: machine_id.clone(),
+                                grace: None,
+                                suspend: false,
+                            },
+                            &cid,
+                        ))
+                        .await;
+                    return self.retry(conn, &row, e).await;
+                }
+                Err(e) => return self.retry(conn, &row, e).await,
+            }
+            // Accepted is not gone: confirm before saying so.
+            match self.machine_state(pool, machine_id).await {
+                Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => {}
+                Ok(Some(_)) => return self.requeue(conn, &row, self.tuning.poll()).await,
+                Err(e) => return self.retry(conn, &row, e).await,
+            }
+        }
+        let volumes = volume_pending_delete(conn, row.id).await?;
+        let mut blocked = None;
+        for v in volumes {
+            let Some(provider_id) = v.provider_volume_id.clone() else {
+                volume_mark_deleted(conn, v.id).await?;
+                continue;
+            };
+            let deleted = client
+                .delete_volume(outgoing(
+                    v1::VolumeRef {
+                        target: Self::target(pool),
+                        volume_id: provider_id,
+                    },
+                    &cid,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s));
+            match deleted {
+                Ok(_) | Err(ProviderError::NotFound(_)) => volume_mark_deleted(conn, v.id).await?,
+                Err(e) => {
+                    volume_record_failure(conn, v.id, &e.to_string()).await?;
+                    metrics::counter!("flotilla_terminator_volume_delete_failures_total", "outcome" => e.kind())
+                        .increment(1);
+                    blocked.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = blocked {
+            return self.retry(conn, &row, e).await;
+        }
+        instance_transition(
+            conn,
+            &self.ctx(),
+            &Transition {
+                id: row.id,
+                from: S::Deleting,
+                to: S::Terminated,
+                expected_version: row.version,
+                error: None,
+                reason: Some("provider confirmed machine and volumes gone"),
+            },
+        )
+        .await?;
+        instance_release(conn, row.id, &self.owner).await?;
+        metrics::counter!("flotilla_terminator_terminated_total", "pool" => row.pool.clone())
+            .increment(1);
+        Ok(Next::Done(Outcome::Terminated))
+    }
+}
+
+/// Provider states in which the machine no longer runs.
+fn settled(state: v1::MachineState) -> bool {
+    matches!(
+        state,
+        v1::MachineState::Stopped
+            | v1::MachineState::Suspended
+            | v1::MachineState::Failed
+            | v1::MachineState::Created
+            | v1::MachineState::Destroyed
+    )
+}

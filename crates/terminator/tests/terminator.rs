@@ -1,0 +1,478 @@
+//! The terminator on a real PostgreSQL against the simulated cloud behind a
+//! real provider-adapter: refusals, absences, faults at scale, crashes and
+//! drains. Every assertion about "gone" is checked against the simulator's
+//! own truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_proto::v1;
+use flotilla_sim_provider::{ErrorRates, Faults};
+use flotilla_store::WriteCtx;
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
+    instance_record_machine, instance_set_desired, instance_transition,
+};
+use flotilla_store::pool::{NewPool, pool_create};
+use flotilla_store::volume::volume_record_created;
+use flotilla_telemetry::CancellationToken;
+use flotilla_terminator::{Terminator, TerminatorTuning};
+use flotilla_test_utils::TestDb;
+use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
+
+struct Env {
+    db: TestDb,
+    stack: ProviderStack,
+}
+
+async fn env(faults: Faults, drain_timeout: Option<i32>) -> Env {
+    let db = TestDb::new().await;
+    let stack = provider_stack(faults, &[]).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: "gpu".into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            image: "registry/worker:1".into(),
+            draining_timeout_seconds: drain_timeout,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    Env { db, stack }
+}
+
+#[derive(Parser)]
+struct Tuning {
+    #[command(flatten)]
+    t: TerminatorTuning,
+}
+
+fn terminator(env: &Env, owner: &str) -> Terminator {
+    let t = Tuning::try_parse_from([
+        "x",
+        "--terminator-tick-ms",
+        "20",
+        "--terminator-poll-ms",
+        "50",
+        "--terminate-retry-base-ms",
+        "20",
+        "--terminate-retry-max-ms",
+        "200",
+        "--terminator-lease-seconds",
+        "1",
+        "--provider-wait-seconds",
+        "1",
+        "--stop-grace-seconds",
+        "1",
+    ])
+    .unwrap()
+    .t;
+    Terminator {
+        db: env.db.pool.clone(),
+        provider: env.stack.client.clone(),
+        tuning: t,
+        owner: owner.into(),
+    }
+}
+
+fn target() -> Option<v1::ProviderTarget> {
+    Some(v1::ProviderTarget {
+        provider: "sim".into(),
+        pool: "gpu".into(),
+        region: "ams".into(),
+    })
+}
+
+/// `n` instances in `ready`, each with a started machine at the simulator
+/// and (when `volumes`) a recorded volume mounted on it.
+async fn ready(env: &Env, n: usize, volumes: bool) -> Vec<InstanceId> {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let ctx = WriteCtx::new("test");
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("w-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    let rows = instance_insert_requested(&mut conn, &ctx, &new)
+        .await
+        .unwrap();
+    let mut client = env.stack.client.clone();
+    let mut ids = Vec::new();
+    for row in rows {
+        let mut volume_ids = Vec::new();
+        if volumes {
+            let v = client
+                .create_volume(v1::CreateVolumeRequest {
+                    target: target(),
+                    instance_id: row.id.to_string(),
+                    name: String::new(),
+                    size_gb: 1,
+                    tags: Default::default(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            volume_record_created(&mut conn, row.id, &v.id, 1)
+                .await
+                .unwrap();
+            volume_ids.push(v.id);
+        }
+        let m = client
+            .create_machine(v1::CreateMachineRequest {
+                target: target(),
+                instance_id: row.id.to_string(),
+                name: row.name.clone(),
+                instance_type: "shared-cpu-1x".into(),
+                image: "img".into(),
+                volume_ids,
+                start: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut r = row;
+        for to in [InstanceState::Provisioning, InstanceState::Booting] {
+            r = step(&mut conn, &r, to).await;
+        }
+        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
+            .await
+            .unwrap();
+        r = step(&mut conn, &r, InstanceState::Ready).await;
+        ids.push(r.id);
+    }
+    ids
+}
+
+async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
+    instance_transition(
+        conn,
+        &WriteCtx::new("test"),
+        &Transition {
+            id: r.id,
+            from: r.state,
+            to,
+            expected_version: r.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn terminate(env: &Env, ids: &[InstanceId], force: bool) {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    for id in ids {
+        instance_set_desired(&mut conn, *id, DesiredState::Terminated, force)
+            .await
+            .unwrap();
+    }
+}
+
+async fn get(env: &Env, id: InstanceId) -> InstanceRow {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    instance_get(&mut conn, id).await.unwrap().unwrap()
+}
+
+async fn count_state(env: &Env, state: InstanceState) -> usize {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE state = $1")
+        .bind(state.as_str())
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    n as usize
+}
+
+/// Machines and volumes the simulator still holds (not destroyed).
+fn left_at_provider(env: &Env) -> (usize, usize) {
+    let machines = env
+        .stack
+        .sim
+        .sim()
+        .machines()
+        .into_iter()
+        .filter(|m| m.machine.state.to_string() != "destroyed")
+        .count();
+    let volumes = env
+        .stack
+        .sim
+        .sim()
+        .volumes()
+        .into_iter()
+        .filter(|v| v.volume.state != flotilla_sim_provider::VolumeState::Destroyed)
+        .count();
+    (machines, volumes)
+}
+
+/// Runs activations until every instance is terminated (or the deadline).
+async fn terminate_all(t: &Terminator, env: &Env, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while count_state(env, InstanceState::Terminated).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} terminated",
+            count_state(env, InstanceState::Terminated).await
+        );
+        t.terminate_once().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_worker_is_cordoned_drained_stopped_and_deleted_with_its_volume() {
+    let env = env(instant(), Some(1)).await;
+    let ids = ready(&env, 1, true).await;
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    terminate_all(&t, &env, 1, Duration::from_secs(10)).await;
+    let row = get(&env, ids[0]).await;
+    assert!(row.cordoned);
+    assert_eq!(left_at_provider(&env), (0, 0));
+    let history: Vec<String> =
+        sqlx::query_scalar("SELECT to_state FROM action_logs WHERE instance_id = $1 ORDER BY id")
+            .bind(ids[0].0)
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        &history[3..],
+        [
+            "ready",
+            "draining",
+            "stopping",
+            "stopped",
+            "deleting",
+            "terminated"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_delete_of_a_running_machine_is_retried_without_stopping_the_loop() {
+    let env = env(instant(), Some(1)).await;
+    let ids = ready(&env, 4, false).await;
+    // The database believes the first machine stopped, but it runs: its
+    // delete is refused (412) until it really stops.
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let mut r = get(&env, ids[0]).await;
+    for to in [
+        InstanceState::Draining,
+        InstanceState::Stopping,
+        InstanceState::Stopped,
+    ] {
+        r = step(&mut conn, &r, to).await;
+    }
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    let status = t.terminate_once().await;
+    assert!(
+        status
+            .errors
+            .iter()
+            .any(|e| e.message.contains("failed precondition")),
+        "{status:?}"
+    );
+    let refused = get(&env, ids[0]).await;
+    assert_eq!(refused.state, InstanceState::Deleting, "stays where it is");
+    assert!(refused.attempts >= 1);
+    assert!(refused.last_error.unwrap().contains("412"));
+    // The refusal did not stop the others.
+    terminate_all(&t, &env, 4, Duration::from_secs(10)).await;
+    assert_eq!(left_at_provider(&env), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_already_gone_ends_terminated_at_once() {
+    let env = env(instant(), Some(1)).await;
+    let ids = ready(&env, 1, false).await;
+    let row = get(&env, ids[0]).await;
+    // Someone deleted it behind Flotilla's back.
+    let mut client = env.stack.client.clone();
+    client
+        .delete_machine(v1::DeleteMachineRequest {
+            target: target(),
+            machine_id: row.provider_machine_id.clone().unwrap(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    terminate(&env, &ids, true).await;
+    let t = terminator(&env, "t1");
+    let status = t.terminate_once().await;
+    assert_eq!(status.acted, 1, "{status:?}");
+    assert!(status.errors.is_empty(), "{status:?}");
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Terminated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_instances_scale_down_through_faults_and_leave_nothing_behind() {
+    let env = env(instant(), Some(1)).await;
+    let ids = ready(&env, 500, true).await;
+    // 20% of provider calls fail from here on: 412-style refusals come from
+    // the lifecycle itself, these are 429s, 500s and 503s.
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| {
+            f.retry_after_secs = 0;
+            f.error_rate_all = ErrorRates {
+                rate_429: 0.05,
+                rate_500: 0.1,
+                rate_503: 0.05,
+                rate_timeout: 0.0,
+            };
+        })
+        .unwrap();
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    let stop = CancellationToken::new();
+    let runner = tokio::spawn(t.clone().run(None, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count_state(&env, InstanceState::Terminated).await < 500 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    runner.await.unwrap();
+    assert_eq!(
+        left_at_provider(&env),
+        (0, 0),
+        "zero machines and zero volumes left"
+    );
+    // What the database reports equals the provider's truth.
+    let destroyed = env
+        .stack
+        .sim
+        .sim()
+        .machines()
+        .into_iter()
+        .filter(|m| m.machine.state.to_string() == "destroyed")
+        .count();
+    assert_eq!(
+        count_state(&env, InstanceState::Terminated).await,
+        destroyed
+    );
+    let deleted_volumes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM instance_volumes WHERE state = 'deleted'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(deleted_volumes, 500);
+    let faults: u64 = env
+        .stack
+        .sim
+        .sim()
+        .stats()
+        .requests
+        .values()
+        .flat_map(|by| by.iter())
+        .filter(|(code, _)| matches!(**code, 429 | 500 | 503))
+        .map(|(_, n)| *n)
+        .sum();
+    println!("500-instance scale-down went through {faults} injected provider faults");
+    assert!(faults > 50, "the faults really happened ({faults})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminator_killed_mid_sequence_and_restarted_finishes_every_instance() {
+    let env = env(
+        Faults {
+            latency_ms: 5,
+            stop_delay_ms: 100,
+            destroy_delay_ms: 50,
+            ..instant()
+        },
+        Some(1),
+    )
+    .await;
+    let ids = ready(&env, 40, true).await;
+    terminate(&env, &ids, false).await;
+    let first = terminator(&env, "first");
+    let task = tokio::spawn(first.run(None, CancellationToken::new()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count_state(&env, InstanceState::Terminated).await < 5 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    assert!(
+        count_state(&env, InstanceState::Terminated).await < 40,
+        "killed mid-sequence"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = terminator(&env, "second");
+    terminate_all(&second, &env, 40, Duration::from_secs(30)).await;
+    assert_eq!(left_at_provider(&env), (0, 0));
+    // Deletes repeated after the crash met "already gone", never an error
+    // that stuck: nobody is flagged and each instance terminated once.
+    let flagged: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE needs_attention")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(flagged, 0);
+    let per_instance: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM action_logs WHERE to_state = 'terminated' GROUP BY instance_id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_instance.len(), 40);
+    assert!(per_instance.iter().all(|n| *n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_an_idle_report_and_ends_at_its_deadline_without_one() {
+    let env = env(instant(), Some(2)).await;
+    let ids = ready(&env, 2, false).await;
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    t.terminate_once().await;
+    for id in &ids {
+        let r = get(&env, *id).await;
+        assert_eq!(r.state, InstanceState::Draining);
+        assert!(r.cordoned);
+    }
+    // The first worker reports idle after the cordon; the second never does.
+    sqlx::query("UPDATE instances SET worker_idle = true, last_heartbeat = now() WHERE id = $1")
+        .bind(ids[0].0)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut outcomes: HashMap<InstanceId, Duration> = HashMap::new();
+    while outcomes.len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        t.terminate_once().await;
+        for id in &ids {
+            if get(&env, *id).await.state == InstanceState::Terminated {
+                outcomes.entry(*id).or_insert(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        outcomes[&ids[0]] < outcomes[&ids[1]] && outcomes[&ids[0]] < Duration::from_secs(2),
+        "idle worker: {:?}",
+        outcomes[&ids[0]]
+    );
+    assert!(
+        outcomes[&ids[1]] >= Duration::from_millis(1500),
+        "silent worker waits out the deadline: {:?}",
+        outcomes[&ids[1]]
+    );
+}

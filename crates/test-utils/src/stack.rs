@@ -1,0 +1,79 @@
+//! A provider stack for tests: the simulated cloud with a real
+//! provider-adapter in front of it, served over gRPC on loopback.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_provider_adapter::{AdapterArgs, registry, serve};
+use flotilla_sim_provider::{Faults, SimConfig, SimHandle};
+use flotilla_telemetry::CancellationToken;
+use tonic::transport::Channel;
+
+pub struct ProviderStack {
+    pub sim: SimHandle,
+    pub client: ProviderClient<Channel>,
+    stop: CancellationToken,
+}
+
+impl Drop for ProviderStack {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Faults with every state change immediate.
+pub fn instant() -> Faults {
+    Faults {
+        start_delay_ms: 0,
+        stop_delay_ms: 0,
+        destroy_delay_ms: 0,
+        destroyed_linger_ms: 0,
+        ..Faults::default()
+    }
+}
+
+/// Starts the simulator with `faults` and an adapter for it (provider kind
+/// `sim`, no retries inside the adapter, limits out of the way) whose
+/// extra flags are `extra`.
+pub async fn provider_stack(faults: Faults, extra: &[&str]) -> ProviderStack {
+    let sim = flotilla_sim_provider::start(SimConfig {
+        faults,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let mut argv = vec![
+        "provider-adapter",
+        "--sim-api-base-url",
+        sim.url(),
+        "--sim-api-token",
+        sim.token(),
+        "--provider-retry-max-attempts",
+        "0",
+        "--provider-rate-limit-per-second",
+        "100000",
+        "--provider-rate-limit-burst",
+        "100000",
+        "--circuit-breaker-failure-threshold",
+        "1000000",
+        "--provider-start-timeout-seconds",
+        "5",
+    ];
+    argv.extend_from_slice(extra);
+    let args = AdapterArgs::try_parse_from(argv).expect("adapter flags");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(
+        Arc::new(registry(&args).expect("registry")),
+        listener,
+        stop.clone(),
+    ));
+    let client = ProviderClient::connect(format!("http://{addr}"))
+        .await
+        .expect("adapter reachable");
+    ProviderStack { sim, client, stop }
+}

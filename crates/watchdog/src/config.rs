@@ -1,0 +1,142 @@
+//! The watchdog's settings.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "watchdog",
+    version,
+    about = "Flotilla watchdog: dead workers, storm guard, lost and orphan machines and volumes"
+)]
+pub struct WatchdogArgs {
+    /// gRPC address of the provider-adapter.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_URL",
+        default_value = "http://127.0.0.1:50061"
+    )]
+    pub provider_adapter_url: String,
+    #[command(flatten)]
+    pub tuning: WatchdogTuning,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchdogTuning {
+    /// Milliseconds between dead-worker scans.
+    #[arg(long, env = "WATCHDOG_TICK_MS", default_value_t = 1000)]
+    pub watchdog_tick_ms: u64,
+    /// Seconds without a heartbeat after which a ready worker is suspect.
+    #[arg(long, env = "WORKER_HEARTBEAT_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub worker_heartbeat_timeout_seconds: u64,
+    /// Seconds a suspect whose machine still runs at the provider (a hung
+    /// or paused worker) is given before it is declared dead anyway.
+    #[arg(long, env = "WORKER_DEAD_CONFIRM_SECONDS", default_value_t = 30)]
+    pub worker_dead_confirm_seconds: u64,
+    /// Replace and terminate dead workers (false: only mark them).
+    #[arg(long, env = "WORKER_DEAD_RECOVERY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub worker_dead_recovery_enabled: bool,
+    /// Share of a pool's ready workers that may be suspect at once before
+    /// remediation is held (a network blip must not replace the fleet).
+    #[arg(long, env = "WATCHDOG_STORM_FRACTION", default_value_t = 0.5)]
+    pub watchdog_storm_fraction: f64,
+    /// Pools smaller than this are never held by the storm guard.
+    #[arg(long, env = "WATCHDOG_STORM_MIN_INSTANCES", default_value_t = 4)]
+    pub watchdog_storm_min_instances: i64,
+    /// Seconds between orphan scans (paginated provider listings).
+    #[arg(long, env = "ORPHAN_SCAN_INTERVAL_SECONDS", default_value_t = 60)]
+    pub orphan_scan_interval_seconds: u64,
+    /// Age in seconds before a tagged machine or volume the database does
+    /// not own is deleted (young ones may be mid-provisioning).
+    #[arg(long, env = "ORPHAN_GRACE_SECONDS", default_value_t = 300)]
+    pub orphan_grace_seconds: u64,
+    /// Report what the orphan scan would do, change nothing.
+    #[arg(long, env = "WATCHDOG_DRY_RUN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub watchdog_dry_run: bool,
+    /// Reconcile volumes against the provider (delete orphan volumes).
+    #[arg(long, env = "VOLUME_RECONCILIATION_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub volume_reconciliation_enabled: bool,
+    /// Seconds a claim is held.
+    #[arg(long, env = "WATCHDOG_LEASE_SECONDS", default_value_t = 30)]
+    pub watchdog_lease_seconds: u64,
+    /// Seconds an instance may stay `provisioning` before it counts as stuck.
+    #[arg(
+        long,
+        env = "RECOVERY_PROVISIONING_TIMEOUT_SECONDS",
+        default_value_t = 600
+    )]
+    pub recovery_provisioning_timeout_seconds: u64,
+    /// Seconds an instance may stay `draining` (beyond its pool's drain
+    /// deadline) before it counts as stuck.
+    #[arg(long, env = "RECOVERY_DRAINING_TIMEOUT_SECONDS", default_value_t = 900)]
+    pub recovery_draining_timeout_seconds: u64,
+    /// Seconds an instance may stay `stopping` before it counts as stuck.
+    #[arg(long, env = "RECOVERY_STOPPING_TIMEOUT_SECONDS", default_value_t = 600)]
+    pub recovery_stopping_timeout_seconds: u64,
+    /// Seconds an instance may stay `deleting` before it counts as stuck.
+    #[arg(long, env = "RECOVERY_DELETING_TIMEOUT_SECONDS", default_value_t = 900)]
+    pub recovery_deleting_timeout_seconds: u64,
+    /// Times a stuck instance is nudged (retried now) before the watchdog
+    /// escalates: provisioning fails and is cleaned up, draining stops,
+    /// stopping is forced, deleting is flagged for an operator.
+    #[arg(long, env = "STUCK_MAX_RETRIES", default_value_t = 3)]
+    pub stuck_max_retries: i32,
+    /// Silent workers examined per scan.
+    #[arg(long, env = "WATCHDOG_BATCH", default_value_t = 500)]
+    pub watchdog_batch: i64,
+}
+
+impl WatchdogTuning {
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.watchdog_tick_ms.max(10))
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.worker_heartbeat_timeout_seconds.max(1))
+    }
+    pub fn confirm_grace(&self) -> Duration {
+        Duration::from_secs(self.worker_dead_confirm_seconds)
+    }
+    pub fn orphan_grace(&self) -> Duration {
+        Duration::from_secs(self.orphan_grace_seconds)
+    }
+    pub fn orphan_interval(&self) -> Duration {
+        Duration::from_secs(self.orphan_scan_interval_seconds.max(1))
+    }
+    pub fn stuck_timeouts(&self) -> flotilla_store::watchdog::StuckTimeouts {
+        flotilla_store::watchdog::StuckTimeouts {
+            provisioning: Duration::from_secs(self.recovery_provisioning_timeout_seconds),
+            draining: Duration::from_secs(self.recovery_draining_timeout_seconds),
+            stopping: Duration::from_secs(self.recovery_stopping_timeout_seconds),
+            deleting: Duration::from_secs(self.recovery_deleting_timeout_seconds),
+        }
+    }
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.watchdog_lease_seconds.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn configuration_doc_lists_every_watchdog_setting() {
+        flotilla_core::config::check_doc_section(
+            "watchdog",
+            &WatchdogArgs::command(),
+            &flotilla_core::config::shared_command(),
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! Dead workers: a `ready` worker silent for the heartbeat timeout becomes
+//! suspect; a second signal from the provider confirms it (`worker_dead`,
+//! or `lost` when the machine is gone), and it is replaced and terminated.
+//!
+//! Design notes: the provider's word is the second signal. A machine that
+//! no longer runs confirms at once; a machine that still runs (a hung or
+//! paused worker) is given `WORKER_DEAD_CONFIRM_SECONDS` more, so a worker
+//! paused and resumed within that time is never replaced. A heartbeat
+//! clears suspicion. Before any remediation the storm guard looks at the
+//! pool: if more than `WATCHDOG_STORM_FRACTION` of its ready workers are
+//! suspect at once, it holds (flag, metric, log) instead of replacing the
+//! fleet on a network blip, and resumes when the share drops.
+
+use std::collections::BTreeMap;
+
+use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState, ProviderError};
+use flotilla_proto::status::status_to_provider_error;
+use flotilla_proto::v1;
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, Transition, instance_insert_requested, instance_release,
+    instance_set_desired, instance_transition,
+};
+use flotilla_store::outbox::outbox_insert;
+use flotilla_store::pool::pool_get;
+use flotilla_store::watchdog::{
+    watchdog_claim_silent, watchdog_clear_recovered, watchdog_mark_suspect,
+    watchdog_pool_suspicion, watchdog_set_storm_hold,
+};
+use flotilla_store::{StoreError, WriteCtx};
+use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::propagation::current_trace_headers;
+use prost::Message;
+use sqlx::{Acquire, PgConnection};
+
+use crate::Watchdog;
+
+/// Label capacity puts on the instances it manages (it replaces those itself).
+const MANAGED: (&str, &str) = ("flotilla.dev/managed-by", "capacity");
+/// Label on a replacement, naming the instance it replaces.
+pub const REPLACES_LABEL: &str = "flotilla.dev/replaces";
+
+impl Watchdog {
+    pub(crate) fn ctx(&self) -> WriteCtx {
+        WriteCtx::new("watchdog").with_trace_headers(current_trace_headers())
+    }
+
+    #[tracing::instrument(skip_all, name = "watchdog.dead_workers")]
+    pub async fn dead_workers_once(&self) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let timeout = self.tuning.heartbeat_timeout();
+        match self.db.acquire().await {
+            Ok(mut conn) => {
+                if let Err(e) = watchdog_clear_recovered(&mut conn, timeout).await {
+                    status.error(e.class(), "clear recovered", e);
+                }
+            }
+            Err(e) => {
+                let e = StoreError::from(e);
+                status.error(e.class(), "db", e);
+                return status;
+            }
+        }
+        let silent = match watchdog_claim_silent(
+            &self.db,
+            timeout,
+            &self.owner,
+            self.tuning.lease(),
+            self.tuning.watchdog_batch,
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                status.error(e.class(), "claim", e);
+                return status;
+            }
+        };
+        status.found = silent.len() as u64;
+        let mut by_pool: BTreeMap<String, Vec<InstanceRow>> = BTreeMap::new();
+        for row in silent {
+            by_pool.entry(row.pool.clone()).or_default().push(row);
+        }
+        for (pool, rows) in by_pool {
+            if let Err(e) = self.handle_pool(&pool, rows, &mut status).await {
+                status.error(e.class(), &pool, e);
+            }
+        }
+        status
+    }
+
+    async fn handle_pool(
+        &self,
+        pool: &str,
+        rows: Vec<InstanceRow>,
+        status: &mut ActivationStatus,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let mut suspects = Vec::with_capacity(rows.len());
+        for row in rows {
+            let since = watchdog_mark_suspect(&mut conn, row.id).await?;
+            suspects.push((row, since));
+        }
+        let (suspect, ready) = watchdog_pool_suspicion(&mut conn, pool).await?;
+        let share = if ready > 0 {
+            suspect as f64 / ready as f64
+        } else {
+            0.0
+        };
+        metrics::gauge!("flotilla_watchdog_suspect_share", "pool" => pool.to_owned()).set(share);
+        let storm = ready >= self.tuning.watchdog_storm_min_instances
+            && share > self.tuning.watchdog_storm_fraction;
+        if storm {
+            if watchdog_set_storm_hold(&mut conn, pool, true).await? {
+                tracing::error!(
+                    pool,
+                    suspect,
+                    ready,
+                    "storm guard: too many silent workers at once; holding remediation"
+                );
+            }
+            metrics::gauge!("flotilla_watchdog_storm_hold", "pool" => pool.to_owned()).set(1.0);
+            for (row, _) in &suspects {
+                instance_release(&mut conn, row.id, &self.owner).await?;
+            }
+            status.already_done += suspects.len() as u64;
+            return Ok(());
+        }
+        if watchdog_set_storm_hold(&mut conn, pool, false).await? {
+            tracing::warn!(pool, suspect, ready, "storm guard released");
+        }
+        metrics::gauge!("flotilla_watchdog_storm_hold", "pool" => pool.to_owned()).set(0.0);
+        let Some(pool_row) = pool_get(&mut conn, pool).await? else {
+            return Err(StoreError::NotFound(format!("pool {pool}")));
+        };
+        for (row, since) in suspects {
+            match self.confirm(&pool_row, &row, since).await {
+                Ok(Some(to)) => {
+                    let reason = if to == InstanceState::Lost {
+                        "machine absent at the provider"
+                    } else {
+                        "no heartbeat and the provider confirms"
+                    };
+                    self.declare(&mut conn, &row, to, reason).await?;
+                    let latency =
+                        chrono::Utc::now() - row.last_heartbeat.unwrap_or(row.state_entered_at);
+                    metrics::histogram!("flotilla_watchdog_detection_seconds")
+                        .record(latency.num_milliseconds().max(0) as f64 / 1000.0);
+                    status.acted += 1;
+                }
+                Ok(None) => {
+                    instance_release(&mut conn, row.id, &self.owner).await?;
+                }
+                Err(e) => {
+                    instance_release(&mut conn, row.id, &self.owner).await?;
+                    status.error(e.class(), row.id, e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The provider's verdict on a suspect: `Some(state)` to move it to,
+    /// or `None` to keep waiting.
+    async fn confirm(
+        &self,
+        pool: &flotilla_store::pool::PoolRow,
+        row: &InstanceRow,
+        suspect_since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<InstanceState>, ProviderError> {
+        let Some(machine_id) = &row.provider_machine_id else {
+            return Ok(Some(InstanceState::WorkerDead));
+        };
+        let got = self
+            .provider
+            .clone()
+            .get_machine(outgoing(
+                v1::MachineRef {
+                    target: Some(v1::ProviderTarget {
+                        provider: pool.provider.clone(),
+                        pool: pool.name.clone(),
+                        region: pool.region.clone(),
+                    }),
+                    machine_id: machine_id.clone(),
+                },
+                &self.ctx().correlation_id,
+            ))
+            .await;
+        let state = match got {
+            Ok(m) => v1::MachineState::try_from(m.into_inner().state)
+                .unwrap_or(v1::MachineState::Unspecified),
+            Err(s) => match status_to_provider_error(&s) {
+                ProviderError::NotFound(_) => return Ok(Some(InstanceState::Lost)),
+                e => return Err(e),
+            },
+        };
+        let running = matches!(
+            state,
+            v1::MachineState::Started | v1::MachineState::Starting | v1::MachineState::Replacing
+        );
+        if state == v1::MachineState::Destroyed {
+            return Ok(Some(InstanceState::Lost));
+        }
+        if !running {
+            return Ok(Some(InstanceState::WorkerDead));
+        }
+        let suspected_for = (chrono::Utc::now() - suspect_since)
+            .to_std()
+            .unwrap_or_default();
+        if suspected_for >= self.tuning.confirm_grace() {
+            Ok(Some(InstanceState::WorkerDead))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Moves the instance to `to` and, when recovery is on, hands it to
+    /// termination and asks for a replacement — in one transaction.
+    pub(crate) async fn declare(
+        &self,
+        conn: &mut PgConnection,
+        row: &InstanceRow,
+        to: InstanceState,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let ctx = self.ctx();
+        let mut tx = conn.begin().await?;
+        let moved = instance_transition(
+            &mut tx,
+            &ctx,
+            &Transition {
+                id: row.id,
+                from: row.state,
+                to,
+                expected_version: row.version,
+                error: Some(reason),
+                reason: Some(reason),
+            },
+        )
+        .await?;
+        if self.tuning.worker_dead_recovery_enabled {
+            instance_set_desired(&mut tx, moved.id, DesiredState::Terminated, false).await?;
+            let cmd = v1::TerminateCommand {
+                instance_ids: vec![moved.id.to_string()],
+                force: false,
+                reason: reason.to_owned(),
+            };
+            outbox_insert(
+                &mut tx,
+                &ctx,
+                flotilla_bus::subjects::TERMINATE,
+                &cmd.encode_to_vec(),
+            )
+            .await?;
+            let managed = moved.labels.0.get(MANAGED.0).map(String::as_str) == Some(MANAGED.1);
+            if !managed {
+                // Capacity replaces what it manages; an explicitly requested
+                // instance is replaced here, with the same labels.
+                let mut labels: BTreeMap<String, String> = moved.labels.0.clone();
+                labels.insert(REPLACES_LABEL.to_owned(), moved.id.to_string());
+                let new = NewInstance {
+                    id: InstanceId::new(),
+                    pool: moved.pool.clone(),
+                    name: replacement_name(&moved.name),
+                    provider: moved.provider.clone(),
+                    labels,
+                    idempotency_key: None,
+                    worker_token_hash: None,
+                };
+                let created = instance_insert_requested(&mut tx, &ctx, &[new]).await?;
+                let cmd = v1::ProvisionCommand {
+                    instance_ids: created.iter().map(|r| r.id.to_string()).collect(),
+                    pool: moved.pool.clone(),
+                };
+                outbox_insert(
+                    &mut tx,
+                    &ctx,
+                    flotilla_bus::subjects::PROVISION,
+                    &cmd.encode_to_vec(),
+                )
+                .await?;
+            }
+        }
+        instance_release(&mut tx, moved.id, &self.owner).await?;
+        tx.commit().await?;
+        tracing::warn!(instance_id = %row.id, to = %to, reason, "worker declared gone");
+        metrics::counter!("flotilla_watchdog_declared_total", "to" => to.as_str()).increment(1);
+        Ok(())
+    }
+}
+
+/// `<name>-r<4 random>`, within the 63-char limit.
+fn replacement_name(name: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..4)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let base: String = name.chars().take(56).collect();
+    format!("{base}-r{suffix}")
+}

@@ -1,0 +1,382 @@
+//! The orphan scan, both directions, per provider and region.
+//!
+//! Design notes: one paginated listing of machines (and of volumes) per
+//! scan, never a GET per instance. Provider → database: a machine carrying
+//! Flotilla's tag whose instance the database does not have, has as
+//! terminated, or records with another machine, is an orphan once older
+//! than `ORPHAN_GRACE_SECONDS` (younger ones may be mid-provisioning) and
+//! is deleted; one whose instance is still provisioning without a machine
+//! id is adopted. Database → provider: an instance that should have a
+//! running machine, recorded before the listing started, whose machine the
+//! listing does not show, is `lost` and replaced. Volumes likewise. In dry
+//! run the scan only reports.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use flotilla_core::{Classify, InstanceId, InstanceState, ProviderError};
+use flotilla_proto::status::status_to_provider_error;
+use flotilla_proto::v1;
+use flotilla_store::StoreError;
+use flotilla_store::instance::{instance_get, instance_record_machine};
+use flotilla_store::watchdog::{
+    watchdog_known, watchdog_known_volumes, watchdog_live_with_machine,
+};
+use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::loops::ActivationStatus;
+use uuid::Uuid;
+
+use crate::Watchdog;
+
+/// What one scan found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrphanReport {
+    pub orphan_machines: Vec<String>,
+    pub deleted_machines: Vec<String>,
+    pub adopted_machines: Vec<String>,
+    pub lost_instances: Vec<InstanceId>,
+    pub orphan_volumes: Vec<String>,
+    pub deleted_volumes: Vec<String>,
+    pub volume_delete_failures: u64,
+}
+
+fn age(created: Option<&prost_types::Timestamp>) -> Option<chrono::Duration> {
+    let t = created?;
+    let at = DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32)?;
+    Some(Utc::now() - at)
+}
+
+impl Watchdog {
+    fn grace_passed(&self, created: Option<&prost_types::Timestamp>) -> bool {
+        let grace = chrono::Duration::from_std(self.tuning.orphan_grace()).unwrap_or_default();
+        // Unknown age: never delete on a guess.
+        age(created).is_some_and(|a| a >= grace)
+    }
+
+    #[tracing::instrument(skip_all, name = "watchdog.orphans")]
+    pub async fn orphans_once(&self) -> (ActivationStatus, OrphanReport) {
+        let mut status = ActivationStatus::default();
+        let mut report = OrphanReport::default();
+        let targets: Vec<(String, String, String)> = match sqlx::query_as(
+            "SELECT DISTINCT ON (provider, region) provider, region, name FROM pools ORDER BY provider, region, name",
+        )
+        .fetch_all(&self.db)
+        .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let e = StoreError::from(e);
+                status.error(e.class(), "pools", e);
+                return (status, report);
+            }
+        };
+        for (provider, region, pool) in targets {
+            let target = v1::ProviderTarget {
+                provider,
+                pool,
+                region,
+            };
+            if let Err(e) = self.scan_machines(&target, &mut report, &mut status).await {
+                status.error(
+                    e.class(),
+                    format!("{}/{}", target.provider, target.region),
+                    e,
+                );
+            }
+            if self.tuning.volume_reconciliation_enabled
+                && let Err(e) = self.scan_volumes(&target, &mut report, &mut status).await
+            {
+                status.error(
+                    e.class(),
+                    format!("{}/{} volumes", target.provider, target.region),
+                    e,
+                );
+            }
+        }
+        metrics::gauge!("flotilla_watchdog_orphan_machines")
+            .set(report.orphan_machines.len() as f64);
+        metrics::gauge!("flotilla_watchdog_orphan_volumes").set(report.orphan_volumes.len() as f64);
+        (status, report)
+    }
+
+    async fn list_machines(
+        &self,
+        target: &v1::ProviderTarget,
+    ) -> Result<Vec<v1::Machine>, ProviderError> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .provider
+                .clone()
+                .list_machines(outgoing(
+                    v1::ListMachinesRequest {
+                        target: Some(target.clone()),
+                        page_size: 1000,
+                        page_token: token.clone(),
+                        instance_id: String::new(),
+                    },
+                    &self.ctx().correlation_id,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s))?
+                .into_inner();
+            all.extend(page.machines);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    async fn scan_machines(
+        &self,
+        target: &v1::ProviderTarget,
+        report: &mut OrphanReport,
+        status: &mut ActivationStatus,
+    ) -> Result<(), ScanError> {
+        let started = Utc::now();
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        // Read the database side first: anything recorded before the
+        // listing starts must show in it.
+        let live = watchdog_live_with_machine(
+            &mut conn,
+            &target.provider,
+            &target.region,
+            started - chrono::Duration::seconds(2),
+        )
+        .await?;
+        let machines: Vec<v1::Machine> = self
+            .list_machines(target)
+            .await?
+            .into_iter()
+            .filter(|m| m.state != v1::MachineState::Destroyed as i32)
+            .collect();
+        status.found += machines.len() as u64;
+        let tagged: Vec<(Uuid, &v1::Machine)> = machines
+            .iter()
+            .filter_map(|m| {
+                m.tags
+                    .get(flotilla_provider_tag())
+                    .and_then(|t| t.parse().ok())
+                    .map(|id| (id, m))
+            })
+            .collect();
+        let ids: Vec<Uuid> = tagged.iter().map(|(id, _)| *id).collect();
+        let known: HashMap<Uuid, flotilla_store::watchdog::Known> = watchdog_known(&mut conn, &ids)
+            .await?
+            .into_iter()
+            .map(|k| (k.id, k))
+            .collect();
+        for (id, m) in &tagged {
+            let owner = known.get(id);
+            let orphan = match owner {
+                None => true,
+                Some(k) if k.state == InstanceState::Terminated => true,
+                Some(k) => k
+                    .provider_machine_id
+                    .as_deref()
+                    .is_some_and(|mine| mine != m.id),
+            };
+            if let Some(k) = owner
+                && k.state == InstanceState::Provisioning
+                && k.provider_machine_id.is_none()
+                && k.lease_until.is_none_or(|l| l < Utc::now())
+            {
+                // The create's answer was lost; the row can take it now.
+                if !self.tuning.watchdog_dry_run {
+                    match instance_record_machine(&mut conn, InstanceId(*id), k.version, &m.id)
+                        .await
+                    {
+                        Ok(_) => report.adopted_machines.push(m.id.clone()),
+                        Err(e) => status.error(e.class(), id, e),
+                    }
+                }
+                continue;
+            }
+            if !orphan || !self.grace_passed(m.created_at.as_ref()) {
+                continue;
+            }
+            report.orphan_machines.push(m.id.clone());
+            if self.tuning.watchdog_dry_run {
+                tracing::warn!(machine_id = %m.id, instance_id = %id, "dry run: would delete orphan machine");
+                continue;
+            }
+            match self
+                .provider
+                .clone()
+                .delete_machine(outgoing(
+                    v1::DeleteMachineRequest {
+                        target: Some(target.clone()),
+                        machine_id: m.id.clone(),
+                        force: true,
+                    },
+                    &self.ctx().correlation_id,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s))
+            {
+                Ok(_) | Err(ProviderError::NotFound(_)) => {
+                    tracing::warn!(machine_id = %m.id, instance_id = %id, "orphan machine deleted");
+                    report.deleted_machines.push(m.id.clone());
+                    status.acted += 1;
+                }
+                Err(e) => status.error(e.class(), &m.id, e),
+            }
+        }
+        // Database → provider: machines that vanished.
+        let present: HashSet<&str> = machines.iter().map(|m| m.id.as_str()).collect();
+        for k in live {
+            let Some(machine_id) = &k.provider_machine_id else {
+                continue;
+            };
+            if present.contains(machine_id.as_str()) {
+                continue;
+            }
+            let id = InstanceId(k.id);
+            report.lost_instances.push(id);
+            if self.tuning.watchdog_dry_run {
+                tracing::warn!(instance_id = %id, machine_id, "dry run: would mark lost");
+                continue;
+            }
+            let Some(row) = instance_get(&mut conn, id).await? else {
+                continue;
+            };
+            if row.provider_machine_id.as_deref() != Some(machine_id) || row.state != k.state {
+                continue; // moved on since the snapshot
+            }
+            match self
+                .declare(
+                    &mut conn,
+                    &row,
+                    InstanceState::Lost,
+                    "machine absent from the provider's listing",
+                )
+                .await
+            {
+                Ok(()) => status.acted += 1,
+                Err(e) => status.error(e.class(), id, e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn scan_volumes(
+        &self,
+        target: &v1::ProviderTarget,
+        report: &mut OrphanReport,
+        status: &mut ActivationStatus,
+    ) -> Result<(), ScanError> {
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        let mut volumes = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .provider
+                .clone()
+                .list_volumes(outgoing(
+                    v1::ListVolumesRequest {
+                        target: Some(target.clone()),
+                        page_size: 1000,
+                        page_token: token.clone(),
+                    },
+                    &self.ctx().correlation_id,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s))?
+                .into_inner();
+            volumes.extend(page.volumes);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let ids: Vec<String> = volumes.iter().map(|v| v.id.clone()).collect();
+        let tracked: HashMap<String, String> = watchdog_known_volumes(&mut conn, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let owners: Vec<Uuid> = volumes
+            .iter()
+            .filter_map(|v| {
+                v.tags
+                    .get(flotilla_provider_tag())
+                    .and_then(|t| t.parse().ok())
+            })
+            .collect();
+        let known: HashMap<Uuid, InstanceState> = watchdog_known(&mut conn, &owners)
+            .await?
+            .into_iter()
+            .map(|k| (k.id, k.state))
+            .collect();
+        for v in volumes {
+            if v.state == v1::VolumeState::Destroyed as i32 || tracked.contains_key(&v.id) {
+                continue;
+            }
+            let owner = v
+                .tags
+                .get(flotilla_provider_tag())
+                .and_then(|t| t.parse::<Uuid>().ok());
+            let owner_live = owner
+                .and_then(|o| known.get(&o))
+                .is_some_and(|s| *s != InstanceState::Terminated);
+            if owner_live || !self.grace_passed(v.created_at.as_ref()) {
+                continue;
+            }
+            report.orphan_volumes.push(v.id.clone());
+            if self.tuning.watchdog_dry_run {
+                tracing::warn!(volume_id = %v.id, "dry run: would delete orphan volume");
+                continue;
+            }
+            match self
+                .provider
+                .clone()
+                .delete_volume(outgoing(
+                    v1::VolumeRef {
+                        target: Some(target.clone()),
+                        volume_id: v.id.clone(),
+                    },
+                    &self.ctx().correlation_id,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s))
+            {
+                Ok(_) | Err(ProviderError::NotFound(_)) => {
+                    tracing::warn!(volume_id = %v.id, "orphan volume deleted");
+                    report.deleted_volumes.push(v.id.clone());
+                    status.acted += 1;
+                }
+                Err(e) => {
+                    // Retried by the next scan; counted so a stuck one shows.
+                    report.volume_delete_failures += 1;
+                    metrics::counter!("flotilla_watchdog_volume_delete_failures_total")
+                        .increment(1);
+                    status.error(e.class(), &v.id, e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn flotilla_provider_tag() -> &'static str {
+    "flotilla_instance_id"
+}
+
+/// A scan step that could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+impl Classify for ScanError {
+    fn class(&self) -> flotilla_core::ErrorClass {
+        match self {
+            ScanError::Store(e) => e.class(),
+            ScanError::Provider(e) => e.class(),
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! The watchdog on a real PostgreSQL against the simulated cloud behind a
+//! real provider-adapter: dead and paused workers, the storm guard, lost
+//! machines, orphan machines and volumes, dry run, two replicas, and
+//! stuck-state recovery.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_proto::v1;
+use flotilla_sim_provider::Faults;
+use flotilla_store::WriteCtx;
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
+    instance_record_machine, instance_transition,
+};
+use flotilla_store::pool::{NewPool, pool_create};
+use flotilla_test_utils::TestDb;
+use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
+use flotilla_watchdog::{Watchdog, WatchdogTuning};
+
+struct Env {
+    db: TestDb,
+    stack: ProviderStack,
+}
+
+async fn env(faults: Faults) -> Env {
+    let db = TestDb::new().await;
+    let stack = provider_stack(faults, &[]).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: "gpu".into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            image: "img".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    Env { db, stack }
+}
+
+#[derive(Parser)]
+struct Tuning {
+    #[command(flatten)]
+    t: WatchdogTuning,
+}
+
+fn watchdog(env: &Env, owner: &str, extra: &[&str]) -> Watchdog {
+    let mut argv = vec![
+        "x",
+        "--watchdog-tick-ms",
+        "50",
+        "--worker-heartbeat-timeout-seconds",
+        "1",
+        "--worker-dead-confirm-seconds",
+        "2",
+        "--orphan-grace-seconds",
+        "1",
+        "--watchdog-lease-seconds",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    Watchdog {
+        db: env.db.pool.clone(),
+        provider: env.stack.client.clone(),
+        tuning: Tuning::try_parse_from(argv).unwrap().t,
+        owner: owner.into(),
+    }
+}
+
+fn target() -> Option<v1::ProviderTarget> {
+    Some(v1::ProviderTarget {
+        provider: "sim".into(),
+        pool: "gpu".into(),
+        region: "ams".into(),
+    })
+}
+
+async fn machine(env: &Env, instance: InstanceId) -> v1::Machine {
+    env.stack
+        .client
+        .clone()
+        .create_machine(v1::CreateMachineRequest {
+            target: target(),
+            instance_id: instance.to_string(),
+            name: "w".into(),
+            instance_type: "shared-cpu-1x".into(),
+            image: "img".into(),
+            start: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// `n` ready instances with started machines and a fresh heartbeat.
+async fn ready(env: &Env, n: usize) -> Vec<InstanceId> {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let ctx = WriteCtx::new("test");
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("w-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::from([("team".into(), "ml".into())]),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    let rows = instance_insert_requested(&mut conn, &ctx, &new)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for mut r in rows {
+        let m = machine(env, r.id).await;
+        for to in [InstanceState::Provisioning, InstanceState::Booting] {
+            r = step(&mut conn, &r, to).await;
+        }
+        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
+            .await
+            .unwrap();
+        r = step(&mut conn, &r, InstanceState::Ready).await;
+        ids.push(r.id);
+    }
+    heartbeat(env, &ids).await;
+    ids
+}
+
+async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
+    instance_transition(
+        conn,
+        &WriteCtx::new("test"),
+        &Transition {
+            id: r.id,
+            from: r.state,
+            to,
+            expected_version: r.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn heartbeat(env: &Env, ids: &[InstanceId]) {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    sqlx::query("UPDATE instances SET last_heartbeat = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+}
+
+async fn get(env: &Env, id: InstanceId) -> InstanceRow {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    instance_get(&mut conn, id).await.unwrap().unwrap()
+}
+
+async fn replacements_of(env: &Env, id: InstanceId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM instances WHERE labels ->> 'flotilla.dev/replaces' = $1",
+    )
+    .bind(id.to_string())
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+fn kill(env: &Env, machine_id: &str) {
+    env.stack.sim.sim().kill(machine_id).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_is_detected_within_the_timeout_plus_a_tick_and_replaced() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 2).await;
+    let w = watchdog(&env, "w1", &[]);
+    let victim = get(&env, ids[0]).await;
+    // Its last heartbeat, then it dies: its process exits, so its machine
+    // stops. Silence is measured from that heartbeat.
+    let died = Instant::now();
+    heartbeat(&env, &ids).await;
+    kill(&env, victim.provider_machine_id.as_deref().unwrap());
+    loop {
+        heartbeat(&env, &ids[1..]).await;
+        w.dead_workers_once().await;
+        if get(&env, ids[0]).await.state == InstanceState::WorkerDead {
+            break;
+        }
+        assert!(died.elapsed() < Duration::from_secs(5), "not detected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let latency = died.elapsed();
+    println!("dead worker detected after {latency:?} (timeout 1 s, tick 50 ms)");
+    assert!(
+        latency >= Duration::from_secs(1),
+        "not before the timeout: {latency:?}"
+    );
+    // The figure is timeout + one tick (printed above); the bound only
+    // guards against "much later" on a loaded machine.
+    assert!(
+        latency < Duration::from_secs(4),
+        "detected far too late: {latency:?}"
+    );
+    let dead = get(&env, ids[0]).await;
+    assert_eq!(
+        dead.desired_state,
+        DesiredState::Terminated,
+        "handed to the terminator"
+    );
+    assert_eq!(replacements_of(&env, ids[0]).await, 1);
+    assert_eq!(
+        get(&env, ids[1]).await.state,
+        InstanceState::Ready,
+        "the live one is untouched"
+    );
+    let cmds: Vec<String> =
+        sqlx::query_scalar("SELECT subject FROM outbox WHERE subject LIKE 'CMD.%' ORDER BY id")
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(cmds, ["CMD.terminate", "CMD.provision"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_that_resumes_before_confirmation_is_not_replaced() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 1).await;
+    let w = watchdog(&env, "w1", &[]);
+    // Silent past the timeout, but its machine still runs (SIGSTOP).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.dead_workers_once().await;
+    let suspect = get(&env, ids[0]).await;
+    assert_eq!(suspect.state, InstanceState::Ready);
+    assert!(suspect.suspect_since.is_some(), "suspect");
+    // Resumed: a heartbeat clears the suspicion.
+    heartbeat(&env, &ids).await;
+    w.dead_workers_once().await;
+    let row = get(&env, ids[0]).await;
+    assert!(row.suspect_since.is_none());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    heartbeat(&env, &ids).await;
+    w.dead_workers_once().await;
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
+    assert_eq!(replacements_of(&env, ids[0]).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_whose_machine_runs_is_declared_dead_after_the_confirm_grace() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 1).await;
+    let w = watchdog(&env, "w1", &[]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.dead_workers_once().await;
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    w.dead_workers_once().await;
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::WorkerDead);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_pool_going_silent_holds_remediation_instead_of_replacing_it() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 8).await;
+    let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "0.4"]);
+    for id in &ids[..4] {
+        kill(
+            &env,
+            get(&env, *id).await.provider_machine_id.as_deref().unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    heartbeat(&env, &ids[4..]).await;
+    w.dead_workers_once().await;
+    for id in &ids {
+        assert_eq!(
+            get(&env, *id).await.state,
+            InstanceState::Ready,
+            "held, not remediated"
+        );
+    }
+    let held: bool =
+        sqlx::query_scalar("SELECT storm_hold_since IS NOT NULL FROM pools WHERE name = 'gpu'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert!(held, "the hold is visible on the pool");
+    let extra: i64 = sqlx::query_scalar("SELECT count(*) FROM instances")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(extra, 8, "no replacements during the storm");
+    // Most of them come back: the share drops and remediation resumes.
+    heartbeat(&env, &ids[1..]).await;
+    w.dead_workers_once().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    heartbeat(&env, &ids[1..]).await;
+    w.dead_workers_once().await;
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::WorkerDead);
+    let held: bool =
+        sqlx::query_scalar("SELECT storm_hold_since IS NOT NULL FROM pools WHERE name = 'gpu'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert!(!held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_deleted_after_the_grace_age_and_only_reported_in_dry_run() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 1).await;
+    // A tagged machine and volume nobody recorded (a crash after create).
+    let stray = InstanceId::new();
+    let orphan = machine(&env, stray).await;
+    let vol = env
+        .stack
+        .client
+        .clone()
+        .create_volume(v1::CreateVolumeRequest {
+            target: target(),
+            instance_id: stray.to_string(),
+            name: String::new(),
+            size_gb: 1,
+            tags: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let w = watchdog(&env, "w1", &[]);
+    let (_, young) = w.orphans_once().await;
+    assert!(
+        young.orphan_machines.is_empty(),
+        "younger than the grace age"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    heartbeat(&env, &ids).await;
+    let dry = watchdog(&env, "w2", &["--watchdog-dry-run", "true"]);
+    let (_, report) = dry.orphans_once().await;
+    assert_eq!(report.orphan_machines, std::slice::from_ref(&orphan.id));
+    assert_eq!(report.orphan_volumes, std::slice::from_ref(&vol.id));
+    assert!(report.deleted_machines.is_empty() && report.deleted_volumes.is_empty());
+    assert!(
+        env.stack
+            .sim
+            .sim()
+            .machine(&orphan.id)
+            .unwrap()
+            .machine
+            .state
+            .to_string()
+            == "started"
+    );
+    let (_, report) = w.orphans_once().await;
+    assert_eq!(report.deleted_machines, std::slice::from_ref(&orphan.id));
+    assert_eq!(report.deleted_volumes, std::slice::from_ref(&vol.id));
+    assert!(
+        report.lost_instances.is_empty(),
+        "the recorded machine is not touched"
+    );
+    assert_eq!(
+        env.stack
+            .sim
+            .sim()
+            .machine(&orphan.id)
+            .unwrap()
+            .machine
+            .state
+            .to_string(),
+        "destroyed"
+    );
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_machine_vanished_becomes_lost_and_is_replaced() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 1).await;
+    let row = get(&env, ids[0]).await;
+    env.stack
+        .client
+        .clone()
+        .delete_machine(v1::DeleteMachineRequest {
+            target: target(),
+            machine_id: row.provider_machine_id.clone().unwrap(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let w = watchdog(&env, "w1", &[]);
+    let (_, report) = w.orphans_once().await;
+    assert_eq!(report.lost_instances, [ids[0]]);
+    let lost = get(&env, ids[0]).await;
+    assert_eq!(lost.state, InstanceState::Lost);
+    assert_eq!(lost.desired_state, DesiredState::Terminated);
+    assert_eq!(replacements_of(&env, ids[0]).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_watchdog_replicas_never_act_twice_on_one_instance() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 30).await;
+    for id in &ids {
+        kill(
+            &env,
+            get(&env, *id).await.provider_machine_id.as_deref().unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The storm guard would hold a whole-pool outage; switch it off here.
+    let a = watchdog(&env, "a", &["--watchdog-storm-fraction", "1.0"]);
+    let b = watchdog(&env, "b", &["--watchdog-storm-fraction", "1.0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ra, rb) = tokio::join!(a.dead_workers_once(), b.dead_workers_once());
+        let _ = (ra, rb);
+        let dead: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM instances WHERE state = 'worker_dead'")
+                .fetch_one(&env.db.pool)
+                .await
+                .unwrap();
+        if dead == 30 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    let per_instance: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM action_logs WHERE to_state = 'worker_dead' GROUP BY instance_id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_instance.len(), 30);
+    assert!(per_instance.iter().all(|n| *n == 1));
+    for id in &ids {
+        assert_eq!(replacements_of(&env, *id).await, 1);
+    }
+}
+
+async fn instance_in(db: &TestDb, path: &[InstanceState]) -> InstanceId {
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut r: InstanceRow = instance_insert_requested(
+        &mut conn,
+        &WriteCtx::new("test"),
+        &[NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("w-{}", uuid::Uuid::new_v4().simple()),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        }],
+    )
+    .await
+    .unwrap()
+    .remove(0);
+    for to in path {
+        r = instance_transition(
+            &mut conn,
+            &WriteCtx::new("test"),
+            &Transition {
+                id: r.id,
+                from: r.state,
+                to: *to,
+                expected_version: r.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    r.id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_flagged() {
+    use InstanceState::*;
+    let db = TestDb::new().await;
+    let stack = provider_stack(instant(), &[]).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: "gpu".into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let provisioning = instance_in(&db, &[Provisioning]).await;
+    let draining = instance_in(&db, &[Provisioning, Booting, Ready, Draining]).await;
+    let stopping = instance_in(&db, &[Provisioning, Booting, Stopping]).await;
+    let deleting = instance_in(&db, &[Provisioning, Deleting]).await;
+    let fresh = instance_in(&db, &[Provisioning]).await;
+    let w = Watchdog {
+        db: db.pool.clone(),
+        provider: stack.client.clone(),
+        tuning: Tuning::try_parse_from([
+            "x",
+            "--recovery-provisioning-timeout-seconds",
+            "1",
+            "--recovery-draining-timeout-seconds",
+            "1",
+            "--recovery-stopping-timeout-seconds",
+            "1",
+            "--recovery-deleting-timeout-seconds",
+            "1",
+            "--stuck-max-retries",
+            "1",
+        ])
+        .unwrap()
+        .t,
+        owner: "w".into(),
+    };
+    let get = |id| {
+        let pool = db.pool.clone();
+        async move {
+            let mut c = pool.acquire().await.unwrap();
+            instance_get(&mut c, id).await.unwrap().unwrap()
+        }
+    };
+    assert_eq!(w.stuck_once().await.found, 0, "nothing is stuck yet");
+
+    // Past one timeout: each is retried once, nothing escalates.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A row that moved on in the meantime is not touched.
+    sqlx::query("UPDATE instances SET state_entered_at = now() WHERE id = $1")
+        .bind(fresh.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(w.stuck_once().await.found, 4);
+    assert_eq!(
+        w.stuck_once().await.found,
+        0,
+        "the next retry waits a timeout"
+    );
+    for id in [provisioning, draining, stopping, deleting] {
+        let r = get(id).await;
+        assert_eq!(r.stuck_recoveries, 1);
+        assert!(!r.needs_attention);
+        assert!(
+            r.lease_owner.is_none(),
+            "the owning loop may take it at once"
+        );
+    }
+
+    // Past two timeouts: the breaker opens and each state escalates.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sqlx::query("UPDATE instances SET state_entered_at = now() WHERE id = $1")
+        .bind(fresh.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(w.stuck_once().await.found, 4);
+    let p = get(provisioning).await;
+    assert_eq!(p.state, ProvisioningFailed);
+    assert_eq!(p.desired_state, DesiredState::Terminated, "cleanup follows");
+    assert_eq!(get(draining).await.state, Stopping);
+    assert!(
+        get(stopping).await.force_terminate,
+        "a stop that never settles is forced"
+    );
+    let d = get(deleting).await;
+    assert_eq!(d.state, Deleting, "a deletion is never given up");
+    for id in [provisioning, draining, stopping, deleting] {
+        assert!(get(id).await.needs_attention, "an operator is told");
+    }
+    assert_eq!(get(fresh).await.stuck_recoveries, 0);
+}
