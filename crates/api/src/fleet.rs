@@ -248,6 +248,11 @@ impl FleetService for FleetApi {
                 .price_per_hour_micros
                 .map(|p| validate::price("price_per_hour_micros", p))
                 .transpose()?,
+            health_check_url: req
+                .health_check_url
+                .as_deref()
+                .map(|u| validate::health_check_url("health_check_url", u))
+                .transpose()?,
         };
         let expected_version = match req.expected_version {
             0 => None,

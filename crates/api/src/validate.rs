@@ -210,7 +210,15 @@ pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
         draining_timeout_seconds: t.draining_seconds,
         price_per_hour_micros: price("pool.price_per_hour_micros", p.price_per_hour_micros)?,
         labels: labels("pool.labels", &p.labels)?,
+        health_check_url: health_check_url("pool.health_check_url", &p.health_check_url)?,
     })
+}
+
+/// A pool's health check URL template (see `flotilla_core::health`).
+pub fn health_check_url(field: &str, v: &str) -> Result<String, Status> {
+    flotilla_core::health::HealthUrl::parse(v)
+        .map(|t| t.as_str().to_owned())
+        .map_err(|e| invalid_field(field, e.to_string()))
 }
 
 #[cfg(test)]
@@ -285,7 +293,7 @@ mod tests {
         assert!(new_pool(Some(&good)).is_ok());
         assert_eq!(field_of(new_pool(None).expect_err("none")), "pool");
         type Spoil = fn(&mut v1::Pool);
-        let cases: [(&str, Spoil); 7] = [
+        let cases: [(&str, Spoil); 8] = [
             ("pool.name", |p| p.name = "Gpu".into()),
             ("pool.provider", |p| p.provider = "aws".into()),
             ("pool.instance_type", |p| p.instance_type.clear()),
@@ -297,6 +305,9 @@ mod tests {
                     booting_seconds: MAX_TIMEOUT_SECONDS + 1,
                     ..Default::default()
                 })
+            }),
+            ("pool.health_check_url", |p| {
+                p.health_check_url = "http://{private_ip}:8080/{token}".into()
             }),
         ];
         for (field, spoil) in cases {

@@ -28,6 +28,8 @@ pub struct BusConfig {
     pub dead_letter_max_age: Duration,
     pub max_deliver: i64,
     pub ack_wait: Duration,
+    /// Copies of each stream across a JetStream cluster.
+    pub replicas: usize,
 }
 
 impl Default for BusConfig {
@@ -38,6 +40,7 @@ impl Default for BusConfig {
             dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
             max_deliver: 8,
             ack_wait: Duration::from_secs(30),
+            replicas: 1,
         }
     }
 }
@@ -101,6 +104,7 @@ impl Bus {
             duplicate_window: Duration::from_secs(args.nats_duplicate_window_seconds),
             max_deliver: args.nats_max_deliver,
             ack_wait: Duration::from_secs(args.nats_ack_wait_seconds),
+            replicas: usize::from(args.nats_stream_replicas),
             ..BusConfig::default()
         };
         Ok(Bus::new(client, ns, config))
@@ -141,6 +145,7 @@ impl Bus {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: self.config.duplicate_window,
+                num_replicas: self.config.replicas,
                 ..Default::default()
             },
             stream::Config {
@@ -150,6 +155,7 @@ impl Bus {
                 storage: stream::StorageType::File,
                 duplicate_window: self.config.duplicate_window,
                 max_age: self.config.events_max_age,
+                num_replicas: self.config.replicas,
                 ..Default::default()
             },
             stream::Config {
@@ -159,6 +165,7 @@ impl Bus {
                 storage: stream::StorageType::File,
                 duplicate_window: self.config.duplicate_window,
                 max_age: self.config.dead_letter_max_age,
+                num_replicas: self.config.replicas,
                 ..Default::default()
             },
         ];

@@ -87,6 +87,11 @@ pub struct NatsArgs {
     /// Seconds a consumer may hold a message before it is redelivered.
     #[arg(long, env = "NATS_ACK_WAIT_SECONDS", default_value_t = 30)]
     pub nats_ack_wait_seconds: u64,
+    /// Copies JetStream keeps of each stream: 3 on a 3-node cluster, so
+    /// losing one node loses no command; 1 on a single server.
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_stream_replicas: u8,
 }
 
 /// Log line format.

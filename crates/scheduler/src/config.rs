@@ -77,6 +77,28 @@ pub struct SchedulerTuning {
     /// Machine restarts after a startup failure before the instance is terminated.
     #[arg(long, env = "STARTUP_MAX_RETRIES", default_value_t = 2)]
     pub startup_max_retries: i64,
+    /// Milliseconds between the first failed health check of a booting
+    /// instance and the next (doubles, jittered); pools without a health
+    /// check URL are never probed.
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL_MS", default_value_t = 1000)]
+    pub health_check_interval_ms: u64,
+    /// Longest wait in milliseconds between two health checks of one instance.
+    #[arg(long, env = "HEALTH_CHECK_MAX_INTERVAL_MS", default_value_t = 30_000)]
+    pub health_check_max_interval_ms: u64,
+    /// Milliseconds one health check may take before it counts as failed.
+    #[arg(long, env = "HEALTH_CHECK_TIMEOUT_MS", default_value_t = 2000)]
+    pub health_check_timeout_ms: u64,
+    /// Milliseconds a health check answer is reused instead of asking again.
+    #[arg(long, env = "HEALTH_CHECK_CACHE_MS", default_value_t = 1000)]
+    pub health_check_cache_ms: u64,
+    /// A worker that heartbeated within this many seconds is not probed:
+    /// its own reports drive its boot.
+    #[arg(
+        long,
+        env = "HEALTH_CHECK_HEARTBEAT_PRIORITY_SECONDS",
+        default_value_t = 15
+    )]
+    pub health_check_heartbeat_priority_seconds: u64,
 }
 
 impl SchedulerTuning {
@@ -93,6 +115,28 @@ impl SchedulerTuning {
             base: Duration::from_millis(self.provision_retry_base_ms.max(1)),
             max: Duration::from_millis(self.provision_retry_max_ms.max(1)),
         }
+    }
+
+    pub fn health_backoff(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(self.health_check_interval_ms.max(1)),
+            max: Duration::from_millis(
+                self.health_check_max_interval_ms
+                    .max(self.health_check_interval_ms.max(1)),
+            ),
+        }
+    }
+
+    pub fn health_check_timeout(&self) -> Duration {
+        Duration::from_millis(self.health_check_timeout_ms.max(1))
+    }
+
+    pub fn health_check_cache(&self) -> Duration {
+        Duration::from_millis(self.health_check_cache_ms)
+    }
+
+    pub fn heartbeat_priority(&self) -> Duration {
+        Duration::from_secs(self.health_check_heartbeat_priority_seconds)
     }
 
     pub fn boot_deadlines(&self) -> BootDeadlines {

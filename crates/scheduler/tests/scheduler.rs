@@ -659,3 +659,180 @@ async fn an_instance_stuck_in_installing_is_recovered_by_a_restart() {
         .unwrap();
     assert_eq!(machine.machine.state.to_string(), "started");
 }
+
+/// Points the pool's health checks at the simulated workers' endpoint.
+async fn enable_health_checks(env: &Env) {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    flotilla_store::pool::pool_update(
+        &mut conn,
+        "gpu",
+        &flotilla_store::pool::PoolUpdate {
+            health_check_url: Some(format!(
+                "{}/_sim/workers/{{machine_id}}/healthz",
+                env.stack.sim.url()
+            )),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+fn health_tuning() -> SchedulerTuning {
+    tuning(&[
+        "--health-check-interval-ms",
+        "50",
+        "--health-check-max-interval-ms",
+        "400",
+        "--health-check-cache-ms",
+        "0",
+        "--health-check-timeout-ms",
+        "1000",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_ready_once_its_health_check_answers_and_probes_back_off_until_then() {
+    let env = env(instant()).await;
+    enable_health_checks(&env).await;
+    let ids = request(&env, 3).await;
+    let s = scheduler(&env, "s1", None, health_tuning());
+    let checker = flotilla_scheduler::health::HealthChecker::new(
+        s.tuning.health_check_timeout(),
+        s.tuning.health_check_cache(),
+    );
+    provision_all(&s, &env).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let machine = |id: InstanceId| {
+        let env = &env;
+        async move {
+            let row = instance_get(&mut env.db.pool.acquire().await.unwrap(), id)
+                .await
+                .unwrap()
+                .unwrap();
+            (row.state, row.provider_machine_id.unwrap())
+        }
+    };
+    let (_, sick) = machine(ids[0]).await;
+    // The machine runs but the worker in it never comes up.
+    env.stack.sim.sim().set_worker_healthy(&sick, false);
+
+    // No worker reports anything: only the probes move the other two.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        s.health_once(&checker).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for &id in &ids[1..] {
+        assert_eq!(machine(id).await.0, InstanceState::Ready, "{id}");
+    }
+    assert_eq!(machine(ids[0]).await.0, InstanceState::Booting);
+    let probes = env.stack.sim.sim().worker_probes(&sick);
+    let health = flotilla_store::health::health_get(&mut conn, ids[0])
+        .await
+        .unwrap()
+        .expect("probe bookkeeping");
+    println!(
+        "unhealthy worker: {probes} probes in 1.5 s of 20 ms ticks, {} failures recorded",
+        health.failures
+    );
+    // ~75 ticks ran; with delays doubling from 50 ms to 400 ms a dozen
+    // probes at most are due.
+    assert!(
+        (3..=15).contains(&probes),
+        "probes back off: {probes} probes"
+    );
+    assert!(health.failures >= 3);
+    assert!(health.last_error.unwrap_or_default().contains("503"));
+
+    // The worker comes up: the next due probe sees it.
+    env.stack.sim.sim().set_worker_healthy(&sick, true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while machine(ids[0]).await.0 != InstanceState::Ready && Instant::now() < deadline {
+        s.health_once(&checker).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(machine(ids[0]).await.0, InstanceState::Ready);
+    assert!(
+        flotilla_store::health::health_get(&mut conn, ids[0])
+            .await
+            .unwrap()
+            .is_none(),
+        "bookkeeping is dropped once ready"
+    );
+    let reason: Option<String> = sqlx::query_scalar(
+        "SELECT reason FROM action_logs WHERE instance_id = $1 AND to_state = 'ready'",
+    )
+    .bind(ids[0].0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("active health check answered"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recent_heartbeat_takes_priority_over_an_active_check() {
+    let env = env(instant()).await;
+    enable_health_checks(&env).await;
+    let ids = request(&env, 1).await;
+    let s = scheduler(&env, "s1", None, health_tuning());
+    let checker = flotilla_scheduler::health::HealthChecker::new(
+        s.tuning.health_check_timeout(),
+        s.tuning.health_check_cache(),
+    );
+    provision_all(&s, &env).await;
+    // The worker is talking (and says it is still booting).
+    sqlx::query("UPDATE instances SET last_heartbeat = now() WHERE id = $1")
+        .bind(ids[0].0)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        s.health_once(&checker).await;
+    }
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let row = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    let machine = row.provider_machine_id.clone().unwrap();
+    assert_eq!(env.stack.sim.sim().worker_probes(&machine), 0);
+    assert_eq!(row.state, InstanceState::Booting);
+
+    // It falls silent: probes take over.
+    sqlx::query("UPDATE instances SET last_heartbeat = now() - interval '1 hour' WHERE id = $1")
+        .bind(ids[0].0)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    s.health_once(&checker).await;
+    assert_eq!(env.stack.sim.sim().worker_probes(&machine), 1);
+    let row = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    assert_eq!(row.state, InstanceState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_without_a_health_check_url_are_never_probed() {
+    let env = env(instant()).await;
+    let ids = request(&env, 2).await;
+    let s = scheduler(&env, "s1", None, health_tuning());
+    let checker = flotilla_scheduler::health::HealthChecker::new(
+        s.tuning.health_check_timeout(),
+        s.tuning.health_check_cache(),
+    );
+    provision_all(&s, &env).await;
+    for _ in 0..3 {
+        let status = s.health_once(&checker).await;
+        assert_eq!(status.found, 0);
+    }
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    for id in ids {
+        let row = instance_get(&mut conn, id).await.unwrap().unwrap();
+        assert_eq!(row.state, InstanceState::Booting);
+        assert_eq!(
+            env.stack
+                .sim
+                .sim()
+                .worker_probes(&row.provider_machine_id.unwrap()),
+            0
+        );
+    }
+}

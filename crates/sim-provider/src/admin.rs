@@ -4,12 +4,13 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::cloud::Sim;
+use crate::cloud::{Sim, WorkerProbe};
 use crate::error::ApiError;
 use crate::faults::Faults;
 
@@ -19,6 +20,8 @@ pub(crate) fn routes() -> Router<Sim> {
         .route("/_sim/machines", get(machines))
         .route("/_sim/volumes", get(volumes))
         .route("/_sim/machines/{id}/kill", post(kill))
+        .route("/_sim/machines/{id}/health", put(set_health))
+        .route("/_sim/workers/{id}/healthz", get(worker_healthz))
         .route("/_sim/stats", get(stats))
         .route("/_sim/reset", post(reset))
 }
@@ -46,6 +49,33 @@ async fn volumes(State(sim): State<Sim>) -> Response {
 async fn kill(State(sim): State<Sim>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let killed = sim.kill(&id).ok_or(ApiError::machine_not_found())?;
     Ok(Json(killed).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct HealthBody {
+    healthy: bool,
+}
+
+/// Makes a machine's worker answer its health endpoint as healthy or not.
+async fn set_health(
+    State(sim): State<Sim>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: HealthBody = serde_json::from_slice(&body).map_err(|err| ApiError::bad_json(&err))?;
+    sim.machine(&id).ok_or(ApiError::machine_not_found())?;
+    sim.set_worker_healthy(&id, b.healthy);
+    Ok(Json(json!({ "ok": true })).into_response())
+}
+
+/// The health endpoint of the worker a machine runs, as a pool's health
+/// check URL would reach it on a real machine.
+async fn worker_healthz(State(sim): State<Sim>, Path(id): Path<String>) -> Response {
+    match sim.probe_worker(&id) {
+        WorkerProbe::Up => (StatusCode::OK, "ok").into_response(),
+        WorkerProbe::Down => (StatusCode::SERVICE_UNAVAILABLE, "not up").into_response(),
+        WorkerProbe::Unknown => (StatusCode::NOT_FOUND, "no such machine").into_response(),
+    }
 }
 
 async fn stats(State(sim): State<Sim>) -> Response {

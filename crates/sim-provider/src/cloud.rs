@@ -106,6 +106,27 @@ struct Inner {
     world: Mutex<World>,
     faults: RwLock<Arc<Faults>>,
     stats: Mutex<Stats>,
+    workers: Mutex<HashMap<String, WorkerHealth>>,
+}
+
+/// What the simulated worker process on a machine answers to a health probe.
+#[derive(Debug, Clone, Copy, Default)]
+struct WorkerHealth {
+    /// The machine runs but its worker does not come up (a container that
+    /// fails to start inside a started machine).
+    unhealthy: bool,
+    probes: u64,
+}
+
+/// The answer of a simulated worker's health endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerProbe {
+    /// Started and healthy: 200.
+    Up,
+    /// Known but not serving (not started, or marked unhealthy): 503.
+    Down,
+    /// No such machine: 404.
+    Unknown,
 }
 
 #[derive(Default)]
@@ -321,6 +342,7 @@ impl Sim {
                 world: Mutex::new(World::default()),
                 faults: RwLock::new(Arc::new(config.faults)),
                 stats: Mutex::new(Stats::default()),
+                workers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -402,10 +424,45 @@ impl Sim {
             .clone()
     }
 
+    /// Makes the worker on machine `id` answer health probes as healthy or
+    /// not (machines are healthy once started unless told otherwise).
+    pub fn set_worker_healthy(&self, id: &str, healthy: bool) {
+        self.workers().entry(id.to_owned()).or_default().unhealthy = !healthy;
+    }
+
+    /// Health probes the worker on machine `id` has answered.
+    pub fn worker_probes(&self, id: &str) -> u64 {
+        self.workers().get(id).map_or(0, |w| w.probes)
+    }
+
+    /// A health probe of the worker on machine `id`, counted.
+    pub fn probe_worker(&self, id: &str) -> WorkerProbe {
+        let started = match self.machine(id) {
+            None => return WorkerProbe::Unknown,
+            Some(m) => m.machine.state == crate::model::MachineState::Started,
+        };
+        let mut workers = self.workers();
+        let w = workers.entry(id.to_owned()).or_default();
+        w.probes += 1;
+        if started && !w.unhealthy {
+            WorkerProbe::Up
+        } else {
+            WorkerProbe::Down
+        }
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkerHealth>> {
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Forgets every machine, volume and counter; the faults stay as set.
     /// Pending `wait` calls end with 404.
     pub fn reset(&self) {
         *self.world() = World::default();
+        self.workers().clear();
         *self
             .inner
             .stats

@@ -31,7 +31,7 @@ mod server;
 pub mod stats;
 
 pub use cli::SimArgs;
-pub use cloud::{MachineTruth, Sim, SimConfig, VolumeTruth};
+pub use cloud::{MachineTruth, Sim, SimConfig, VolumeTruth, WorkerProbe};
 pub use error::ApiError;
 pub use faults::{ErrorRates, Faults, InvalidFaults, Operation};
 pub use model::{Machine, MachineState, Volume, VolumeState};

@@ -16,7 +16,7 @@ macro_rules! pool_columns {
         "name, provider, instance_type, region, image, desired_capacity, \
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
-    created_at, updated_at"
+    created_at, updated_at, health_check_url"
     };
 }
 
@@ -38,6 +38,9 @@ pub struct PoolRow {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Where workers answer an active health check ('' for none); see
+    /// [`crate::health`].
+    pub health_check_url: String,
 }
 
 impl PoolRow {
@@ -61,6 +64,7 @@ impl PoolRow {
             price_per_hour_micros: self.price_per_hour_micros.max(0) as u64,
             version: self.version as u64,
             created_at: Some(to_timestamp(self.created_at)),
+            health_check_url: self.health_check_url.clone(),
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct NewPool {
     pub draining_timeout_seconds: Option<i32>,
     pub price_per_hour_micros: i64,
     pub labels: BTreeMap<String, String>,
+    pub health_check_url: String,
 }
 
 /// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
@@ -89,8 +94,9 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     Ok(sqlx::query_as(concat!(
         "INSERT INTO pools (name, provider, instance_type, region, image, desired_capacity,
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
-             starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
+             health_check_url)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          RETURNING ",
         pool_columns!()
     ))
@@ -107,6 +113,7 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(p.draining_timeout_seconds)
     .bind(p.price_per_hour_micros)
     .bind(Json(&p.labels))
+    .bind(&p.health_check_url)
     .fetch_one(conn)
     .await?)
 }
@@ -178,6 +185,8 @@ pub struct PoolUpdate {
     /// Replaces all four deadlines at once, as the API's `PoolTimeouts` message does.
     pub timeouts: Option<PoolTimeoutsUpdate>,
     pub price_per_hour_micros: Option<i64>,
+    /// '' turns active health checks off.
+    pub health_check_url: Option<String>,
 }
 
 /// The pool after an update, and its desired capacity before it, so the
@@ -213,6 +222,7 @@ pub async fn pool_update(
              starting_timeout_seconds = CASE WHEN $3::bool THEN $6::int ELSE starting_timeout_seconds END,
              draining_timeout_seconds = CASE WHEN $3::bool THEN $7::int ELSE draining_timeout_seconds END,
              price_per_hour_micros = COALESCE($8::bigint, price_per_hour_micros),
+             health_check_url = COALESCE($10::text, health_check_url),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -228,6 +238,7 @@ pub async fn pool_update(
     .bind(t.draining_seconds)
     .bind(u.price_per_hour_micros)
     .bind(expected_version)
+    .bind(u.health_check_url.as_deref())
     .fetch_optional(&mut *conn)
     .await?;
     match row {

@@ -73,6 +73,7 @@ async fn migrated_schema_has_every_table_and_refuses_unknown_states() {
         [
             "action_logs",
             "idempotency_records",
+            "instance_health",
             "instance_volumes",
             "instances",
             "outbox",
