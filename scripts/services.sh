@@ -2,7 +2,8 @@
 # Makes sure PostgreSQL (127.0.0.1:5432, trust auth for local tests) and
 # nats-server with JetStream (127.0.0.1:4222) are installed and running.
 # Uses servers that are already up; installs the Debian packages
-# `postgresql` and `nats-server` when missing. Safe to run repeatedly.
+# `postgresql` and `nats-server` when missing, and `prometheus` for the
+# `promtool` the metrics test uses. Safe to run repeatedly.
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -80,5 +81,10 @@ ensure_nats() {
 }
 
 command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+# promtool (Debian ships it in `prometheus`) lints what /metrics serves.
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (package prometheus)"
+  apt_install --no-install-recommends prometheus
+fi
 ensure_postgres
 ensure_nats

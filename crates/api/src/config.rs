@@ -39,6 +39,18 @@ pub struct ApiArgs {
     /// Milliseconds between worker heartbeats, told to every agent.
     #[arg(long, env = "WORKER_HEARTBEAT_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(100..))]
     pub worker_heartbeat_interval_ms: u32,
+    /// Apply the database migrations and exit without serving: the
+    /// migration step of a deployment (a Kubernetes Job, a compose service).
+    /// Needs only the database settings.
+    #[arg(
+        long,
+        env = "MIGRATE_ONLY",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub migrate_only: bool,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -89,6 +101,7 @@ mod tests {
         let args = ApiArgs::try_parse_from(["api"]).expect("defaults parse");
         assert_eq!(args.listen, "127.0.0.1:50051");
         assert!(args.api_tokens.is_empty());
+        assert!(!args.migrate_only);
         let limits = args.limits();
         assert_eq!(limits.max_provision_count, 1000);
         assert_eq!(limits.idempotency_ttl, Duration::from_secs(86_400));
@@ -101,6 +114,14 @@ mod tests {
         let args = ApiArgs::try_parse_from(["api", "--api-tokens", &list]).expect("parse");
         let names: Vec<_> = args.api_tokens.iter().map(|t| t.name()).collect();
         assert_eq!(names, ["ci", "ops"]);
+    }
+
+    #[test]
+    fn migrate_only_is_a_bare_flag_or_a_boolean() {
+        let bare = ApiArgs::try_parse_from(["api", "--migrate-only"]).expect("parse");
+        assert!(bare.migrate_only);
+        let off = ApiArgs::try_parse_from(["api", "--migrate-only", "false"]).expect("parse");
+        assert!(!off.migrate_only);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .trace_fn(server_span)
         .timeout(CALL_TIMEOUT)
+        .layer(flotilla_telemetry::grpc_metrics::GrpcMetricsLayer::new(
+            "api",
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(fleet)
@@ -94,8 +97,16 @@ pub async fn serve(
 
 /// Runs the service as the binary does (telemetry already initialised):
 /// store and bus, the outbox relay, metrics, then the gRPC server until
-/// `shutdown` plus the grace period.
+/// `shutdown` plus the grace period. With `--migrate-only` it migrates the
+/// database and returns, without NATS, API tokens or any listener.
 pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.migrate_only {
+        let pool = flotilla_store::connect(&args.database).await?;
+        flotilla_store::migrate(&pool).await?;
+        pool.close().await;
+        tracing::info!("database migrated; exiting (--migrate-only)");
+        return Ok(());
+    }
     anyhow::ensure!(
         !args.api_tokens.is_empty(),
         "API_TOKENS is empty, so every FleetService call would be refused: \
@@ -152,5 +163,36 @@ mod config_doc {
             &crate::ApiArgs::command(),
             &flotilla_core::config::shared_command(),
         );
+    }
+}
+
+#[cfg(test)]
+mod migrate_only {
+    use clap::Parser;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn migrate_only_migrates_and_returns_without_nats_or_tokens() {
+        let db = flotilla_test_utils::TestDb::new().await;
+        let args = ApiArgs::try_parse_from([
+            "api",
+            "--migrate-only",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ])
+        .expect("parse");
+        let ran =
+            tokio::time::timeout(Duration::from_secs(30), run(args, CancellationToken::new()))
+                .await
+                .expect("returns without serving");
+        ran.expect("migrates an already migrated database again");
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+            .fetch_one(&db.pool)
+            .await
+            .expect("migrations table");
+        assert!(applied > 0);
     }
 }

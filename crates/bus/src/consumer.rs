@@ -342,11 +342,31 @@ pub async fn wake_on(
     wake: std::sync::Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
+    wake_on_with(bus, durable, subject, wake, shutdown, |_| {}).await
+}
+
+/// [`wake_on`], calling `observe` with each message first, inside the
+/// message's `bus.consume` span (which continues the sender's trace). The
+/// scheduler and terminator use it to remember where each instance's work
+/// came from ([`flotilla_telemetry::origin`]), so the loop that picks the
+/// instance up continues the same trace with the same correlation id.
+pub async fn wake_on_with<O>(
+    bus: Bus,
+    durable: &str,
+    subject: &str,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+    observe: O,
+) where
+    O: Fn(&Delivery) + Clone,
+{
     match bus.consumer(ConsumerSpec::new(durable, subject)).await {
         Ok(consumer) => {
-            let handler = |_d| {
+            let handler = |d: Delivery| {
                 let wake = wake.clone();
+                let observe = observe.clone();
                 async move {
+                    observe(&d);
                     wake.notify_one();
                     Outcome::Ack
                 }

@@ -101,6 +101,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .trace_fn(server_span)
         .timeout(Duration::from_secs(120))
+        .layer(flotilla_telemetry::grpc_metrics::GrpcMetricsLayer::new(
+            "provider-adapter",
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)

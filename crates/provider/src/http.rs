@@ -101,9 +101,39 @@ pub async fn send_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ProviderError::Unavailable(format!("unexpected answer from provider: {e}")))
 }
 
-/// Sends a request; a non-2xx answer becomes its classified error.
+/// Sends a request; a non-2xx answer becomes its classified error. The
+/// call is a client span carrying the current trace context to the
+/// provider (`traceparent`), the last hop of a command's trace.
 pub async fn send(req: reqwest::RequestBuilder) -> Result<bytes::Bytes, ProviderError> {
-    let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+    use tracing::Instrument;
+    let (client, built) = req.build_split();
+    let mut request = built.map_err(|e| classify_transport(&e))?;
+    let span = tracing::info_span!(
+        "provider.http",
+        otel.name = %format!("HTTP {}", request.method()),
+        otel.kind = "client",
+        http.request.method = %request.method(),
+        server.address = request.url().host_str().unwrap_or_default(),
+        url.path = request.url().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let call = async move {
+        for (k, v) in flotilla_telemetry::propagation::current_trace_headers() {
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                reqwest::header::HeaderValue::from_str(&v),
+            ) {
+                request.headers_mut().insert(name, value);
+            }
+        }
+        let resp = client
+            .execute(request)
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        tracing::Span::current().record("http.response.status_code", resp.status().as_u16());
+        Ok::<_, ProviderError>(resp)
+    };
+    let resp = call.instrument(span).await?;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.bytes().await.map_err(|e| classify_transport(&e))?;

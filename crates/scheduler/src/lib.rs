@@ -11,6 +11,7 @@
 pub mod boot;
 pub mod capacity;
 pub mod config;
+pub mod health;
 pub mod provision;
 
 use std::sync::Arc;
@@ -26,6 +27,9 @@ use tonic::transport::Channel;
 
 pub use config::{SchedulerArgs, SchedulerTuning};
 pub use provision::{CrashPoint, Stepped};
+
+/// Grace period of [`Scheduler::run`]; the binary takes `SHUTDOWN_GRACE_SECONDS`.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// One scheduler replica.
 #[derive(Clone)]
@@ -52,6 +56,19 @@ impl Scheduler {
     /// Runs every loop of this replica until `shutdown`, then gives back
     /// the leases it still holds.
     pub async fn run(self, bus: Option<Bus>, shutdown: CancellationToken) {
+        self.run_with_grace(bus, shutdown, DEFAULT_GRACE).await
+    }
+
+    /// [`Scheduler::run`], letting in-flight steps finish for at most
+    /// `grace` after `shutdown` before they are abandoned. An abandoned
+    /// step is safe to resume: its intent is committed, and a machine it
+    /// may have created is adopted by its tag on the next attempt.
+    pub async fn run_with_grace(
+        self,
+        bus: Option<Bus>,
+        shutdown: CancellationToken,
+        grace: std::time::Duration,
+    ) {
         let wake = Arc::new(Notify::new());
         let tick = self.tuning.tick();
         let mut tasks = tokio::task::JoinSet::new();
@@ -75,6 +92,27 @@ impl Scheduler {
         {
             let s = self.clone();
             let sd = shutdown.clone();
+            let checker = Arc::new(health::HealthChecker::new(
+                self.tuning.health_check_timeout(),
+                self.tuning.health_check_cache(),
+            ));
+            tasks.spawn(async move {
+                drive(
+                    "scheduler_health",
+                    tick,
+                    Arc::new(Notify::new()),
+                    sd,
+                    || {
+                        let (s, c) = (s.clone(), checker.clone());
+                        async move { s.health_once(&c).await }
+                    },
+                )
+                .await
+            });
+        }
+        {
+            let s = self.clone();
+            let sd = shutdown.clone();
             tasks.spawn(async move {
                 drive(
                     "scheduler_capacity",
@@ -88,21 +126,35 @@ impl Scheduler {
         }
         if let Some(bus) = bus {
             // The command only says "look now": it wakes the loop early.
-            tasks.spawn(flotilla_bus::consumer::wake_on(
+            // It also remembers each instance's trace and correlation id,
+            // so the loop's work on it continues the caller's trace.
+            tasks.spawn(flotilla_bus::consumer::wake_on_with(
                 bus,
                 "scheduler",
                 flotilla_bus::subjects::PROVISION,
                 wake.clone(),
                 shutdown.clone(),
+                remember_origins,
             ));
         }
-        while tasks.join_next().await.is_some() {}
+        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
         if let Ok(mut conn) = self.db.acquire().await {
             match flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await {
                 Ok(n) if n > 0 => tracing::info!(released = n, "leases released on shutdown"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not release leases; they will expire"),
             }
+        }
+    }
+}
+
+/// Remembers the origin of every instance a `CMD.provision` names.
+fn remember_origins(d: &flotilla_bus::Delivery) {
+    use prost::Message;
+    if let Ok(cmd) = flotilla_proto::v1::ProvisionCommand::decode(d.payload.clone()) {
+        let origin = flotilla_telemetry::origin::Origin::current(&d.headers);
+        for id in cmd.instance_ids {
+            flotilla_telemetry::origin::remember(id, origin.clone());
         }
     }
 }
@@ -132,7 +184,11 @@ pub async fn run(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Re
     let relay = OutboxRelay::new(db, bus.clone());
     let relay_shutdown = shutdown.clone();
     let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    scheduler.run(Some(bus), shutdown).await;
-    let _ = relay_task.await;
+    let grace = args.shutdown.grace();
+    scheduler.run_with_grace(Some(bus), shutdown, grace).await;
+    // Unsent rows stay in the outbox for the next relay.
+    if tokio::time::timeout(grace, relay_task).await.is_err() {
+        tracing::warn!("outbox relay did not stop within the grace period");
+    }
     Ok(())
 }

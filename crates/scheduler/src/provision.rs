@@ -92,8 +92,12 @@ impl Scheduler {
         }
     }
 
+    /// The write context of the current step: the correlation id of the
+    /// command that asked for this instance when this process received it.
     fn ctx(&self) -> WriteCtx {
-        WriteCtx::new("scheduler").with_trace_headers(current_trace_headers())
+        WriteCtx::new("scheduler")
+            .with_correlation(flotilla_telemetry::origin::correlation().unwrap_or_default())
+            .with_trace_headers(current_trace_headers())
     }
 
     /// One activation: claims due `requested`/`provisioning` instances and
@@ -128,7 +132,15 @@ impl Scheduler {
                 async move {
                     let id = row.id.to_string();
                     let result = match pools.get(&row.pool) {
-                        Some(pool) => self.provision_instance(row, pool).await,
+                        // Continues the trace of the Provision call, when known.
+                        Some(pool) => {
+                            flotilla_telemetry::origin::within(
+                                "scheduler.provision_instance",
+                                &id,
+                                self.provision_instance(row, pool),
+                            )
+                            .await
+                        }
                         None => Ok(Stepped::Retrying(
                             ErrorClass::Permanent,
                             format!("pool {} not found", row.pool),

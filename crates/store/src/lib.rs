@@ -9,8 +9,10 @@
 pub mod action_log;
 pub mod error;
 pub mod fleet;
+pub mod health;
 pub mod idempotency;
 pub mod instance;
+pub mod metrics;
 pub mod outbox;
 pub mod pool;
 pub mod volume;

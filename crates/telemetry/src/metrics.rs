@@ -32,9 +32,229 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be set (a test harness); then
             // this handle renders an empty registry, which is harmless.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// Every metric Flotilla records, by kind, with its `# HELP` text.
+/// Prometheus tooling (`promtool check metrics`) wants help on each; a test
+/// checks that every name recorded anywhere in the workspace is listed.
+pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
+    // Loops (every reconcile loop, through `loops::record`).
+    (
+        Kind::Counter,
+        "flotilla_loop_runs_total",
+        "Activations of a reconcile loop, by loop and wake-up reason.",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_loop_duration_seconds",
+        "Duration of one loop activation (tick), by loop.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_loop_items_total",
+        "Items a loop handled, by loop and outcome (found, acted, already_done).",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_loop_errors_total",
+        "Items a loop failed on, by loop and error class.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_loop_backlog",
+        "Items waiting for a loop (due work), by loop; sampled by the loop itself or, for the instance loops, by the watchdog.",
+    ),
+    // gRPC servers.
+    (
+        Kind::Counter,
+        "flotilla_grpc_server_requests_total",
+        "gRPC calls served, by service, method and status code.",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_grpc_server_request_duration_seconds",
+        "Time to answer a gRPC call (until response headers), by service and method.",
+    ),
+    // Bus and outbox.
+    (
+        Kind::Counter,
+        "flotilla_bus_published_total",
+        "Messages published to JetStream, by stream and whether the server already had them.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_bus_consumed_total",
+        "Messages handled by a durable consumer, by consumer and outcome.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_bus_dead_letters_total",
+        "Messages moved to the dead-letter stream, by consumer.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_outbox_relayed_total",
+        "Outbox rows published and marked sent.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_outbox_publish_failures_total",
+        "Outbox rows whose publish failed (retried later).",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_outbox_relay_duration_seconds",
+        "Duration of one outbox relay batch.",
+    ),
+    // Provider layer.
+    (
+        Kind::Counter,
+        "flotilla_provider_calls_total",
+        "Provider API calls, by provider, operation and outcome (ok or error class).",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_provider_call_duration_seconds",
+        "Duration of one provider API call, by provider and operation.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_provider_breaker_state",
+        "Circuit breaker per provider scope: 0 closed, 1 half-open, 2 open.",
+    ),
+    // Fleet state (sampled by the watchdog).
+    (
+        Kind::Gauge,
+        "flotilla_instances",
+        "Instances not yet terminated, by pool and state.",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_heartbeat_age_seconds",
+        "Age of the last sign of life of each ready instance, sampled every watchdog tick.",
+    ),
+    // api.
+    (
+        Kind::Counter,
+        "flotilla_api_instances_requested_total",
+        "Instances accepted by Provision.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_api_heartbeats_total",
+        "Worker heartbeats ingested.",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_api_heartbeat_batch_size",
+        "Heartbeats written per database batch.",
+    ),
+    // scheduler.
+    (
+        Kind::Counter,
+        "flotilla_scheduler_machines_created_total",
+        "Machines created at a provider by the scheduler.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_scheduler_machines_started_total",
+        "Machines started and moved to booting.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_scheduler_health_checks_total",
+        "Worker health probes made by the scheduler, by outcome (up, down).",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_scheduler_retries_total",
+        "Provisioning steps that failed and will be retried, by error class.",
+    ),
+    // terminator.
+    (
+        Kind::Counter,
+        "flotilla_terminator_terminated_total",
+        "Instances the terminator brought to terminated.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_terminator_attempts_total",
+        "Termination steps attempted, by step and outcome.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_terminator_volume_delete_failures_total",
+        "Volume deletions that failed (retried later).",
+    ),
+    // watchdog.
+    (
+        Kind::Counter,
+        "flotilla_watchdog_declared_total",
+        "Instances the watchdog declared gone, by the state it moved them to.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_watchdog_stuck_total",
+        "Instances found stuck in a state past its deadline, by state.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_watchdog_volume_delete_failures_total",
+        "Orphan volume deletions that failed.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_orphan_machines",
+        "Machines at the provider that no live instance owns, at the last scan.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_orphan_volumes",
+        "Volumes at the provider that no live instance owns, at the last scan.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_orphan_cost_per_hour",
+        "Estimated cost per hour of the orphan machines of the last scan, from pool prices (currency units).",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_storm_hold",
+        "1 while remediation of a pool is held because too much of it went silent at once.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_suspect_share",
+        "Share of a pool's ready instances currently suspected silent.",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_watchdog_detection_seconds",
+        "Time from a worker's last heartbeat to the watchdog declaring it dead.",
+    ),
+];
+
+/// A metric's kind, for [`DESCRIPTIONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Registers the `# HELP` text of every metric with the global recorder.
+pub fn describe() {
+    for (kind, name, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
 }
 
 /// Serves `GET /metrics` on `addr` (port 0 picks one) until `shutdown`.

@@ -105,3 +105,71 @@ fn trace_context_survives_a_header_round_trip() {
     });
     drop(provider);
 }
+
+/// Every `metrics::counter!/gauge!/histogram!("flotilla_…")` in the
+/// workspace, with its kind.
+fn recorded_metric_names() -> Vec<(metrics::Kind, String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.join("crates"), root.join("tests")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        for (macro_name, kind) in [
+            ("metrics::counter!(", metrics::Kind::Counter),
+            ("metrics::gauge!(", metrics::Kind::Gauge),
+            ("metrics::histogram!(", metrics::Kind::Histogram),
+        ] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = text[at + macro_name.len()..].trim_start();
+                if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                    && name.starts_with("flotilla_")
+                {
+                    found.push((kind, name.to_owned(), f.display().to_string()));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_metric_recorded_in_the_workspace_has_help_text_of_its_kind() {
+    let found = recorded_metric_names();
+    assert!(
+        found
+            .iter()
+            .any(|(_, n, _)| n == "flotilla_loop_runs_total"),
+        "the scan finds the loop metrics"
+    );
+    let mut problems = Vec::new();
+    for (kind, name, file) in found {
+        match metrics::DESCRIPTIONS.iter().find(|(_, n, _)| *n == name) {
+            None => problems.push(format!("{name} (in {file}) has no entry")),
+            Some(d) if d.0 != kind => {
+                problems.push(format!("{name} (in {file}) is described as a {:?}", d.0))
+            }
+            Some(_) => {}
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "add these to flotilla_telemetry::metrics::DESCRIPTIONS:\n{}",
+        problems.join("\n")
+    );
+}

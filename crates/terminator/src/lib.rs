@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 pub use config::{TerminatorArgs, TerminatorTuning};
 pub use terminate::Outcome;
 
+/// Grace period of [`Terminator::run`]; the binary takes `SHUTDOWN_GRACE_SECONDS`.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// One terminator replica.
 #[derive(Clone)]
 pub struct Terminator {
@@ -44,6 +47,19 @@ impl Terminator {
     /// Runs the loop (and, with a bus, the `CMD.terminate` wake-up) until
     /// `shutdown`, then gives back the leases it still holds.
     pub async fn run(self, bus: Option<Bus>, shutdown: CancellationToken) {
+        self.run_with_grace(bus, shutdown, DEFAULT_GRACE).await
+    }
+
+    /// [`Terminator::run`], letting in-flight steps finish for at most
+    /// `grace` after `shutdown` before they are abandoned (each step only
+    /// moves a row after the provider confirmed it, so the next replica
+    /// resumes from what is recorded).
+    pub async fn run_with_grace(
+        self,
+        bus: Option<Bus>,
+        shutdown: CancellationToken,
+        grace: std::time::Duration,
+    ) {
         let wake = Arc::new(Notify::new());
         let mut tasks = tokio::task::JoinSet::new();
         {
@@ -56,17 +72,31 @@ impl Terminator {
         }
         if let Some(bus) = bus {
             // The command only says "look now": it wakes the loop early.
-            tasks.spawn(flotilla_bus::consumer::wake_on(
+            // It also remembers each instance's trace and correlation id,
+            // so the loop's work on it continues the caller's trace.
+            tasks.spawn(flotilla_bus::consumer::wake_on_with(
                 bus,
                 "terminator",
                 flotilla_bus::subjects::TERMINATE,
                 wake.clone(),
                 shutdown.clone(),
+                remember_origins,
             ));
         }
-        while tasks.join_next().await.is_some() {}
+        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
         if let Ok(mut conn) = self.db.acquire().await {
             let _ = flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await;
+        }
+    }
+}
+
+/// Remembers the origin of every instance a `CMD.terminate` names.
+fn remember_origins(d: &flotilla_bus::Delivery) {
+    use prost::Message;
+    if let Ok(cmd) = flotilla_proto::v1::TerminateCommand::decode(d.payload.clone()) {
+        let origin = flotilla_telemetry::origin::Origin::current(&d.headers);
+        for id in cmd.instance_ids {
+            flotilla_telemetry::origin::remember(id, origin.clone());
         }
     }
 }
@@ -92,7 +122,11 @@ pub async fn run(args: TerminatorArgs, shutdown: CancellationToken) -> anyhow::R
     let relay = OutboxRelay::new(db, bus.clone());
     let relay_shutdown = shutdown.clone();
     let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    terminator.run(Some(bus), shutdown).await;
-    let _ = relay_task.await;
+    let grace = args.shutdown.grace();
+    terminator.run_with_grace(Some(bus), shutdown, grace).await;
+    // Unsent rows stay in the outbox for the next relay.
+    if tokio::time::timeout(grace, relay_task).await.is_err() {
+        tracing::warn!("outbox relay did not stop within the grace period");
+    }
     Ok(())
 }

@@ -74,8 +74,12 @@ enum Next {
 }
 
 impl Terminator {
+    /// The write context of the current step: the correlation id of the
+    /// command that asked for this termination when this process received it.
     fn ctx(&self) -> WriteCtx {
-        WriteCtx::new("terminator").with_trace_headers(current_trace_headers())
+        WriteCtx::new("terminator")
+            .with_correlation(flotilla_telemetry::origin::correlation().unwrap_or_default())
+            .with_trace_headers(current_trace_headers())
     }
 
     #[tracing::instrument(skip_all, name = "terminator.terminate")]
@@ -116,7 +120,15 @@ impl Terminator {
                 async move {
                     let id = row.id.to_string();
                     let r = match pool {
-                        Some(pool) => self.take_down(row, &pool).await,
+                        // Continues the trace of the Terminate call, when known.
+                        Some(pool) => {
+                            flotilla_telemetry::origin::within(
+                                "terminator.take_down",
+                                &id,
+                                self.take_down(row, &pool),
+                            )
+                            .await
+                        }
                         None => Err(StoreError::NotFound(format!("pool {}", row.pool))),
                     };
                     (id, r)

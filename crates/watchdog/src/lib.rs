@@ -12,18 +12,27 @@ pub mod dead;
 pub mod orphans;
 pub mod stuck;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_core::Classify;
 use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_store::PgPool;
+use flotilla_store::metrics::{
+    metrics_instances_by_pool_state, metrics_loop_backlogs, metrics_price_by_instance_type,
+    metrics_ready_heartbeat_ages,
+};
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::loops::{drive, replica_name};
+use flotilla_telemetry::loops::{ActivationStatus, drive, replica_name};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 pub use config::{WatchdogArgs, WatchdogTuning};
 pub use orphans::OrphanReport;
+
+/// Grace period of [`Watchdog::run`]; the binary takes `SHUTDOWN_GRACE_SECONDS`.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// One watchdog replica.
 #[derive(Clone)]
@@ -45,6 +54,13 @@ impl std::fmt::Debug for Watchdog {
 impl Watchdog {
     /// Runs the dead-worker and orphan loops until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.run_with_grace(shutdown, DEFAULT_GRACE).await
+    }
+
+    /// [`Watchdog::run`], letting in-flight activations finish for at most
+    /// `grace` after `shutdown` before they are abandoned, then giving back
+    /// the leases this replica still holds.
+    pub async fn run_with_grace(self, shutdown: CancellationToken, grace: std::time::Duration) {
         let mut tasks = tokio::task::JoinSet::new();
         {
             let s = self.clone();
@@ -82,15 +98,120 @@ impl Watchdog {
                     every,
                     Arc::new(Notify::new()),
                     sd,
-                    || async { s.orphans_once().await.0 },
+                    || async {
+                        let (status, report) = s.orphans_once().await;
+                        s.record_orphan_cost(&report).await;
+                        status
+                    },
                 )
                 .await
             });
         }
-        while tasks.join_next().await.is_some() {}
+        {
+            let s = self.clone();
+            let sd = shutdown.clone();
+            let tick = self.tuning.tick();
+            let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
+            tasks.spawn(async move {
+                drive(
+                    "watchdog_fleet_metrics",
+                    tick,
+                    Arc::new(Notify::new()),
+                    sd,
+                    || s.fleet_metrics_once(&seen),
+                )
+                .await
+            });
+        }
+        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
         if let Ok(mut conn) = self.db.acquire().await {
             let _ = flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await;
         }
+    }
+}
+
+impl Watchdog {
+    /// Samples the fleet gauges: `flotilla_instances{pool,state}` (one
+    /// GROUP BY), the backlog of the instance loops of the other services
+    /// (`flotilla_loop_backlog{loop}`: they share this database, so one
+    /// sampler serves all of them) and `flotilla_heartbeat_age_seconds` of
+    /// ready instances.
+    /// Every replica samples; the values are the same database's, so
+    /// dashboards take `max` across replicas. `seen` holds the label pairs
+    /// reported before, so a pair that emptied drops to 0 instead of
+    /// keeping its last count.
+    #[tracing::instrument(skip_all, name = "watchdog.fleet_metrics")]
+    pub async fn fleet_metrics_once(
+        &self,
+        seen: &std::sync::Mutex<HashSet<(String, String)>>,
+    ) -> ActivationStatus {
+        let mut status = ActivationStatus::default();
+        let mut conn = match self.db.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = flotilla_store::StoreError::from(e);
+                status.error(e.class(), "fleet", e);
+                return status;
+            }
+        };
+        match metrics_instances_by_pool_state(&mut conn).await {
+            Ok(rows) => {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let now: HashSet<(String, String)> = rows
+                    .iter()
+                    .map(|(p, s, _)| (p.clone(), s.clone()))
+                    .collect();
+                for (pool, state) in seen.difference(&now) {
+                    metrics::gauge!("flotilla_instances", "pool" => pool.clone(), "state" => state.clone())
+                        .set(0.0);
+                }
+                for (pool, state, n) in rows {
+                    status.found += n.max(0) as u64;
+                    metrics::gauge!("flotilla_instances", "pool" => pool, "state" => state)
+                        .set(n as f64);
+                }
+                seen.extend(now);
+            }
+            Err(e) => status.error(e.class(), "instances", e),
+        }
+        match metrics_loop_backlogs(&mut conn).await {
+            Ok(backlogs) => {
+                for (name, n) in backlogs {
+                    flotilla_telemetry::loops::backlog(name, n.max(0) as u64);
+                }
+            }
+            Err(e) => status.error(e.class(), "backlogs", e),
+        }
+        match metrics_ready_heartbeat_ages(&mut conn).await {
+            Ok(ages) => {
+                let h = metrics::histogram!("flotilla_heartbeat_age_seconds");
+                for age in ages {
+                    h.record(age);
+                }
+            }
+            Err(e) => status.error(e.class(), "heartbeats", e),
+        }
+        status
+    }
+
+    /// Sets `flotilla_watchdog_orphan_cost_per_hour` from the orphan
+    /// machines of the last scan, priced by the pools that use their
+    /// instance type (unknown types count as free: an underestimate the
+    /// orphan count next to it makes visible).
+    pub async fn record_orphan_cost(&self, report: &OrphanReport) {
+        let prices: HashMap<String, i64> = match self.db.acquire().await {
+            Ok(mut conn) => metrics_price_by_instance_type(&mut conn)
+                .await
+                .map(|rows| rows.into_iter().collect())
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        let micros: i64 = report
+            .orphan_machine_types
+            .iter()
+            .map(|t| prices.get(t).copied().unwrap_or(0))
+            .sum();
+        metrics::gauge!("flotilla_watchdog_orphan_cost_per_hour").set(micros as f64 / 1e6);
     }
 }
 
@@ -116,7 +237,11 @@ pub async fn run(args: WatchdogArgs, shutdown: CancellationToken) -> anyhow::Res
     let relay = OutboxRelay::new(db, bus);
     let relay_shutdown = shutdown.clone();
     let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    watchdog.run(shutdown).await;
-    let _ = relay_task.await;
+    let grace = args.shutdown.grace();
+    watchdog.run_with_grace(shutdown, grace).await;
+    // Unsent rows stay in the outbox for the next relay.
+    if tokio::time::timeout(grace, relay_task).await.is_err() {
+        tracing::warn!("outbox relay did not stop within the grace period");
+    }
     Ok(())
 }

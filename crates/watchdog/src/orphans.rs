@@ -32,6 +32,8 @@ use crate::Watchdog;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrphanReport {
     pub orphan_machines: Vec<String>,
+    /// Instance type of each orphan machine (same order), for its cost.
+    pub orphan_machine_types: Vec<String>,
     pub deleted_machines: Vec<String>,
     pub adopted_machines: Vec<String>,
     pub lost_instances: Vec<InstanceId>,
@@ -198,6 +200,7 @@ impl Watchdog {
                 continue;
             }
             report.orphan_machines.push(m.id.clone());
+            report.orphan_machine_types.push(m.instance_type.clone());
             if self.tuning.watchdog_dry_run {
                 tracing::warn!(machine_id = %m.id, instance_id = %id, "dry run: would delete orphan machine");
                 continue;

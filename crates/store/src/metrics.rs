@@ -1,0 +1,65 @@
+//! Read-only aggregates for the fleet gauges: instances by pool and state,
+//! heartbeat ages of ready workers, and pool prices by instance type (for
+//! the estimated cost of orphan machines). One query each, so sampling a
+//! large fleet stays cheap.
+
+use sqlx::PgConnection;
+
+use crate::Result;
+
+/// `(pool, state, count)` of every instance not yet terminated (terminated
+/// rows accumulate forever and are not fleet state).
+pub async fn metrics_instances_by_pool_state(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT pool, state, count(*) FROM instances
+         WHERE state <> 'terminated' GROUP BY pool, state ORDER BY pool, state",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Seconds since the last sign of life (heartbeat, or entering `ready`) of
+/// every `ready` instance.
+pub async fn metrics_ready_heartbeat_ages(conn: &mut PgConnection) -> Result<Vec<f64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT GREATEST(EXTRACT(EPOCH FROM now() - COALESCE(last_heartbeat, state_entered_at)), 0)::float8
+         FROM instances WHERE state = 'ready'",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// `(instance_type, price_per_hour_micros)`: the highest price any pool
+/// gives the type, so an orphan's estimated cost errs on the high side.
+pub async fn metrics_price_by_instance_type(conn: &mut PgConnection) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT instance_type, max(price_per_hour_micros) FROM pools GROUP BY instance_type",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Work waiting for the instance loops, by loop name: due rows to
+/// provision, instances in a boot phase, and due instances to take down.
+/// One scan of the live rows; leases are ignored (claimed work is backlog
+/// until it is done).
+pub async fn metrics_loop_backlogs(conn: &mut PgConnection) -> Result<Vec<(&'static str, i64)>> {
+    let (provision, boot, terminate): (i64, i64, i64) = sqlx::query_as(
+        "SELECT
+             count(*) FILTER (WHERE state IN ('requested', 'provisioning')
+                                AND desired_state = 'running' AND next_attempt_at <= now()),
+             count(*) FILTER (WHERE state IN ('booting', 'installing', 'starting')
+                                AND desired_state = 'running'),
+             count(*) FILTER (WHERE desired_state = 'terminated' AND next_attempt_at <= now())
+         FROM instances WHERE state <> 'terminated'",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(vec![
+        ("scheduler_provision", provision),
+        ("scheduler_boot", boot),
+        ("terminator", terminate),
+    ])
+}

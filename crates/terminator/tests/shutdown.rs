@@ -1,0 +1,273 @@
+//! Graceful shutdown of the terminator as the binary runs it
+//! (`flotilla_terminator::run`): cancelled while provider calls are in
+//! flight, it returns within its grace period, gives back every lease, does
+//! nothing more afterwards, and the next replica takes every instance down
+//! at once, leaving nothing at the provider.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_proto::v1;
+use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_sim_provider::{MachineState, SimConfig, SimHandle};
+use flotilla_store::WriteCtx;
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, Transition, instance_insert_requested, instance_record_machine,
+    instance_set_desired, instance_transition,
+};
+use flotilla_store::pool::{NewPool, pool_create};
+use flotilla_telemetry::CancellationToken;
+use flotilla_terminator::{Terminator, TerminatorArgs};
+use flotilla_test_utils::stack::instant;
+use flotilla_test_utils::{TestDb, TestNats};
+use tonic::transport::Channel;
+
+/// The simulator and a provider-adapter in front of it, with the adapter's
+/// URL (the binary's `--provider-adapter-url`).
+async fn adapter(stop: &CancellationToken) -> (SimHandle, String) {
+    let sim = flotilla_sim_provider::start(SimConfig {
+        faults: instant(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
+        "provider-adapter",
+        "--sim-api-base-url",
+        sim.url(),
+        "--sim-api-token",
+        sim.token(),
+        "--provider-retry-max-attempts",
+        "0",
+        "--provider-rate-limit-per-second",
+        "100000",
+        "--provider-rate-limit-burst",
+        "100000",
+        "--circuit-breaker-failure-threshold",
+        "1000000",
+    ])
+    .expect("adapter flags");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(flotilla_provider_adapter::serve(
+        Arc::new(flotilla_provider_adapter::registry(&args).expect("registry")),
+        listener,
+        stop.clone(),
+    ));
+    (sim, url)
+}
+
+async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
+    instance_transition(
+        conn,
+        &WriteCtx::new("test"),
+        &Transition {
+            id: r.id,
+            from: r.state,
+            to,
+            expected_version: r.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .expect("transition")
+}
+
+/// `n` ready instances, each with a started machine at the provider,
+/// asked to terminate (forced: no drain to wait for).
+async fn ready_then_terminating(db: &TestDb, client: &ProviderClient<Channel>, n: usize) {
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("w-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    let rows = instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
+        .await
+        .expect("requested");
+    for row in rows {
+        let m = client
+            .clone()
+            .create_machine(v1::CreateMachineRequest {
+                target: Some(v1::ProviderTarget {
+                    provider: "sim".into(),
+                    pool: "gpu".into(),
+                    region: "ams".into(),
+                }),
+                instance_id: row.id.to_string(),
+                name: row.name.clone(),
+                instance_type: "shared-cpu-1x".into(),
+                image: "img".into(),
+                start: true,
+                ..Default::default()
+            })
+            .await
+            .expect("machine")
+            .into_inner();
+        let mut r = row;
+        for to in [InstanceState::Provisioning, InstanceState::Booting] {
+            r = step(&mut conn, &r, to).await;
+        }
+        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
+            .await
+            .expect("record");
+        r = step(&mut conn, &r, InstanceState::Ready).await;
+        instance_set_desired(&mut conn, r.id, DesiredState::Terminated, true)
+            .await
+            .expect("desired");
+    }
+}
+
+type Snapshot = Vec<(sqlx::types::Uuid, String, i64, Option<String>)>;
+
+async fn snapshot(db: &TestDb) -> Snapshot {
+    sqlx::query_as("SELECT id, state, version, lease_owner FROM instances ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("rows")
+}
+
+fn args(adapter_url: &str, db: &TestDb, nats: &TestNats) -> TerminatorArgs {
+    TerminatorArgs::try_parse_from([
+        "terminator",
+        "--provider-adapter-url",
+        adapter_url,
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats.url,
+        "--nats-namespace",
+        &nats.namespace,
+        "--metrics-addr=",
+        "--terminator-tick-ms",
+        "50",
+        "--terminator-poll-ms",
+        "50",
+        "--terminate-retry-base-ms",
+        "50",
+        // Far longer than the test: only a release lets another replica in.
+        "--terminator-lease-seconds",
+        "600",
+        "--shutdown-grace-seconds",
+        "1",
+    ])
+    .expect("flags")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_and_the_next_replica_finishes()
+ {
+    let db = TestDb::new().await;
+    let nats = TestNats::new().await;
+    let stop_adapter = CancellationToken::new();
+    let (sim, adapter_url) = adapter(&stop_adapter).await;
+    let client = ProviderClient::connect(adapter_url.clone())
+        .await
+        .expect("adapter");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: "gpu".into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            image: "img".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("pool");
+    ready_then_terminating(&db, &client, 3).await;
+    // Every provider answer takes 5 s: a step is in flight when the stop
+    // comes, and cannot finish inside a 1 s grace.
+    sim.sim()
+        .update_faults(|f| f.latency_ms = 5_000)
+        .expect("faults");
+
+    let stop = CancellationToken::new();
+    let service = tokio::spawn(flotilla_terminator::run(
+        args(&adapter_url, &db, &nats),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = snapshot(&db).await;
+        if rows.iter().all(|(_, _, _, owner)| owner.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all claimed: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the claimed steps reach their (slow) provider calls.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cancelled = Instant::now();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(4), service)
+        .await
+        .expect("run returns within the grace period (1 s), not after the 5 s calls")
+        .expect("no panic")
+        .expect("run succeeds");
+    println!("terminator stopped {:?} after cancel", cancelled.elapsed());
+
+    let after = snapshot(&db).await;
+    assert!(
+        after.iter().all(|(_, _, _, owner)| owner.is_none()),
+        "every lease given back: {after:?}"
+    );
+    assert!(
+        after.iter().all(|(_, state, _, _)| state != "terminated"),
+        "nothing claimed terminated before the provider confirmed: {after:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(snapshot(&db).await, after, "no write after run returned");
+
+    // The next replica takes over at once (the leases would hold it off
+    // for 10 minutes) and leaves nothing at the provider.
+    sim.sim()
+        .update_faults(|f| f.latency_ms = 0)
+        .expect("faults");
+    let next = Terminator {
+        db: db.pool.clone(),
+        provider: client.clone(),
+        tuning: args(&adapter_url, &db, &nats).tuning,
+        owner: "next-replica".into(),
+    };
+    let stop_next = CancellationToken::new();
+    let next_task = tokio::spawn(next.run(None, stop_next.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = snapshot(&db).await;
+        if rows.iter().all(|(_, state, _, _)| state == "terminated") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the next replica did not finish: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let live = sim
+        .sim()
+        .machines()
+        .into_iter()
+        .filter(|m| m.machine.state != MachineState::Destroyed)
+        .count();
+    assert_eq!(live, 0, "no machine left at the provider");
+    stop_next.cancel();
+    let _ = next_task.await;
+    stop_adapter.cancel();
+}

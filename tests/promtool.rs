@@ -1,0 +1,306 @@
+//! What `/metrics` serves after real activity passes `promtool check
+//! metrics` (Prometheus' own linter: naming conventions, `_total` on
+//! counters, help text on every metric), and carries the fleet metrics the
+//! dashboards use: gRPC requests by method and code, provider calls,
+//! breaker state, instances by pool and state, heartbeat ages, orphan cost.
+//!
+//! `promtool` comes from the Debian package `prometheus` (scripts/services.sh
+//! installs it). Without it the test fails under `CI=true` and is skipped,
+//! loudly, elsewhere.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla_api::{ApiState, ApiToken, Limits, serve};
+use flotilla_bus::streams::BusConfig;
+use flotilla_bus::subjects::Namespace;
+use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_proto::v1;
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_scheduler::{Scheduler, SchedulerTuning};
+use flotilla_telemetry::CancellationToken;
+use flotilla_test_utils::stack::{instant, provider_stack};
+use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_watchdog::{Watchdog, WatchdogTuning};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+
+const TOKEN: &str = "metrics-token";
+
+#[derive(Parser)]
+struct S {
+    #[command(flatten)]
+    t: SchedulerTuning,
+}
+
+#[derive(Parser)]
+struct W {
+    #[command(flatten)]
+    t: WatchdogTuning,
+}
+
+fn authed<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {TOKEN}")).expect("header"),
+    );
+    r
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// `promtool check metrics` on `text`: `None` when promtool is missing,
+/// else its success and output.
+fn promtool(text: &str) -> Option<(bool, String)> {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), said))
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
+    let db = TestDb::new().await;
+    let nats = TestNats::new().await;
+    let stack = provider_stack(instant(), &[]).await;
+    let bus = Bus::new(
+        nats.client.clone(),
+        Namespace::new(&nats.namespace).expect("ns"),
+        BusConfig::default(),
+    );
+    bus.ensure_streams().await.expect("streams");
+    let stop = CancellationToken::new();
+    let (metrics_addr, _) =
+        flotilla_telemetry::metrics::serve("127.0.0.1:0".parse().unwrap(), stop.clone())
+            .await
+            .expect("metrics endpoint");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(
+        ApiState {
+            pool: db.pool.clone(),
+            bus: bus.clone(),
+            tokens: vec![ApiToken::from_plain("metrics", TOKEN)].into(),
+            limits: Limits::default(),
+        },
+        listener,
+        stop.clone(),
+    ));
+    let relay = OutboxRelay::new(db.pool.clone(), bus.clone());
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let scheduler = Scheduler {
+        db: db.pool.clone(),
+        provider: stack.client.clone(),
+        tuning: S::try_parse_from(["x", "--scheduler-tick-ms", "100"])
+            .expect("tuning")
+            .t,
+        owner: "scheduler-metrics".into(),
+        worker_api_url: format!("http://{addr}"),
+        crash_after: None,
+    };
+    tokio::spawn(scheduler.run(Some(bus.clone()), stop.clone()));
+    // Dry run: the orphan made below stays, so its cost shows.
+    let watchdog = Watchdog {
+        db: db.pool.clone(),
+        provider: stack.client.clone(),
+        tuning: W::try_parse_from([
+            "x",
+            "--watchdog-tick-ms",
+            "100",
+            "--orphan-scan-interval-seconds",
+            "1",
+            "--orphan-grace-seconds",
+            "0",
+            "--watchdog-dry-run",
+            "true",
+        ])
+        .expect("tuning")
+        .t,
+        owner: "watchdog-metrics".into(),
+    };
+    tokio::spawn(watchdog.run(stop.clone()));
+
+    let mut fleet = FleetServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("api reachable");
+    fleet
+        .create_pool(authed(v1::CreatePoolRequest {
+            pool: Some(v1::Pool {
+                name: "metered".into(),
+                provider: "sim".into(),
+                instance_type: "shared-cpu-1x".into(),
+                region: "ams".into(),
+                image: "registry/worker:1".into(),
+                price_per_hour_micros: 2_500_000,
+                ..Default::default()
+            }),
+        }))
+        .await
+        .expect("pool");
+    fleet
+        .provision(authed(v1::ProvisionRequest {
+            pool: "metered".into(),
+            count: 3,
+            ..Default::default()
+        }))
+        .await
+        .expect("provision");
+    // A refused call, so a non-OK code is counted too.
+    let refused = fleet
+        .provision(authed(v1::ProvisionRequest {
+            pool: "metered".into(),
+            count: 0,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("count 0 is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // A machine nobody owns: an orphan for the scan to price.
+    stack
+        .client
+        .clone()
+        .create_machine(v1::CreateMachineRequest {
+            target: Some(v1::ProviderTarget {
+                provider: "sim".into(),
+                pool: "metered".into(),
+                region: "ams".into(),
+            }),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            name: "stray".into(),
+            instance_type: "shared-cpu-1x".into(),
+            image: "registry/worker:1".into(),
+            env: HashMap::new(),
+            tags: HashMap::new(),
+            volume_ids: Vec::new(),
+            start: true,
+        })
+        .await
+        .expect("stray machine");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let booting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM instances WHERE state = 'booting'")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+        if booting == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{booting} of 3 booting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two workers were heard from 3 s ago, so there are heartbeat ages.
+    sqlx::query(
+        "UPDATE instances SET state = 'ready', last_heartbeat = now() - interval '3 seconds'
+         WHERE id IN (SELECT id FROM instances WHERE state = 'booting' ORDER BY id LIMIT 2)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("ready");
+    let text = loop {
+        let text = scrape(metrics_addr).await;
+        let booting = sample(
+            &text,
+            r#"flotilla_instances{pool="metered",state="booting"}"#,
+        );
+        let ready = sample(&text, r#"flotilla_instances{pool="metered",state="ready"}"#);
+        let cost = sample(&text, "flotilla_watchdog_orphan_cost_per_hour");
+        if booting == Some(1.0) && ready == Some(2.0) && cost == Some(2.5) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    for series in [
+        r#"flotilla_grpc_server_requests_total{service="api",method="flotilla.v1.FleetService/Provision",code="OK"}"#,
+        r#"flotilla_grpc_server_requests_total{service="api",method="flotilla.v1.FleetService/Provision",code="INVALID_ARGUMENT"}"#,
+        r#"flotilla_grpc_server_requests_total{service="provider-adapter",method="flotilla.v1.Provider/CreateMachine",code="OK"}"#,
+        r#"flotilla_grpc_server_request_duration_seconds_count{service="api",method="flotilla.v1.FleetService/Provision"}"#,
+        r#"flotilla_provider_calls_total{provider="sim",op="create_machine",outcome="ok"}"#,
+        "flotilla_heartbeat_age_seconds_count",
+        r#"flotilla_loop_backlog{loop="scheduler_boot"}"#,
+        r#"flotilla_loop_runs_total{loop="watchdog_fleet_metrics",reason="tick"}"#,
+        r#"flotilla_loop_duration_seconds_count{loop="scheduler_provision"}"#,
+    ] {
+        let v = sample(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        assert!(v >= 1.0, "{series} = {v}");
+    }
+    assert!(
+        text.contains("flotilla_provider_breaker_state{"),
+        "breaker state exported:\n{text}"
+    );
+    assert!(
+        text.contains("# HELP flotilla_instances "),
+        "help text rendered:\n{text}"
+    );
+    // The two ready workers were last heard from about 3 s ago.
+    assert!(
+        sample(&text, r#"flotilla_heartbeat_age_seconds_bucket{le="1"}"#) == Some(0.0),
+        "no heartbeat is fresher than 1 s:\n{text}"
+    );
+
+    match promtool(&text) {
+        Some((ok, said)) => assert!(ok, "promtool check metrics:\n{said}\n--- input:\n{text}"),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("promtool is not installed (CI=true): run scripts/services.sh")
+        }
+        None => eprintln!(
+            "\n!!! SKIPPED promtool check: `promtool` not found; install the Debian package \
+             `prometheus` (scripts/services.sh does) !!!\n"
+        ),
+    }
+    stop.cancel();
+}
