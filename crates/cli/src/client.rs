@@ -1,0 +1,101 @@
+//! The connection to the api: one channel, the bearer token on every call,
+//! and every failure turned into a [`CliError`] that says what to do.
+
+use std::time::Duration;
+
+use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::error::{CliError, error_chain};
+
+/// How long connecting may take before the api counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected FleetService client.
+#[derive(Clone)]
+pub struct Api {
+    client: FleetServiceClient<Channel>,
+    bearer: AsciiMetadataValue,
+    url: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("url", &self.url).finish()
+    }
+}
+
+/// `host:port` is accepted for convenience and means plain-text HTTP/2.
+pub fn normalize_url(url: &str) -> String {
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+impl Api {
+    /// Checks the token is there before dialling, so a missing token is
+    /// reported as such even when the api is down too.
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Api, CliError> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or(CliError::MissingToken)?;
+        let mut bearer: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| {
+                CliError::Invalid("token: holds characters not allowed in a header".into())
+            })?;
+        bearer.set_sensitive(true);
+        let url = normalize_url(url);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| CliError::Invalid(format!("api-url: {url:?} is not a URL: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: url.clone(),
+                detail: error_chain(&e),
+            })?;
+        Ok(Api {
+            client: FleetServiceClient::new(channel),
+            bearer,
+            url,
+            timeout,
+        })
+    }
+
+    /// A unary request: authenticated and bounded by the request timeout.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut r = self.stream_request(message);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    /// A streaming request: authenticated, never cut by a timeout.
+    pub fn stream_request<T>(&self, message: T) -> Request<T> {
+        let mut r = Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", self.bearer.clone());
+        r
+    }
+
+    pub fn client(&self) -> FleetServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn error(&self, status: Status) -> CliError {
+        CliError::from_status(&self.url, &status)
+    }
+}

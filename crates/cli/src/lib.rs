@@ -1,0 +1,179 @@
+//! The `flotilla` command line: what humans and scripts use to provision,
+//! inspect, watch, terminate and drain instances and to manage pools, all
+//! through the api's FleetService over gRPC.
+//!
+//! It owns presentation and exit codes, nothing else: every rule (limits,
+//! validation, what a state means) is the api's, and its answers are shown
+//! as they are, with a hint of what to do when a call fails.
+
+pub mod client;
+pub mod error;
+pub mod instances;
+pub mod output;
+pub mod pools;
+pub mod wait;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use error::{CliError, exit};
+pub use output::Output;
+
+use crate::client::Api;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla command line: provision, list, watch, terminate and drain instances; manage pools",
+    after_help = error::EXIT_CODES_HELP
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the api is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection")]
+pub struct Connection {
+    /// gRPC address of the Flotilla api (`host:port` means http://host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_API_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub api_url: String,
+    /// API token (one whose sha256 is in the api's API_TOKENS). Prefer the
+    /// environment variable: a flag is visible to other users in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_API_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Seconds one call to the api may take.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub request_timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask for new instances in a pool, and wait until they are ready.
+    Provision(instances::ProvisionArgs),
+    /// List instances (not terminated ones unless --all or --state says so).
+    #[command(alias = "ls")]
+    List(instances::ListArgs),
+    /// Show one instance and its history (the audit log).
+    Get(instances::GetArgs),
+    /// Stream instance events live (Ctrl-C to stop).
+    Watch(instances::WatchArgs),
+    /// Take instances down: cordon, drain, stop, delete machine and volumes.
+    Terminate(instances::TerminateArgs),
+    /// Cordon and drain instances without terminating them.
+    Drain(instances::DrainArgs),
+    /// List, show, create and resize pools.
+    #[command(subcommand)]
+    Pools(pools::PoolsCommand),
+}
+
+/// Parses `key=value` (labels, selectors).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+impl Cli {
+    pub async fn run(self) -> Result<(), CliError> {
+        let api = Api::connect(
+            &self.conn.api_url,
+            self.conn.token.as_deref(),
+            Duration::from_secs(self.conn.request_timeout.max(1)),
+        )
+        .await?;
+        match self.command {
+            Command::Provision(a) => instances::provision(&api, a).await,
+            Command::List(a) => instances::list(&api, a).await,
+            Command::Get(a) => instances::get(&api, a).await,
+            Command::Watch(a) => instances::watch(&api, a).await,
+            Command::Terminate(a) => instances::terminate(&api, a).await,
+            Command::Drain(a) => instances::drain(&api, a).await,
+            Command::Pools(c) => pools::run(&api, c).await,
+        }
+    }
+}
+
+/// Runs the command line and turns its outcome into the process exit code,
+/// printing a failure on stderr.
+pub async fn main_with(cli: Cli) -> ExitCode {
+    match cli.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn configuration_doc_lists_every_cli_setting() {
+        flotilla_core::config::check_doc_section(
+            "cli",
+            &Cli::command(),
+            &flotilla_core::config::shared_command(),
+        );
+    }
+
+    #[test]
+    fn terminate_needs_one_kind_of_target_and_provision_a_count_or_names() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+        };
+        assert!(parse(&["terminate"]).is_err());
+        assert!(parse(&["terminate", "id1", "--pool", "p"]).is_err());
+        assert!(parse(&["terminate", "--pool", "p", "--selector", "a=b,c=d"]).is_ok());
+        assert!(parse(&["drain", "id1", "id2"]).is_ok());
+        assert!(parse(&["provision", "--pool", "p"]).is_err());
+        assert!(parse(&["provision", "--pool", "p", "--count", "1", "--name", "a"]).is_err());
+        assert!(parse(&["provision", "--pool", "p", "--name", "a,b"]).is_ok());
+        assert!(parse(&["list", "--state", "ready,worker_dead"]).is_ok());
+        let err = parse(&["list", "--state", "nope"]).expect_err("unknown state");
+        assert!(
+            err.to_string().contains("worker_dead"),
+            "lists the states: {err}"
+        );
+        assert_eq!(err.exit_code(), i32::from(exit::INVALID));
+    }
+
+    #[test]
+    fn labels_need_a_key_and_an_equals_sign() {
+        assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_label("a="), Ok(("a".into(), String::new())));
+        assert!(parse_label("=b").is_err());
+        assert!(parse_label("ab").is_err());
+    }
+}

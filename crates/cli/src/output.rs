@@ -1,0 +1,370 @@
+//! How results look: aligned tables for people, JSON for programs, bare ids
+//! for shell pipelines. Everything printed on stdout goes through here;
+//! progress and notes go to stderr so `-o json` output stays parseable.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use flotilla_core::InstanceState;
+use flotilla_proto::convert::state_from_wire;
+use flotilla_proto::v1;
+use serde_json::{Value, json};
+
+/// What a command prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for reading.
+    Table,
+    /// JSON (one document; `watch` prints one object per line).
+    Json,
+    /// One id (or pool name) per line, for shell pipelines.
+    Ids,
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not
+/// padded, so lines carry no trailing blanks.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    let t = t?;
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+}
+
+fn rfc3339(t: Option<&prost_types::Timestamp>) -> Value {
+    time(t).map_or(Value::Null, |t| {
+        Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    })
+}
+
+/// A duration the way `kubectl` shows ages: the two largest units.
+pub fn age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn since(t: Option<&prost_types::Timestamp>, now: DateTime<Utc>) -> Option<i64> {
+    time(t).map(|t| (now - t).num_seconds())
+}
+
+/// The database spelling of a wire state (`ready`, `worker_dead`).
+pub fn state_name(v: i32) -> String {
+    state_from_wire(v).map_or_else(|_| format!("unknown({v})"), |s| s.as_str().to_owned())
+}
+
+fn desired_name(v: i32) -> &'static str {
+    match v1::DesiredState::try_from(v) {
+        Ok(v1::DesiredState::Running) => "running",
+        Ok(v1::DesiredState::Terminated) => "terminated",
+        _ => "unspecified",
+    }
+}
+
+pub fn state_of(i: &v1::Instance) -> Option<InstanceState> {
+    state_from_wire(i.state).ok()
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn sorted(labels: &HashMap<String, String>) -> BTreeMap<&String, &String> {
+    labels.iter().collect()
+}
+
+pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>) -> String {
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.id.clone(),
+                i.pool.clone(),
+                i.name.clone(),
+                state_name(i.state),
+                since(i.created_at.as_ref(), now).map_or("-".into(), age),
+                since(i.last_heartbeat.as_ref(), now)
+                    .map_or("-".into(), |s| format!("{} ago", age(s))),
+                or_dash(&i.provider_machine_id),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "POOL",
+            "NAME",
+            "STATE",
+            "AGE",
+            "HEARTBEAT",
+            "PROVIDER ID",
+        ],
+        &rows,
+    )
+}
+
+pub fn instance_json(i: &v1::Instance) -> Value {
+    json!({
+        "id": i.id,
+        "pool": i.pool,
+        "name": i.name,
+        "provider": i.provider,
+        "provider_machine_id": i.provider_machine_id,
+        "state": state_name(i.state),
+        "desired_state": desired_name(i.desired_state),
+        "version": i.version,
+        "attempts": i.attempts,
+        "last_error": i.last_error,
+        "state_entered_at": rfc3339(i.state_entered_at.as_ref()),
+        "last_heartbeat": rfc3339(i.last_heartbeat.as_ref()),
+        "labels": sorted(&i.labels),
+        "created_at": rfc3339(i.created_at.as_ref()),
+        "cordoned": i.cordoned,
+        "needs_attention": i.needs_attention,
+        "next_attempt_at": rfc3339(i.next_attempt_at.as_ref()),
+    })
+}
+
+/// One instance as `key: value` lines.
+pub fn instance_details(i: &v1::Instance, now: DateTime<Utc>) -> String {
+    let when = |t: Option<&prost_types::Timestamp>| match (time(t), since(t, now)) {
+        (Some(t), Some(s)) => format!(
+            "{} ({} ago)",
+            t.to_rfc3339_opts(SecondsFormat::Secs, true),
+            age(s)
+        ),
+        _ => "-".into(),
+    };
+    let labels = sorted(&i.labels)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = [
+        ("id", i.id.clone()),
+        ("pool", i.pool.clone()),
+        ("name", i.name.clone()),
+        ("state", state_name(i.state)),
+        ("desired", desired_name(i.desired_state).to_owned()),
+        ("since", when(i.state_entered_at.as_ref())),
+        ("provider", i.provider.clone()),
+        ("provider id", or_dash(&i.provider_machine_id)),
+        ("created", when(i.created_at.as_ref())),
+        ("last heartbeat", when(i.last_heartbeat.as_ref())),
+        ("labels", or_dash(&labels)),
+        ("cordoned", i.cordoned.to_string()),
+        ("attempts", i.attempts.to_string()),
+        ("last error", or_dash(&i.last_error)),
+        ("needs attention", i.needs_attention.to_string()),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<16} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+fn from_name(v: i32) -> String {
+    if v == 0 { "-".into() } else { state_name(v) }
+}
+
+pub fn history_table(entries: &[v1::ActionLog]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let note = match (e.reason.as_str(), e.error.as_str()) {
+                (reason, error) if reason == error && !reason.is_empty() => reason.to_owned(),
+                ("", "") => "-".to_owned(),
+                (reason, "") => reason.to_owned(),
+                ("", error) => format!("error: {error}"),
+                (reason, error) => format!("{reason} (error: {error})"),
+            };
+            vec![
+                time(e.at.as_ref()).map_or("-".into(), |t| {
+                    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+                }),
+                from_name(e.from_state),
+                state_name(e.to_state),
+                e.actor.clone(),
+                note,
+            ]
+        })
+        .collect();
+    table(&["AT", "FROM", "TO", "ACTOR", "REASON"], &rows)
+}
+
+pub fn history_json(e: &v1::ActionLog) -> Value {
+    json!({
+        "id": e.id,
+        "instance_id": e.instance_id,
+        "from_state": if e.from_state == 0 { Value::Null } else { Value::String(state_name(e.from_state)) },
+        "to_state": state_name(e.to_state),
+        "actor": e.actor,
+        "correlation_id": e.correlation_id,
+        "error": e.error,
+        "reason": e.reason,
+        "at": rfc3339(e.at.as_ref()),
+    })
+}
+
+pub fn event_json(e: &v1::InstanceEvent) -> Value {
+    json!({
+        "event_id": e.event_id,
+        "stream_sequence": e.stream_sequence,
+        "instance_id": e.instance_id,
+        "pool": e.pool,
+        "from_state": if e.from_state == 0 { Value::Null } else { Value::String(state_name(e.from_state)) },
+        "to_state": state_name(e.to_state),
+        "version": e.version,
+        "at": rfc3339(e.at.as_ref()),
+        "actor": e.actor,
+        "correlation_id": e.correlation_id,
+        "error": e.error,
+        "reason": e.reason,
+        "provider_machine_id": e.provider_machine_id,
+    })
+}
+
+/// One event as one line: when, which instance, from → to, who, why.
+pub fn event_line(e: &v1::InstanceEvent) -> String {
+    let at = time(e.at.as_ref()).map_or("-".into(), |t| {
+        t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    });
+    let mut line = format!(
+        "{at}  {}  {}  {:>19} -> {:<19} {}",
+        e.instance_id,
+        e.pool,
+        from_name(e.from_state),
+        state_name(e.to_state),
+        e.actor
+    );
+    if !e.reason.is_empty() {
+        line.push_str(&format!("  reason: {}", e.reason));
+    }
+    if !e.error.is_empty() && e.error != e.reason {
+        line.push_str(&format!("  error: {}", e.error));
+    }
+    line.trim_end().to_owned()
+}
+
+pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
+    let rows: Vec<Vec<String>> = pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.provider.clone(),
+                p.instance_type.clone(),
+                p.region.clone(),
+                p.desired_capacity.to_string(),
+                since(p.created_at.as_ref(), now).map_or("-".into(), age),
+                or_dash(&p.image),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "AGE", "IMAGE",
+        ],
+        &rows,
+    )
+}
+
+pub fn pool_json(p: &v1::Pool) -> Value {
+    let t = p.timeouts.unwrap_or_default();
+    json!({
+        "name": p.name,
+        "provider": p.provider,
+        "instance_type": p.instance_type,
+        "region": p.region,
+        "desired_capacity": p.desired_capacity,
+        "timeouts": {
+            "booting_seconds": t.booting_seconds,
+            "installing_seconds": t.installing_seconds,
+            "starting_seconds": t.starting_seconds,
+            "draining_seconds": t.draining_seconds,
+        },
+        "labels": sorted(&p.labels),
+        "image": p.image,
+        "volume_size_gb": p.volume_size_gb,
+        "price_per_hour_micros": p.price_per_hour_micros,
+        "version": p.version,
+        "created_at": rfc3339(p.created_at.as_ref()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_columns_line_up_whatever_the_cell_widths() {
+        let out = table(
+            &["ID", "STATE", "NOTE"],
+            &[
+                vec!["a".into(), "ready".into(), "x".into()],
+                vec!["long-id".into(), "worker_dead".into(), "".into()],
+            ],
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "ID       STATE        NOTE");
+        assert_eq!(lines[1], "a        ready        x");
+        assert_eq!(lines[2], "long-id  worker_dead");
+        let state_col = lines[0].find("STATE").expect("header");
+        assert!(
+            lines[1..]
+                .iter()
+                .all(|l| l[state_col..].starts_with(|c: char| c != ' '))
+        );
+    }
+
+    #[test]
+    fn ages_show_the_two_largest_units() {
+        assert_eq!(age(-3), "0s");
+        assert_eq!(age(59), "59s");
+        assert_eq!(age(61), "1m1s");
+        assert_eq!(age(3 * 3600 + 120), "3h2m");
+        assert_eq!(age(2 * 86_400 + 3 * 3600), "2d3h");
+    }
+
+    #[test]
+    fn states_print_in_their_database_spelling() {
+        assert_eq!(
+            state_name(v1::InstanceState::WorkerDead as i32),
+            "worker_dead"
+        );
+        assert_eq!(state_name(99), "unknown(99)");
+    }
+}

@@ -1,0 +1,184 @@
+//! The pool commands: list, get, create, set.
+
+use clap::{Args, Subcommand};
+use flotilla_proto::v1;
+use serde_json::Value;
+
+use crate::client::Api;
+use crate::error::CliError;
+use crate::output::{self, Output};
+use crate::parse_label;
+
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// List every pool.
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show one pool.
+    Get {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Create a pool.
+    Create(CreateArgs),
+    /// Change a pool: its desired capacity (the scheduler keeps that many
+    /// instances of its own) or its price.
+    Set(SetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// 1-63 chars, [a-z0-9-], starting with a letter.
+    pub name: String,
+    /// "local", "fly", "scaleway" or "sim".
+    #[arg(long)]
+    pub provider: String,
+    /// Provider size name ("shared-cpu-1x", "GP1-XS"; anything for local).
+    #[arg(long)]
+    pub instance_type: String,
+    /// Provider region or zone ("ams", "fr-par-1"; anything for local).
+    #[arg(long)]
+    pub region: String,
+    /// Image the machines run; for `local`, the agent command line.
+    #[arg(long, default_value = "")]
+    pub image: String,
+    /// Instances the scheduler keeps in the pool.
+    #[arg(long, default_value_t = 0)]
+    pub desired: u32,
+    /// Data volume per instance in GB; 0 for none.
+    #[arg(long, default_value_t = 0)]
+    pub volume_size_gb: u32,
+    /// Price of one machine per hour in millionths of the billing currency.
+    #[arg(long, default_value_t = 0)]
+    pub price_per_hour_micros: u64,
+    /// Pool label (key=value; repeat for more).
+    #[arg(long, value_parser = parse_label)]
+    pub label: Vec<(String, String)>,
+    /// Succeed (showing the existing pool) when a pool of this name exists.
+    #[arg(long)]
+    pub if_not_exists: bool,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub name: String,
+    /// New desired capacity.
+    #[arg(long)]
+    pub desired: Option<u32>,
+    /// New price of one machine per hour, in millionths.
+    #[arg(long)]
+    pub price_per_hour_micros: Option<u64>,
+    /// Apply only if the pool is still at this version (from `pools get`).
+    #[arg(long, default_value_t = 0)]
+    pub expected_version: u64,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+fn print_pools(pools: &[v1::Pool], out: Output) {
+    match out {
+        Output::Table => print!("{}", output::pools_table(pools, chrono::Utc::now())),
+        Output::Json => {
+            let v = if let [one] = pools {
+                output::pool_json(one)
+            } else {
+                Value::Array(pools.iter().map(output::pool_json).collect())
+            };
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Output::Ids => pools.iter().for_each(|p| println!("{}", p.name)),
+    }
+}
+
+async fn get_pool(api: &Api, name: &str) -> Result<v1::Pool, CliError> {
+    Ok(api
+        .client()
+        .get_pool(api.request(v1::GetPoolRequest {
+            name: name.to_owned(),
+        }))
+        .await
+        .map_err(|s| api.error(s))?
+        .into_inner())
+}
+
+pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
+    match command {
+        PoolsCommand::List { output } => {
+            let pools = api
+                .client()
+                .list_pools(api.request(v1::ListPoolsRequest {}))
+                .await
+                .map_err(|s| api.error(s))?
+                .into_inner()
+                .pools;
+            if pools.is_empty() && output == Output::Table {
+                eprintln!("no pools; create one with `flotilla pools create`");
+                return Ok(());
+            }
+            // A list in JSON stays a list even with one element.
+            if output == Output::Json {
+                let v = Value::Array(pools.iter().map(output::pool_json).collect());
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print_pools(&pools, output);
+            }
+        }
+        PoolsCommand::Get { name, output } => print_pools(&[get_pool(api, &name).await?], output),
+        PoolsCommand::Create(a) => {
+            let pool = v1::Pool {
+                name: a.name.clone(),
+                provider: a.provider,
+                instance_type: a.instance_type,
+                region: a.region,
+                desired_capacity: a.desired,
+                labels: a.label.into_iter().collect(),
+                image: a.image,
+                volume_size_gb: a.volume_size_gb,
+                price_per_hour_micros: a.price_per_hour_micros,
+                ..Default::default()
+            };
+            let created = api
+                .client()
+                .create_pool(api.request(v1::CreatePoolRequest { pool: Some(pool) }))
+                .await
+                .map_err(|s| api.error(s));
+            let pool = match created {
+                Ok(p) => p.into_inner(),
+                Err(CliError::Conflict(_)) if a.if_not_exists => {
+                    eprintln!("pool {} exists already", a.name);
+                    get_pool(api, &a.name).await?
+                }
+                Err(e) => return Err(e),
+            };
+            print_pools(&[pool], a.output);
+        }
+        PoolsCommand::Set(a) => {
+            if a.desired.is_none() && a.price_per_hour_micros.is_none() {
+                return Err(CliError::Invalid(
+                    "nothing to change: give --desired N or --price-per-hour-micros P".into(),
+                ));
+            }
+            let pool = api
+                .client()
+                .update_pool(api.request(v1::UpdatePoolRequest {
+                    name: a.name,
+                    desired_capacity: a.desired,
+                    timeouts: None,
+                    price_per_hour_micros: a.price_per_hour_micros,
+                    expected_version: a.expected_version,
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| api.error(s))?
+                .into_inner();
+            print_pools(&[pool], a.output);
+        }
+    }
+    Ok(())
+}

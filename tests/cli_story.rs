@@ -1,0 +1,553 @@
+//! The README's quickstart story, replayed with real processes: the stack is
+//! started by `scripts/quickstart.sh` itself (its own database, NATS
+//! namespace, ports and data dir), and every step is the `flotilla` CLI run
+//! as a subprocess: provision and wait for ready, list as a table and as
+//! JSON, kill -9 one agent and see it replaced (in `watch` and in `list`),
+//! `get` its history, terminate everything, then the error paths (wrong
+//! token, unreachable api, invalid field) and a Ctrl-C that leaves no
+//! process behind.
+//!
+//! Design notes: the script builds the binaries with cargo as a user's
+//! first run does (cargo test has released the build lock by then); on a
+//! warm target dir that is a link step, cold it is minutes, so only the
+//! "ready" wait around it is generous. Whatever happens, [`Stack`]'s drop
+//! kills the script's process group, every service named in its pid files
+//! and every agent the local provider recorded.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flotilla_test_utils::{TestDb, TestNats};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const SERVICES: [&str; 5] = [
+    "provider-adapter",
+    "api",
+    "scheduler",
+    "terminator",
+    "watchdog",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The first of `n` consecutive free ports (the script numbers its
+/// /metrics ports from a base).
+fn free_port_run(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base > u16::MAX - n {
+            continue;
+        }
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return base;
+        }
+    }
+    panic!("no run of {n} free ports");
+}
+
+/// Process ids from the local provider's bookkeeping, by machine id.
+fn agent_pids(data_dir: &Path) -> HashMap<String, i32> {
+    let Ok(text) = std::fs::read_to_string(data_dir.join("local/machines.json")) else {
+        return HashMap::new();
+    };
+    let json: Value = serde_json::from_str(&text).unwrap_or_default();
+    json["machines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some((
+                m["id"].as_str()?.to_owned(),
+                i32::try_from(m["pid"].as_i64()?).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Whether `pid` is a running (not zombie) process whose command line
+/// contains `what`.
+fn runs(pid: i32, what: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !zombie && String::from_utf8_lossy(&cmdline).contains(what)
+}
+
+fn service_pids(data_dir: &Path) -> Vec<(String, i32)> {
+    SERVICES
+        .iter()
+        .chain(&["quickstart"])
+        .filter_map(|name| {
+            let text = std::fs::read_to_string(data_dir.join(format!("run/{name}.pid"))).ok()?;
+            Some(((*name).to_owned(), text.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The quickstart, running. Dropping it kills whatever is left.
+struct Stack {
+    script: Child,
+    data_dir: PathBuf,
+    output: PathBuf,
+    /// Every pid seen, so a failing test still kills them all.
+    seen_pids: Vec<(String, i32)>,
+}
+
+impl Stack {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    fn remember_pids(&mut self) {
+        for p in service_pids(&self.data_dir) {
+            if !self.seen_pids.contains(&p) {
+                self.seen_pids.push(p);
+            }
+        }
+        for (_, pid) in agent_pids(&self.data_dir) {
+            let p = ("agent".to_owned(), pid);
+            if !self.seen_pids.contains(&p) {
+                self.seen_pids.push(p);
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.remember_pids();
+        let _ = kill(Pid::from_raw(-(self.script.id() as i32)), Signal::SIGKILL);
+        let _ = self.script.kill();
+        let _ = self.script.wait();
+        for (what, pid) in &self.seen_pids {
+            let binary = if what == "quickstart" {
+                "quickstart"
+            } else {
+                what
+            };
+            if runs(*pid, binary) {
+                if what == "agent" {
+                    let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                }
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// One CLI run's outcome.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+struct Cli {
+    binary: PathBuf,
+    url: String,
+    token: String,
+}
+
+impl Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.args(args)
+            .env("FLOTILLA_API_URL", &self.url)
+            .env("FLOTILLA_API_TOKEN", &self.token)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = self.command(args).output().expect("run flotilla");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> Run {
+        let run = self.run(args);
+        assert_eq!(run.code, 0, "flotilla {args:?} failed: {run:?}");
+        run
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let run = self.ok(args);
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {run:?}"))
+    }
+}
+
+fn instances(v: &Value) -> Vec<Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn field<'a>(i: &'a Value, key: &str) -> &'a str {
+    i[key].as_str().unwrap_or_default()
+}
+
+/// Polls `check` every half second; on timeout fails with `what` and the
+/// quickstart's output.
+fn wait_until(stack: &Stack, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n--- quickstart output\n{}",
+            stack.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quickstart_story_works_with_real_processes() {
+    let db = TestDb::new().await;
+    let nats = TestNats::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("flotilla");
+    let output = dir.path().join("quickstart.out");
+    let api_port = free_port();
+    let metrics_port = free_port_run(5);
+    let out_file = std::fs::File::create(&output).expect("output file");
+
+    // The one command, isolated from everything else on this machine.
+    let started = Instant::now();
+    let mut script = Command::new("bash");
+    script
+        .arg(repo().join("scripts/quickstart.sh"))
+        .current_dir(repo())
+        .env("QUICKSTART_DATA_DIR", &data_dir)
+        .env("QUICKSTART_DATABASE", &db.name)
+        .env("QUICKSTART_NATS_NAMESPACE", &nats.namespace)
+        .env("QUICKSTART_API_PORT", api_port.to_string())
+        .env("QUICKSTART_ADAPTER_PORT", free_port().to_string())
+        .env("QUICKSTART_METRICS_PORT", metrics_port.to_string())
+        .env("QUICKSTART_AGENTS", "1")
+        // The servers are up (scripts/test.sh); the test must not install anything.
+        .env("QUICKSTART_SERVICES", "0")
+        .env("NATS_URL", &nats.url)
+        .stdin(Stdio::null())
+        .stdout(out_file.try_clone().expect("dup"))
+        .stderr(out_file);
+    std::os::unix::process::CommandExt::process_group(&mut script, 0);
+    let mut stack = Stack {
+        script: script.spawn().expect("start quickstart.sh"),
+        data_dir: data_dir.clone(),
+        output,
+        seen_pids: Vec::new(),
+    };
+
+    // Cold, this includes a full build of the workspace's binaries.
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !stack.log().contains("[quickstart] ready") {
+        if let Ok(Some(status)) = stack.script.try_wait() {
+            panic!("quickstart exited with {status}:\n{}", stack.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quickstart not ready:\n{}",
+            stack.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stack.remember_pids();
+    println!(
+        "quickstart (build included) ready after {:.1?}",
+        started.elapsed()
+    );
+    let log = stack.log();
+    for shown in [
+        format!("http://127.0.0.1:{api_port}"),
+        format!("http://127.0.0.1:{metrics_port}/metrics"),
+        data_dir.join("logs").display().to_string(),
+    ] {
+        assert!(log.contains(&shown), "the banner shows {shown}:\n{log}");
+    }
+
+    // Running it again while it runs changes nothing and says so.
+    let again = Command::new("bash")
+        .arg(repo().join("scripts/quickstart.sh"))
+        .env("QUICKSTART_DATA_DIR", &data_dir)
+        .env("QUICKSTART_SERVICES", "0")
+        .output()
+        .expect("second quickstart");
+    let again_err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{again_err}");
+    assert!(again_err.contains("already running"), "{again_err}");
+
+    let token = std::fs::read_to_string(data_dir.join("token")).expect("token");
+    let cli = Cli {
+        binary: data_dir.join("bin/flotilla"),
+        url: format!("http://127.0.0.1:{api_port}"),
+        token: token.trim().to_owned(),
+    };
+
+    // The quickstart's own agent is ready.
+    let fleet = instances(&cli.json(&["list", "-o", "json"]));
+    assert_eq!(fleet.len(), 1, "{fleet:#?}");
+    assert_eq!(field(&fleet[0], "state"), "ready");
+
+    // provision: waits until ready, then shows them.
+    let t = Instant::now();
+    let provisioned = cli.ok(&["provision", "--pool", "demo", "--count", "2"]);
+    println!("provision of 2 to ready: {:.1?}", t.elapsed());
+    assert!(provisioned.stderr.contains("2/2 ready"), "{provisioned:?}");
+    assert_eq!(
+        provisioned
+            .stdout
+            .lines()
+            .filter(|l| l.contains(" ready "))
+            .count(),
+        2,
+        "{provisioned:?}"
+    );
+
+    // list as a table: a header and aligned columns.
+    let table = cli.ok(&["list"]).stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    for header in ["ID", "POOL", "STATE", "AGE", "HEARTBEAT", "PROVIDER ID"] {
+        assert!(lines[0].contains(header), "{table}");
+    }
+    let state_col = lines[0].find("STATE").expect("STATE column");
+    for line in &lines[1..] {
+        assert_eq!(line.get(state_col..state_col + 5), Some("ready"), "{table}");
+    }
+
+    // list as JSON: three ready instances, each with its machine.
+    let fleet = instances(&cli.json(&["list", "--pool", "demo", "-o", "json"]));
+    assert_eq!(fleet.len(), 3, "{fleet:#?}");
+    assert!(fleet.iter().all(|i| field(i, "state") == "ready"));
+    assert!(
+        fleet
+            .iter()
+            .all(|i| !field(i, "provider_machine_id").is_empty())
+    );
+
+    // watch, in the background, while one agent is killed.
+    let mut watch = cli
+        .command(&["watch", "--pool", "demo", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch");
+    let (events_tx, events) = mpsc::channel::<Value>();
+    let watch_out = watch.stdout.take().expect("watch stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(watch_out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line)
+                && events_tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let victim = fleet[0].clone();
+    let victim_id = field(&victim, "id").to_owned();
+    let pids = agent_pids(&data_dir);
+    let victim_pid = pids[field(&victim, "provider_machine_id")];
+    assert!(runs(victim_pid, "agent"), "the agent process runs");
+    stack.remember_pids();
+    let killed = Instant::now();
+    kill(Pid::from_raw(victim_pid), Signal::SIGKILL).expect("kill -9 the agent");
+
+    let mut replacement = String::new();
+    wait_until(
+        &stack,
+        "the killed agent replaced",
+        Duration::from_secs(90),
+        || {
+            let now = instances(&cli.json(&["list", "--pool", "demo", "-o", "json"]));
+            let gone = now.iter().all(|i| field(i, "id") != victim_id);
+            let new = now.iter().find(|i| {
+                i["labels"]["flotilla.dev/replaces"].as_str() == Some(victim_id.as_str())
+                    && field(i, "state") == "ready"
+            });
+            if let Some(new) = new {
+                replacement = field(new, "id").to_owned();
+            }
+            gone && new.is_some()
+                && now.len() == 3
+                && now.iter().all(|i| field(i, "state") == "ready")
+        },
+    );
+    println!(
+        "kill -9 of an agent to its replacement ready and the dead one terminated: {:.1?}",
+        killed.elapsed()
+    );
+
+    // watch saw it live: the victim leave ready, the replacement reach it.
+    let mut seen: Vec<Value> = Vec::new();
+    let watch_deadline = Instant::now() + Duration::from_secs(10);
+    let saw = |seen: &[Value], id: &str, to: &str| {
+        seen.iter()
+            .any(|e| field(e, "instance_id") == id && field(e, "to_state") == to)
+    };
+    while !(saw(&seen, &victim_id, "worker_dead") && saw(&seen, &replacement, "ready")) {
+        let left = watch_deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(e) => seen.push(e),
+            Err(_) => panic!("watch did not show the replacement; events: {seen:#?}"),
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // get: the victim's history, from creation to terminated.
+    let got = cli.ok(&["get", &victim_id]).stdout;
+    assert!(got.contains("HISTORY"), "{got}");
+    assert!(got.contains("worker_dead"), "{got}");
+    let got = cli.json(&["get", &victim_id, "-o", "json"]);
+    assert_eq!(field(&got["instance"], "state"), "terminated");
+    let steps: Vec<&str> = got["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| field(e, "to_state"))
+        .collect();
+    for step in ["requested", "ready", "worker_dead", "terminated"] {
+        assert!(steps.contains(&step), "history has {step}: {steps:?}");
+    }
+    assert_eq!(field(&got["history"][0], "actor"), "api:quickstart");
+
+    // Error paths, each with its message and exit code.
+    let wrong = Cli {
+        token: "not-the-token".into(),
+        ..cli_clone(&cli)
+    }
+    .run(&["list"]);
+    assert_eq!(wrong.code, 4, "{wrong:?}");
+    assert!(wrong.stderr.contains("FLOTILLA_API_TOKEN"), "{wrong:?}");
+    let unreachable = Cli {
+        url: format!("http://127.0.0.1:{}", free_port()),
+        ..cli_clone(&cli)
+    }
+    .run(&["list"]);
+    assert_eq!(unreachable.code, 3, "{unreachable:?}");
+    assert!(
+        unreachable.stderr.contains("cannot reach"),
+        "{unreachable:?}"
+    );
+    let invalid = cli.run(&["provision", "--pool", "demo", "--count", "0"]);
+    assert_eq!(invalid.code, 2, "{invalid:?}");
+    assert!(invalid.stderr.contains("count"), "{invalid:?}");
+    let unknown = cli.run(&["get", "00000000-0000-4000-8000-000000000000"]);
+    assert_eq!(unknown.code, 5, "{unknown:?}");
+    let unknown = cli.run(&["drain", "00000000-0000-4000-8000-000000000000"]);
+    assert_eq!(unknown.code, 5, "{unknown:?}");
+    assert!(unknown.stderr.contains("no such instance"), "{unknown:?}");
+
+    // pools: the demo pool the quickstart made; a second one by that name conflicts.
+    let pools = cli.json(&["pools", "list", "-o", "json"]);
+    assert_eq!(pools[0]["name"], "demo", "{pools:#}");
+    assert_eq!(pools[0]["provider"], "local", "{pools:#}");
+    let again = cli.run(&[
+        "pools",
+        "create",
+        "demo",
+        "--provider",
+        "local",
+        "--instance-type",
+        "process",
+        "--region",
+        "local",
+    ]);
+    assert_eq!(again.code, 7, "{again:?}");
+
+    // terminate: everything goes, and so do the agent processes.
+    stack.remember_pids();
+    let t = Instant::now();
+    cli.ok(&[
+        "terminate",
+        "--pool",
+        "demo",
+        "--wait",
+        "--wait-timeout",
+        "120",
+    ]);
+    println!("terminate of 3 to all terminated: {:.1?}", t.elapsed());
+    assert_eq!(cli.ok(&["list", "-o", "ids"]).stdout, "");
+    let all = instances(&cli.json(&["list", "--all", "-o", "json"]));
+    assert_eq!(all.len(), 4, "three plus the killed one: {all:#?}");
+    assert!(all.iter().all(|i| field(i, "state") == "terminated"));
+    assert!(agent_pids(&data_dir).is_empty(), "no machine left");
+    for (what, pid) in &stack.seen_pids {
+        if what == "agent" {
+            assert!(!runs(*pid, "agent"), "agent {pid} still runs");
+        }
+    }
+
+    // Ctrl-C stops every service.
+    stack.remember_pids();
+    let script_pid = Pid::from_raw(stack.script.id() as i32);
+    kill(script_pid, Signal::SIGINT).expect("Ctrl-C");
+    let stop_deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = stack.script.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < stop_deadline,
+            "quickstart did not stop:\n{}",
+            stack.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130), "{}", stack.log());
+    for (what, pid) in &stack.seen_pids {
+        assert!(!runs(*pid, what), "{what} ({pid}) still runs after Ctrl-C");
+    }
+    assert!(service_pids(&data_dir).is_empty(), "pid files removed");
+}
+
+fn cli_clone(cli: &Cli) -> Cli {
+    Cli {
+        binary: cli.binary.clone(),
+        url: cli.url.clone(),
+        token: cli.token.clone(),
+    }
+}
