@@ -118,6 +118,11 @@ fn reason(r: &str, default: &str) -> Result<String, Status> {
             format!("longer than {MAX_REASON} chars"),
         ));
     }
+    // PostgreSQL text cannot hold NUL: stored as is, it would fail the
+    // transaction and answer INTERNAL (found by the api fuzz test).
+    if r.contains('\0') {
+        return Err(invalid_field("reason", "NUL characters are not allowed"));
+    }
     Ok(if r.is_empty() {
         default.to_owned()
     } else {

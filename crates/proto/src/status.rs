@@ -64,9 +64,20 @@ pub fn status_to_provider_error(s: &Status) -> ProviderError {
     }
 }
 
+/// Longest message (in chars) a refusal carries. It travels percent-encoded
+/// in the `grpc-message` HTTP/2 header; echoing a huge input there exceeds
+/// the peer's header limit and the caller gets a PROTOCOL_ERROR instead of
+/// the refusal (found by the api fuzz test).
+pub const MAX_MESSAGE_CHARS: usize = 512;
+
 /// INVALID_ARGUMENT naming the offending field, the form every API uses.
 pub fn invalid_field(field: &str, why: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {why}"))
+    let mut message = format!("{field}: {why}");
+    if message.chars().count() > MAX_MESSAGE_CHARS {
+        message = message.chars().take(MAX_MESSAGE_CHARS).collect();
+        message.push('…');
+    }
+    Status::invalid_argument(message)
 }
 
 #[cfg(test)]
@@ -105,5 +116,13 @@ mod tests {
             let e = status_to_provider_error(&Status::new(code, "x"));
             assert_eq!(e.kind(), "unavailable");
         }
+    }
+
+    #[test]
+    fn a_refusal_echoing_a_huge_input_is_cut_to_fit_a_header() {
+        let s = invalid_field("labels", format!("key {:?}: bad", "x".repeat(70_000)));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().starts_with("labels: key \"xxx"));
+        assert_eq!(s.message().chars().count(), MAX_MESSAGE_CHARS + 1);
     }
 }
