@@ -46,7 +46,10 @@ impl Scheduler {
                 for row in rows {
                     match self.mark_startup_failed(&ctx, &row).await {
                         Ok(()) => status.acted += 1,
-                        Err(e) => status.error(e.class(), row.id, e),
+                        Err(e) => {
+                            self.release_after_error(row.id).await;
+                            status.error(e.class(), row.id, e)
+                        }
                     }
                 }
             }
@@ -70,7 +73,10 @@ impl Scheduler {
                 for row in rows {
                     match self.recover_startup(&ctx, row.clone()).await {
                         Ok(()) => status.acted += 1,
-                        Err(e) => status.error(e.class(), row.id, e),
+                        Err(e) => {
+                            self.release_after_error(row.id).await;
+                            status.error(e.class(), row.id, e)
+                        }
                     }
                 }
             }

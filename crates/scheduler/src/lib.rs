@@ -53,6 +53,22 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
+    /// Gives back the lease of a row whose step ended in an error. The
+    /// usual cause is a lost version race (the worker's own report moved
+    /// the instance first); keeping the lease until it expires would hide a
+    /// `ready` instance from the watchdog for the whole lease.
+    pub(crate) async fn release_after_error(&self, id: flotilla_core::InstanceId) {
+        let released = match self.db.acquire().await {
+            Ok(mut conn) => flotilla_store::instance::instance_release(&mut conn, id, &self.owner)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = released {
+            tracing::warn!(instance_id = %id, error = %e, "could not release a lease; it will expire");
+        }
+    }
+
     /// Runs every loop of this replica until `shutdown`, then gives back
     /// the leases it still holds.
     pub async fn run(self, bus: Option<Bus>, shutdown: CancellationToken) {

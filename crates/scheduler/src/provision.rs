@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
+use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceId, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::instance::{
@@ -126,10 +126,11 @@ impl Scheduler {
         };
         status.found = claimed.len() as u64;
         let pools = Arc::new(self.pools_of(&claimed, &mut status).await);
-        let results: Vec<(String, Result<Stepped, StepError>)> = futures::stream::iter(claimed)
+        let results: Vec<(InstanceId, Result<Stepped, StepError>)> = futures::stream::iter(claimed)
             .map(|row| {
                 let pools = pools.clone();
                 async move {
+                    let key = row.id;
                     let id = row.id.to_string();
                     let result = match pools.get(&row.pool) {
                         // Continues the trace of the Provision call, when known.
@@ -146,7 +147,7 @@ impl Scheduler {
                             format!("pool {} not found", row.pool),
                         )),
                     };
-                    (id, result)
+                    (key, result)
                 }
             })
             .buffer_unordered(self.tuning.scheduler_provider_concurrency.max(1))
@@ -161,7 +162,10 @@ impl Scheduler {
                     status.error(ErrorClass::Permanent, id, e);
                 }
                 Err(StepError::Crashed(_)) => {}
-                Err(StepError::Store(e)) => status.error(e.class(), id, e),
+                Err(StepError::Store(e)) => {
+                    self.release_after_error(id).await;
+                    status.error(e.class(), id, e)
+                }
             }
         }
         status

@@ -13,6 +13,15 @@ use crate::instance::InstanceRow;
 
 /// Leases `ready` instances whose last sign of life (heartbeat, or entering
 /// `ready`) is older than `timeout`.
+///
+/// The first time condition is what the `instances_silent` index answers:
+/// `heartbeat_mark` is never later than `last_heartbeat` (see
+/// `crate::worker`), so it yields every silent worker plus, at most, a few
+/// that beat within the mark interval; the second, exact condition drops
+/// those. Without it the scan read every ready row. Oldest first is by the
+/// mark (within the mark interval of the exact order), which the index
+/// returns in order, so a scan stops after `limit` rows instead of sorting
+/// every silent one.
 pub async fn watchdog_claim_silent(
     pool: &PgPool,
     timeout: Duration,
@@ -24,9 +33,10 @@ pub async fn watchdog_claim_silent(
         "WITH due AS (
              SELECT id AS due_id FROM instances
              WHERE state = 'ready'
+               AND COALESCE(heartbeat_mark, state_entered_at) < now() - make_interval(secs => $1)
                AND COALESCE(last_heartbeat, state_entered_at) < now() - make_interval(secs => $1)
                AND (lease_until IS NULL OR lease_until < now())
-             ORDER BY COALESCE(last_heartbeat, state_entered_at)
+             ORDER BY COALESCE(heartbeat_mark, state_entered_at)
              LIMIT $2
              FOR UPDATE SKIP LOCKED
          )
@@ -59,7 +69,8 @@ pub async fn watchdog_mark_suspect(
 }
 
 /// Clears suspicion of instances that are no longer silent (a heartbeat
-/// arrived) or no longer ready.
+/// arrived) or no longer ready. Runs every tick; the partial index
+/// `instances_suspect` keeps it to the suspect rows.
 pub async fn watchdog_clear_recovered(conn: &mut PgConnection, timeout: Duration) -> Result<u64> {
     Ok(sqlx::query(
         "UPDATE instances SET suspect_since = NULL

@@ -7,6 +7,15 @@
 //! the version nor writes an action log: a heartbeat is not a transition,
 //! and bumping the version would make every heartbeat conflict with the
 //! loops' guarded writes.
+//!
+//! The watchdog finds silent workers through an index on `heartbeat_mark`,
+//! a coarse copy of `last_heartbeat` (migration `..._silent_scan_index`).
+//! A heartbeat moves the mark only when it is older than
+//! [`HEARTBEAT_MARK_EVERY_SECONDS`], so most heartbeats change no indexed
+//! column and stay HOT, while a healthy worker's mark is never older than
+//! that plus one heartbeat interval (15 s with the defaults, well inside the
+//! 30 s timeout), so the scan's candidates are the silent workers only. Both
+//! writes below keep `heartbeat_mark <= last_heartbeat` (both set together).
 
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use sqlx::PgConnection;
@@ -18,6 +27,20 @@ use crate::Result;
 macro_rules! worker_columns {
     () => {
         "id, state, desired_state, version, cordoned, worker_token_hash"
+    };
+}
+
+/// Seconds a heartbeat mark may age before a heartbeat moves it; see the
+/// module notes. Shorter: more non-HOT heartbeats; longer: healthy workers
+/// become scan candidates under short heartbeat timeouts.
+pub const HEARTBEAT_MARK_EVERY_SECONDS: u32 = 10;
+
+/// `SET` clause for `heartbeat_mark` (the literal is
+/// [`HEARTBEAT_MARK_EVERY_SECONDS`]); unchanged value = HOT update.
+macro_rules! heartbeat_mark_set {
+    () => {
+        "heartbeat_mark = CASE WHEN heartbeat_mark > now() - interval '10 seconds'
+                               THEN heartbeat_mark ELSE now() END"
     };
 }
 
@@ -69,8 +92,9 @@ pub async fn worker_heartbeat(
 ) -> Result<Option<WorkerView>> {
     // `idle` is what drain waits for; a phase report (None) leaves it as is.
     Ok(sqlx::query_as(concat!(
-        "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle)
-         WHERE id = $1 RETURNING ",
+        "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle), ",
+        heartbeat_mark_set!(),
+        " WHERE id = $1 RETURNING ",
         worker_columns!()
     ))
     .bind(id.0)
@@ -86,14 +110,26 @@ pub async fn worker_heartbeat_batch(
     ids: &[Uuid],
     idle: &[bool],
 ) -> Result<Vec<WorkerView>> {
-    Ok(sqlx::query_as(
-        "UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle
-         FROM UNNEST($1::uuid[], $2::bool[]) AS v(id, idle)
+    Ok(sqlx::query_as(concat!(
+        "UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle, ",
+        heartbeat_mark_set!(),
+        " FROM UNNEST($1::uuid[], $2::bool[]) AS v(id, idle)
          WHERE i.id = v.id
          RETURNING i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash",
-    )
+    ))
     .bind(ids)
     .bind(idle)
     .fetch_all(conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_mark_interval_in_sql_is_the_constant() {
+        assert!(heartbeat_mark_set!().contains(&format!(
+            "'{} seconds'",
+            super::HEARTBEAT_MARK_EVERY_SECONDS
+        )));
+    }
 }
