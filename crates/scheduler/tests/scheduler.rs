@@ -836,3 +836,36 @@ async fn pools_without_a_health_check_url_are_never_probed() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_fails_gives_its_lease_back_at_once() {
+    let env = env(instant()).await;
+    let ids = request(&env, 1).await;
+    let mut t = tuning(&["--recovery-booting-timeout-seconds", "1"]);
+    t.scheduler_lease_seconds = 600;
+    let s = scheduler(&env, "s1", None, t);
+    provision_all(&s, &env).await;
+    // The write the boot loop attempts fails (as a lost race or a database
+    // error would); the instance must not stay hidden behind a 10-minute
+    // lease afterwards.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_startup_failed() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.state = 'startup_failed' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON instances
+             FOR EACH ROW EXECUTE FUNCTION refuse_startup_failed();",
+    )
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let status = s.boot_once().await;
+    assert_eq!(status.found, 1, "the overdue instance was claimed");
+    assert_eq!(status.errors.len(), 1, "{:?}", status.errors);
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let row = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
+    assert_eq!(row.state, InstanceState::Booting);
+    assert_eq!(row.lease_owner, None, "the lease was given back");
+}
