@@ -29,6 +29,7 @@ use flotilla_store::instance::{
     instance_set_desired, instance_transition,
 };
 use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::volume::{volume_of_instance, volume_record_created};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
@@ -44,6 +45,8 @@ use crate::Scheduler;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     AfterIntent,
+    /// The data volume exists at the provider but is not recorded.
+    AfterVolumeCreate,
     AfterCreate,
     AfterRecord,
     AfterStart,
@@ -264,10 +267,18 @@ impl Scheduler {
                         id
                     }
                     None => {
+                        // The data volume first, recorded the moment it
+                        // exists, so the machine can mount it and a crash
+                        // leaves nothing untracked.
+                        let volumes = match self.ensure_volume(&mut conn, pool, &row, fresh).await?
+                        {
+                            Ok(v) => v,
+                            Err(e) => return self.fail(&mut conn, row, e).await,
+                        };
                         let (token, hash) = new_worker_token();
                         row =
                             instance_prepare_create(&mut conn, row.id, row.version, &hash).await?;
-                        match self.create_machine(pool, &row, token).await {
+                        match self.create_machine(pool, &row, token, volumes).await {
                             Ok(id) => id,
                             Err(e) => return self.fail(&mut conn, row, e).await,
                         }
@@ -319,6 +330,103 @@ impl Scheduler {
         Ok(Stepped::Advanced)
     }
 
+    /// The pool's data volume for this instance (none when the pool asks
+    /// for no volume): the one already recorded, else one an earlier
+    /// attempt created but did not record (found by its ownership tag),
+    /// else a new one. The outer error stops the step, the inner (the
+    /// provider's) (recorded on the row as a failed attempt).
+    async fn ensure_volume(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        pool: &PoolRow,
+        row: &InstanceRow,
+        fresh: bool,
+    ) -> Result<Result<Vec<String>, ProviderError>, StepError> {
+        if pool.volume_size_gb <= 0 {
+            return Ok(Ok(Vec::new()));
+        }
+        if let Some(v) = volume_of_instance(conn, row.id).await? {
+            return Ok(Ok(v.provider_volume_id.into_iter().collect()));
+        }
+        let adopted = if fresh {
+            None
+        } else {
+            match self.find_volume(pool, row).await {
+                Ok(found) => found,
+                Err(e) => return Ok(Err(e)),
+            }
+        };
+        let id = match adopted {
+            Some(id) => {
+                tracing::info!(volume_id = %id, "adopting a volume an earlier attempt created");
+                id
+            }
+            None => {
+                let created = self
+                    .provider
+                    .clone()
+                    .create_volume(outgoing(
+                        v1::CreateVolumeRequest {
+                            target: target(pool),
+                            instance_id: row.id.to_string(),
+                            name: row.name.clone(),
+                            size_gb: pool.volume_size_gb as u32,
+                            tags: HashMap::new(),
+                        },
+                        &self.ctx().correlation_id,
+                    ))
+                    .await;
+                match created {
+                    Ok(v) => v.into_inner().id,
+                    Err(s) => return Ok(Err(status_to_provider_error(&s))),
+                }
+            }
+        };
+        self.crash(CrashPoint::AfterVolumeCreate)?;
+        volume_record_created(conn, row.id, &id, pool.volume_size_gb).await?;
+        Ok(Ok(vec![id]))
+    }
+
+    /// A live volume carrying this instance's ownership tag, if any.
+    async fn find_volume(
+        &self,
+        pool: &PoolRow,
+        row: &InstanceRow,
+    ) -> Result<Option<String>, ProviderError> {
+        let want = row.id.to_string();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .provider
+                .clone()
+                .list_volumes(outgoing(
+                    v1::ListVolumesRequest {
+                        target: target(pool),
+                        page_size: 0,
+                        page_token: page_token.clone(),
+                    },
+                    &self.ctx().correlation_id,
+                ))
+                .await
+                .map_err(|s| status_to_provider_error(&s))?
+                .into_inner();
+            if let Some(v) = page.volumes.into_iter().find(|v| {
+                v.tags
+                    .get(flotilla_provider::TAG_INSTANCE)
+                    .map(String::as_str)
+                    == Some(&want)
+                    && v.state != v1::VolumeState::Destroying as i32
+                    && v.state != v1::VolumeState::Destroyed as i32
+            }) {
+                return Ok(Some(v.id));
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(None);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
     async fn find_machine(
         &self,
         pool: &PoolRow,
@@ -360,6 +468,7 @@ impl Scheduler {
         pool: &PoolRow,
         row: &InstanceRow,
         token: String,
+        volume_ids: Vec<String>,
     ) -> Result<String, ProviderError> {
         let env = HashMap::from([
             ("FLOTILLA_INSTANCE_ID".to_owned(), row.id.to_string()),
@@ -375,7 +484,7 @@ impl Scheduler {
             image: pool.image.clone(),
             env,
             tags: HashMap::new(),
-            volume_ids: Vec::new(),
+            volume_ids,
             start: false,
         };
         let m = self

@@ -869,3 +869,71 @@ async fn a_step_that_fails_gives_its_lease_back_at_once() {
     assert_eq!(row.state, InstanceState::Booting);
     assert_eq!(row.lease_owner, None, "the lease was given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_volumes_gets_one_recorded_mounted_volume_per_instance_even_after_crashes() {
+    for point in [
+        None,
+        Some(CrashPoint::AfterVolumeCreate),
+        Some(CrashPoint::AfterCreate),
+    ] {
+        let env = env(instant()).await;
+        sqlx::query("UPDATE pools SET volume_size_gb = 1")
+            .execute(&env.db.pool)
+            .await
+            .unwrap();
+        let ids = request(&env, 10).await;
+        if let Some(point) = point {
+            scheduler(&env, "dying", Some(point), tuning(&[]))
+                .provision_once()
+                .await;
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        let s = scheduler(&env, "s1", None, tuning(&[]));
+        provision_all(&s, &env).await;
+        assert_one_machine_each(&env, &ids).await;
+
+        let sim = env.stack.sim.sim();
+        let live: Vec<_> = sim
+            .volumes()
+            .into_iter()
+            .filter(|v| v.volume.state != flotilla_sim_provider::VolumeState::Destroyed)
+            .collect();
+        assert_eq!(live.len(), ids.len(), "{point:?}: one volume per instance");
+        for &id in &ids {
+            let name = flotilla_provider::fly::volume_name(id);
+            let at_provider: Vec<_> = live.iter().filter(|v| v.volume.name == name).collect();
+            assert_eq!(at_provider.len(), 1, "{point:?}: {id}");
+            let recorded: Vec<String> = sqlx::query_scalar(
+                "SELECT provider_volume_id FROM instance_volumes
+                 WHERE instance_id = $1 AND state = 'created'",
+            )
+            .bind(id.0)
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                recorded,
+                [at_provider[0].volume.id.clone()],
+                "{point:?}: {id}"
+            );
+            let mut conn = env.db.pool.acquire().await.unwrap();
+            let machine = instance_get(&mut conn, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .provider_machine_id
+                .unwrap();
+            let mounts: Vec<String> = sim
+                .machine(&machine)
+                .unwrap()
+                .machine
+                .config
+                .mounts
+                .iter()
+                .map(|m| m.volume.clone())
+                .collect();
+            assert_eq!(mounts, recorded, "{point:?}: the machine mounts it");
+        }
+    }
+}

@@ -85,3 +85,22 @@ pub async fn volume_record_failure(conn: &mut PgConnection, id: Uuid, error: &st
     .await?;
     Ok(())
 }
+
+/// The volume already recorded for an instance that still exists at the
+/// provider, if any: a retried provisioning step reuses it.
+pub async fn volume_of_instance(
+    conn: &mut PgConnection,
+    instance: InstanceId,
+) -> Result<Option<VolumeRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, instance_id, provider_volume_id, size_gb, delete_on_terminate, state,
+                attempts, next_attempt_at, last_error
+         FROM instance_volumes
+         WHERE instance_id = $1 AND provider_volume_id IS NOT NULL
+           AND state IN ('requested', 'created')
+         ORDER BY id LIMIT 1",
+    )
+    .bind(instance.0)
+    .fetch_optional(conn)
+    .await?)
+}
