@@ -5,57 +5,18 @@
 //! without creating a second machine for anyone.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::InstanceId;
 use flotilla_scheduler::{Scheduler, SchedulerArgs};
 use flotilla_sim_provider::model::MachineState;
-use flotilla_sim_provider::{SimConfig, SimHandle};
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{NewInstance, instance_insert_requested};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
-use flotilla_test_utils::stack::instant;
+use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{TestDb, TestNats};
-
-/// The simulator and a provider-adapter in front of it; returns the
-/// adapter's URL (the binary's `--provider-adapter-url`).
-async fn adapter(stop: &CancellationToken) -> (SimHandle, String) {
-    let sim = flotilla_sim_provider::start(SimConfig {
-        faults: instant(),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
-    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
-        "provider-adapter",
-        "--sim-api-base-url",
-        sim.url(),
-        "--sim-api-token",
-        sim.token(),
-        "--provider-retry-max-attempts",
-        "0",
-        "--provider-rate-limit-per-second",
-        "100000",
-        "--provider-rate-limit-burst",
-        "100000",
-        "--circuit-breaker-failure-threshold",
-        "1000000",
-    ])
-    .expect("adapter flags");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(flotilla_provider_adapter::serve(
-        Arc::new(flotilla_provider_adapter::registry(&args).expect("registry")),
-        listener,
-        stop.clone(),
-    ));
-    (sim, url)
-}
 
 type Snapshot = Vec<(uuid::Uuid, String, i64, Option<String>)>;
 
@@ -71,8 +32,8 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
  {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
-    let stop_adapter = CancellationToken::new();
-    let (sim, adapter_url) = adapter(&stop_adapter).await;
+    let stack = provider_stack(instant(), &[]).await;
+    let (sim, adapter_url) = (&stack.sim, stack.url.clone());
     let mut conn = db.pool.acquire().await.expect("conn");
     pool_create(
         &mut conn,
@@ -169,9 +130,7 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
         .expect("faults");
     let next = Scheduler {
         db: db.pool.clone(),
-        provider: flotilla_proto::v1::provider_client::ProviderClient::connect(adapter_url)
-            .await
-            .expect("adapter"),
+        provider: stack.client.clone(),
         tuning: SchedulerArgs::try_parse_from([
             "scheduler",
             "--provider-adapter-url",
@@ -210,5 +169,4 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
     assert_eq!(live, 4, "one machine per instance, none duplicated");
     stop_next.cancel();
     let _ = next_task.await;
-    stop_adapter.cancel();
 }

@@ -5,14 +5,13 @@
 //! at once, leaving nothing at the provider.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_proto::v1::provider_client::ProviderClient;
-use flotilla_sim_provider::{MachineState, SimConfig, SimHandle};
+use flotilla_sim_provider::MachineState;
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{
     InstanceRow, NewInstance, Transition, instance_insert_requested, instance_record_machine,
@@ -21,46 +20,9 @@ use flotilla_store::instance::{
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorArgs};
-use flotilla_test_utils::stack::instant;
+use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{TestDb, TestNats};
 use tonic::transport::Channel;
-
-/// The simulator and a provider-adapter in front of it, with the adapter's
-/// URL (the binary's `--provider-adapter-url`).
-async fn adapter(stop: &CancellationToken) -> (SimHandle, String) {
-    let sim = flotilla_sim_provider::start(SimConfig {
-        faults: instant(),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
-    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
-        "provider-adapter",
-        "--sim-api-base-url",
-        sim.url(),
-        "--sim-api-token",
-        sim.token(),
-        "--provider-retry-max-attempts",
-        "0",
-        "--provider-rate-limit-per-second",
-        "100000",
-        "--provider-rate-limit-burst",
-        "100000",
-        "--circuit-breaker-failure-threshold",
-        "1000000",
-    ])
-    .expect("adapter flags");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(flotilla_provider_adapter::serve(
-        Arc::new(flotilla_provider_adapter::registry(&args).expect("registry")),
-        listener,
-        stop.clone(),
-    ));
-    (sim, url)
-}
 
 async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
     instance_transition(
@@ -171,11 +133,8 @@ async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_a
  {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
-    let stop_adapter = CancellationToken::new();
-    let (sim, adapter_url) = adapter(&stop_adapter).await;
-    let client = ProviderClient::connect(adapter_url.clone())
-        .await
-        .expect("adapter");
+    let stack = provider_stack(instant(), &[]).await;
+    let (sim, adapter_url, client) = (&stack.sim, stack.url.clone(), stack.client.clone());
     let mut conn = db.pool.acquire().await.expect("conn");
     pool_create(
         &mut conn,
@@ -269,5 +228,4 @@ async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_a
     assert_eq!(live, 0, "no machine left at the provider");
     stop_next.cancel();
     let _ = next_task.await;
-    stop_adapter.cancel();
 }

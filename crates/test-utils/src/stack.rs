@@ -13,6 +13,9 @@ use tonic::transport::Channel;
 pub struct ProviderStack {
     pub sim: SimHandle,
     pub client: ProviderClient<Channel>,
+    /// The adapter's gRPC address, for a service run as its binary runs
+    /// (`--provider-adapter-url`).
+    pub url: String,
     stop: CancellationToken,
 }
 
@@ -72,8 +75,14 @@ pub async fn provider_stack(faults: Faults, extra: &[&str]) -> ProviderStack {
         listener,
         stop.clone(),
     ));
-    let client = ProviderClient::connect(format!("http://{addr}"))
+    let url = format!("http://{addr}");
+    let client = ProviderClient::connect(url.clone())
         .await
         .expect("adapter reachable");
-    ProviderStack { sim, client, stop }
+    ProviderStack {
+        sim,
+        client,
+        url,
+        stop,
+    }
 }

@@ -5,14 +5,13 @@
 //! claim the same instances at once.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::{InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_proto::v1::provider_client::ProviderClient;
-use flotilla_sim_provider::{SimConfig, SimHandle};
+
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{
     InstanceRow, NewInstance, Transition, instance_insert_requested, instance_record_machine,
@@ -20,47 +19,10 @@ use flotilla_store::instance::{
 };
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
-use flotilla_test_utils::stack::instant;
+use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{TestDb, TestNats};
 use flotilla_watchdog::{Watchdog, WatchdogArgs};
 use tonic::transport::Channel;
-
-/// The simulator and a provider-adapter in front of it, with the adapter's
-/// URL (the binary's `--provider-adapter-url`).
-async fn adapter(stop: &CancellationToken) -> (SimHandle, String) {
-    let sim = flotilla_sim_provider::start(SimConfig {
-        faults: instant(),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
-    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
-        "provider-adapter",
-        "--sim-api-base-url",
-        sim.url(),
-        "--sim-api-token",
-        sim.token(),
-        "--provider-retry-max-attempts",
-        "0",
-        "--provider-rate-limit-per-second",
-        "100000",
-        "--provider-rate-limit-burst",
-        "100000",
-        "--circuit-breaker-failure-threshold",
-        "1000000",
-    ])
-    .expect("adapter flags");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(flotilla_provider_adapter::serve(
-        Arc::new(flotilla_provider_adapter::registry(&args).expect("registry")),
-        listener,
-        stop.clone(),
-    ));
-    (sim, url)
-}
 
 async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
     instance_transition(
@@ -174,11 +136,8 @@ async fn cancelled_while_confirming_silent_workers_it_returns_in_its_grace_and_r
 {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
-    let stop_adapter = CancellationToken::new();
-    let (sim, adapter_url) = adapter(&stop_adapter).await;
-    let client = ProviderClient::connect(adapter_url.clone())
-        .await
-        .expect("adapter");
+    let stack = provider_stack(instant(), &[]).await;
+    let (sim, adapter_url, client) = (&stack.sim, stack.url.clone(), stack.client.clone());
     let mut conn = db.pool.acquire().await.expect("conn");
     pool_create(
         &mut conn,
@@ -249,5 +208,4 @@ async fn cancelled_while_confirming_silent_workers_it_returns_in_its_grace_and_r
     };
     let status = next.dead_workers_once().await;
     assert_eq!(status.found, 3, "{status:?}");
-    stop_adapter.cancel();
 }
