@@ -8,10 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotilla_api::{ApiState, ApiToken, Limits, serve};
-use flotilla_bus::streams::BusConfig;
-use flotilla_bus::subjects::Namespace;
-use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_api::{ApiToken, Limits};
+use flotilla_e2e::{TestApi, start_api};
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::provider_client::ProviderClient;
@@ -158,34 +156,20 @@ async fn real_agents_boot_to_ready_and_a_killed_one_is_replaced_while_a_paused_o
         .await
         .expect("adapter");
 
-    let bus = Bus::new(
-        nats.client.clone(),
-        Namespace::new(&nats.namespace).expect("ns"),
-        BusConfig::default(),
-    );
-    bus.ensure_streams().await.expect("streams");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api_addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(
-        ApiState {
-            pool: db.pool.clone(),
-            bus: bus.clone(),
-            tokens: vec![ApiToken::from_plain("e2e", TOKEN)].into(),
-            limits: Limits {
-                heartbeat_interval_ms: 200,
-                ..Limits::default()
-            },
+    let TestApi {
+        addr: api_addr,
+        bus,
+    } = start_api(
+        &db,
+        &nats,
+        ApiToken::from_plain("e2e", TOKEN),
+        Limits {
+            heartbeat_interval_ms: 200,
+            ..Limits::default()
         },
-        listener,
-        stop.clone(),
-    ));
-    let relay = OutboxRelay::new(db.pool.clone(), bus.clone());
-    tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+        &stop,
+    )
+    .await;
     let scheduler = Scheduler {
         db: db.pool.clone(),
         provider: provider.clone(),

@@ -14,10 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotilla_api::{ApiState, ApiToken, Limits, serve};
-use flotilla_bus::streams::BusConfig;
-use flotilla_bus::subjects::Namespace;
-use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_api::{ApiToken, Limits};
+use flotilla_e2e::{TestApi, start_api};
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_scheduler::{Scheduler, SchedulerTuning};
@@ -106,37 +104,20 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
     let stack = provider_stack(instant(), &[]).await;
-    let bus = Bus::new(
-        nats.client.clone(),
-        Namespace::new(&nats.namespace).expect("ns"),
-        BusConfig::default(),
-    );
-    bus.ensure_streams().await.expect("streams");
     let stop = CancellationToken::new();
     let (metrics_addr, _) =
         flotilla_telemetry::metrics::serve("127.0.0.1:0".parse().unwrap(), stop.clone())
             .await
             .expect("metrics endpoint");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(
-        ApiState {
-            pool: db.pool.clone(),
-            bus: bus.clone(),
-            tokens: vec![ApiToken::from_plain("metrics", TOKEN)].into(),
-            limits: Limits::default(),
-        },
-        listener,
-        stop.clone(),
-    ));
-    let relay = OutboxRelay::new(db.pool.clone(), bus.clone());
-    tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let TestApi { addr, bus } = start_api(
+        &db,
+        &nats,
+        ApiToken::from_plain("metrics", TOKEN),
+        Limits::default(),
+        &stop,
+    )
+    .await;
     let scheduler = Scheduler {
         db: db.pool.clone(),
         provider: stack.client.clone(),

@@ -8,10 +8,8 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotilla_api::{ApiState, ApiToken, Limits, serve};
-use flotilla_bus::streams::BusConfig;
-use flotilla_bus::subjects::Namespace;
-use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_api::{ApiToken, Limits};
+use flotilla_e2e::{TestApi, start_api};
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
@@ -60,34 +58,15 @@ async fn two_hundred_provisioned_instances_reach_ready_and_are_terminated_leavin
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
     let stack = provider_stack(instant(), &[]).await;
-    let bus = Bus::new(
-        nats.client.clone(),
-        Namespace::new(&nats.namespace).expect("ns"),
-        BusConfig::default(),
-    );
-    bus.ensure_streams().await.expect("streams");
     let stop = CancellationToken::new();
-
-    // api + its outbox relay
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(
-        ApiState {
-            pool: db.pool.clone(),
-            bus: bus.clone(),
-            tokens: vec![ApiToken::from_plain("e2e", TOKEN)].into(),
-            limits: Limits::default(),
-        },
-        listener,
-        stop.clone(),
-    ));
-    let relay = OutboxRelay::new(db.pool.clone(), bus.clone());
-    tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let TestApi { addr, bus } = start_api(
+        &db,
+        &nats,
+        ApiToken::from_plain("e2e", TOKEN),
+        Limits::default(),
+        &stop,
+    )
+    .await;
     // scheduler, woken by CMD.provision; ticks are slow so the command is
     // what moves things
     let scheduler = Scheduler {
