@@ -3,23 +3,19 @@
 //! drains. Every assertion about "gone" is checked against the simulator's
 //! own truth.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_sim_provider::{ErrorRates, Faults};
-use flotilla_store::WriteCtx;
-use flotilla_store::instance::{
-    InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
-    instance_record_machine, instance_set_desired, instance_transition,
-};
+use flotilla_store::instance::{InstanceRow, instance_get, instance_set_desired};
 use flotilla_store::pool::{NewPool, pool_create};
-use flotilla_store::volume::volume_record_created;
 use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorTuning};
 use flotilla_test_utils::TestDb;
+use flotilla_test_utils::fleet::{ReadySpec, ready_instances, step, target};
 use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
 
 struct Env {
@@ -82,96 +78,18 @@ fn terminator(env: &Env, owner: &str) -> Terminator {
     }
 }
 
-fn target() -> Option<v1::ProviderTarget> {
-    Some(v1::ProviderTarget {
-        provider: "sim".into(),
-        pool: "gpu".into(),
-        region: "ams".into(),
-    })
-}
-
 /// `n` instances in `ready`, each with a started machine at the simulator
 /// and (when `volumes`) a recorded volume mounted on it.
 async fn ready(env: &Env, n: usize, volumes: bool) -> Vec<InstanceId> {
-    let mut conn = env.db.pool.acquire().await.unwrap();
-    let ctx = WriteCtx::new("test");
-    let new: Vec<NewInstance> = (0..n)
-        .map(|i| NewInstance {
-            id: InstanceId::new(),
-            pool: "gpu".into(),
-            name: format!("w-{i}"),
-            provider: "sim".into(),
-            labels: BTreeMap::new(),
-            idempotency_key: None,
-            worker_token_hash: None,
-        })
-        .collect();
-    let rows = instance_insert_requested(&mut conn, &ctx, &new)
+    let spec = ReadySpec {
+        volume: volumes,
+        ..ReadySpec::default()
+    };
+    ready_instances(&env.db.pool, &env.stack.client, n, &spec)
         .await
-        .unwrap();
-    let mut client = env.stack.client.clone();
-    let mut ids = Vec::new();
-    for row in rows {
-        let mut volume_ids = Vec::new();
-        if volumes {
-            let v = client
-                .create_volume(v1::CreateVolumeRequest {
-                    target: target(),
-                    instance_id: row.id.to_string(),
-                    name: String::new(),
-                    size_gb: 1,
-                    tags: Default::default(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            volume_record_created(&mut conn, row.id, &v.id, 1)
-                .await
-                .unwrap();
-            volume_ids.push(v.id);
-        }
-        let m = client
-            .create_machine(v1::CreateMachineRequest {
-                target: target(),
-                instance_id: row.id.to_string(),
-                name: row.name.clone(),
-                instance_type: "shared-cpu-1x".into(),
-                image: "img".into(),
-                volume_ids,
-                start: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut r = row;
-        for to in [InstanceState::Provisioning, InstanceState::Booting] {
-            r = step(&mut conn, &r, to).await;
-        }
-        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
-            .await
-            .unwrap();
-        r = step(&mut conn, &r, InstanceState::Ready).await;
-        ids.push(r.id);
-    }
-    ids
-}
-
-async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
-    instance_transition(
-        conn,
-        &WriteCtx::new("test"),
-        &Transition {
-            id: r.id,
-            from: r.state,
-            to,
-            expected_version: r.version,
-            error: None,
-            reason: None,
-        },
-    )
-    .await
-    .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
 }
 
 async fn terminate(env: &Env, ids: &[InstanceId], force: bool) {

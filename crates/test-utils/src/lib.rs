@@ -6,6 +6,7 @@
 //! `FLOTILLA_TEST_DATABASE_URL` (a URL to an admin database) and
 //! `FLOTILLA_TEST_NATS_URL`.
 
+pub mod fleet;
 pub mod stack;
 
 use std::time::Duration;

@@ -4,90 +4,24 @@
 //! every lease, does nothing more afterwards, and the next replica can
 //! claim the same instances at once.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotilla_core::{InstanceId, InstanceState};
-use flotilla_proto::v1;
 use flotilla_proto::v1::provider_client::ProviderClient;
 
-use flotilla_store::WriteCtx;
-use flotilla_store::instance::{
-    InstanceRow, NewInstance, Transition, instance_insert_requested, instance_record_machine,
-    instance_transition,
-};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
+use flotilla_test_utils::fleet::{ReadySpec, ready_instances};
 use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{TestDb, TestNats};
 use flotilla_watchdog::{Watchdog, WatchdogArgs};
 use tonic::transport::Channel;
 
-async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
-    instance_transition(
-        conn,
-        &WriteCtx::new("test"),
-        &Transition {
-            id: r.id,
-            from: r.state,
-            to,
-            expected_version: r.version,
-            error: None,
-            reason: None,
-        },
-    )
-    .await
-    .expect("transition")
-}
-
 /// `n` ready instances with started machines, silent for an hour. Fewer
 /// than the storm guard's minimum, so the watchdog confirms each with the
 /// provider.
 async fn silent_ready(db: &TestDb, client: &ProviderClient<Channel>, n: usize) {
-    let mut conn = db.pool.acquire().await.expect("conn");
-    let new: Vec<NewInstance> = (0..n)
-        .map(|i| NewInstance {
-            id: InstanceId::new(),
-            pool: "gpu".into(),
-            name: format!("w-{i}"),
-            provider: "sim".into(),
-            labels: BTreeMap::new(),
-            idempotency_key: None,
-            worker_token_hash: None,
-        })
-        .collect();
-    let rows = instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
-        .await
-        .expect("requested");
-    for row in rows {
-        let m = client
-            .clone()
-            .create_machine(v1::CreateMachineRequest {
-                target: Some(v1::ProviderTarget {
-                    provider: "sim".into(),
-                    pool: "gpu".into(),
-                    region: "ams".into(),
-                }),
-                instance_id: row.id.to_string(),
-                name: row.name.clone(),
-                instance_type: "shared-cpu-1x".into(),
-                image: "img".into(),
-                start: true,
-                ..Default::default()
-            })
-            .await
-            .expect("machine")
-            .into_inner();
-        let mut r = row;
-        for to in [InstanceState::Provisioning, InstanceState::Booting] {
-            r = step(&mut conn, &r, to).await;
-        }
-        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
-            .await
-            .expect("record");
-        step(&mut conn, &r, InstanceState::Ready).await;
-    }
+    ready_instances(&db.pool, client, n, &ReadySpec::default()).await;
     sqlx::query(
         "UPDATE instances SET last_heartbeat = now() - interval '1 hour',
                               state_entered_at = now() - interval '1 hour'",

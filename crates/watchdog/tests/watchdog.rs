@@ -13,10 +13,11 @@ use flotilla_sim_provider::Faults;
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{
     InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
-    instance_record_machine, instance_transition,
+    instance_transition,
 };
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_test_utils::TestDb;
+use flotilla_test_utils::fleet::{ReadySpec, ready_instances, target};
 use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
 use flotilla_watchdog::{Watchdog, WatchdogTuning};
 
@@ -74,14 +75,6 @@ fn watchdog(env: &Env, owner: &str, extra: &[&str]) -> Watchdog {
     }
 }
 
-fn target() -> Option<v1::ProviderTarget> {
-    Some(v1::ProviderTarget {
-        provider: "sim".into(),
-        pool: "gpu".into(),
-        region: "ams".into(),
-    })
-}
-
 async fn machine(env: &Env, instance: InstanceId) -> v1::Machine {
     env.stack
         .client
@@ -102,53 +95,17 @@ async fn machine(env: &Env, instance: InstanceId) -> v1::Machine {
 
 /// `n` ready instances with started machines and a fresh heartbeat.
 async fn ready(env: &Env, n: usize) -> Vec<InstanceId> {
-    let mut conn = env.db.pool.acquire().await.unwrap();
-    let ctx = WriteCtx::new("test");
-    let new: Vec<NewInstance> = (0..n)
-        .map(|i| NewInstance {
-            id: InstanceId::new(),
-            pool: "gpu".into(),
-            name: format!("w-{i}"),
-            provider: "sim".into(),
-            labels: BTreeMap::from([("team".into(), "ml".into())]),
-            idempotency_key: None,
-            worker_token_hash: None,
-        })
-        .collect();
-    let rows = instance_insert_requested(&mut conn, &ctx, &new)
+    let spec = ReadySpec {
+        labels: BTreeMap::from([("team".into(), "ml".into())]),
+        ..ReadySpec::default()
+    };
+    let ids: Vec<InstanceId> = ready_instances(&env.db.pool, &env.stack.client, n, &spec)
         .await
-        .unwrap();
-    let mut ids = Vec::new();
-    for mut r in rows {
-        let m = machine(env, r.id).await;
-        for to in [InstanceState::Provisioning, InstanceState::Booting] {
-            r = step(&mut conn, &r, to).await;
-        }
-        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
-            .await
-            .unwrap();
-        r = step(&mut conn, &r, InstanceState::Ready).await;
-        ids.push(r.id);
-    }
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     heartbeat(env, &ids).await;
     ids
-}
-
-async fn step(conn: &mut sqlx::PgConnection, r: &InstanceRow, to: InstanceState) -> InstanceRow {
-    instance_transition(
-        conn,
-        &WriteCtx::new("test"),
-        &Transition {
-            id: r.id,
-            from: r.state,
-            to,
-            expected_version: r.version,
-            error: None,
-            reason: None,
-        },
-    )
-    .await
-    .unwrap()
 }
 
 async fn heartbeat(env: &Env, ids: &[InstanceId]) {
