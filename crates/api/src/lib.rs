@@ -80,7 +80,9 @@ pub async fn serve(
         .add_service(fleet)
         .add_service(worker)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // `serve_with_incoming` ignores the builder's TCP_NODELAY:
+            // without it small answers wait on the client's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 shutdown.cancelled().await;
                 reporter
