@@ -8,7 +8,6 @@
 //! with the token the machine was given, as the agent would, through the
 //! worker gRPC API (that report is the proof `ready` requires).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,14 +105,13 @@ impl Pipeline {
     /// Plays the workers until `n` instances are `ready`: every machine
     /// that appears at the simulator reports READY once, with its token.
     pub async fn report_ready_until(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
-        let mut seen: HashSet<String> = HashSet::new();
+        let mut cursor = 0;
         let permits = Arc::new(Semaphore::new(REPORTERS));
         let deadline = Instant::now() + limit;
         loop {
-            for m in self.provider.sim.sim().machines() {
-                if seen.contains(&m.machine.id) {
-                    continue;
-                }
+            let (created, next) = self.provider.sim.sim().machines_created_after(cursor);
+            cursor = next;
+            for m in created {
                 let env = &m.machine.config.env;
                 let (Some(id), Some(token)) = (
                     env.get("FLOTILLA_INSTANCE_ID").cloned(),
@@ -121,7 +119,6 @@ impl Pipeline {
                 ) else {
                     continue;
                 };
-                seen.insert(m.machine.id.clone());
                 let permit = permits.clone().acquire_owned().await?;
                 let mut worker = self.worker.clone();
                 tokio::spawn(async move {

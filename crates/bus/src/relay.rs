@@ -139,6 +139,9 @@ impl OutboxRelay {
                 None
             }
         };
+        // The backlog gauge is a count over the unsent rows: read it at
+        // most once a second, not once per batch relayed.
+        let mut backlog_read: Option<Instant> = None;
         loop {
             let full = match self.run_once().await {
                 Ok(s) => s.sent + s.failed >= self.batch as u64 && s.failed == 0,
@@ -147,10 +150,13 @@ impl OutboxRelay {
                     false
                 }
             };
-            if let Ok(mut conn) = self.pool.acquire().await
-                && let Ok(n) = outbox_backlog(&mut conn).await
-            {
-                flotilla_telemetry::loops::backlog("outbox_relay", n.max(0) as u64);
+            if backlog_read.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                backlog_read = Some(Instant::now());
+                if let Ok(mut conn) = self.pool.acquire().await
+                    && let Ok(n) = outbox_backlog(&mut conn).await
+                {
+                    flotilla_telemetry::loops::backlog("outbox_relay", n.max(0) as u64);
+                }
             }
             if full {
                 // More is waiting: go again at once.

@@ -32,6 +32,7 @@ impl Scheduler {
     pub async fn boot_once(&self) -> ActivationStatus {
         let mut status = ActivationStatus::default();
         let ctx = WriteCtx::new("scheduler");
+        let mut fullest = 0;
         match instance_claim_overdue_boot(
             &self.db,
             self.tuning.boot_deadlines(),
@@ -43,6 +44,7 @@ impl Scheduler {
         {
             Ok(rows) => {
                 status.found += rows.len() as u64;
+                fullest = fullest.max(rows.len());
                 for row in rows {
                     match self.mark_startup_failed(&ctx, &row).await {
                         Ok(()) => status.acted += 1,
@@ -70,6 +72,7 @@ impl Scheduler {
         {
             Ok(rows) => {
                 status.found += rows.len() as u64;
+                fullest = fullest.max(rows.len());
                 for row in rows {
                     match self.recover_startup(&ctx, row.clone()).await {
                         Ok(()) => status.acted += 1,
@@ -82,6 +85,7 @@ impl Scheduler {
             }
             Err(e) => status.error(e.class(), "claim startup_failed", e),
         }
+        status.more_if_full(fullest, self.tuning.scheduler_batch);
         status
     }
 

@@ -128,6 +128,7 @@ impl Scheduler {
             }
         };
         status.found = claimed.len() as u64;
+        let claimed_n = claimed.len();
         let pools = Arc::new(self.pools_of(&claimed, &mut status).await);
         let results: Vec<(InstanceId, Result<Stepped, StepError>)> = futures::stream::iter(claimed)
             .map(|row| {
@@ -171,6 +172,7 @@ impl Scheduler {
                 }
             }
         }
+        status.more_if_full(claimed_n, self.tuning.scheduler_batch);
         status
     }
 

@@ -937,3 +937,36 @@ async fn a_pool_with_volumes_gets_one_recorded_mounted_volume_per_instance_even_
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_a_batch_drains_without_waiting_for_ticks() {
+    let env = env(instant()).await;
+    let ids = request(&env, 45).await;
+    // One tick an hour and no bus: only a batch that asks for the next one
+    // can move more than the first 10 instances.
+    let mut t = tuning(&["--scheduler-batch", "10"]);
+    t.scheduler_tick_ms = 3_600_000;
+    let s = scheduler(&env, "s1", None, t);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(s.run(None, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let booted = rows(&env)
+            .await
+            .iter()
+            .filter(|r| r.state == InstanceState::Booting)
+            .count();
+        if booted == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {booted} of {} instances booting: the backlog waited for a tick",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    running.await.unwrap();
+    assert_one_machine_each(&env, &ids).await;
+}

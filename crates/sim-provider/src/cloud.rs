@@ -388,6 +388,26 @@ impl Sim {
         records.into_iter().map(MachineRecord::truth).collect()
     }
 
+    /// The machines created after `cursor` (0 at first, then the cursor
+    /// this returned), in creation order, and the next cursor. For pollers
+    /// of a large sim: only new machines are cloned, so the world's lock is
+    /// held for a scan, not for a copy of every machine.
+    pub fn machines_created_after(&self, cursor: u64) -> (Vec<MachineTruth>, u64) {
+        let world = self.world();
+        let mut records: Vec<&MachineRecord> = world
+            .apps
+            .values()
+            .flat_map(|a| a.machines.values())
+            .filter(|rec| rec.seq > cursor)
+            .collect();
+        records.sort_by_key(|rec| rec.seq);
+        let next = records.last().map_or(cursor, |rec| rec.seq);
+        (
+            records.into_iter().map(MachineRecord::truth).collect(),
+            next,
+        )
+    }
+
     pub fn machine(&self, id: &str) -> Option<MachineTruth> {
         self.world()
             .apps

@@ -23,6 +23,8 @@ pub enum Wake {
     Message,
     /// The first run after start.
     Startup,
+    /// The previous activation stopped at its batch limit with work left.
+    Backlog,
 }
 
 impl Wake {
@@ -31,6 +33,7 @@ impl Wake {
             Wake::Tick => "tick",
             Wake::Message => "message",
             Wake::Startup => "startup",
+            Wake::Backlog => "backlog",
         }
     }
 }
@@ -50,9 +53,21 @@ pub struct ActivationStatus {
     pub acted: u64,
     pub already_done: u64,
     pub errors: Vec<ItemError>,
+    /// The activation filled its batch and moved work forward, so more is
+    /// probably due now: the driver runs it again at once instead of
+    /// waiting for the tick or a message. Without this a backlog drains
+    /// one batch per tick.
+    pub more: bool,
 }
 
 impl ActivationStatus {
+    /// Marks [`ActivationStatus::more`] when `claimed` reached `limit` and
+    /// something moved; a full batch of failures waits for the tick, so an
+    /// outage never turns into a hot loop.
+    pub fn more_if_full(&mut self, claimed: usize, limit: i64) {
+        self.more = limit > 0 && claimed as i64 >= limit && self.acted > 0;
+    }
+
     pub fn error(&mut self, class: ErrorClass, item: impl ToString, message: impl ToString) {
         self.errors.push(ItemError {
             class,
@@ -114,10 +129,77 @@ pub async fn drive<F, Fut>(
         let started = Instant::now();
         let status = activation().await;
         record(name, reason, started.elapsed(), &status);
+        if status.more {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            reason = Wake::Backlog;
+            // Other tasks of the runtime get their turn between batches.
+            tokio::task::yield_now().await;
+            continue;
+        }
         reason = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(tick) => Wake::Tick,
             _ = wake.notified() => Wake::Message,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// An activation that reports a full batch `full` times, then an empty one.
+    fn backlog_of(
+        full: u64,
+        runs: Arc<AtomicU64>,
+    ) -> impl Fn() -> std::future::Ready<ActivationStatus> {
+        move || {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            let mut status = ActivationStatus {
+                acted: 10,
+                ..Default::default()
+            };
+            status.more_if_full(if n < full { 10 } else { 3 }, 10);
+            std::future::ready(status)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_runs_again_at_once_and_an_empty_one_waits_for_the_tick() {
+        let runs = Arc::new(AtomicU64::new(0));
+        let shutdown = CancellationToken::new();
+        let driver = tokio::spawn(drive(
+            "test",
+            Duration::from_secs(3600),
+            Arc::new(Notify::new()),
+            shutdown.clone(),
+            backlog_of(4, runs.clone()),
+        ));
+        // Paused time moves only when every task waits: the four full
+        // batches and the short one ran without any time passing.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 5);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 6, "then once per tick");
+        shutdown.cancel();
+        driver.await.unwrap();
+    }
+
+    #[test]
+    fn a_full_batch_of_failures_waits_for_the_tick() {
+        let mut status = ActivationStatus::default();
+        status.more_if_full(10, 10);
+        assert!(!status.more, "nothing moved: an outage must not spin");
+        status.acted = 1;
+        status.more_if_full(9, 10);
+        assert!(!status.more, "a short batch means the backlog is drained");
+        status.more_if_full(10, 10);
+        assert!(status.more);
+        status.more_if_full(10, 0);
+        assert!(!status.more, "no limit, no backlog");
     }
 }

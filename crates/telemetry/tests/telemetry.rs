@@ -35,6 +35,7 @@ async fn metrics_endpoint_serves_what_loops_record() {
         acted: 2,
         already_done: 1,
         errors: vec![],
+        more: false,
     };
     status.error(ErrorClass::Retryable, "i-1", "412 machine started");
     record(

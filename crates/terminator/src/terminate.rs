@@ -105,6 +105,7 @@ impl Terminator {
             }
         };
         status.found = claimed.len() as u64;
+        let claimed_n = claimed.len();
         let mut pools: HashMap<String, Option<PoolRow>> = HashMap::new();
         if let Ok(mut conn) = self.db.acquire().await {
             for row in &claimed {
@@ -145,6 +146,7 @@ impl Terminator {
                 Err(e) => status.error(e.class(), id, e),
             }
         }
+        status.more_if_full(claimed_n, self.tuning.terminator_batch);
         status
     }
 
