@@ -46,9 +46,14 @@ pub struct SchedulerTuning {
     /// Instances claimed per tick.
     #[arg(long, env = "SCHEDULER_BATCH", default_value_t = 256)]
     pub scheduler_batch: i64,
-    /// Provider calls in flight at once per replica.
+    /// Provider calls in flight at once per replica (shared by the lanes).
     #[arg(long, env = "SCHEDULER_PROVIDER_CONCURRENCY", default_value_t = 32)]
     pub scheduler_provider_concurrency: usize,
+    /// Provisioning loops per replica. A loop waits for every step of its
+    /// batch; with a second loop a new request is picked up while the
+    /// first still waits on slow starts, instead of queueing behind them.
+    #[arg(long, env = "SCHEDULER_PROVISION_LANES", default_value_t = 2)]
+    pub scheduler_provision_lanes: usize,
     /// Seconds a claim is held; longer than one instance's create + start.
     #[arg(long, env = "SCHEDULER_LEASE_SECONDS", default_value_t = 120)]
     pub scheduler_lease_seconds: u64,
@@ -104,6 +109,13 @@ pub struct SchedulerTuning {
 impl SchedulerTuning {
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.scheduler_tick_ms.max(10))
+    }
+
+    /// Provider calls one provisioning lane keeps in flight.
+    pub fn provision_concurrency_per_lane(&self) -> usize {
+        self.scheduler_provider_concurrency
+            .div_ceil(self.scheduler_provision_lanes.max(1))
+            .max(1)
     }
 
     pub fn lease(&self) -> Duration {

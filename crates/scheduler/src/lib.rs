@@ -88,7 +88,9 @@ impl Scheduler {
         let wake = Arc::new(Notify::new());
         let tick = self.tuning.tick();
         let mut tasks = tokio::task::JoinSet::new();
-        {
+        // Every lane waits on the same wake-up: a command wakes one idle
+        // lane while the others are busy with their batches.
+        for _ in 0..self.tuning.scheduler_provision_lanes.max(1) {
             let s = self.clone();
             let (w, sd) = (wake.clone(), shutdown.clone());
             tasks.spawn(async move {

@@ -154,7 +154,7 @@ impl Scheduler {
                     (key, result)
                 }
             })
-            .buffer_unordered(self.tuning.scheduler_provider_concurrency.max(1))
+            .buffer_unordered(self.tuning.provision_concurrency_per_lane())
             .collect()
             .await;
         for (id, r) in results {

@@ -970,3 +970,63 @@ async fn a_backlog_larger_than_a_batch_drains_without_waiting_for_ticks() {
     running.await.unwrap();
     assert_one_machine_each(&env, &ids).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_request_does_not_queue_behind_a_slow_start() {
+    // Every start takes 3 s to reach `started`.
+    let env = env(Faults {
+        start_delay_ms: 3000,
+        ..instant()
+    })
+    .await;
+    let first = request(&env, 1).await[0];
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(s.run(None, stop.clone()));
+    let machine_of = |id: InstanceId| {
+        let pool = env.db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            instance_get(&mut conn, id).await.unwrap().unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while machine_of(first).await.provider_machine_id.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the first machine was never created"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first instance's start is in flight now; a second request comes.
+    let late = {
+        let mut conn = env.db.pool.acquire().await.unwrap();
+        let new = NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: "late".into(),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        };
+        instance_insert_requested(&mut conn, &WriteCtx::new("test"), &[new])
+            .await
+            .unwrap()[0]
+            .id
+    };
+    while machine_of(late).await.provider_machine_id.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the late machine was never created"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        machine_of(first).await.state,
+        InstanceState::Provisioning,
+        "the late request waited for the first instance's slow start"
+    );
+    stop.cancel();
+    running.await.unwrap();
+}
