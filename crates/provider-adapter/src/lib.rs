@@ -107,17 +107,12 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            // `serve_with_incoming` ignores the builder's TCP_NODELAY:
-            // without it small answers wait on the client's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                shutdown.cancelled().await;
-                reporter
-                    .set_not_serving::<ProviderServer<ProviderService>>()
-                    .await;
-            },
-        )
+        .serve_with_incoming_shutdown(flotilla_telemetry::grpc::incoming(listener), async move {
+            shutdown.cancelled().await;
+            reporter
+                .set_not_serving::<ProviderServer<ProviderService>>()
+                .await;
+        })
         .await?;
     Ok(())
 }

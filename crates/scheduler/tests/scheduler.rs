@@ -78,12 +78,17 @@ fn scheduler(env: &Env, name: &str, crash: Option<CrashPoint>, t: SchedulerTunin
 }
 
 async fn request(env: &Env, n: usize) -> Vec<InstanceId> {
+    request_named(env, "w", n).await
+}
+
+/// `n` requested instances named `<prefix>-<i>` in pool `gpu`.
+async fn request_named(env: &Env, prefix: &str, n: usize) -> Vec<InstanceId> {
     let mut conn = env.db.pool.acquire().await.unwrap();
     let new: Vec<NewInstance> = (0..n)
         .map(|i| NewInstance {
             id: InstanceId::new(),
             pool: "gpu".into(),
-            name: format!("w-{i}"),
+            name: format!("{prefix}-{i}"),
             provider: "sim".into(),
             labels: BTreeMap::new(),
             idempotency_key: None,
@@ -999,22 +1004,7 @@ async fn a_new_request_does_not_queue_behind_a_slow_start() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The first instance's start is in flight now; a second request comes.
-    let late = {
-        let mut conn = env.db.pool.acquire().await.unwrap();
-        let new = NewInstance {
-            id: InstanceId::new(),
-            pool: "gpu".into(),
-            name: "late".into(),
-            provider: "sim".into(),
-            labels: BTreeMap::new(),
-            idempotency_key: None,
-            worker_token_hash: None,
-        };
-        instance_insert_requested(&mut conn, &WriteCtx::new("test"), &[new])
-            .await
-            .unwrap()[0]
-            .id
-    };
+    let late = request_named(&env, "late", 1).await[0];
     while machine_of(late).await.provider_machine_id.is_none() {
         assert!(
             Instant::now() < deadline,

@@ -378,14 +378,8 @@ impl Sim {
 
     /// Every machine the sim holds, destroyed ones included, in creation order.
     pub fn machines(&self) -> Vec<MachineTruth> {
-        let world = self.world();
-        let mut records: Vec<&MachineRecord> = world
-            .apps
-            .values()
-            .flat_map(|a| a.machines.values())
-            .collect();
-        records.sort_by_key(|rec| rec.seq);
-        records.into_iter().map(MachineRecord::truth).collect()
+        // Sequence numbers start at 1: every machine is after cursor 0.
+        self.machines_created_after(0).0
     }
 
     /// The machines created after `cursor` (0 at first, then the cursor

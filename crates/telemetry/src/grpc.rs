@@ -9,6 +9,13 @@ use tracing::Span;
 
 use crate::propagation::{current_trace_headers, set_parent_from_headers};
 
+/// The connections a gRPC server accepts on `listener`, with `TCP_NODELAY`:
+/// `serve_with_incoming` ignores the builder's nodelay default, and
+/// without it small answers wait on the client's delayed ACK.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// For `Server::builder().trace_fn(..)`: one span per call, child of the
 /// caller's `traceparent`. The correlation id is recorded on it by
 /// [`correlation_interceptor`], which may have to mint it.
