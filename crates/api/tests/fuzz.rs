@@ -65,7 +65,7 @@ async fn counts(db: &TestDb) -> Vec<i64> {
         .collect::<Vec<_>>()
         .join(", ");
     let row: Vec<i64> = {
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT ARRAY[{sql}]")))
+        let r = sqlx::query(&format!("SELECT ARRAY[{sql}]"))
             .fetch_one(&db.pool)
             .await
             .expect("count rows");

@@ -70,7 +70,7 @@ impl BenchDb {
         let mut conn = PgConnection::connect(&ctx.admin_url)
             .await
             .with_context(|| format!("PostgreSQL at {}", ctx.admin_url))?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .await?;
         let _ = conn.close().await;
@@ -147,9 +147,9 @@ impl Drop for BenchDb {
             };
             rt.block_on(async move {
                 if let Ok(mut conn) = PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    let _ = sqlx::query(&format!(
                         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
+                    ))
                     .execute(&mut conn)
                     .await;
                 }

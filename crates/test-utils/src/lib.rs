@@ -66,7 +66,7 @@ impl TestDb {
         let mut conn = PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .await
             .expect("create test database");
@@ -90,9 +90,9 @@ impl Drop for TestDb {
         let name = self.name.clone();
         cleanup_blocking(move || async move {
             if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let _ = sqlx::query(&format!(
                     "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
+                ))
                 .execute(&mut conn)
                 .await;
             }
