@@ -147,11 +147,9 @@ impl Drop for BenchDb {
             };
             rt.block_on(async move {
                 if let Ok(mut conn) = PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    ))
-                    .execute(&mut conn)
-                    .await;
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
                 }
             });
         })

@@ -65,7 +65,13 @@ pub fn machine_to_proto(m: Machine) -> v1::Machine {
         MachineState::Destroying => v1::MachineState::Destroying,
         MachineState::Destroyed => v1::MachineState::Destroyed,
         MachineState::Failed => v1::MachineState::Failed,
-        MachineState::Unknown => v1::MachineState::Unspecified,
+        MachineState::Creating => v1::MachineState::Creating,
+        MachineState::Restarting => v1::MachineState::Restarting,
+        MachineState::LaunchFailed => v1::MachineState::LaunchFailed,
+        MachineState::Updating => v1::MachineState::Updating,
+        MachineState::Replaced => v1::MachineState::Replaced,
+        MachineState::Migrated => v1::MachineState::Migrated,
+        MachineState::Unknown => v1::MachineState::Unknown,
     };
     v1::Machine {
         id: m.id,

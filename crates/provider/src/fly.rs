@@ -122,6 +122,12 @@ pub fn machine_state(s: &str) -> MachineState {
         "destroying" => MachineState::Destroying,
         "destroyed" => MachineState::Destroyed,
         "failed" => MachineState::Failed,
+        "creating" => MachineState::Creating,
+        "restarting" => MachineState::Restarting,
+        "launch_failed" => MachineState::LaunchFailed,
+        "updating" => MachineState::Updating,
+        "replaced" => MachineState::Replaced,
+        "migrated" => MachineState::Migrated,
         _ => MachineState::Unknown,
     }
 }
@@ -315,6 +321,16 @@ fn check_id(field: &str, id: &str) -> ProviderResult<()> {
 impl MachineProvider for FlyProvider {
     fn kind(&self) -> &'static str {
         self.config.kind
+    }
+
+    fn check_spec(&self, spec: &SpecCheck) -> ProviderResult<()> {
+        guest(&spec.instance_type)?;
+        if spec.image.is_empty() {
+            return Err(ProviderError::InvalidArgument(
+                "image: Fly needs an image to create a machine".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn create_machine(&self, spec: &MachineSpec) -> ProviderResult<Machine> {

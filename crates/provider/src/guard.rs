@@ -321,6 +321,11 @@ impl<P: MachineProvider> MachineProvider for Guarded<P> {
         self.inner.kind()
     }
 
+    /// No call to the provider: nothing to limit or break.
+    fn check_spec(&self, spec: &SpecCheck) -> ProviderResult<()> {
+        self.inner.check_spec(spec)
+    }
+
     async fn create_machine(&self, spec: &MachineSpec) -> ProviderResult<Machine> {
         self.once("create_machine", self.inner.create_machine(spec))
             .await

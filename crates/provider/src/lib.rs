@@ -31,6 +31,16 @@ pub trait MachineProvider: Send + Sync + 'static {
     /// "fly", "scaleway", "local" or "sim".
     fn kind(&self) -> &'static str;
 
+    /// Checks, without calling the provider, that machines of this shape
+    /// could be created here: the size, region and image as the provider
+    /// names them. Pools are checked with it when they are created, so a
+    /// typo is an `InvalidArgument` naming the field then, not a failed
+    /// create later. The default accepts everything.
+    fn check_spec(&self, spec: &SpecCheck) -> ProviderResult<()> {
+        let _ = spec;
+        Ok(())
+    }
+
     /// Creates a machine carrying the ownership tags of `spec`. Starts it
     /// when `spec.start` is set and the provider can do both in one call.
     fn create_machine(

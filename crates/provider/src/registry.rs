@@ -40,6 +40,10 @@ impl MachineProvider for AnyProvider {
         dispatch!(self, p => p.kind())
     }
 
+    fn check_spec(&self, spec: &SpecCheck) -> ProviderResult<()> {
+        dispatch!(self, p => p.check_spec(spec))
+    }
+
     async fn create_machine(&self, spec: &MachineSpec) -> ProviderResult<Machine> {
         dispatch!(self, p => p.create_machine(spec).await)
     }

@@ -32,10 +32,42 @@ pub enum MachineState {
     Destroying,
     Destroyed,
     Failed,
+    /// Fly: the machine is being created (before `created`).
+    Creating,
+    /// Fly: a restart is under way (the machine will be started again).
+    Restarting,
+    /// Fly: the launch failed; the machine exists and is not running.
+    LaunchFailed,
+    /// Fly: a config update is being applied.
+    Updating,
+    /// Fly: this version of the machine was replaced by a newer one.
+    Replaced,
+    /// Fly: the machine was moved to another host.
+    Migrated,
     Unknown,
 }
 
 impl MachineState {
+    /// In passing: the machine is on its way between settled states, or in
+    /// a state nobody documented. Never evidence that it is dead or gone;
+    /// a caller waits it out (bounded) and looks again.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            MachineState::Creating
+                | MachineState::Starting
+                | MachineState::Stopping
+                | MachineState::Suspending
+                | MachineState::Replacing
+                | MachineState::Destroying
+                | MachineState::Restarting
+                | MachineState::Updating
+                | MachineState::Replaced
+                | MachineState::Migrated
+                | MachineState::Unknown
+        )
+    }
+
     /// Settled states where a delete without force is accepted.
     pub fn is_deletable(self) -> bool {
         matches!(
@@ -44,6 +76,7 @@ impl MachineState {
                 | MachineState::Stopped
                 | MachineState::Suspended
                 | MachineState::Failed
+                | MachineState::LaunchFailed
         )
     }
 
@@ -65,9 +98,25 @@ impl MachineState {
             MachineState::Destroying => "destroying",
             MachineState::Destroyed => "destroyed",
             MachineState::Failed => "failed",
+            MachineState::Creating => "creating",
+            MachineState::Restarting => "restarting",
+            MachineState::LaunchFailed => "launch_failed",
+            MachineState::Updating => "updating",
+            MachineState::Replaced => "replaced",
+            MachineState::Migrated => "migrated",
             MachineState::Unknown => "unknown",
         }
     }
+}
+
+/// The shape of a pool's machines, checked before any is created.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecCheck {
+    pub region: String,
+    pub instance_type: String,
+    pub image: String,
+    /// 0: no data volume.
+    pub volume_size_gb: u32,
 }
 
 /// What to create.

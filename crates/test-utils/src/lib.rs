@@ -90,11 +90,9 @@ impl Drop for TestDb {
         let name = self.name.clone();
         cleanup_blocking(move || async move {
             if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-                let _ = sqlx::query(&format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                ))
-                .execute(&mut conn)
-                .await;
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
             }
         });
     }
