@@ -10,12 +10,16 @@
 //! in-process tests cannot crash a process. PostgreSQL and NATS are private
 //! instances started here, never the shared ones.
 
+pub mod cluster;
 pub mod infra;
 pub mod invariants;
+pub mod lifecycle;
 pub mod run;
 pub mod storm;
 pub mod supervisor;
 pub mod truth;
 
+pub use cluster::{Cluster, build_service_binaries, default_bin_dir};
 pub use invariants::{Ledger, Violation, check};
-pub use run::{ChaosConfig, ChaosReport, build_service_binaries, default_bin_dir, run};
+pub use lifecycle::{LifecycleReport, lifecycle};
+pub use run::{ChaosConfig, ChaosReport, run};

@@ -1,7 +1,6 @@
-//! One chaos run from start to verdict: private PostgreSQL and NATS, the
-//! simulated cloud with injected faults, every service as its own process
-//! (two replicas of scheduler, terminator and watchdog), the storm, the
-//! kills and restarts, then convergence and the invariant checks.
+//! The storm scenario from start to verdict: on a [`Cluster`], a storm of
+//! `Provision` and `Terminate` calls, the kills and restarts, then
+//! convergence and the invariant checks.
 //!
 //! Design notes: the chaos follows a timeline computed up front (kills
 //! spread over the storm, NATS restarted at 30 %, PostgreSQL at 60 %), so a
@@ -16,34 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_proto::v1;
-use flotilla_sim_provider::{ErrorRates, Faults};
 use rand::Rng;
 use rand::seq::IndexedRandom;
-use sha2::{Digest, Sha256};
-use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
 
-use crate::infra::{PrivateNats, PrivatePostgres, free_port};
+use crate::cluster::{Cluster, POOL, SIM_APP, SIM_TOKEN};
+use crate::infra::{PrivateNats, PrivatePostgres};
 use crate::invariants::{self, Violation};
-use crate::storm::{self, Fleet, Recorder, StormPlan, StormStats};
-use crate::supervisor::{ProcessStats, ServiceSpec, Supervisor};
-use crate::truth::{self, SimAdmin};
-
-/// The service binaries a run starts, by package.
-pub const SERVICE_BINARIES: &[(&str, &str)] = &[
-    ("flotilla-api", "api"),
-    ("flotilla-scheduler", "scheduler"),
-    ("flotilla-terminator", "terminator"),
-    ("flotilla-watchdog", "watchdog"),
-    ("flotilla-provider-adapter", "provider-adapter"),
-    ("flotilla-sim-provider", "flotilla-sim"),
-];
-
-const API_TOKEN: &str = "chaos-token";
-const SIM_TOKEN: &str = "sim-token";
-const SIM_APP: &str = "flotilla";
-const POOL: &str = "chaos";
+use crate::storm::{self, Recorder, StormPlan, StormStats};
+use crate::supervisor::{ProcessStats, Supervisor};
+use crate::truth;
 
 /// The size and shape of one run.
 #[derive(Debug, Clone)]
@@ -214,71 +194,6 @@ impl std::fmt::Display for ChaosReport {
     }
 }
 
-/// Where cargo put this build's binaries: next to the running executable
-/// (`target/<profile>/` for a binary, its parent for a test in `deps/`).
-pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Ok(dir) = std::env::var("CHAOS_BIN_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("executable without a directory")?;
-    if dir.ends_with("deps") {
-        dir = dir.parent().context("deps without a parent")?;
-    }
-    Ok(dir.to_path_buf())
-}
-
-/// `cargo build --bins` for every service package (a no-op when they are
-/// fresh), so a test works on a clean checkout.
-pub fn build_service_binaries(release: bool) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--bins", "--locked", "--quiet"]);
-    if release {
-        cmd.arg("--release");
-    }
-    for (package, _) in SERVICE_BINARIES {
-        cmd.args(["-p", package]);
-    }
-    let status = cmd.status().context("running cargo build")?;
-    anyhow::ensure!(
-        status.success(),
-        "cargo build of the service binaries failed"
-    );
-    Ok(())
-}
-
-fn sim_faults(rate: f64) -> Faults {
-    // The rate is split among the kinds the issue names; creates that
-    // succeed but answer 500 come on top (they only touch creates).
-    let rates = ErrorRates {
-        rate_429: rate * 0.3,
-        rate_500: rate * 0.3,
-        rate_503: rate * 0.2,
-        rate_timeout: rate * 0.2,
-    };
-    Faults {
-        latency_ms: 2,
-        latency_jitter_ms: 10,
-        error_rate_all: rates,
-        retry_after_secs: 1,
-        timeout_ms: 1_000,
-        create_succeeds_but_errors_rate: rate * 0.5,
-        start_delay_ms: 50,
-        stop_delay_ms: 50,
-        destroy_delay_ms: 20,
-        destroyed_linger_ms: 500,
-        ..Faults::default()
-    }
-}
-
-fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
-}
-
 /// Runs one chaos run and reports; `Err` only when the harness itself
 /// could not run (a server that would not start), never for a violation.
 pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
@@ -296,190 +211,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 }
 
 async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosReport> {
-    let bin = |name: &str| config.bin_dir.join(name);
-    for (_, name) in SERVICE_BINARIES {
-        anyhow::ensure!(
-            bin(name).exists(),
-            "{} not found: build the services first (cargo build --bins)",
-            bin(name).display()
-        );
-    }
-    let mut pg = PrivatePostgres::start(&work_dir.join("pg")).await?;
-    {
-        let mut conn = PgConnection::connect(&pg.url("postgres")).await?;
-        sqlx::query("CREATE DATABASE flotilla")
-            .execute(&mut conn)
-            .await?;
-        let _ = conn.close().await;
-    }
-    let db_url = pg.url("flotilla");
-    let mut nats = PrivateNats::start(work_dir, config.nats_nodes).await?;
-    let supervisor = Supervisor::new(&work_dir.join("logs"))?;
-
-    let sim_addr = format!("127.0.0.1:{}", free_port()?);
-    let sim_url = format!("http://{sim_addr}");
-    supervisor.add(ServiceSpec {
-        name: "flotilla-sim".into(),
-        program: bin("flotilla-sim"),
-        env: env(&[
-            ("SIM_LISTEN", sim_addr.clone()),
-            ("SIM_TOKEN", SIM_TOKEN.into()),
-            (
-                "SIM_FAULTS",
-                serde_json::to_string(&sim_faults(config.fault_rate))?,
-            ),
-            ("RUST_LOG", "warn".into()),
-        ]),
-        // The sim is the cloud, and the cloud's memory is the truth.
-        killable: false,
-    })?;
-    let admin = SimAdmin::new(&sim_url)?;
-    wait_for("the simulated cloud", Duration::from_secs(30), || async {
-        admin.stats().await.map(|_| ())
-    })
-    .await?;
-
-    let common = env(&[
-        ("DATABASE_URL", db_url.clone()),
-        ("DATABASE_MAX_CONNECTIONS", "8".into()),
-        ("NATS_NAMESPACE", "chaos".into()),
-        // On the cluster every stream keeps a copy on each node, so the
-        // node killed mid-storm takes no stream with it.
-        (
-            "NATS_STREAM_REPLICAS",
-            if config.nats_nodes >= 3 { "3" } else { "1" }.into(),
-        ),
-        ("NATS_ACK_WAIT_SECONDS", "5".into()),
-        ("METRICS_ADDR", String::new()),
-        ("SHUTDOWN_GRACE_SECONDS", "2".into()),
-        ("LOG_LEVEL", config.log_level.clone()),
-        ("LOG_FORMAT", "json".into()),
-    ]);
-    // Each process gets one node as its seed (NATS_URL takes one URL),
-    // spread over the cluster, so whichever node dies some services lose
-    // their server and must fail over to the members they learnt of.
-    let nats_urls = nats.urls();
-    let seed = std::cell::Cell::new(0usize);
-    let with = |extra: &[(&str, String)]| {
-        let mut e = common.clone();
-        let n = seed.get();
-        seed.set(n + 1);
-        e.insert("NATS_URL".into(), nats_urls[n % nats_urls.len()].clone());
-        e.extend(env(extra));
-        e
-    };
-    let adapter_addr = format!("127.0.0.1:{}", free_port()?);
-    let adapter_url = format!("http://{adapter_addr}");
-    let api_addr = format!("127.0.0.1:{}", free_port()?);
-    let api_url = format!("http://{api_addr}");
-    let token_hash = hex::encode(Sha256::digest(API_TOKEN.as_bytes()));
-
-    supervisor.add(ServiceSpec {
-        name: "provider-adapter".into(),
-        program: bin("provider-adapter"),
-        env: with(&[
-            ("PROVIDER_ADAPTER_LISTEN", adapter_addr.clone()),
-            ("SIM_API_BASE_URL", sim_url.clone()),
-            ("SIM_API_TOKEN", SIM_TOKEN.into()),
-            ("SIM_APP_NAME", SIM_APP.into()),
-            ("PROVIDER_REQUEST_TIMEOUT_SECONDS", "5".into()),
-            ("PROVIDER_START_TIMEOUT_SECONDS", "5".into()),
-            ("PROVIDER_RATE_LIMIT_PER_SECOND", "100000".into()),
-            ("PROVIDER_RATE_LIMIT_BURST", "100000".into()),
-            ("CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS", "2".into()),
-        ]),
-        killable: true,
-    })?;
-    supervisor.add(ServiceSpec {
-        name: "api".into(),
-        program: bin("api"),
-        env: with(&[
-            ("API_LISTEN", api_addr.clone()),
-            ("API_TOKENS", format!("chaos:{token_hash}")),
-        ]),
-        killable: true,
-    })?;
-    let fleet = Fleet::new(&api_url, API_TOKEN)?;
-    // The api migrates on start; the other services need the schema.
-    wait_for("the api and its pool", Duration::from_secs(60), || async {
-        match fleet
-            .create_pool(v1::Pool {
-                name: POOL.into(),
-                provider: "sim".into(),
-                instance_type: "shared-cpu-1x".into(),
-                region: "ams".into(),
-                image: "registry/worker:1".into(),
-                // No service creates volumes yet (the scheduler ignores
-                // it today); asked for so the run covers them once one does.
-                volume_size_gb: 1,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
-            Err(s) => Err(anyhow::anyhow!("{s}")),
-        }
-    })
-    .await?;
-    for n in 1..=2 {
-        supervisor.add(ServiceSpec {
-            name: format!("scheduler-{n}"),
-            program: bin("scheduler"),
-            env: with(&[
-                ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
-                ("WORKER_API_URL", api_url.clone()),
-                ("SCHEDULER_TICK_MS", "300".into()),
-                ("SCHEDULER_LEASE_SECONDS", "20".into()),
-                // Attempts are not to run out through ~10 % faults: an
-                // acknowledged Provision must end with a machine.
-                ("PROVISION_MAX_ATTEMPTS", "1000".into()),
-                ("PROVISION_RETRY_BASE_MS", "200".into()),
-                ("PROVISION_RETRY_MAX_MS", "2000".into()),
-                // Nothing plays the workers: instances stay `booting`.
-                ("RECOVERY_BOOTING_TIMEOUT_SECONDS", "86400".into()),
-            ]),
-            killable: true,
-        })?;
-        supervisor.add(ServiceSpec {
-            name: format!("terminator-{n}"),
-            program: bin("terminator"),
-            env: with(&[
-                ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
-                ("TERMINATOR_TICK_MS", "300".into()),
-                ("TERMINATOR_LEASE_SECONDS", "20".into()),
-                ("TERMINATOR_POLL_MS", "200".into()),
-                ("DRAIN_TIMEOUT_SECONDS", "1".into()),
-                ("STOP_GRACE_SECONDS", "1".into()),
-                ("PROVIDER_WAIT_SECONDS", "3".into()),
-                ("TERMINATE_RETRY_BASE_MS", "200".into()),
-                ("TERMINATE_RETRY_MAX_MS", "2000".into()),
-            ]),
-            killable: true,
-        })?;
-        supervisor.add(ServiceSpec {
-            name: format!("watchdog-{n}"),
-            program: bin("watchdog"),
-            env: with(&[
-                ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
-                ("WATCHDOG_TICK_MS", "500".into()),
-                ("WATCHDOG_LEASE_SECONDS", "20".into()),
-                ("ORPHAN_SCAN_INTERVAL_SECONDS", "3".into()),
-                ("ORPHAN_GRACE_SECONDS", "10".into()),
-                ("RECOVERY_PROVISIONING_TIMEOUT_SECONDS", "60".into()),
-                ("RECOVERY_STOPPING_TIMEOUT_SECONDS", "60".into()),
-                ("RECOVERY_DELETING_TIMEOUT_SECONDS", "60".into()),
-                ("RECOVERY_DRAINING_TIMEOUT_SECONDS", "60".into()),
-            ]),
-            killable: true,
-        })?;
-    }
-
-    let db = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&db_url)
-        .await?;
+    let mut cluster = Cluster::start(config, work_dir).await?;
 
     // The storm, the chaos and a sampler for duplicates, all at once.
     let recorder = Arc::new(Recorder::default());
@@ -492,10 +224,10 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
         patience: Duration::from_secs(60),
     };
     let storm_started = Instant::now();
-    let storm_task = tokio::spawn(storm::run(fleet.clone(), plan, recorder.clone()));
+    let storm_task = tokio::spawn(storm::run(cluster.fleet.clone(), plan, recorder.clone()));
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = tokio::spawn({
-        let (admin, sampling) = (admin.clone(), sampling.clone());
+        let (admin, sampling) = (cluster.admin.clone(), sampling.clone());
         async move {
             let mut seen = std::collections::BTreeSet::new();
             while sampling.load(std::sync::atomic::Ordering::SeqCst) {
@@ -509,7 +241,14 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
             seen
         }
     });
-    let events = chaos(config, &supervisor, &mut nats, &mut pg, storm_started).await;
+    let events = chaos(
+        config,
+        &cluster.supervisor,
+        &mut cluster.nats,
+        &mut cluster.pg,
+        storm_started,
+    )
+    .await;
     storm_task.await.context("storm task")?;
     let storm_took = storm_started.elapsed();
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -518,28 +257,14 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
     // Convergence: every service up again, then poll until the checker
     // finds nothing.
     let ledger = recorder.ledger();
-    let converge_started = Instant::now();
-    let mut convergence = None;
-    let mut last = Vec::new();
-    while converge_started.elapsed() < config.converge_timeout {
-        if supervisor.all_up()
-            && let (Ok(d), Ok(p)) = (truth::db_snapshot(&db).await, admin.snapshot().await)
-        {
-            last = invariants::check(&d, &p, &ledger);
-            if last.is_empty() {
-                convergence = Some(converge_started.elapsed());
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (convergence, last) = cluster.converge(&ledger, config.converge_timeout).await;
     let mut violations = last;
     violations.extend(during_storm.iter().cloned());
     violations.sort();
     violations.dedup();
 
-    let final_db = truth::db_snapshot(&db).await.unwrap_or_default();
-    let final_truth = admin.snapshot().await.unwrap_or_default();
+    let final_db = truth::db_snapshot(&cluster.db).await.unwrap_or_default();
+    let final_truth = cluster.admin.snapshot().await.unwrap_or_default();
     let mut rows_by_state = BTreeMap::new();
     for row in &final_db.instances {
         *rows_by_state.entry(row.state.clone()).or_default() += 1;
@@ -549,10 +274,13 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
     // checker to say so.
     let planted_leak_caught = if config.plant_leak && convergence.is_some() {
         let owner = uuid::Uuid::new_v4();
-        let machine = admin.plant_machine(SIM_APP, SIM_TOKEN, owner).await?;
+        let machine = cluster
+            .admin
+            .plant_machine(SIM_APP, SIM_TOKEN, owner)
+            .await?;
         let found = invariants::check(
-            &truth::db_snapshot(&db).await?,
-            &admin.snapshot().await?,
+            &truth::db_snapshot(&cluster.db).await?,
+            &cluster.admin.snapshot().await?,
             &ledger,
         );
         Some(found.iter().any(|v| {
@@ -562,12 +290,12 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
         None
     };
 
-    let stats = admin.stats().await.unwrap_or_default();
+    let stats = cluster.admin.stats().await.unwrap_or_default();
     let report = ChaosReport {
         storm: recorder.stats(),
         storm_took,
         events,
-        processes: supervisor.stats(),
+        processes: cluster.supervisor.stats(),
         convergence,
         violations,
         duplicates_during_storm: during_storm.len(),
@@ -583,29 +311,8 @@ async fn run_in(config: &ChaosConfig, work_dir: &Path) -> anyhow::Result<ChaosRe
         planted_leak_caught,
         work_dir: work_dir.to_path_buf(),
     };
-    db.close().await;
-    supervisor.shutdown().await;
-    drop(nats);
-    drop(pg);
+    cluster.shutdown().await;
     Ok(report)
-}
-
-/// Retries `probe` until it succeeds or `limit` passes.
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let started = Instant::now();
-    loop {
-        match probe().await {
-            Ok(()) => return Ok(()),
-            Err(e) if started.elapsed() > limit => {
-                return Err(e.context(format!("waiting for {what}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
 }
 
 enum Blow {

@@ -101,6 +101,13 @@ impl Fleet {
             .map(tonic::Response::into_inner)
     }
 
+    pub async fn update_pool(&self, req: v1::UpdatePoolRequest) -> Result<v1::Pool, Status> {
+        let mut c = self.client.clone();
+        c.update_pool(self.req(req))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn provision(
         &self,
         req: v1::ProvisionRequest,
@@ -137,7 +144,11 @@ fn transient(status: &Status) -> bool {
 }
 
 /// Calls `f` until it answers OK, a permanent error, or `patience` runs out.
-async fn with_retries<T, F, Fut>(recorder: &Recorder, patience: Duration, mut f: F) -> Option<T>
+pub(crate) async fn with_retries<T, F, Fut>(
+    recorder: &Recorder,
+    patience: Duration,
+    mut f: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,

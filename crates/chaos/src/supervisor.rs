@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flag::CancelFlag;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 /// How one service process is started.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub struct ProcessStats {
 pub struct Supervisor {
     slots: Arc<Mutex<Vec<Slot>>>,
     log_dir: PathBuf,
-    stop: CancelFlag,
+    stop: CancellationToken,
 }
 
 /// How long a service that exited by itself is held down before it is
@@ -66,13 +66,13 @@ impl Supervisor {
         let supervisor = Supervisor {
             slots: Arc::new(Mutex::new(Vec::new())),
             log_dir: log_dir.to_path_buf(),
-            stop: CancelFlag::default(),
+            stop: CancellationToken::new(),
         };
         let slots = supervisor.slots.clone();
         let log_dir = supervisor.log_dir.clone();
         let stop = supervisor.stop.clone();
         tokio::spawn(async move {
-            while !stop.is_set() {
+            while !stop.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
                 for slot in slots.iter_mut() {
@@ -156,7 +156,7 @@ impl Supervisor {
 
     /// SIGKILLs every service and waits for them.
     pub async fn shutdown(&self) {
-        self.stop.set();
+        self.stop.cancel();
         let children: Vec<Child> = self
             .lock()
             .iter_mut()
@@ -171,7 +171,7 @@ impl Supervisor {
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
-        self.stop.set();
+        self.stop.cancel();
         for slot in self.lock().iter_mut() {
             if let Some(mut child) = slot.child.take() {
                 let _ = child.start_kill();
@@ -223,23 +223,4 @@ fn spawn_slot(slot: &mut Slot, log_dir: &Path) -> anyhow::Result<()> {
     slot.child = Some(child);
     slot.starts += 1;
     Ok(())
-}
-
-/// A tiny shared stop flag (the harness needs no more than this).
-mod flag {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    #[derive(Debug, Clone, Default)]
-    pub struct CancelFlag(Arc<AtomicBool>);
-
-    impl CancelFlag {
-        pub fn set(&self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-
-        pub fn is_set(&self) -> bool {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
 }

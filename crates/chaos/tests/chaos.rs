@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use flotilla_chaos::{ChaosConfig, build_service_binaries, default_bin_dir, run};
+use flotilla_chaos::{ChaosConfig, build_service_binaries, default_bin_dir, lifecycle, run};
 
 static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
 /// One run at a time: each starts a dozen processes, and CI has 2 cores.
@@ -54,6 +54,18 @@ async fn a_storm_on_a_nats_cluster_losing_a_node_loses_leaks_and_duplicates_noth
     assert!(
         report.storm.provision_acked > 0,
         "the storm provisioned nothing"
+    );
+    assert!(report.passed(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_lifecycle_with_volumes_through_faults_and_kills_leaves_nothing_at_the_provider() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let report = lifecycle(config()).await.expect("the harness runs");
+    println!("{report}");
+    assert!(
+        report.provider_volumes_ever >= 40,
+        "the pool's volumes were not created: {report}"
     );
     assert!(report.passed(), "{report}");
 }

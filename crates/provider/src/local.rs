@@ -1035,31 +1035,19 @@ fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> ProviderResult<Option<T>> 
 }
 
 /// Writes a temporary file beside `path` and renames it over `path`, so a
-/// crash leaves either the old or the new file, never half of one. Owner
-/// only: the machines' environments may hold secrets.
+/// crash leaves either the old or the new file, never half of one.
+/// `tempfile` creates it owner-only (0600): the machines' environments may
+/// hold secrets. Blocking file work, so it runs off the async threads.
 async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", short_hex()));
-    let written = async {
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .await?;
-        file.write_all(bytes).await?;
-        file.flush().await?;
-        drop(file);
-        tokio::fs::rename(&tmp, path).await
-    }
-    .await;
-    if written.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
-    }
-    written
+    let path = path.to_path_buf();
+    let bytes = bytes.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(&bytes)?;
+        tmp.persist(&path).map(drop).map_err(|e| e.error)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
