@@ -99,21 +99,32 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// May a call go through now?
-    fn admit(&self) -> bool {
+    /// May a call go through now? The answer, when yes, is the admission
+    /// the call reports its outcome on.
+    fn admit(&self) -> Option<Admission<'_>> {
         let mut inner = self.lock();
-        match *inner {
-            Inner::Closed { .. } => true,
-            Inner::Open { until } if Instant::now() < until => false,
-            Inner::Open { .. } => {
+        let probe = match *inner {
+            Inner::Closed { .. } => false,
+            Inner::Open { until } if Instant::now() < until => return None,
+            Inner::HalfOpen { probing: true } => return None,
+            Inner::Open { .. } | Inner::HalfOpen { probing: false } => {
                 *inner = Inner::HalfOpen { probing: true };
                 true
             }
-            Inner::HalfOpen { probing: true } => false,
-            Inner::HalfOpen { probing: false } => {
-                *inner = Inner::HalfOpen { probing: true };
-                true
-            }
+        };
+        Some(Admission {
+            breaker: self,
+            probe,
+            settled: false,
+        })
+    }
+
+    /// A probe that ended without an outcome gives its slot back, so the
+    /// next call probes instead of the breaker refusing every call forever.
+    fn abandon_probe(&self) {
+        let mut inner = self.lock();
+        if let Inner::HalfOpen { probing: true } = *inner {
+            *inner = Inner::HalfOpen { probing: false };
         }
     }
 
@@ -129,6 +140,31 @@ impl Breaker {
             },
         };
         *inner = next;
+    }
+}
+
+/// One call the breaker let through. Its outcome is recorded with
+/// [`Admission::record`]; dropped without one (the caller's future was
+/// cancelled: a client gone, a server timeout), a half-open probe hands its
+/// slot back instead of leaving the breaker `probing` for good.
+struct Admission<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    settled: bool,
+}
+
+impl Admission<'_> {
+    fn record(mut self, unwell: bool) {
+        self.settled = true;
+        self.breaker.record(unwell);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.settled {
+            self.breaker.abandon_probe();
+        }
     }
 }
 
@@ -210,7 +246,7 @@ impl<P: MachineProvider> Guarded<P> {
     where
         Fut: Future<Output = ProviderResult<T>>,
     {
-        if !self.breaker.admit() {
+        let Some(admission) = self.breaker.admit() else {
             self.report_breaker();
             metrics::counter!(
                 "flotilla_provider_calls_total",
@@ -221,7 +257,7 @@ impl<P: MachineProvider> Guarded<P> {
                 "circuit open for {}: provider failing, calls paused",
                 self.scope
             ))));
-        }
+        };
         self.limiter
             .until_ready_with_jitter(Jitter::up_to(Duration::from_millis(50)))
             .await;
@@ -231,8 +267,7 @@ impl<P: MachineProvider> Guarded<P> {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.breaker
-            .record(result.as_ref().err().is_some_and(unwell));
+        admission.record(result.as_ref().err().is_some_and(unwell));
         self.report_breaker();
         metrics::counter!(
             "flotilla_provider_calls_total",
@@ -404,23 +439,110 @@ mod tests {
     fn the_breaker_opens_after_the_threshold_and_probes_once_after_the_reset() {
         let b = Breaker::new(3, Duration::from_millis(50));
         for _ in 0..2 {
-            assert!(b.admit());
-            b.record(true);
+            b.admit().expect("closed").record(true);
         }
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.admit());
-        b.record(true);
+        b.admit().expect("closed").record(true);
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.admit());
+        assert!(b.admit().is_none());
         std::thread::sleep(Duration::from_millis(60));
-        assert!(b.admit(), "one probe after the reset timeout");
-        assert!(!b.admit(), "only one probe at a time");
-        b.record(true);
+        let probe = b.admit().expect("one probe after the reset timeout");
+        assert!(b.admit().is_none(), "only one probe at a time");
+        probe.record(true);
         assert_eq!(b.state(), BreakerState::Open, "a failed probe reopens");
         std::thread::sleep(Duration::from_millis(60));
-        assert!(b.admit());
-        b.record(false);
+        b.admit().expect("probe").record(false);
         assert_eq!(b.state(), BreakerState::Closed, "a good probe closes");
+    }
+
+    #[test]
+    fn a_probe_dropped_without_an_outcome_lets_the_next_call_probe() {
+        let b = Breaker::new(1, Duration::ZERO);
+        b.admit().expect("closed").record(true);
+        let probe = b.admit().expect("half-open: one probe");
+        assert!(b.admit().is_none(), "only one probe at a time");
+        // The probe's future is dropped (client cancel, server timeout).
+        drop(probe);
+        let next = b.admit();
+        assert!(
+            next.is_some(),
+            "the breaker stayed probing with no probe in flight"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guarded_call_cancelled_mid_probe_does_not_wedge_the_breaker() {
+        let provider = Guarded::new(
+            Hanging,
+            "test/one",
+            GuardConfig {
+                failure_threshold: 1,
+                // The breaker's clock is the wall clock: with no reset
+                // timeout every call after a failure is a probe.
+                reset_timeout: Duration::ZERO,
+                ..GuardConfig::default()
+            },
+        );
+        let failed = provider.get_machine("fails").await;
+        assert!(matches!(failed, Err(ProviderError::Unavailable(_))));
+        // The probe hangs and its caller gives up.
+        let cancelled =
+            tokio::time::timeout(Duration::from_secs(5), provider.get_machine("hangs")).await;
+        assert!(cancelled.is_err(), "the probe was expected to hang");
+        let next = provider.get_machine("fails").await;
+        assert!(
+            !matches!(&next, Err(e) if e.to_string().contains("circuit open")),
+            "every call refused after a cancelled probe: {next:?}"
+        );
+    }
+
+    /// A provider whose `get_machine` fails as unavailable, or never
+    /// answers for the id `hangs`; nothing else is called.
+    #[derive(Debug, Clone)]
+    struct Hanging;
+
+    impl MachineProvider for Hanging {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn create_machine(&self, _: &MachineSpec) -> ProviderResult<Machine> {
+            unreachable!()
+        }
+        async fn start_machine(&self, _: &str) -> ProviderResult<Machine> {
+            unreachable!()
+        }
+        async fn stop_machine(&self, _: &str, _: Duration) -> ProviderResult<Machine> {
+            unreachable!()
+        }
+        async fn wait_machine(
+            &self,
+            _: &str,
+            _: MachineState,
+            _: Duration,
+        ) -> ProviderResult<Machine> {
+            unreachable!()
+        }
+        async fn delete_machine(&self, _: &str, _: bool) -> ProviderResult<()> {
+            unreachable!()
+        }
+        async fn get_machine(&self, id: &str) -> ProviderResult<Machine> {
+            if id == "hangs" {
+                std::future::pending::<()>().await;
+            }
+            Err(ProviderError::Unavailable("down".into()))
+        }
+        async fn list_machines(&self, _: &PageRequest) -> ProviderResult<Page<Machine>> {
+            unreachable!()
+        }
+        async fn create_volume(&self, _: &VolumeSpec) -> ProviderResult<Volume> {
+            unreachable!()
+        }
+        async fn delete_volume(&self, _: &str) -> ProviderResult<()> {
+            unreachable!()
+        }
+        async fn list_volumes(&self, _: &PageRequest) -> ProviderResult<Page<Volume>> {
+            unreachable!()
+        }
     }
 
     #[test]
