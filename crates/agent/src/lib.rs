@@ -97,7 +97,7 @@ pub struct AgentStatus {
     /// The control plane asked this worker to take no new work.
     pub cordoned: bool,
     pub heartbeat_interval: Duration,
-    /// The sequence number of the last heartbeat sent (0: none yet).
+    /// Heartbeats sent so far by this process (0: none yet).
     pub heartbeats_sent: u64,
     /// When the first failed call since the last success was sent.
     pub out_of_contact_since: Option<Instant>,
@@ -227,9 +227,18 @@ impl Agent {
     }
 
     async fn heartbeat_loop(&self) -> Result<ExitReason, AgentError> {
-        let mut sequence = 0;
+        // The api drops a heartbeat whose sequence is not above the last
+        // one it wrote. Counting from the wall clock in milliseconds keeps
+        // a restarted agent above anything its predecessor could have sent
+        // (one beat per millisecond at the very most); the api also forgets
+        // the old sequence when the new process registers.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let mut sent_count = 0;
         loop {
-            sequence += 1;
+            sent_count += 1;
+            let sequence = base + sent_count;
             let sent = Instant::now();
             let request = v1::HeartbeatRequest {
                 instance_id: self.api.instance_id().to_owned(),
@@ -240,7 +249,7 @@ impl Agent {
                 sequence,
             };
             let answer = self.observed(self.api.heartbeat(request)).await;
-            self.status.send_modify(|s| s.heartbeats_sent = sequence);
+            self.status.send_modify(|s| s.heartbeats_sent = sent_count);
             match answer {
                 Ok(answer) => {
                     self.learn(answer.cordoned, answer.heartbeat_interval_ms);

@@ -340,7 +340,18 @@ async fn heartbeats_come_at_the_interval_a_heartbeat_answer_names_with_increasin
 
     let beats = api.fake.heartbeats();
     let sequences: Vec<u64> = beats.iter().map(|c| c.sequence).collect();
-    assert_eq!(sequences[..6], [1, 2, 3, 4, 5, 6]);
+    // One more per beat, from a base above any earlier process's.
+    let base = sequences[0] - 1;
+    let expected: Vec<u64> = (1..=6).map(|n| base + n).collect();
+    assert_eq!(sequences[..6], expected[..]);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        base > now_ms - 60_000 && base <= now_ms,
+        "the sequence does not start at the process's start time: {base}"
+    );
     assert!(beats.iter().all(|c| c.idle));
     // Five intervals of 50 ms between the first and the sixth.
     let span = beats[5].at.duration_since(beats[0].at);

@@ -38,6 +38,8 @@ type TokenCache = Mutex<HashMap<InstanceId, ([u8; 32], Instant)>>;
 struct Pending {
     id: InstanceId,
     idle: bool,
+    /// The agent's heartbeat counter (0: none sent).
+    sequence: u64,
     reply: Reply,
 }
 
@@ -72,12 +74,23 @@ impl HeartbeatBatcher {
         &self.stats
     }
 
-    /// Records a heartbeat; answers once it is written. `None` when the
-    /// instance does not exist.
-    pub async fn beat(&self, id: InstanceId, idle: bool) -> Result<Option<WorkerView>, Status> {
+    /// Records a heartbeat; answers once it is written (or, for one older
+    /// than the last written, once it is known to be stale). `None` when
+    /// the instance does not exist.
+    pub async fn beat(
+        &self,
+        id: InstanceId,
+        idle: bool,
+        sequence: u64,
+    ) -> Result<Option<WorkerView>, Status> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Pending { id, idle, reply })
+            .send(Pending {
+                id,
+                idle,
+                sequence,
+                reply,
+            })
             .await
             .map_err(|_| Status::unavailable("heartbeat ingest is shutting down"))?;
         answer
@@ -108,15 +121,26 @@ async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchSt
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let pending = std::mem::take(&mut batch);
-        // One row per instance: the latest heartbeat of a batch wins.
-        let mut latest: HashMap<InstanceId, bool> = HashMap::with_capacity(pending.len());
+        // One row per instance: the newest heartbeat of a batch wins, by
+        // the agent's sequence (arrival order is not send order), and by
+        // arrival for agents that send none.
+        let mut latest: HashMap<InstanceId, (bool, u64)> = HashMap::with_capacity(pending.len());
         for p in &pending {
-            latest.insert(p.id, p.idle);
+            let entry = latest.entry(p.id).or_insert((p.idle, p.sequence));
+            if p.sequence == 0 || p.sequence >= entry.1 {
+                *entry = (p.idle, p.sequence);
+            }
         }
         let ids: Vec<Uuid> = latest.keys().map(|i| i.0).collect();
-        let idle: Vec<bool> = ids.iter().map(|i| latest[&InstanceId(*i)]).collect();
+        let idle: Vec<bool> = ids.iter().map(|i| latest[&InstanceId(*i)].0).collect();
+        // A counter past i64::MAX cannot be stored; such an agent is
+        // treated as sending none.
+        let sequence: Vec<i64> = ids
+            .iter()
+            .map(|i| i64::try_from(latest[&InstanceId(*i)].1).unwrap_or(0))
+            .collect();
         let written = match pool.acquire().await {
-            Ok(mut conn) => worker_heartbeat_batch(&mut conn, &ids, &idle)
+            Ok(mut conn) => worker_heartbeat_batch(&mut conn, &ids, &idle, &sequence)
                 .await
                 .map_err(store_status),
             Err(e) => Err(store_status(e.into())),

@@ -16,7 +16,7 @@ use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use flotilla_store::instance::{Transition, instance_transition};
-use flotilla_store::worker::{worker_get, worker_heartbeat};
+use flotilla_store::worker::{worker_get, worker_heartbeat, worker_registered};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::correlation_of;
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -208,6 +208,9 @@ impl WorkerService for WorkerApi {
         validate::max_chars("hostname", &req.hostname, 255)?;
         let mut conn = self.conn().await?;
         let view = authenticate_worker(&mut conn, request.metadata(), id).await?;
+        worker_registered(&mut conn, id)
+            .await
+            .map_err(crate::error::store_status)?;
         tracing::info!(instance_id = %id, agent_version = %req.agent_version, hostname = %req.hostname, "agent registered");
         Ok(Response::new(v1::RegisterResponse {
             heartbeat_interval_ms: self.state.limits.heartbeat_interval_ms,
@@ -255,7 +258,7 @@ impl WorkerService for WorkerApi {
         }
         let view = self
             .heartbeats
-            .beat(id, req.idle)
+            .beat(id, req.idle, req.sequence)
             .await?
             .ok_or_else(|| Status::not_found(format!("instance {id} does not exist")))?;
         Ok(Response::new(v1::HeartbeatResponse {

@@ -1394,6 +1394,70 @@ async fn a_heartbeat_records_liveness_and_tells_the_worker_what_to_do() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_older_than_the_last_written_changes_nothing_until_the_agent_registers_again() {
+    let api = start().await;
+    let (a, _) = two_booting_workers(&api).await;
+    let mut worker = api.worker.clone();
+    let idle_of = |api: &Api| {
+        let pool = api.db.pool.clone();
+        let id: uuid::Uuid = a.parse().expect("uuid");
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT worker_idle FROM instances WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("idle")
+        }
+    };
+    let send = |sequence: u64, idle: bool| v1::HeartbeatRequest {
+        sequence,
+        idle,
+        ..beat(&a)
+    };
+    worker
+        .heartbeat(with_token(send(10, false), "token-a"))
+        .await
+        .expect("busy beat");
+    assert!(!idle_of(&api).await);
+    // A beat sent earlier (sequence 9, idle) arrives late, after the cordon:
+    // it must not end the drain of a worker that is busy.
+    let answer = worker
+        .heartbeat(with_token(send(9, true), "token-a"))
+        .await
+        .expect("a late beat is answered")
+        .into_inner();
+    assert!(!answer.shutdown);
+    assert!(
+        !idle_of(&api).await,
+        "a late heartbeat overwrote a newer one"
+    );
+    worker
+        .heartbeat(with_token(send(11, true), "token-a"))
+        .await
+        .expect("newer beat");
+    assert!(idle_of(&api).await);
+    // A restarted agent registers and counts anew.
+    worker
+        .register(with_token(
+            v1::RegisterRequest {
+                instance_id: a.clone(),
+                ..Default::default()
+            },
+            "token-a",
+        ))
+        .await
+        .expect("register");
+    worker
+        .heartbeat(with_token(send(1, false), "token-a"))
+        .await
+        .expect("first beat of the new process");
+    assert!(
+        !idle_of(&api).await,
+        "the new process's first beat was dropped"
+    );
+}
+
+#[tokio::test]
 async fn a_batch_over_1000_instances_is_queued_as_commands_of_at_most_1000_ids() {
     let api = start_with(Limits {
         max_provision_count: 2500,
@@ -1499,7 +1563,7 @@ async fn concurrent_heartbeats_are_written_in_batches_and_none_is_lost() {
     for round in 0..10 {
         for id in &ids {
             let (b, id) = (batcher.clone(), *id);
-            tasks.spawn(async move { b.beat(id, round % 2 == 0).await });
+            tasks.spawn(async move { b.beat(id, round % 2 == 0, 0).await });
         }
     }
     let mut answered = 0;
@@ -1528,7 +1592,7 @@ async fn concurrent_heartbeats_are_written_in_batches_and_none_is_lost() {
     // A heartbeat for an instance that does not exist is answered as such.
     assert!(
         batcher
-            .beat(flotilla_core::InstanceId::new(), true)
+            .beat(flotilla_core::InstanceId::new(), true, 0)
             .await
             .expect("answered")
             .is_none()

@@ -194,7 +194,7 @@ async fn batcher_load(
             let mut i = c % ids.len();
             while Instant::now() < end {
                 let t = Instant::now();
-                if let Ok(Some(_)) = b.beat(InstanceId(ids[i]), true).await {
+                if let Ok(Some(_)) = b.beat(InstanceId(ids[i]), true, 0).await {
                     lat.push(t.elapsed());
                 }
                 i = (i + callers) % ids.len();

@@ -105,22 +105,49 @@ pub async fn worker_heartbeat(
 
 /// Records many heartbeats with one statement; returns the view of every
 /// instance that exists (missing ids are simply absent).
+///
+/// `sequence` is each agent's heartbeat counter: a heartbeat whose sequence
+/// is not above the one last written arrived out of order and writes
+/// nothing (its instance is still answered, from the row as it is). 0 means
+/// an agent that sends no sequence: always written, and not remembered.
 pub async fn worker_heartbeat_batch(
     conn: &mut PgConnection,
     ids: &[Uuid],
     idle: &[bool],
+    sequence: &[i64],
 ) -> Result<Vec<WorkerView>> {
     Ok(sqlx::query_as(concat!(
-        "UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle, ",
+        "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[], $3::int8[]) AS v(id, idle, seq)),
+         fresh AS (
+           UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle,
+                  heartbeat_sequence = GREATEST(i.heartbeat_sequence, v.seq), ",
         heartbeat_mark_set!(),
-        " FROM UNNEST($1::uuid[], $2::bool[]) AS v(id, idle)
-         WHERE i.id = v.id
-         RETURNING i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash",
+        " FROM v
+           WHERE i.id = v.id AND (v.seq = 0 OR v.seq > i.heartbeat_sequence)
+           RETURNING i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash)
+         SELECT * FROM fresh
+         UNION ALL
+         SELECT i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash
+           FROM instances i JOIN v ON i.id = v.id
+          WHERE NOT EXISTS (SELECT 1 FROM fresh WHERE fresh.id = i.id)",
     ))
     .bind(ids)
     .bind(idle)
+    .bind(sequence)
     .fetch_all(conn)
     .await?)
+}
+
+/// A (re)started agent counts its heartbeats anew: forget the sequence of
+/// the process before it.
+pub async fn worker_registered(conn: &mut PgConnection, id: InstanceId) -> Result<()> {
+    sqlx::query(
+        "UPDATE instances SET heartbeat_sequence = 0 WHERE id = $1 AND heartbeat_sequence <> 0",
+    )
+    .bind(id.0)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
