@@ -261,3 +261,99 @@ async fn two_hundred_provisioned_instances_reach_ready_and_are_terminated_leavin
     assert_eq!(left, 0);
     stop.cancel();
 }
+
+/// The messages `CMD` holds right now.
+async fn commands_waiting(bus: &flotilla_bus::Bus) -> u64 {
+    let name = bus.namespace().stream(flotilla_bus::streams::CMD);
+    let mut stream = bus.jetstream().get_stream(&name).await.expect("CMD stream");
+    stream.info().await.expect("CMD info").state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_capacity_change_wakes_the_scheduler_and_no_command_is_left_in_nats() {
+    let db = TestDb::new().await;
+    let nats = TestNats::new().await;
+    let stack = provider_stack(instant(), &[]).await;
+    let stop = CancellationToken::new();
+    let TestApi { addr, bus } = start_api(
+        &db,
+        &nats,
+        ApiToken::from_plain("e2e", TOKEN),
+        Limits::default(),
+        &stop,
+    )
+    .await;
+    // An hour between ticks: only the commands can move anything here.
+    let scheduler = Scheduler {
+        db: db.pool.clone(),
+        provider: stack.client.clone(),
+        tuning: S::try_parse_from(["x", "--scheduler-tick-ms", "3600000"])
+            .expect("tuning")
+            .t,
+        owner: "scheduler-e2e".into(),
+        worker_api_url: format!("http://{addr}"),
+        crash_after: None,
+    };
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("api reachable");
+    let mut fleet = FleetServiceClient::new(channel);
+    fleet
+        .create_pool(authed(
+            v1::CreatePoolRequest {
+                pool: Some(v1::Pool {
+                    name: "gpu".into(),
+                    provider: "sim".into(),
+                    instance_type: "shared-cpu-1x".into(),
+                    region: "ams".into(),
+                    image: "registry/worker:1".into(),
+                    ..Default::default()
+                }),
+            },
+            TOKEN,
+        ))
+        .await
+        .expect("pool");
+    tokio::spawn(scheduler.run(Some(bus.clone()), stop.clone()));
+    // The loop runs once as it starts, so the first change may be seen by
+    // that run; the second comes after an activation that did something,
+    // when only a wake-up can move the loop before the hour is out.
+    for desired in [2, 4] {
+        fleet
+            .update_pool(authed(
+                v1::UpdatePoolRequest {
+                    name: "gpu".into(),
+                    desired_capacity: Some(desired),
+                    ..Default::default()
+                },
+                TOKEN,
+            ))
+            .await
+            .expect("update");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count(&db, "booting").await < i64::from(desired) {
+            assert!(
+                Instant::now() < deadline,
+                "desired {desired} did not wake the capacity loop: {} booting",
+                count(&db, "booting").await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every command sent (CMD.reconcile, CMD.provision) was consumed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = commands_waiting(&bus).await;
+        if waiting == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} commands left in CMD with nobody consuming them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}

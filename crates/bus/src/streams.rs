@@ -22,6 +22,11 @@ use crate::subjects::{Namespace, headers};
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub duplicate_window: Duration,
+    /// How long an unconsumed command is kept. Commands are wake-ups (the
+    /// intent is in PostgreSQL and the reconcile loops carry it out anyway),
+    /// so one nobody consumed for this long is dropped rather than kept
+    /// forever.
+    pub commands_max_age: Duration,
     /// How long instance events are kept for replay.
     pub events_max_age: Duration,
     /// How long dead letters are kept.
@@ -36,6 +41,7 @@ impl Default for BusConfig {
     fn default() -> Self {
         BusConfig {
             duplicate_window: Duration::from_secs(600),
+            commands_max_age: Duration::from_secs(24 * 3600),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
             max_deliver: 8,
@@ -145,6 +151,7 @@ impl Bus {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: self.config.duplicate_window,
+                max_age: self.config.commands_max_age,
                 num_replicas: self.config.replicas,
                 ..Default::default()
             },

@@ -128,18 +128,15 @@ impl Scheduler {
                 .await
             });
         }
+        // Woken by `CMD.reconcile`, which the api sends when a pool's
+        // desired capacity changes.
+        let capacity_wake = Arc::new(Notify::new());
         {
             let s = self.clone();
             let sd = shutdown.clone();
+            let wake = capacity_wake.clone();
             tasks.spawn(async move {
-                drive(
-                    "scheduler_capacity",
-                    tick,
-                    Arc::new(Notify::new()),
-                    sd,
-                    || s.capacity_once(),
-                )
-                .await
+                drive("scheduler_capacity", tick, wake, sd, || s.capacity_once()).await
             });
         }
         if let Some(bus) = bus {
@@ -147,12 +144,19 @@ impl Scheduler {
             // It also remembers each instance's trace and correlation id,
             // so the loop's work on it continues the caller's trace.
             tasks.spawn(flotilla_bus::consumer::wake_on_with(
-                bus,
+                bus.clone(),
                 "scheduler",
                 flotilla_bus::subjects::PROVISION,
                 wake.clone(),
                 shutdown.clone(),
                 remember_origins,
+            ));
+            tasks.spawn(flotilla_bus::consumer::wake_on(
+                bus,
+                "scheduler-capacity",
+                flotilla_bus::subjects::RECONCILE,
+                capacity_wake,
+                shutdown.clone(),
             ));
         }
         flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
