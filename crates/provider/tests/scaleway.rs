@@ -1279,7 +1279,7 @@ async fn actions_the_state_does_not_allow_yet_are_failed_precondition() {
     p.stop_machine(&m.id, Duration::from_secs(1))
         .await
         .expect("stop");
-    assert_eq!(h.fake.server(&m.id).expect("server").state, "stopping");
+    h.fake.set_state(&m.id, "stopping");
     let e = p
         .start_machine(&m.id)
         .await
