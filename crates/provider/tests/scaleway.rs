@@ -1289,8 +1289,9 @@ async fn actions_the_state_does_not_allow_yet_are_failed_precondition() {
 
     // Transient states are never deletable, with or without force.
     for state in ["starting", "stopping", "provisioning"] {
-        h.fake.set_state(&m.id, state);
         for force in [false, true] {
+            // Each read moves a transient state on; set it before each call.
+            h.fake.set_state(&m.id, state);
             let e = p
                 .delete_machine(&m.id, force)
                 .await
