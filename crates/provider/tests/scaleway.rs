@@ -1146,7 +1146,10 @@ async fn data_volumes_are_block_volumes_attached_as_sbs_volume() {
         .await
         .map_err(clean)
         .expect("create with volume");
-    assert_eq!(h.fake.server(&m.id).expect("server").data, [vol.id.clone()]);
+    assert_eq!(
+        h.fake.server(&m.id).expect("server").data,
+        vec![vol.id.clone()]
+    );
     assert_eq!(
         h.fake.world().create_bodies[0]["volumes"]["1"]["volume_type"],
         "sbs_volume"

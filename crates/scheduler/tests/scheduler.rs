@@ -1025,10 +1025,13 @@ async fn a_new_request_does_not_queue_behind_a_slow_start() {
 /// The adapter's Provider API, passed through, except that `PrepareMachine`
 /// is answered as a provider with separate user data (Scaleway) would: it
 /// applies the env. Every call is logged by name, in order.
+/// (call, machine id, worker token sent).
+type CallLog = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<String>)>>>;
+
 #[derive(Clone)]
 struct UserDataProvider {
     next: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<String>)>>>,
+    log: CallLog,
 }
 
 impl UserDataProvider {
