@@ -156,6 +156,15 @@ pub struct ScalewayArgs {
         default_value = ""
     )]
     pub scw_secret_key: Secret,
+    /// Private Network every server joins; its IPAM address is the
+    /// machine's private_ip ({private_ip} in health checks). Empty: servers
+    /// get no address Flotilla can reach.
+    #[arg(long, env = "SCW_PRIVATE_NETWORK_ID", default_value = "")]
+    pub scw_private_network_id: String,
+    /// Seconds a server delete waits for the server's root volume to detach
+    /// before deleting it (a later delete finishes the job).
+    #[arg(long, env = "SCW_ROOT_DETACH_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub scw_root_detach_timeout_seconds: u64,
 }
 
 /// Local processes (the quickstart's provider).

@@ -64,6 +64,9 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
         );
         config.base_url = scw.scw_api_url.clone();
         config.request_timeout = args.guard.request_timeout();
+        config.private_network_id =
+            Some(scw.scw_private_network_id.clone()).filter(|pn| !pn.is_empty());
+        config.root_detach_timeout = Duration::from_secs(scw.scw_root_detach_timeout_seconds);
         registry.insert(AnyProvider::Scaleway(ScalewayProvider::new(config)?));
     }
     if args.local.local_provider_enabled {
@@ -117,10 +120,23 @@ pub async fn serve(
     Ok(())
 }
 
+/// Checks what can be checked before serving: Scaleway's zone and project
+/// answer with these credentials. A wrong one stops the adapter with an
+/// error naming it, instead of 404s read later as vanished machines.
+pub async fn check_providers(registry: &Registry) -> anyhow::Result<()> {
+    if let Some(p) = registry.get("scaleway", "")
+        && let AnyProvider::Scaleway(scw) = p.inner()
+    {
+        scw.check().await?;
+    }
+    Ok(())
+}
+
 /// Runs the service as the binary does: telemetry already initialised.
 pub async fn run(args: AdapterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry = Arc::new(registry(&args)?);
     tracing::info!(providers = ?registry.kinds(), "providers configured");
+    check_providers(&registry).await?;
     if let Some(addr) = args.telemetry.metrics_socket()? {
         flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
     }

@@ -154,6 +154,20 @@ impl Provider for ProviderService {
         Ok(Response::new(machine_to_proto(m)))
     }
 
+    #[tracing::instrument(skip_all, fields(machine_id = %req.get_ref().machine_id))]
+    async fn prepare_machine(
+        &self,
+        req: Request<v1::PrepareMachineRequest>,
+    ) -> Result<Response<v1::PrepareMachineResponse>, Status> {
+        let r = req.into_inner();
+        let id = validate::resource_id("machine_id", &r.machine_id)?;
+        validate::env(&r.env)?;
+        let (_, p) = self.provider(r.target.as_ref())?;
+        let env = r.env.into_iter().collect();
+        let applied = p.prepare_machine(id, &env).await.map_err(status)?;
+        Ok(Response::new(v1::PrepareMachineResponse { applied }))
+    }
+
     async fn start_machine(
         &self,
         req: Request<v1::MachineRef>,

@@ -366,6 +366,16 @@ impl<P: MachineProvider> MachineProvider for Guarded<P> {
             .await
     }
 
+    /// Setting the environment again is safe to repeat.
+    async fn prepare_machine(
+        &self,
+        id: &str,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> ProviderResult<bool> {
+        self.retried("prepare_machine", || self.inner.prepare_machine(id, env))
+            .await
+    }
+
     async fn start_machine(&self, id: &str) -> ProviderResult<Machine> {
         self.once("start_machine", self.inner.start_machine(id))
             .await

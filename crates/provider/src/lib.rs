@@ -48,6 +48,20 @@ pub trait MachineProvider: Send + Sync + 'static {
         spec: &MachineSpec,
     ) -> impl Future<Output = ProviderResult<Machine>> + Send;
 
+    /// Applies `env` to a created machine that was never started, where
+    /// the provider keeps the environment apart from the create (Scaleway's
+    /// user data). The scheduler calls it before starting a machine it
+    /// adopted, with a fresh worker token. `Ok(false)`: this provider
+    /// carries the environment in the create itself and changed nothing.
+    fn prepare_machine(
+        &self,
+        id: &str,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> impl Future<Output = ProviderResult<bool>> + Send {
+        let _ = (id, env);
+        async { Ok(false) }
+    }
+
     /// Starts a created or stopped machine. An answer that leaves the
     /// machine neither starting nor started is an error.
     fn start_machine(&self, id: &str) -> impl Future<Output = ProviderResult<Machine>> + Send;

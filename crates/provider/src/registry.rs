@@ -48,6 +48,14 @@ impl MachineProvider for AnyProvider {
         dispatch!(self, p => p.create_machine(spec).await)
     }
 
+    async fn prepare_machine(
+        &self,
+        id: &str,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> ProviderResult<bool> {
+        dispatch!(self, p => p.prepare_machine(id, env).await)
+    }
+
     async fn start_machine(&self, id: &str) -> ProviderResult<Machine> {
         dispatch!(self, p => p.start_machine(id).await)
     }

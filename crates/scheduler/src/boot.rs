@@ -165,7 +165,10 @@ impl Scheduler {
                         machine_id: machine_id.clone(),
                         state: v1::MachineState::Stopped as i32,
                         timeout: Some(prost_types::Duration {
-                            seconds: 30,
+                            seconds: self
+                                .tuning
+                                .startup_restart_stop_timeout_seconds
+                                .clamp(1, 60) as i64,
                             nanos: 0,
                         }),
                     },

@@ -82,6 +82,15 @@ pub struct SchedulerTuning {
     /// Machine restarts after a startup failure before the instance is terminated.
     #[arg(long, env = "STARTUP_MAX_RETRIES", default_value_t = 2)]
     pub startup_max_retries: i64,
+    /// Seconds a restart after a startup failure waits for the machine to
+    /// stop (1-60, the Provider API's longest wait). A Scaleway poweroff
+    /// takes about 36 s at the median.
+    #[arg(
+        long,
+        env = "STARTUP_RESTART_STOP_TIMEOUT_SECONDS",
+        default_value_t = 60
+    )]
+    pub startup_restart_stop_timeout_seconds: u64,
     /// Milliseconds between the first failed health check of a booting
     /// instance and the next (doubles, jittered); pools without a health
     /// check URL are never probed.

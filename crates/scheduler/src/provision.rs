@@ -266,6 +266,25 @@ impl Scheduler {
                 let id = match adopted {
                     Some(id) => {
                         tracing::info!(machine_id = %id, "adopting a machine an earlier attempt created");
+                        // The create (or its user-data call) may have failed
+                        // after the machine existed: it may have no
+                        // environment, and its token is not known here
+                        // (only its hash is). A fresh token is applied
+                        // first, then its hash committed; a crash in between
+                        // leaves an unstarted machine the next attempt
+                        // prepares again.
+                        let (token, hash) = new_worker_token();
+                        match self.prepare_machine(pool, &row, &id, token).await {
+                            Ok(true) => {
+                                row =
+                                    instance_prepare_create(&mut conn, row.id, row.version, &hash)
+                                        .await?;
+                            }
+                            // The provider keeps the environment given at
+                            // create, whose token hash is already recorded.
+                            Ok(false) => {}
+                            Err(e) => return self.fail(&mut conn, row, e).await,
+                        }
                         id
                     }
                     None => {
@@ -417,6 +436,9 @@ impl Scheduler {
                     .get(flotilla_provider::TAG_INSTANCE)
                     .map(String::as_str)
                     == Some(&want)
+                    // A Scaleway server's root volume carries the instance
+                    // tag too; it is never the data volume.
+                    && !v.tags.contains_key("flotilla_volume_role")
                     && v.state != v1::VolumeState::Destroying as i32
                     && v.state != v1::VolumeState::Destroyed as i32
             }) {
@@ -465,6 +487,41 @@ impl Scheduler {
         Ok(live.into_iter().next().map(|m| m.id))
     }
 
+    /// What a worker needs to register: its instance id and token, and
+    /// where the api is.
+    fn worker_env(&self, row: &InstanceRow, token: String) -> HashMap<String, String> {
+        HashMap::from([
+            ("FLOTILLA_INSTANCE_ID".to_owned(), row.id.to_string()),
+            ("FLOTILLA_WORKER_TOKEN".to_owned(), token),
+            ("FLOTILLA_API_URL".to_owned(), self.worker_api_url.clone()),
+            ("FLOTILLA_POOL".to_owned(), row.pool.clone()),
+        ])
+    }
+
+    /// (Re)applies the worker environment to an adopted machine; whether
+    /// the provider applied it (see `PrepareMachine`).
+    async fn prepare_machine(
+        &self,
+        pool: &PoolRow,
+        row: &InstanceRow,
+        id: &str,
+        token: String,
+    ) -> Result<bool, ProviderError> {
+        let req = v1::PrepareMachineRequest {
+            target: target(pool),
+            machine_id: id.to_owned(),
+            env: self.worker_env(row, token),
+        };
+        Ok(self
+            .provider
+            .clone()
+            .prepare_machine(outgoing(req, &self.ctx().correlation_id))
+            .await
+            .map_err(|s| status_to_provider_error(&s))?
+            .into_inner()
+            .applied)
+    }
+
     async fn create_machine(
         &self,
         pool: &PoolRow,
@@ -472,12 +529,7 @@ impl Scheduler {
         token: String,
         volume_ids: Vec<String>,
     ) -> Result<String, ProviderError> {
-        let env = HashMap::from([
-            ("FLOTILLA_INSTANCE_ID".to_owned(), row.id.to_string()),
-            ("FLOTILLA_WORKER_TOKEN".to_owned(), token),
-            ("FLOTILLA_API_URL".to_owned(), self.worker_api_url.clone()),
-            ("FLOTILLA_POOL".to_owned(), row.pool.clone()),
-        ]);
+        let env = self.worker_env(row, token);
         let req = v1::CreateMachineRequest {
             target: target(pool),
             instance_id: row.id.to_string(),

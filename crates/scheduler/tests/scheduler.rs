@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_proto::v1;
 use flotilla_scheduler::{CrashPoint, Scheduler, SchedulerTuning};
 use flotilla_sim_provider::{ErrorRates, Faults, Operation};
 use flotilla_store::WriteCtx;
@@ -1019,4 +1020,164 @@ async fn a_new_request_does_not_queue_behind_a_slow_start() {
     );
     stop.cancel();
     running.await.unwrap();
+}
+
+/// The adapter's Provider API, passed through, except that `PrepareMachine`
+/// is answered as a provider with separate user data (Scaleway) would: it
+/// applies the env. Every call is logged by name, in order.
+/// (call, machine id, worker token sent).
+type CallLog = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<String>)>>>;
+
+#[derive(Clone)]
+struct UserDataProvider {
+    next: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
+    log: CallLog,
+}
+
+impl UserDataProvider {
+    fn note(&self, call: &str, machine: &str, token: Option<String>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((call.to_owned(), machine.to_owned(), token));
+    }
+}
+
+#[tonic::async_trait]
+impl flotilla_proto::v1::provider_server::Provider for UserDataProvider {
+    async fn create_machine(
+        &self,
+        r: tonic::Request<v1::CreateMachineRequest>,
+    ) -> Result<tonic::Response<v1::Machine>, tonic::Status> {
+        let token = r.get_ref().env.get("FLOTILLA_WORKER_TOKEN").cloned();
+        self.note("create", "", token);
+        self.next.clone().create_machine(r.into_inner()).await
+    }
+    async fn prepare_machine(
+        &self,
+        r: tonic::Request<v1::PrepareMachineRequest>,
+    ) -> Result<tonic::Response<v1::PrepareMachineResponse>, tonic::Status> {
+        let r = r.into_inner();
+        self.note(
+            "prepare",
+            &r.machine_id,
+            r.env.get("FLOTILLA_WORKER_TOKEN").cloned(),
+        );
+        Ok(tonic::Response::new(v1::PrepareMachineResponse {
+            applied: true,
+        }))
+    }
+    async fn start_machine(
+        &self,
+        r: tonic::Request<v1::MachineRef>,
+    ) -> Result<tonic::Response<v1::Machine>, tonic::Status> {
+        self.note("start", &r.get_ref().machine_id, None);
+        self.next.clone().start_machine(r.into_inner()).await
+    }
+    async fn stop_machine(
+        &self,
+        r: tonic::Request<v1::StopMachineRequest>,
+    ) -> Result<tonic::Response<v1::Machine>, tonic::Status> {
+        self.next.clone().stop_machine(r.into_inner()).await
+    }
+    async fn wait_machine(
+        &self,
+        r: tonic::Request<v1::WaitMachineRequest>,
+    ) -> Result<tonic::Response<v1::Machine>, tonic::Status> {
+        self.next.clone().wait_machine(r.into_inner()).await
+    }
+    async fn delete_machine(
+        &self,
+        r: tonic::Request<v1::DeleteMachineRequest>,
+    ) -> Result<tonic::Response<v1::DeleteMachineResponse>, tonic::Status> {
+        self.next.clone().delete_machine(r.into_inner()).await
+    }
+    async fn get_machine(
+        &self,
+        r: tonic::Request<v1::MachineRef>,
+    ) -> Result<tonic::Response<v1::Machine>, tonic::Status> {
+        self.next.clone().get_machine(r.into_inner()).await
+    }
+    async fn list_machines(
+        &self,
+        r: tonic::Request<v1::ListMachinesRequest>,
+    ) -> Result<tonic::Response<v1::ListMachinesResponse>, tonic::Status> {
+        self.next.clone().list_machines(r.into_inner()).await
+    }
+    async fn create_volume(
+        &self,
+        r: tonic::Request<v1::CreateVolumeRequest>,
+    ) -> Result<tonic::Response<v1::Volume>, tonic::Status> {
+        self.next.clone().create_volume(r.into_inner()).await
+    }
+    async fn delete_volume(
+        &self,
+        r: tonic::Request<v1::VolumeRef>,
+    ) -> Result<tonic::Response<v1::DeleteVolumeResponse>, tonic::Status> {
+        self.next.clone().delete_volume(r.into_inner()).await
+    }
+    async fn list_volumes(
+        &self,
+        r: tonic::Request<v1::ListVolumesRequest>,
+    ) -> Result<tonic::Response<v1::ListVolumesResponse>, tonic::Status> {
+        self.next.clone().list_volumes(r.into_inner()).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_machine_gets_a_fresh_worker_token_before_its_start() {
+    use sha2::{Digest, Sha256};
+    let env = env(Faults {
+        create_succeeds_but_errors_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    let fwd = UserDataProvider {
+        next: env.stack.client.clone(),
+        log: Default::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(flotilla_proto::v1::provider_server::ProviderServer::new(
+                fwd.clone(),
+            ))
+            .serve_with_incoming(flotilla_telemetry::grpc::incoming(listener)),
+    );
+    let client = flotilla_proto::v1::provider_client::ProviderClient::connect(url)
+        .await
+        .unwrap();
+    let ids = request(&env, 1).await;
+    let mut s = scheduler(&env, "s1", None, tuning(&[]));
+    s.provider = client;
+    s.provision_once().await;
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.create_succeeds_but_errors_rate = 0.0)
+        .unwrap();
+    provision_all(&s, &env).await;
+    assert_one_machine_each(&env, &ids).await;
+
+    let log = fwd.log.lock().unwrap().clone();
+    let calls: Vec<&str> = log.iter().map(|(c, _, _)| c.as_str()).collect();
+    assert_eq!(calls, ["create", "prepare", "start"], "{log:?}");
+    let (created_token, fresh) = (log[0].2.clone().unwrap(), log[1].2.clone().unwrap());
+    assert_ne!(
+        created_token, fresh,
+        "the adopted machine needs a new token"
+    );
+    assert_eq!(log[1].1, log[2].1, "prepared the machine it then started");
+    let hash: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT worker_token_hash FROM instances WHERE id = $1")
+            .bind(ids[0].0)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        hash,
+        Some(Sha256::digest(fresh.as_bytes()).to_vec()),
+        "the recorded hash is the fresh token's"
+    );
 }
