@@ -43,6 +43,12 @@ pub struct WatchdogTuning {
     /// or paused worker) is given before it is declared dead anyway.
     #[arg(long, env = "WORKER_DEAD_CONFIRM_SECONDS", default_value_t = 30)]
     pub worker_dead_confirm_seconds: u64,
+    /// Seconds a suspect whose machine is in passing (creating,
+    /// restarting, updating, replacing, migrated, an undocumented state…)
+    /// is waited out, looked at again every tick, before its machine counts
+    /// as not running. Such a state is never evidence of death by itself.
+    #[arg(long, env = "WATCHDOG_TRANSIENT_GRACE_SECONDS", default_value_t = 120)]
+    pub watchdog_transient_grace_seconds: u64,
     /// Replace and terminate dead workers (false: only mark them).
     #[arg(long, env = "WORKER_DEAD_RECOVERY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub worker_dead_recovery_enabled: bool,
@@ -105,6 +111,9 @@ impl WatchdogTuning {
     }
     pub fn confirm_grace(&self) -> Duration {
         Duration::from_secs(self.worker_dead_confirm_seconds)
+    }
+    pub fn transient_grace(&self) -> Duration {
+        Duration::from_secs(self.watchdog_transient_grace_seconds)
     }
     pub fn orphan_grace(&self) -> Duration {
         Duration::from_secs(self.orphan_grace_seconds)

@@ -5,7 +5,11 @@
 //! Design notes: the provider's word is the second signal. A machine that
 //! no longer runs confirms at once; a machine that still runs (a hung or
 //! paused worker) is given `WORKER_DEAD_CONFIRM_SECONDS` more, so a worker
-//! paused and resumed within that time is never replaced. A heartbeat
+//! paused and resumed within that time is never replaced. A machine in
+//! passing (creating, restarting, updating, replacing, migrated, a state
+//! nobody documented) is not yet known: it is looked at again every tick
+//! for `WATCHDOG_TRANSIENT_GRACE_SECONDS` after the worker became suspect,
+//! and only then counts as not running. A heartbeat
 //! clears suspicion. Before any remediation the storm guard looks at the
 //! pool: if more than `WATCHDOG_STORM_FRACTION` of its ready workers are
 //! suspect at once, it holds (flag, metric, log) instead of replacing the
@@ -187,31 +191,32 @@ impl Watchdog {
             ))
             .await;
         let state = match got {
-            Ok(m) => v1::MachineState::try_from(m.into_inner().state)
-                .unwrap_or(v1::MachineState::Unspecified),
+            Ok(m) => m.into_inner().state,
             Err(s) => match status_to_provider_error(&s) {
                 ProviderError::NotFound(_) => return Ok(Some(InstanceState::Lost)),
                 e => return Err(e),
             },
         };
-        let running = matches!(
-            state,
-            v1::MachineState::Started | v1::MachineState::Starting | v1::MachineState::Replacing
-        );
-        if state == v1::MachineState::Destroyed {
-            return Ok(Some(InstanceState::Lost));
-        }
-        if !running {
-            return Ok(Some(InstanceState::WorkerDead));
-        }
         let suspected_for = (chrono::Utc::now() - suspect_since)
             .to_std()
             .unwrap_or_default();
-        if suspected_for >= self.tuning.confirm_grace() {
-            Ok(Some(InstanceState::WorkerDead))
-        } else {
-            Ok(None)
+        let seen = Seen::of(state);
+        let verdict = verdict(
+            seen,
+            suspected_for,
+            self.tuning.confirm_grace(),
+            self.tuning.transient_grace(),
+        );
+        if seen == Seen::Transient && verdict.is_none() {
+            tracing::info!(
+                instance_id = %row.id,
+                machine_id,
+                state = v1::MachineState::try_from(state).map_or("undocumented", |s| s.as_str_name()),
+                ?suspected_for,
+                "suspect's machine is in passing; looking again later"
+            );
         }
+        Ok(verdict)
     }
 
     /// Moves the instance to `to` and, when recovery is on, hands it to
@@ -289,6 +294,69 @@ impl Watchdog {
     }
 }
 
+/// What the provider's answer says about a suspect's machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Started or starting: the worker is hung or paused, not gone.
+    Running,
+    /// On its way between settled states, or a state nobody documented
+    /// (including one this build does not know the number of): not yet
+    /// known, never evidence of death.
+    Transient,
+    /// Settled and not running: stopped, suspended, failed, launch failed,
+    /// created and never started.
+    NotRunning,
+    /// Destroyed.
+    Gone,
+}
+
+impl Seen {
+    pub(crate) fn of(state: i32) -> Seen {
+        use v1::MachineState as S;
+        let Ok(state) = S::try_from(state) else {
+            return Seen::Transient;
+        };
+        match state {
+            S::Started | S::Starting => Seen::Running,
+            S::Destroyed => Seen::Gone,
+            S::Stopped | S::Suspended | S::Failed | S::LaunchFailed | S::Created => {
+                Seen::NotRunning
+            }
+            S::Stopping
+            | S::Suspending
+            | S::Destroying
+            | S::Replacing
+            | S::Creating
+            | S::Restarting
+            | S::Updating
+            | S::Replaced
+            | S::Migrated
+            | S::Unknown
+            | S::Unspecified => Seen::Transient,
+        }
+    }
+}
+
+/// The verdict on a suspect from what its machine is and how long it has
+/// been suspect: `Some(state)` to move it to, `None` to look again on a
+/// later tick. A machine in passing is waited out for `transient_grace`
+/// and then counts as not running, so a machine stuck "updating" forever
+/// is still replaced, and the storm guard (checked before this) still
+/// holds when a whole pool reports it at once.
+pub(crate) fn verdict(
+    seen: Seen,
+    suspected_for: std::time::Duration,
+    confirm_grace: std::time::Duration,
+    transient_grace: std::time::Duration,
+) -> Option<InstanceState> {
+    match seen {
+        Seen::Gone => Some(InstanceState::Lost),
+        Seen::NotRunning => Some(InstanceState::WorkerDead),
+        Seen::Running => (suspected_for >= confirm_grace).then_some(InstanceState::WorkerDead),
+        Seen::Transient => (suspected_for >= transient_grace).then_some(InstanceState::WorkerDead),
+    }
+}
+
 /// `<name>-r<4 random>`, within the 63-char limit.
 fn replacement_name(name: &str) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -297,4 +365,65 @@ fn replacement_name(name: &str) -> String {
         .collect();
     let base: String = name.chars().take(56).collect();
     format!("{base}-r{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const CONFIRM: Duration = Duration::from_secs(30);
+    const TRANSIENT: Duration = Duration::from_secs(120);
+
+    fn at(seen: Seen, secs: u64) -> Option<InstanceState> {
+        verdict(seen, Duration::from_secs(secs), CONFIRM, TRANSIENT)
+    }
+
+    #[test]
+    fn every_documented_state_has_its_meaning_and_unknown_ones_are_in_passing() {
+        use v1::MachineState as S;
+        for s in [S::Started, S::Starting] {
+            assert_eq!(Seen::of(s as i32), Seen::Running, "{s:?}");
+        }
+        for s in [
+            S::Stopped,
+            S::Suspended,
+            S::Failed,
+            S::LaunchFailed,
+            S::Created,
+        ] {
+            assert_eq!(Seen::of(s as i32), Seen::NotRunning, "{s:?}");
+        }
+        assert_eq!(Seen::of(S::Destroyed as i32), Seen::Gone);
+        for s in [
+            S::Creating,
+            S::Restarting,
+            S::Updating,
+            S::Replacing,
+            S::Replaced,
+            S::Migrated,
+            S::Stopping,
+            S::Suspending,
+            S::Destroying,
+            S::Unknown,
+            S::Unspecified,
+        ] {
+            assert_eq!(Seen::of(s as i32), Seen::Transient, "{s:?}");
+        }
+        // A number a newer adapter may send that this build does not know.
+        assert_eq!(Seen::of(999), Seen::Transient);
+    }
+
+    #[test]
+    fn a_machine_in_passing_is_waited_out_for_the_transient_grace_only() {
+        assert_eq!(at(Seen::Transient, 0), None);
+        assert_eq!(at(Seen::Transient, 119), None, "not dead within the grace");
+        assert_eq!(at(Seen::Transient, 120), Some(InstanceState::WorkerDead));
+        // Settled states keep their meaning at once.
+        assert_eq!(at(Seen::NotRunning, 0), Some(InstanceState::WorkerDead));
+        assert_eq!(at(Seen::Gone, 0), Some(InstanceState::Lost));
+        assert_eq!(at(Seen::Running, 29), None);
+        assert_eq!(at(Seen::Running, 30), Some(InstanceState::WorkerDead));
+    }
 }

@@ -539,3 +539,241 @@ async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_
     }
     assert_eq!(get(fresh).await.stuck_recoveries, 0);
 }
+
+/// The simulated cloud seen through a proxy that makes chosen machines
+/// answer `GET` in a chosen state: Fly documents states (creating,
+/// restarting, updating, replacing, replaced, migrated, …; Machines API
+/// docs, "Machine states") the sim never enters by itself, and a real API
+/// may add more. Everything else passes through unchanged, so the adapter's
+/// own parsing of the state is what is tested.
+struct StateProxy {
+    states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    client: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
+    stop: flotilla_telemetry::CancellationToken,
+}
+
+impl Drop for StateProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl StateProxy {
+    /// From now on, `GET` of `machine_id` reports `state` (Fly's spelling).
+    fn report(&self, machine_id: &str, state: &str) {
+        self.states
+            .lock()
+            .unwrap()
+            .insert(machine_id.to_owned(), state.to_owned());
+    }
+
+    fn clear(&self, machine_id: &str) {
+        self.states.lock().unwrap().remove(machine_id);
+    }
+}
+
+async fn state_proxy(env: &Env) -> StateProxy {
+    use axum::body::{Body, to_bytes};
+    use axum::extract::{Request, State};
+    use axum::response::Response;
+
+    #[derive(Clone)]
+    struct Proxy {
+        upstream: String,
+        http: reqwest::Client,
+        states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    }
+    async fn forward(State(p): State<Proxy>, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = p
+            .http
+            .request(parts.method.clone(), format!("{}{path}", p.upstream))
+            .body(body);
+        for (k, v) in &parts.headers {
+            if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH {
+                out = out.header(k, v);
+            }
+        }
+        let Ok(got) = out.send().await else {
+            return Response::builder().status(502).body(Body::empty()).unwrap();
+        };
+        let status = got.status();
+        let content_type = got.headers().get(axum::http::header::CONTENT_TYPE).cloned();
+        let mut bytes = got.bytes().await.unwrap_or_default().to_vec();
+        let id = parts.uri.path().rsplit('/').next().unwrap_or_default();
+        let forced = p.states.lock().unwrap().get(id).cloned();
+        if parts.method == axum::http::Method::GET
+            && status.is_success()
+            && let Some(state) = forced
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            v["state"] = serde_json::Value::String(state);
+            bytes = serde_json::to_vec(&v).unwrap();
+        }
+        let mut r = Response::builder().status(status);
+        if let Some(ct) = content_type {
+            r = r.header(axum::http::header::CONTENT_TYPE, ct);
+        }
+        r.body(Body::from(bytes)).unwrap()
+    }
+
+    let states = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let proxy = Proxy {
+        upstream: env.stack.sim.url().to_owned(),
+        http: flotilla_provider::http::client_builder(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+        states: states.clone(),
+    };
+    let stop = flotilla_telemetry::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+    }
+    // An adapter of its own in front of the proxy, set up as the shared
+    // stack sets up its adapter.
+    use clap::Parser as _;
+    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
+        "provider-adapter",
+        "--sim-api-base-url",
+        &proxy_url,
+        "--sim-api-token",
+        env.stack.sim.token(),
+        "--provider-retry-max-attempts",
+        "0",
+        "--provider-rate-limit-per-second",
+        "100000",
+        "--provider-rate-limit-burst",
+        "100000",
+        "--circuit-breaker-failure-threshold",
+        "1000000",
+    ])
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(flotilla_provider_adapter::serve(
+        std::sync::Arc::new(flotilla_provider_adapter::registry(&args).unwrap()),
+        listener,
+        stop.clone(),
+    ));
+    let client =
+        flotilla_proto::v1::provider_client::ProviderClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    StateProxy {
+        states,
+        client,
+        stop,
+    }
+}
+
+/// Seconds since the instance became suspect, by the database's clock.
+async fn suspect_for(env: &Env, id: InstanceId) -> Option<f64> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - suspect_since)::float8 FROM instances WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_whose_machine_is_in_passing_is_waited_out_for_the_grace_then_declared_dead() {
+    let env = env(instant()).await;
+    let proxy = state_proxy(&env).await;
+    let ids = ready(&env, 4).await;
+    // Transient grace (3 s) longer than the confirm grace (2 s): a state
+    // taken for "running" would be declared at 2 s, one taken for "not
+    // running" at once.
+    let mut w = watchdog(
+        &env,
+        "w1",
+        &[
+            "--watchdog-transient-grace-seconds",
+            "3",
+            "--watchdog-storm-min-instances",
+            "100",
+        ],
+    );
+    w.provider = proxy.client.clone();
+    let machine_of = |i: usize| {
+        let env = &env;
+        let id = ids[i];
+        async move { get(env, id).await.provider_machine_id.unwrap() }
+    };
+    // Documented states the sim does not enter, and one nobody documented.
+    proxy.report(&machine_of(0).await, "updating");
+    proxy.report(&machine_of(1).await, "replacing");
+    proxy.report(&machine_of(2).await, "frobnicating");
+    // The fourth recovers within the grace: its machine settles as started
+    // and the worker heartbeats again.
+    let recovering = machine_of(3).await;
+    proxy.report(&recovering, "restarting");
+    let grace = 3.0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut recovered = false;
+    let mut declared = std::collections::HashSet::new();
+    loop {
+        w.dead_workers_once().await;
+        let mut pending = 0;
+        for &id in &ids[..3] {
+            if declared.contains(&id) {
+                continue;
+            }
+            let row = get(&env, id).await;
+            if row.state == InstanceState::Ready {
+                pending += 1;
+                continue;
+            }
+            declared.insert(id);
+            assert_eq!(row.state, InstanceState::WorkerDead, "{id}");
+            // Declared no earlier than the grace after it became suspect.
+            let waited: f64 = sqlx::query_scalar(
+                "SELECT extract(epoch FROM a.at - i.suspect_since)::float8
+                 FROM action_logs a JOIN instances i ON i.id = a.instance_id
+                 WHERE a.instance_id = $1 AND a.to_state = 'worker_dead'",
+            )
+            .bind(id.0)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+            assert!(
+                waited >= grace,
+                "{id} declared dead {waited:.2} s after becoming suspect, within the grace"
+            );
+        }
+        if !recovered && suspect_for(&env, ids[3]).await.is_some_and(|s| s > 1.0) {
+            proxy.clear(&recovering);
+            heartbeat(&env, &ids[3..]).await;
+            recovered = true;
+        }
+        if recovered {
+            heartbeat(&env, &ids[3..]).await;
+        }
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} suspects in passing never declared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for &id in &ids[..3] {
+        assert_eq!(replacements_of(&env, id).await, 1, "{id} replaced");
+    }
+    let survivor = get(&env, ids[3]).await;
+    assert_eq!(survivor.state, InstanceState::Ready, "recovered in time");
+    assert!(survivor.suspect_since.is_none());
+    assert_eq!(replacements_of(&env, ids[3]).await, 0);
+}
