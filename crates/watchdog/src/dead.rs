@@ -1,6 +1,11 @@
 //! Dead workers: a `ready` worker silent for the heartbeat timeout becomes
-//! suspect; a second signal from the provider confirms it (`worker_dead`,
-//! or `lost` when the machine is gone), and it is replaced and terminated.
+//! suspect, and so does a worker without the agent (ready by its health
+//! check, never heartbeated) whose health checks have failed
+//! `WORKER_PROBE_FAILURES` times in a row over at least
+//! `WORKER_PROBE_FAILURE_WINDOW_SECONDS`; a second signal from the provider
+//! confirms it (`worker_dead`, or `lost` when the machine is gone), and it
+//! is replaced and terminated. Both kinds go through the same confirmation
+//! and storm guard.
 //!
 //! Design notes: the provider's word is the second signal. A machine that
 //! no longer runs confirms at once; a machine that still runs (a hung or
@@ -27,8 +32,8 @@ use flotilla_store::instance::{
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::pool_get;
 use flotilla_store::watchdog::{
-    watchdog_claim_silent, watchdog_clear_recovered, watchdog_mark_suspect,
-    watchdog_pool_suspicion, watchdog_set_storm_hold,
+    watchdog_claim_probe_failing, watchdog_claim_silent, watchdog_clear_recovered_probed,
+    watchdog_mark_suspect, watchdog_pool_suspicion, watchdog_set_storm_hold,
 };
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
@@ -55,7 +60,10 @@ impl Watchdog {
         let timeout = self.tuning.heartbeat_timeout();
         match self.db.acquire().await {
             Ok(mut conn) => {
-                if let Err(e) = watchdog_clear_recovered(&mut conn, timeout).await {
+                if let Err(e) =
+                    watchdog_clear_recovered_probed(&mut conn, timeout, self.tuning.probe_death())
+                        .await
+                {
                     status.error(e.class(), "clear recovered", e);
                 }
             }
@@ -80,10 +88,32 @@ impl Watchdog {
                 return status;
             }
         };
-        status.found = silent.len() as u64;
-        let mut by_pool: BTreeMap<String, Vec<InstanceRow>> = BTreeMap::new();
-        for row in silent {
-            by_pool.entry(row.pool.clone()).or_default().push(row);
+        let failing = match watchdog_claim_probe_failing(
+            &self.db,
+            self.tuning.probe_death(),
+            &self.owner,
+            self.tuning.lease(),
+            self.tuning.watchdog_batch,
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                status.error(e.class(), "claim failing probes", e);
+                Vec::new()
+            }
+        };
+        status.found = (silent.len() + failing.len()) as u64;
+        let mut by_pool: BTreeMap<String, Vec<(InstanceRow, Why)>> = BTreeMap::new();
+        for (row, why) in silent
+            .into_iter()
+            .map(|r| (r, Why::Silent))
+            .chain(failing.into_iter().map(|r| (r, Why::ProbesFailing)))
+        {
+            by_pool
+                .entry(row.pool.clone())
+                .or_default()
+                .push((row, why));
         }
         for (pool, rows) in by_pool {
             if let Err(e) = self.handle_pool(&pool, rows, &mut status).await {
@@ -96,14 +126,14 @@ impl Watchdog {
     async fn handle_pool(
         &self,
         pool: &str,
-        rows: Vec<InstanceRow>,
+        rows: Vec<(InstanceRow, Why)>,
         status: &mut ActivationStatus,
     ) -> Result<(), StoreError> {
         let mut conn = self.db.acquire().await?;
         let mut suspects = Vec::with_capacity(rows.len());
-        for row in rows {
+        for (row, why) in rows {
             let since = watchdog_mark_suspect(&mut conn, row.id).await?;
-            suspects.push((row, since));
+            suspects.push((row, why, since));
         }
         let (suspect, ready) = watchdog_pool_suspicion(&mut conn, pool).await?;
         let share = if ready > 0 {
@@ -124,7 +154,7 @@ impl Watchdog {
                 );
             }
             metrics::gauge!("flotilla_watchdog_storm_hold", "pool" => pool.to_owned()).set(1.0);
-            for (row, _) in &suspects {
+            for (row, _, _) in &suspects {
                 instance_release(&mut conn, row.id, &self.owner).await?;
             }
             status.already_done += suspects.len() as u64;
@@ -137,13 +167,15 @@ impl Watchdog {
         let Some(pool_row) = pool_get(&mut conn, pool).await? else {
             return Err(StoreError::NotFound(format!("pool {pool}")));
         };
-        for (row, since) in suspects {
+        for (row, why, since) in suspects {
             match self.confirm(&pool_row, &row, since).await {
                 Ok(Some(to)) => {
-                    let reason = if to == InstanceState::Lost {
-                        "machine absent at the provider"
-                    } else {
-                        "no heartbeat and the provider confirms"
+                    let reason = match (to, why) {
+                        (InstanceState::Lost, _) => "machine absent at the provider",
+                        (_, Why::Silent) => "no heartbeat and the provider confirms",
+                        (_, Why::ProbesFailing) => {
+                            "health checks failing and the provider confirms"
+                        }
                     };
                     self.declare(&mut conn, &row, to, reason).await?;
                     let latency =
@@ -292,6 +324,15 @@ impl Watchdog {
         metrics::counter!("flotilla_watchdog_declared_total", "to" => to.as_str()).increment(1);
         Ok(())
     }
+}
+
+/// Why a worker is suspect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// No heartbeat within the timeout.
+    Silent,
+    /// A worker without the agent whose health checks keep failing.
+    ProbesFailing,
 }
 
 /// What the provider's answer says about a suspect's machine.

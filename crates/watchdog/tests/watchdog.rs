@@ -777,3 +777,190 @@ async fn a_suspect_whose_machine_is_in_passing_is_waited_out_for_the_grace_then_
     assert!(survivor.suspect_since.is_none());
     assert_eq!(replacements_of(&env, ids[3]).await, 0);
 }
+
+#[derive(Parser)]
+struct SchedulerArgs {
+    #[command(flatten)]
+    t: flotilla_scheduler::SchedulerTuning,
+}
+
+/// A scheduler on the same database and provider, probing health checks
+/// every 50 ms (doubling to 200 ms while they fail, no cache).
+fn scheduler(env: &Env) -> flotilla_scheduler::Scheduler {
+    flotilla_scheduler::Scheduler {
+        db: env.db.pool.clone(),
+        provider: env.stack.client.clone(),
+        tuning: SchedulerArgs::try_parse_from([
+            "x",
+            "--scheduler-lease-seconds",
+            "1",
+            "--health-check-interval-ms",
+            "50",
+            "--health-check-max-interval-ms",
+            "200",
+            "--health-check-cache-ms",
+            "0",
+            "--health-check-timeout-ms",
+            "1000",
+        ])
+        .unwrap()
+        .t,
+        owner: "s1".into(),
+        worker_api_url: "http://127.0.0.1:1".into(),
+        crash_after: None,
+    }
+}
+
+/// Seconds since every ready instance of `ids` entered `ready`, the least.
+async fn ready_for(env: &Env, ids: &[InstanceId]) -> f64 {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    sqlx::query_scalar(
+        "SELECT COALESCE(min(extract(epoch FROM now() - state_entered_at))::float8, 0)
+         FROM instances WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_agent_lives_by_its_health_check_and_dies_by_it() {
+    let env = env(instant()).await;
+    {
+        let mut conn = env.db.pool.acquire().await.unwrap();
+        flotilla_store::pool::pool_update(
+            &mut conn,
+            "gpu",
+            &flotilla_store::pool::PoolUpdate {
+                health_check_url: Some(format!(
+                    "{}/_sim/workers/{{machine_id}}/healthz",
+                    env.stack.sim.url()
+                )),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let ids: Vec<InstanceId> = {
+        let mut conn = env.db.pool.acquire().await.unwrap();
+        let new: Vec<NewInstance> = (0..3)
+            .map(|i| NewInstance {
+                id: InstanceId::new(),
+                pool: "gpu".into(),
+                name: format!("plain-{i}"),
+                provider: "sim".into(),
+                labels: BTreeMap::new(),
+                idempotency_key: None,
+                worker_token_hash: None,
+            })
+            .collect();
+        instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    let s = scheduler(&env);
+    let checker = flotilla_scheduler::health::HealthChecker::new(
+        s.tuning.health_check_timeout(),
+        s.tuning.health_check_cache(),
+    );
+    // Heartbeat timeout 1 s, confirm grace 2 s; 3 failed probes over 1 s.
+    let w = watchdog(
+        &env,
+        "w1",
+        &[
+            "--worker-probe-failures",
+            "3",
+            "--worker-probe-failure-window-seconds",
+            "1",
+            "--watchdog-storm-min-instances",
+            "100",
+        ],
+    );
+    // Provisioned, then ready by their health checks alone: no agent ever
+    // reports a phase or a heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.provision_once().await;
+        s.health_once(&checker).await;
+        let mut ready = 0;
+        for &id in &ids {
+            let row = get(&env, id).await;
+            assert!(row.last_heartbeat.is_none());
+            ready += usize::from(row.state == InstanceState::Ready);
+        }
+        if ready == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ready} of 3 ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Kept alive by their probes well past timeout + confirm grace, where
+    // the heartbeat path would have declared them dead (at ~3 s).
+    while ready_for(&env, &ids).await < 4.5 {
+        s.health_once(&checker).await;
+        w.dead_workers_once().await;
+        for &id in &ids {
+            let row = get(&env, id).await;
+            assert_eq!(row.state, InstanceState::Ready, "{id} kept alive by probes");
+            assert!(row.suspect_since.is_none(), "{id} never suspect");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One worker stops answering its health check; its machine still runs.
+    let sick = ids[0];
+    let machine_id = get(&env, sick).await.provider_machine_id.unwrap();
+    env.stack.sim.sim().set_worker_healthy(&machine_id, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.health_once(&checker).await;
+        w.dead_workers_once().await;
+        if get(&env, sick).await.state == InstanceState::WorkerDead {
+            break;
+        }
+        for &id in &ids[1..] {
+            assert_eq!(get(&env, id).await.state, InstanceState::Ready);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failing health checks never declared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (reason, waited, failures): (Option<String>, f64, i32) = sqlx::query_as(
+        "SELECT a.reason, extract(epoch FROM a.at - h.failing_since)::float8, h.failures
+         FROM action_logs a JOIN instance_health h ON h.instance_id = a.instance_id
+         WHERE a.instance_id = $1 AND a.to_state = 'worker_dead'",
+    )
+    .bind(sick.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reason.as_deref(),
+        Some("health checks failing and the provider confirms")
+    );
+    assert!(failures >= 3, "{failures} failures");
+    // The window (1 s), then the provider's confirm grace (2 s: its machine
+    // still runs).
+    assert!(
+        waited >= 3.0,
+        "declared {waited:.2} s after the first failure"
+    );
+    assert_eq!(replacements_of(&env, sick).await, 1, "replaced");
+    assert_eq!(
+        get(&env, sick).await.desired_state,
+        DesiredState::Terminated
+    );
+    for &id in &ids[1..] {
+        assert_eq!(get(&env, id).await.state, InstanceState::Ready);
+        assert_eq!(replacements_of(&env, id).await, 0);
+    }
+}
