@@ -272,10 +272,17 @@ impl FleetService for FleetApi {
     ) -> Result<Response<v1::Pool>, Status> {
         let actor = auth::caller(&request)?.actor();
         let new = validate::new_pool(request.get_ref().pool.as_ref())?;
-        if let Some(provider) = &self.state.provider {
+        let mut conn = self.conn().await?;
+        // A name already taken is answered as before (ALREADY_EXISTS, from
+        // the insert below), whatever the adapter would say of the shape.
+        if let Some(provider) = &self.state.provider
+            && pool_get(&mut conn, &new.name)
+                .await
+                .map_err(store_status)?
+                .is_none()
+        {
             check_with_adapter(provider, &new, &correlation_of(request.metadata())).await?;
         }
-        let mut conn = self.conn().await?;
         let row = pool_create(&mut conn, &new).await.map_err(store_status)?;
         tracing::info!(pool = %row.name, %actor, "pool created");
         Ok(Response::new(row.to_proto()))

@@ -1643,6 +1643,12 @@ async fn a_pool_is_checked_against_the_provider_adapter_and_nothing_is_written_o
         .into_inner();
     assert_eq!(created.provider, "sim");
     assert_eq!(api.count("SELECT count(*) FROM pools").await, 1);
+    // A second pool by that name conflicts, as without an adapter.
+    let again = fleet
+        .create_pool(authed(pool_of("sim", "shared-cpu-1x", "")))
+        .await
+        .expect_err("name taken");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
 }
 
 #[tokio::test]
