@@ -42,6 +42,7 @@ pub async fn start_api(
             bus: bus.clone(),
             tokens: vec![token].into(),
             limits,
+            provider: None,
         },
         listener,
         stop.clone(),

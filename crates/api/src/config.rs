@@ -39,6 +39,12 @@ pub struct ApiArgs {
     /// Milliseconds between worker heartbeats, told to every agent.
     #[arg(long, env = "WORKER_HEARTBEAT_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(100..))]
     pub worker_heartbeat_interval_ms: u32,
+    /// gRPC address of the provider-adapter. When set, CreatePool asks it
+    /// whether the pool's provider, region and machine shape exist and are
+    /// valid (CheckSpec) before anything is written; when unset, pools are
+    /// checked by the api's own rules only (logged once at startup).
+    #[arg(long, env = "PROVIDER_ADAPTER_URL")]
+    pub provider_adapter_url: Option<String>,
     /// Apply the database migrations and exit without serving: the
     /// migration step of a deployment (a Kubernetes Job, a compose service).
     /// Needs only the database settings.

@@ -9,17 +9,20 @@ use flotilla_proto::convert::state_from_wire;
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_server::FleetService;
+use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_store::WriteCtx;
 use flotilla_store::action_log::action_log_for_instance;
 use flotilla_store::instance::{ListFilter, instance_get, instance_list};
 use flotilla_store::outbox::outbox_insert;
+use flotilla_store::pool::NewPool;
 use flotilla_store::pool::{PoolUpdate, pool_create, pool_get, pool_list, pool_update};
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::grpc::correlation_of;
+use flotilla_telemetry::grpc::{correlation_of, outgoing};
 use flotilla_telemetry::propagation::current_trace_headers;
 use prost::Message;
 use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, Transaction};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::error::store_status;
@@ -66,6 +69,54 @@ fn write_ctx<T>(req: &Request<T>) -> Result<WriteCtx, Status> {
     Ok(WriteCtx::new(caller.actor())
         .with_correlation(correlation_of(req.metadata()))
         .with_trace_headers(current_trace_headers()))
+}
+
+/// Asks the provider-adapter whether machines of the new pool's shape could
+/// be created (its `CheckSpec`), before anything is written. A refusal
+/// comes back naming the pool's field; an adapter that cannot answer fails
+/// the call (UNAVAILABLE, retry), because a pool that was never checked
+/// would only fail later, at its first create.
+async fn check_with_adapter(
+    provider: &ProviderClient<Channel>,
+    new: &NewPool,
+    cid: &flotilla_core::CorrelationId,
+) -> Result<(), Status> {
+    let req = v1::CheckSpecRequest {
+        target: Some(v1::ProviderTarget {
+            provider: new.provider.clone(),
+            pool: new.name.clone(),
+            region: new.region.clone(),
+        }),
+        instance_type: new.instance_type.clone(),
+        image: new.image.clone(),
+        volume_size_gb: u32::try_from(new.volume_size_gb).unwrap_or(0),
+    };
+    match provider.clone().check_spec(outgoing(req, cid)).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            let (field, why) = s.message().split_once(": ").unwrap_or(("", s.message()));
+            let field = field.strip_prefix("target.").unwrap_or(field);
+            let known = [
+                "provider",
+                "region",
+                "instance_type",
+                "image",
+                "volume_size_gb",
+            ];
+            if known.contains(&field) {
+                Err(invalid_field(&format!("pool.{field}"), why))
+            } else {
+                Err(invalid_field("pool", s.message()))
+            }
+        }
+        Err(s) => {
+            tracing::warn!(pool = %new.name, code = ?s.code(), error = s.message(), "pool not checked: the provider-adapter did not answer");
+            Err(Status::unavailable(format!(
+                "the pool could not be checked against the provider-adapter: {}",
+                s.message()
+            )))
+        }
+    }
 }
 
 fn not_found(what: &str, name: &str) -> Status {
@@ -222,6 +273,16 @@ impl FleetService for FleetApi {
         let actor = auth::caller(&request)?.actor();
         let new = validate::new_pool(request.get_ref().pool.as_ref())?;
         let mut conn = self.conn().await?;
+        // A name already taken is answered as before (ALREADY_EXISTS, from
+        // the insert below), whatever the adapter would say of the shape.
+        if let Some(provider) = &self.state.provider
+            && pool_get(&mut conn, &new.name)
+                .await
+                .map_err(store_status)?
+                .is_none()
+        {
+            check_with_adapter(provider, &new, &correlation_of(request.metadata())).await?;
+        }
         let row = pool_create(&mut conn, &new).await.map_err(store_status)?;
         tracing::info!(pool = %row.name, %actor, "pool created");
         Ok(Response::new(row.to_proto()))

@@ -22,11 +22,13 @@ use std::time::Duration;
 
 use flotilla_bus::{Bus, OutboxRelay};
 use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
+use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc::{correlation_interceptor, health_reporter, server_span};
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 
 pub use auth::{ApiToken, Caller, FleetAuth};
 pub use config::{ApiArgs, Limits};
@@ -44,6 +46,9 @@ pub struct ApiState {
     pub bus: Bus,
     pub tokens: Arc<[ApiToken]>,
     pub limits: Limits,
+    /// The provider-adapter pools are checked against when they are
+    /// created; `None`: the api's own rules only.
+    pub provider: Option<ProviderClient<Channel>>,
 }
 
 /// Serves FleetService and WorkerService (with health and reflection) on
@@ -128,11 +133,30 @@ pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<(
 
     let listener = TcpListener::bind(&args.listen).await?;
     let grace = args.shutdown.grace();
+    let provider = match args
+        .provider_adapter_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        Some(url) => Some(ProviderClient::new(
+            tonic::transport::Endpoint::from_shared(url.to_owned())?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy(),
+        )),
+        None => {
+            tracing::warn!(
+                "PROVIDER_ADAPTER_URL is not set: new pools are checked by the api's own \
+                 rules only, not against the provider-adapter"
+            );
+            None
+        }
+    };
     let state = ApiState {
         pool,
         bus,
         tokens: args.api_tokens.clone().into(),
         limits: args.limits(),
+        provider,
     };
     let served = tokio::select! {
         served = serve(state, listener, stop.clone()) => served,

@@ -48,6 +48,20 @@ async fn start() -> Api {
 }
 
 async fn start_with(limits: Limits) -> Api {
+    start_full(limits, None).await
+}
+
+/// An api whose CreatePool checks pools against `provider`.
+async fn start_checked(
+    provider: flotilla_proto::v1::provider_client::ProviderClient<Channel>,
+) -> Api {
+    start_full(Limits::default(), Some(provider)).await
+}
+
+async fn start_full(
+    limits: Limits,
+    provider: Option<flotilla_proto::v1::provider_client::ProviderClient<Channel>>,
+) -> Api {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
     let bus = Bus::new(
@@ -61,6 +75,7 @@ async fn start_with(limits: Limits) -> Api {
         bus: bus.clone(),
         tokens: vec![ApiToken::from_plain("ci", TOKEN)].into(),
         limits,
+        provider,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1642,4 +1657,112 @@ async fn a_worker_reporting_before_its_start_was_recorded_moves_the_instance_thr
             .iter()
             .all(|(_, _, a)| a == "worker")
     );
+}
+
+fn pool_of(provider: &str, instance_type: &str, image: &str) -> v1::CreatePoolRequest {
+    v1::CreatePoolRequest {
+        pool: Some(v1::Pool {
+            name: "gpu".into(),
+            provider: provider.into(),
+            instance_type: instance_type.into(),
+            region: "ams".into(),
+            image: image.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_pool_is_checked_against_the_provider_adapter_and_nothing_is_written_on_refusal() {
+    // An adapter with only the simulated cloud configured.
+    let stack =
+        flotilla_test_utils::stack::provider_stack(flotilla_test_utils::stack::instant(), &[])
+            .await;
+    let api = start_checked(stack.client.clone()).await;
+    let mut fleet = api.fleet.clone();
+    let cases = [
+        // Valid by the api's own rules, but no Fly account in this adapter.
+        (
+            "pool.provider",
+            pool_of("fly", "shared-cpu-1x", "registry/worker:1"),
+        ),
+        (
+            "pool.instance_type",
+            pool_of("sim", "a100", "registry/worker:1"),
+        ),
+        ("pool.image", pool_of("sim", "shared-cpu-1x", "")),
+    ];
+    for (field, req) in cases {
+        let err = fleet.create_pool(authed(req)).await.expect_err(field);
+        assert_eq!(field_of(&err), field, "{err:?}");
+    }
+    assert_eq!(api.count("SELECT count(*) FROM pools").await, 0);
+    assert_eq!(api.count("SELECT count(*) FROM action_logs").await, 0);
+    assert_eq!(api.outbox().await, 0);
+    // A valid one goes through.
+    let created = fleet
+        .create_pool(authed(pool_of("sim", "shared-cpu-1x", "registry/worker:1")))
+        .await
+        .expect("valid pool")
+        .into_inner();
+    assert_eq!(created.provider, "sim");
+    assert_eq!(api.count("SELECT count(*) FROM pools").await, 1);
+    // A second pool by that name conflicts, as without an adapter.
+    let again = fleet
+        .create_pool(authed(pool_of("sim", "shared-cpu-1x", "")))
+        .await
+        .expect_err("name taken");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_fly_pool_with_a_size_fly_does_not_have_is_refused_naming_instance_type() {
+    // Fly configured in the adapter (its size rules are decided locally, so
+    // the API address is never called).
+    let stack = flotilla_test_utils::stack::provider_stack(
+        flotilla_test_utils::stack::instant(),
+        &[
+            "--fly-api-token",
+            "fly-token",
+            "--fly-app-name",
+            "flotilla-test",
+            "--fly-api-base-url",
+            "http://127.0.0.1:1",
+        ],
+    )
+    .await;
+    let api = start_checked(stack.client.clone()).await;
+    let mut fleet = api.fleet.clone();
+    for size in ["a100", "gpu-xl", "shared-cpu-99x"] {
+        let err = fleet
+            .create_pool(authed(pool_of("fly", size, "registry/worker:1")))
+            .await
+            .expect_err(size);
+        assert_eq!(field_of(&err), "pool.instance_type", "{size}: {err:?}");
+    }
+    let err = fleet
+        .create_pool(authed(pool_of("fly", "shared-cpu-1x", "")))
+        .await
+        .expect_err("no image");
+    assert_eq!(field_of(&err), "pool.image", "{err:?}");
+    assert_eq!(api.count("SELECT count(*) FROM pools").await, 0);
+    fleet
+        .create_pool(authed(pool_of("fly", "a100-40gb", "registry/worker:1")))
+        .await
+        .expect("a100-40gb is one of Fly's sizes (fly-go machine_types.go presets)");
+}
+
+#[tokio::test]
+async fn without_an_adapter_pools_keep_the_api_s_own_rules() {
+    let api = start().await;
+    let mut fleet = api.fleet.clone();
+    let err = fleet
+        .create_pool(authed(pool_of("aws", "x", "img")))
+        .await
+        .expect_err("unknown provider kind");
+    assert_eq!(field_of(&err), "pool.provider");
+    fleet
+        .create_pool(authed(pool_of("fly", "a100", "img")))
+        .await
+        .expect("not checked against any adapter");
 }

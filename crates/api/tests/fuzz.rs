@@ -331,6 +331,7 @@ async fn random_requests_never_crash_the_api_and_refusals_write_nothing() {
                 max_provision_count: 5,
                 ..Limits::default()
             },
+            provider: None,
         },
         listener,
         stop.clone(),

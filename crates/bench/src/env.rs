@@ -315,6 +315,7 @@ pub async fn start_api(
                 heartbeat_interval_ms,
                 ..Limits::default()
             },
+            provider: None,
         },
         listener,
         stop.clone(),

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::status::provider_error_to_status;
+use flotilla_proto::status::{invalid_field, provider_error_to_status};
 use flotilla_proto::v1;
 use flotilla_proto::v1::provider_server::Provider;
 use flotilla_provider::guard::Guarded;
 use flotilla_provider::registry::{AnyProvider, Registry};
 use flotilla_provider::{
-    Machine, MachineProvider, MachineSpec, MachineState, PageRequest, ProviderError, Volume,
-    VolumeSpec, VolumeState,
+    Machine, MachineProvider, MachineSpec, MachineState, PageRequest, ProviderError, SpecCheck,
+    Volume, VolumeSpec, VolumeState,
 };
 use tonic::{Request, Response, Status};
 
@@ -308,5 +308,38 @@ impl Provider for ProviderService {
             volumes: got.items.into_iter().map(volume_to_proto).collect(),
             next_page_token: got.next.unwrap_or_default(),
         }))
+    }
+
+    /// The provider's own rules for a pool's shape, decided locally (no
+    /// call to the cloud, no rate limit spent): a refusal names the field.
+    #[tracing::instrument(skip_all, fields(provider = req.get_ref().target.as_ref().map_or("", |t| t.provider.as_str())))]
+    async fn check_spec(
+        &self,
+        req: Request<v1::CheckSpecRequest>,
+    ) -> Result<Response<v1::CheckSpecResponse>, Status> {
+        let r = req.into_inner();
+        let (t, p) = self.provider(r.target.as_ref())?;
+        validate::non_empty("instance_type", &r.instance_type, 64)?;
+        validate::non_empty("image", &r.image, 512)?;
+        if r.volume_size_gb != 0 {
+            validate::size_gb(r.volume_size_gb).map_err(|_| {
+                invalid_field(
+                    "volume_size_gb",
+                    format!("{} is outside 1..=500", r.volume_size_gb),
+                )
+            })?;
+        }
+        p.check_spec(&SpecCheck {
+            region: t.region,
+            instance_type: r.instance_type,
+            image: r.image,
+            volume_size_gb: r.volume_size_gb,
+        })
+        .map_err(|e| match e {
+            // The provider's message already starts with the field.
+            ProviderError::InvalidArgument(m) => Status::invalid_argument(m),
+            e => status(e),
+        })?;
+        Ok(Response::new(v1::CheckSpecResponse {}))
     }
 }

@@ -308,3 +308,56 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_reaches_no_provider(
     assert_eq!(s.sim.sim().stats().total(Operation::Get), 0);
     assert_eq!(s.sim.sim().stats().total(Operation::VolumeCreate), 0);
 }
+
+fn spec(instance_type: &str, image: &str) -> v1::CheckSpecRequest {
+    v1::CheckSpecRequest {
+        target: target(),
+        instance_type: instance_type.into(),
+        image: image.into(),
+        volume_size_gb: 0,
+    }
+}
+
+#[tokio::test]
+async fn check_spec_answers_ok_or_names_the_field_and_calls_no_provider() {
+    let mut s = stack().await;
+    s.client
+        .check_spec(spec("shared-cpu-2x", "registry/worker:1"))
+        .await
+        .expect("a shape the provider takes");
+    let mut with_volume = spec("performance-2x", "registry/worker:1");
+    with_volume.volume_size_gb = 20;
+    s.client
+        .check_spec(with_volume)
+        .await
+        .expect("with a volume");
+
+    let mut cases: Vec<(&str, v1::CheckSpecRequest)> = Vec::new();
+    let mut r = spec("shared-cpu-1x", "img");
+    r.target.as_mut().unwrap().provider = "fly".into();
+    cases.push(("target.provider", r));
+    let mut r = spec("shared-cpu-1x", "img");
+    r.target.as_mut().unwrap().region = "Not A Region".into();
+    cases.push(("target.region", r));
+    cases.push(("instance_type", spec("enormous", "img")));
+    cases.push(("instance_type", spec("", "img")));
+    cases.push(("image", spec("shared-cpu-1x", "")));
+    let mut r = spec("shared-cpu-1x", "img");
+    r.volume_size_gb = 501;
+    cases.push(("volume_size_gb", r));
+    for (field, req) in cases {
+        let err = s.client.check_spec(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // Decided in the adapter: the cloud was never asked.
+    assert!(
+        s.sim.sim().stats().requests.is_empty(),
+        "{:?}",
+        s.sim.sim().stats()
+    );
+}

@@ -1,6 +1,9 @@
-//! Active health checks of booting workers: a worker that never reports
-//! its phases (an image without the agent, or an agent that cannot reach
-//! the api) is still seen `ready` once its health endpoint answers.
+//! Active health checks: a booting worker that never reports its phases
+//! (an image without the agent, or an agent that cannot reach the api) is
+//! still seen `ready` once its health endpoint answers; and such a worker,
+//! once ready, keeps being probed, because it will never heartbeat: its
+//! probes are its liveness (the watchdog declares it dead from them, see
+//! `flotilla_store::watchdog`).
 //!
 //! Design notes: the pool names the URL ([`HealthUrl`]); probes of one
 //! instance back off exponentially while it does not answer (the schedule
@@ -9,9 +12,12 @@
 //! probe (a lost version race, a second replica) does not probe again; and
 //! an instance whose worker heartbeated recently is not probed at all —
 //! the worker's own report is better evidence than a probe from outside.
-//! A failed probe never fails the instance: the pool's phase deadline
-//! (`boot.rs`) does that, so a slow boot and a dead one are told apart by
-//! time, not by one probe.
+//! A failed probe never fails the instance here: the pool's phase deadline
+//! (`boot.rs`) does that while it boots, and the watchdog, after a run of
+//! failures and the provider's confirmation, once it is ready — so a slow
+//! boot or a blip and a dead worker are told apart by time, not by one
+//! probe. A probe of a ready worker that answers ends the run of failures
+//! and schedules the next probe one interval later.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -22,8 +28,8 @@ use flotilla_core::{Classify, InstanceState};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::health::{
-    HealthClaim, HealthDue, health_claim_due, health_forget, health_record_address,
-    health_record_failure,
+    HealthClaim, HealthDue, health_claim_due, health_record_address, health_record_failure,
+    health_record_ok,
 };
 use flotilla_store::instance::{Transition, instance_transition};
 use flotilla_store::{StoreError, WriteCtx};
@@ -100,8 +106,9 @@ impl HealthChecker {
 }
 
 impl Scheduler {
-    /// One activation: probes the booting instances that are due and moves
-    /// the ones that answer to `ready`.
+    /// One activation: probes the instances that are due, moves the booting
+    /// ones that answer to `ready`, and records what the probes of ready
+    /// ones found.
     #[tracing::instrument(skip_all, name = "scheduler.health")]
     pub async fn health_once(&self, checker: &HealthChecker) -> ActivationStatus {
         let mut status = ActivationStatus::default();
@@ -170,9 +177,22 @@ impl Scheduler {
             ("private_ip", address.as_str()),
         ]);
         match checker.check(&template.render(&vars)).await {
+            Probe::Up if row.state == InstanceState::Ready => {
+                self.probe_answered(&row).await.map(|()| false)
+            }
             Probe::Up => self.mark_ready(ctx, &row).await,
             Probe::Down(error) => self.probe_failed(&row, &error).await.map(|()| false),
         }
+    }
+
+    /// A probe answered: the run of failures (if any) ends; the next probe
+    /// of this instance is one interval from now.
+    async fn probe_answered(&self, row: &HealthDue) -> Result<(), StoreError> {
+        let at = chrono::Utc::now()
+            + chrono::Duration::from_std(self.tuning.health_backoff().base)
+                .unwrap_or(chrono::Duration::seconds(1));
+        let mut conn = self.db.acquire().await?;
+        health_record_ok(&mut conn, row.id, at).await
     }
 
     async fn mark_ready(&self, ctx: &WriteCtx, row: &HealthDue) -> Result<bool, StoreError> {
@@ -192,7 +212,10 @@ impl Scheduler {
         .await;
         match moved {
             Ok(_) => {
-                health_forget(&mut conn, row.id).await?;
+                drop(conn);
+                // A worker that came up by probe alone is probed on while
+                // ready (it may have no agent to heartbeat).
+                self.probe_answered(row).await?;
                 tracing::info!(instance_id = %row.id, from = %row.state, "ready by health check");
                 Ok(true)
             }

@@ -760,13 +760,12 @@ async fn a_silent_worker_is_ready_once_its_health_check_answers_and_probes_back_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(machine(ids[0]).await.0, InstanceState::Ready);
-    assert!(
-        flotilla_store::health::health_get(&mut conn, ids[0])
-            .await
-            .unwrap()
-            .is_none(),
-        "bookkeeping is dropped once ready"
-    );
+    let after = flotilla_store::health::health_get(&mut conn, ids[0])
+        .await
+        .unwrap()
+        .expect("probed on while ready: it never heartbeated");
+    assert_eq!(after.failures, 0, "the run of failures ended");
+    assert!(after.failing_since.is_none());
     let reason: Option<String> = sqlx::query_scalar(
         "SELECT reason FROM action_logs WHERE instance_id = $1 AND to_state = 'ready'",
     )

@@ -1,5 +1,8 @@
-//! Active health-check bookkeeping for booting instances: which instances
-//! are due for a probe, and what the last probes found.
+//! Active health-check bookkeeping: which instances are due for a probe,
+//! and what the last probes found. Booting instances are probed until they
+//! are ready; a `ready` instance that never heartbeated (a worker without
+//! the agent) is probed for as long as it is ready, because its probes are
+//! its only sign of life (the watchdog reads them, see `crate::watchdog`).
 //!
 //! Design notes: a probe is a read, so two replicas probing the same
 //! instance is harmless; claiming still pushes `next_check_at` forward in
@@ -47,8 +50,9 @@ pub struct HealthClaim {
     pub limit: i64,
 }
 
-/// Claims up to `limit` instances in a boot phase, in pools with a health
-/// check URL, whose next probe is due and whose worker has been silent.
+/// Claims up to `limit` instances in pools with a health check URL whose
+/// next probe is due: those in a boot phase whose worker has been silent,
+/// and `ready` ones whose worker never heartbeated.
 pub async fn health_claim_due(pool: &PgPool, c: &HealthClaim) -> Result<Vec<HealthDue>> {
     Ok(sqlx::query_as(
         "WITH due AS (
@@ -58,13 +62,14 @@ pub async fn health_claim_due(pool: &PgPool, c: &HealthClaim) -> Result<Vec<Heal
              FROM instances i
              JOIN pools p ON p.name = i.pool
              LEFT JOIN instance_health h ON h.instance_id = i.id
-             WHERE i.state = ANY($1)
+             WHERE ((i.state = ANY($1)
+                     AND (i.last_heartbeat IS NULL
+                          OR i.last_heartbeat < now() - make_interval(secs => $2)))
+                    OR (i.state = 'ready' AND i.last_heartbeat IS NULL))
                AND i.desired_state = 'running'
                AND i.provider_machine_id IS NOT NULL
                AND p.health_check_url <> ''
                AND (h.next_check_at IS NULL OR h.next_check_at <= now())
-               AND (i.last_heartbeat IS NULL
-                    OR i.last_heartbeat < now() - make_interval(secs => $2))
              ORDER BY COALESCE(h.next_check_at, i.state_entered_at)
              LIMIT $3
              FOR UPDATE OF i SKIP LOCKED
@@ -84,7 +89,8 @@ pub async fn health_claim_due(pool: &PgPool, c: &HealthClaim) -> Result<Vec<Heal
     .await?)
 }
 
-/// Records a failed probe: the failure count and when to probe next.
+/// Records a failed probe: the failure count, when to probe next, and (on
+/// the first failure of a run) when the run began.
 pub async fn health_record_failure(
     conn: &mut PgConnection,
     id: InstanceId,
@@ -93,15 +99,37 @@ pub async fn health_record_failure(
     error: &str,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO instance_health (instance_id, failures, next_check_at, last_checked_at, last_error)
-         VALUES ($1, $2, $3, now(), $4)
+        "INSERT INTO instance_health
+             (instance_id, failures, next_check_at, last_checked_at, last_error, failing_since)
+         VALUES ($1, $2, $3, now(), $4, now())
          ON CONFLICT (instance_id) DO UPDATE SET failures = $2, next_check_at = $3,
-             last_checked_at = now(), last_error = $4",
+             last_checked_at = now(), last_error = $4,
+             failing_since = COALESCE(instance_health.failing_since, now())",
     )
     .bind(id.0)
     .bind(failures)
     .bind(next_check_at)
     .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a probe that answered: the run of failures ends, and the next
+/// probe is at `next_check_at`. The address is kept.
+pub async fn health_record_ok(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    next_check_at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO instance_health (instance_id, failures, next_check_at, last_checked_at)
+         VALUES ($1, 0, $2, now())
+         ON CONFLICT (instance_id) DO UPDATE SET failures = 0, next_check_at = $2,
+             last_checked_at = now(), last_error = NULL, failing_since = NULL",
+    )
+    .bind(id.0)
+    .bind(next_check_at)
     .execute(conn)
     .await?;
     Ok(())
@@ -129,6 +157,8 @@ pub async fn health_record_address(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct HealthRow {
     pub failures: i32,
+    /// First failure of the current run of failures.
+    pub failing_since: Option<DateTime<Utc>>,
     pub next_check_at: DateTime<Utc>,
     pub last_checked_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -137,7 +167,7 @@ pub struct HealthRow {
 
 pub async fn health_get(conn: &mut PgConnection, id: InstanceId) -> Result<Option<HealthRow>> {
     Ok(sqlx::query_as(
-        "SELECT failures, next_check_at, last_checked_at, last_error, address
+        "SELECT failures, failing_since, next_check_at, last_checked_at, last_error, address
          FROM instance_health WHERE instance_id = $1",
     )
     .bind(id.0)

@@ -1,5 +1,13 @@
-//! What the watchdog reads and writes: silent workers, suspicion, storm
-//! holds, and the database's side of the orphan scan.
+//! What the watchdog reads and writes: silent workers, workers without the
+//! agent whose health checks fail, suspicion, storm holds, and the
+//! database's side of the orphan scan.
+//!
+//! A `ready` instance is *agentless* when its worker never heartbeated
+//! (`last_heartbeat IS NULL`) and its pool has a health check URL: it
+//! reached `ready` by probe, and the scheduler keeps probing it. Its
+//! liveness is its probes, not heartbeats, so the silent scan skips it and
+//! [`watchdog_claim_probe_failing`] looks at it instead. Its first
+//! heartbeat makes it an ordinary worker again.
 
 use std::time::Duration;
 
@@ -12,7 +20,8 @@ use crate::Result;
 use crate::instance::InstanceRow;
 
 /// Leases `ready` instances whose last sign of life (heartbeat, or entering
-/// `ready`) is older than `timeout`.
+/// `ready`) is older than `timeout`. Agentless instances (see the module
+/// docs) are not silent: they never heartbeat, their probes speak for them.
 ///
 /// The first time condition is what the `instances_silent` index answers:
 /// `heartbeat_mark` is never later than `last_heartbeat` (see
@@ -36,6 +45,9 @@ pub async fn watchdog_claim_silent(
                AND COALESCE(heartbeat_mark, state_entered_at) < now() - make_interval(secs => $1)
                AND COALESCE(last_heartbeat, state_entered_at) < now() - make_interval(secs => $1)
                AND (lease_until IS NULL OR lease_until < now())
+               AND (last_heartbeat IS NOT NULL OR NOT EXISTS (
+                     SELECT 1 FROM pools p
+                     WHERE p.name = instances.pool AND p.health_check_url <> ''))
              ORDER BY COALESCE(heartbeat_mark, state_entered_at)
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -47,6 +59,61 @@ pub async fn watchdog_claim_silent(
         crate::instance::instance_columns!()
     ))
     .bind(timeout.as_secs_f64())
+    .bind(limit)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// When an agentless worker's failing health checks make it suspect:
+/// `failures` failed probes in a row, the first at least `window` ago.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeDeath {
+    pub failures: i32,
+    pub window: Duration,
+}
+
+impl Default for ProbeDeath {
+    fn default() -> Self {
+        ProbeDeath {
+            failures: 3,
+            window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Leases agentless `ready` instances (see the module docs) whose health
+/// checks have failed as `probe` says, first failing first.
+pub async fn watchdog_claim_probe_failing(
+    pool: &PgPool,
+    probe: ProbeDeath,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<InstanceRow>> {
+    Ok(sqlx::query_as(concat!(
+        "WITH due AS (
+             SELECT i.id AS due_id FROM instances i
+             JOIN pools p ON p.name = i.pool
+             JOIN instance_health h ON h.instance_id = i.id
+             WHERE i.state = 'ready' AND i.last_heartbeat IS NULL
+               AND p.health_check_url <> ''
+               AND h.failures >= $1
+               AND h.failing_since < now() - make_interval(secs => $2)
+               AND (i.lease_until IS NULL OR i.lease_until < now())
+             ORDER BY h.failing_since
+             LIMIT $3
+             FOR UPDATE OF i SKIP LOCKED
+         )
+         UPDATE instances
+         SET lease_owner = $4, lease_until = now() + make_interval(secs => $5)
+         FROM due WHERE id = due.due_id
+         RETURNING ",
+        crate::instance::instance_columns!()
+    ))
+    .bind(probe.failures.max(1))
+    .bind(probe.window.as_secs_f64())
     .bind(limit)
     .bind(owner)
     .bind(lease.as_secs_f64())
@@ -69,16 +136,38 @@ pub async fn watchdog_mark_suspect(
 }
 
 /// Clears suspicion of instances that are no longer silent (a heartbeat
-/// arrived) or no longer ready. Runs every tick; the partial index
-/// `instances_suspect` keeps it to the suspect rows.
+/// arrived) or no longer ready, with the default [`ProbeDeath`].
 pub async fn watchdog_clear_recovered(conn: &mut PgConnection, timeout: Duration) -> Result<u64> {
+    watchdog_clear_recovered_probed(conn, timeout, ProbeDeath::default()).await
+}
+
+/// Clears suspicion of instances that recovered: no longer ready, a
+/// heartbeat arrived, or — for agentless ones — their health checks no
+/// longer fail as `probe` says (a probe answered). Runs every tick; the
+/// partial index `instances_suspect` keeps it to the suspect rows.
+pub async fn watchdog_clear_recovered_probed(
+    conn: &mut PgConnection,
+    timeout: Duration,
+    probe: ProbeDeath,
+) -> Result<u64> {
     Ok(sqlx::query(
-        "UPDATE instances SET suspect_since = NULL
+        "UPDATE instances i SET suspect_since = NULL
          WHERE suspect_since IS NOT NULL
            AND (state <> 'ready' OR last_heartbeat >= suspect_since
-                OR COALESCE(last_heartbeat, state_entered_at) >= now() - make_interval(secs => $1))",
+                OR CASE WHEN last_heartbeat IS NULL AND EXISTS (
+                            SELECT 1 FROM pools p
+                            WHERE p.name = i.pool AND p.health_check_url <> '')
+                     THEN NOT EXISTS (
+                            SELECT 1 FROM instance_health h
+                            WHERE h.instance_id = i.id AND h.failures >= $2
+                              AND h.failing_since < now() - make_interval(secs => $3))
+                     ELSE COALESCE(last_heartbeat, state_entered_at)
+                            >= now() - make_interval(secs => $1)
+                END)",
     )
     .bind(timeout.as_secs_f64())
+    .bind(probe.failures.max(1))
+    .bind(probe.window.as_secs_f64())
     .execute(conn)
     .await?
     .rows_affected())

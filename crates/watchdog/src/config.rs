@@ -43,6 +43,25 @@ pub struct WatchdogTuning {
     /// or paused worker) is given before it is declared dead anyway.
     #[arg(long, env = "WORKER_DEAD_CONFIRM_SECONDS", default_value_t = 30)]
     pub worker_dead_confirm_seconds: u64,
+    /// Seconds a suspect whose machine is in passing (creating,
+    /// restarting, updating, replacing, migrated, an undocumented state…)
+    /// is waited out, looked at again every tick, before its machine counts
+    /// as not running. Such a state is never evidence of death by itself.
+    #[arg(long, env = "WATCHDOG_TRANSIENT_GRACE_SECONDS", default_value_t = 120)]
+    pub watchdog_transient_grace_seconds: u64,
+    /// Failed health checks in a row after which a worker without the
+    /// agent (ready by its health check, never heartbeated) is suspect,
+    /// once they also span WORKER_PROBE_FAILURE_WINDOW_SECONDS.
+    #[arg(long, env = "WORKER_PROBE_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..))]
+    pub worker_probe_failures: i32,
+    /// Seconds a run of failed health checks must span (from its first
+    /// failure) before a worker without the agent is suspect.
+    #[arg(
+        long,
+        env = "WORKER_PROBE_FAILURE_WINDOW_SECONDS",
+        default_value_t = 30
+    )]
+    pub worker_probe_failure_window_seconds: u64,
     /// Replace and terminate dead workers (false: only mark them).
     #[arg(long, env = "WORKER_DEAD_RECOVERY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub worker_dead_recovery_enabled: bool,
@@ -105,6 +124,15 @@ impl WatchdogTuning {
     }
     pub fn confirm_grace(&self) -> Duration {
         Duration::from_secs(self.worker_dead_confirm_seconds)
+    }
+    pub fn transient_grace(&self) -> Duration {
+        Duration::from_secs(self.watchdog_transient_grace_seconds)
+    }
+    pub fn probe_death(&self) -> flotilla_store::watchdog::ProbeDeath {
+        flotilla_store::watchdog::ProbeDeath {
+            failures: self.worker_probe_failures,
+            window: Duration::from_secs(self.worker_probe_failure_window_seconds),
+        }
     }
     pub fn orphan_grace(&self) -> Duration {
         Duration::from_secs(self.orphan_grace_seconds)

@@ -1,11 +1,20 @@
 //! Dead workers: a `ready` worker silent for the heartbeat timeout becomes
-//! suspect; a second signal from the provider confirms it (`worker_dead`,
-//! or `lost` when the machine is gone), and it is replaced and terminated.
+//! suspect, and so does a worker without the agent (ready by its health
+//! check, never heartbeated) whose health checks have failed
+//! `WORKER_PROBE_FAILURES` times in a row over at least
+//! `WORKER_PROBE_FAILURE_WINDOW_SECONDS`; a second signal from the provider
+//! confirms it (`worker_dead`, or `lost` when the machine is gone), and it
+//! is replaced and terminated. Both kinds go through the same confirmation
+//! and storm guard.
 //!
 //! Design notes: the provider's word is the second signal. A machine that
 //! no longer runs confirms at once; a machine that still runs (a hung or
 //! paused worker) is given `WORKER_DEAD_CONFIRM_SECONDS` more, so a worker
-//! paused and resumed within that time is never replaced. A heartbeat
+//! paused and resumed within that time is never replaced. A machine in
+//! passing (creating, restarting, updating, replacing, migrated, a state
+//! nobody documented) is not yet known: it is looked at again every tick
+//! for `WATCHDOG_TRANSIENT_GRACE_SECONDS` after the worker became suspect,
+//! and only then counts as not running. A heartbeat
 //! clears suspicion. Before any remediation the storm guard looks at the
 //! pool: if more than `WATCHDOG_STORM_FRACTION` of its ready workers are
 //! suspect at once, it holds (flag, metric, log) instead of replacing the
@@ -23,8 +32,8 @@ use flotilla_store::instance::{
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::pool_get;
 use flotilla_store::watchdog::{
-    watchdog_claim_silent, watchdog_clear_recovered, watchdog_mark_suspect,
-    watchdog_pool_suspicion, watchdog_set_storm_hold,
+    watchdog_claim_probe_failing, watchdog_claim_silent, watchdog_clear_recovered_probed,
+    watchdog_mark_suspect, watchdog_pool_suspicion, watchdog_set_storm_hold,
 };
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
@@ -51,7 +60,10 @@ impl Watchdog {
         let timeout = self.tuning.heartbeat_timeout();
         match self.db.acquire().await {
             Ok(mut conn) => {
-                if let Err(e) = watchdog_clear_recovered(&mut conn, timeout).await {
+                if let Err(e) =
+                    watchdog_clear_recovered_probed(&mut conn, timeout, self.tuning.probe_death())
+                        .await
+                {
                     status.error(e.class(), "clear recovered", e);
                 }
             }
@@ -76,10 +88,32 @@ impl Watchdog {
                 return status;
             }
         };
-        status.found = silent.len() as u64;
-        let mut by_pool: BTreeMap<String, Vec<InstanceRow>> = BTreeMap::new();
-        for row in silent {
-            by_pool.entry(row.pool.clone()).or_default().push(row);
+        let failing = match watchdog_claim_probe_failing(
+            &self.db,
+            self.tuning.probe_death(),
+            &self.owner,
+            self.tuning.lease(),
+            self.tuning.watchdog_batch,
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                status.error(e.class(), "claim failing probes", e);
+                Vec::new()
+            }
+        };
+        status.found = (silent.len() + failing.len()) as u64;
+        let mut by_pool: BTreeMap<String, Vec<(InstanceRow, Why)>> = BTreeMap::new();
+        for (row, why) in silent
+            .into_iter()
+            .map(|r| (r, Why::Silent))
+            .chain(failing.into_iter().map(|r| (r, Why::ProbesFailing)))
+        {
+            by_pool
+                .entry(row.pool.clone())
+                .or_default()
+                .push((row, why));
         }
         for (pool, rows) in by_pool {
             if let Err(e) = self.handle_pool(&pool, rows, &mut status).await {
@@ -92,14 +126,14 @@ impl Watchdog {
     async fn handle_pool(
         &self,
         pool: &str,
-        rows: Vec<InstanceRow>,
+        rows: Vec<(InstanceRow, Why)>,
         status: &mut ActivationStatus,
     ) -> Result<(), StoreError> {
         let mut conn = self.db.acquire().await?;
         let mut suspects = Vec::with_capacity(rows.len());
-        for row in rows {
+        for (row, why) in rows {
             let since = watchdog_mark_suspect(&mut conn, row.id).await?;
-            suspects.push((row, since));
+            suspects.push((row, why, since));
         }
         let (suspect, ready) = watchdog_pool_suspicion(&mut conn, pool).await?;
         let share = if ready > 0 {
@@ -120,7 +154,7 @@ impl Watchdog {
                 );
             }
             metrics::gauge!("flotilla_watchdog_storm_hold", "pool" => pool.to_owned()).set(1.0);
-            for (row, _) in &suspects {
+            for (row, _, _) in &suspects {
                 instance_release(&mut conn, row.id, &self.owner).await?;
             }
             status.already_done += suspects.len() as u64;
@@ -133,13 +167,15 @@ impl Watchdog {
         let Some(pool_row) = pool_get(&mut conn, pool).await? else {
             return Err(StoreError::NotFound(format!("pool {pool}")));
         };
-        for (row, since) in suspects {
+        for (row, why, since) in suspects {
             match self.confirm(&pool_row, &row, since).await {
                 Ok(Some(to)) => {
-                    let reason = if to == InstanceState::Lost {
-                        "machine absent at the provider"
-                    } else {
-                        "no heartbeat and the provider confirms"
+                    let reason = match (to, why) {
+                        (InstanceState::Lost, _) => "machine absent at the provider",
+                        (_, Why::Silent) => "no heartbeat and the provider confirms",
+                        (_, Why::ProbesFailing) => {
+                            "health checks failing and the provider confirms"
+                        }
                     };
                     self.declare(&mut conn, &row, to, reason).await?;
                     let latency =
@@ -187,31 +223,32 @@ impl Watchdog {
             ))
             .await;
         let state = match got {
-            Ok(m) => v1::MachineState::try_from(m.into_inner().state)
-                .unwrap_or(v1::MachineState::Unspecified),
+            Ok(m) => m.into_inner().state,
             Err(s) => match status_to_provider_error(&s) {
                 ProviderError::NotFound(_) => return Ok(Some(InstanceState::Lost)),
                 e => return Err(e),
             },
         };
-        let running = matches!(
-            state,
-            v1::MachineState::Started | v1::MachineState::Starting | v1::MachineState::Replacing
-        );
-        if state == v1::MachineState::Destroyed {
-            return Ok(Some(InstanceState::Lost));
-        }
-        if !running {
-            return Ok(Some(InstanceState::WorkerDead));
-        }
         let suspected_for = (chrono::Utc::now() - suspect_since)
             .to_std()
             .unwrap_or_default();
-        if suspected_for >= self.tuning.confirm_grace() {
-            Ok(Some(InstanceState::WorkerDead))
-        } else {
-            Ok(None)
+        let seen = Seen::of(state);
+        let verdict = verdict(
+            seen,
+            suspected_for,
+            self.tuning.confirm_grace(),
+            self.tuning.transient_grace(),
+        );
+        if seen == Seen::Transient && verdict.is_none() {
+            tracing::info!(
+                instance_id = %row.id,
+                machine_id,
+                state = v1::MachineState::try_from(state).map_or("undocumented", |s| s.as_str_name()),
+                ?suspected_for,
+                "suspect's machine is in passing; looking again later"
+            );
         }
+        Ok(verdict)
     }
 
     /// Moves the instance to `to` and, when recovery is on, hands it to
@@ -289,6 +326,78 @@ impl Watchdog {
     }
 }
 
+/// Why a worker is suspect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// No heartbeat within the timeout.
+    Silent,
+    /// A worker without the agent whose health checks keep failing.
+    ProbesFailing,
+}
+
+/// What the provider's answer says about a suspect's machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Started or starting: the worker is hung or paused, not gone.
+    Running,
+    /// On its way between settled states, or a state nobody documented
+    /// (including one this build does not know the number of): not yet
+    /// known, never evidence of death.
+    Transient,
+    /// Settled and not running: stopped, suspended, failed, launch failed,
+    /// created and never started.
+    NotRunning,
+    /// Destroyed.
+    Gone,
+}
+
+impl Seen {
+    pub(crate) fn of(state: i32) -> Seen {
+        use v1::MachineState as S;
+        let Ok(state) = S::try_from(state) else {
+            return Seen::Transient;
+        };
+        match state {
+            S::Started | S::Starting => Seen::Running,
+            S::Destroyed => Seen::Gone,
+            S::Stopped | S::Suspended | S::Failed | S::LaunchFailed | S::Created => {
+                Seen::NotRunning
+            }
+            S::Stopping
+            | S::Suspending
+            | S::Destroying
+            | S::Replacing
+            | S::Creating
+            | S::Restarting
+            | S::Updating
+            | S::Replaced
+            | S::Migrated
+            | S::Unknown
+            | S::Unspecified => Seen::Transient,
+        }
+    }
+}
+
+/// The verdict on a suspect from what its machine is and how long it has
+/// been suspect: `Some(state)` to move it to, `None` to look again on a
+/// later tick. A machine in passing is waited out for `transient_grace`
+/// and then counts as not running, so a machine stuck "updating" forever
+/// is still replaced, and the storm guard (checked before this) still
+/// holds when a whole pool reports it at once.
+pub(crate) fn verdict(
+    seen: Seen,
+    suspected_for: std::time::Duration,
+    confirm_grace: std::time::Duration,
+    transient_grace: std::time::Duration,
+) -> Option<InstanceState> {
+    match seen {
+        Seen::Gone => Some(InstanceState::Lost),
+        Seen::NotRunning => Some(InstanceState::WorkerDead),
+        Seen::Running => (suspected_for >= confirm_grace).then_some(InstanceState::WorkerDead),
+        Seen::Transient => (suspected_for >= transient_grace).then_some(InstanceState::WorkerDead),
+    }
+}
+
 /// `<name>-r<4 random>`, within the 63-char limit.
 fn replacement_name(name: &str) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -297,4 +406,65 @@ fn replacement_name(name: &str) -> String {
         .collect();
     let base: String = name.chars().take(56).collect();
     format!("{base}-r{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const CONFIRM: Duration = Duration::from_secs(30);
+    const TRANSIENT: Duration = Duration::from_secs(120);
+
+    fn at(seen: Seen, secs: u64) -> Option<InstanceState> {
+        verdict(seen, Duration::from_secs(secs), CONFIRM, TRANSIENT)
+    }
+
+    #[test]
+    fn every_documented_state_has_its_meaning_and_unknown_ones_are_in_passing() {
+        use v1::MachineState as S;
+        for s in [S::Started, S::Starting] {
+            assert_eq!(Seen::of(s as i32), Seen::Running, "{s:?}");
+        }
+        for s in [
+            S::Stopped,
+            S::Suspended,
+            S::Failed,
+            S::LaunchFailed,
+            S::Created,
+        ] {
+            assert_eq!(Seen::of(s as i32), Seen::NotRunning, "{s:?}");
+        }
+        assert_eq!(Seen::of(S::Destroyed as i32), Seen::Gone);
+        for s in [
+            S::Creating,
+            S::Restarting,
+            S::Updating,
+            S::Replacing,
+            S::Replaced,
+            S::Migrated,
+            S::Stopping,
+            S::Suspending,
+            S::Destroying,
+            S::Unknown,
+            S::Unspecified,
+        ] {
+            assert_eq!(Seen::of(s as i32), Seen::Transient, "{s:?}");
+        }
+        // A number a newer adapter may send that this build does not know.
+        assert_eq!(Seen::of(999), Seen::Transient);
+    }
+
+    #[test]
+    fn a_machine_in_passing_is_waited_out_for_the_transient_grace_only() {
+        assert_eq!(at(Seen::Transient, 0), None);
+        assert_eq!(at(Seen::Transient, 119), None, "not dead within the grace");
+        assert_eq!(at(Seen::Transient, 120), Some(InstanceState::WorkerDead));
+        // Settled states keep their meaning at once.
+        assert_eq!(at(Seen::NotRunning, 0), Some(InstanceState::WorkerDead));
+        assert_eq!(at(Seen::Gone, 0), Some(InstanceState::Lost));
+        assert_eq!(at(Seen::Running, 29), None);
+        assert_eq!(at(Seen::Running, 30), Some(InstanceState::WorkerDead));
+    }
 }

@@ -539,3 +539,428 @@ async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_
     }
     assert_eq!(get(fresh).await.stuck_recoveries, 0);
 }
+
+/// The simulated cloud seen through a proxy that makes chosen machines
+/// answer `GET` in a chosen state: Fly documents states (creating,
+/// restarting, updating, replacing, replaced, migrated, …; Machines API
+/// docs, "Machine states") the sim never enters by itself, and a real API
+/// may add more. Everything else passes through unchanged, so the adapter's
+/// own parsing of the state is what is tested.
+struct StateProxy {
+    states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    client: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
+    stop: flotilla_telemetry::CancellationToken,
+}
+
+impl Drop for StateProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl StateProxy {
+    /// From now on, `GET` of `machine_id` reports `state` (Fly's spelling).
+    fn report(&self, machine_id: &str, state: &str) {
+        self.states
+            .lock()
+            .unwrap()
+            .insert(machine_id.to_owned(), state.to_owned());
+    }
+
+    fn clear(&self, machine_id: &str) {
+        self.states.lock().unwrap().remove(machine_id);
+    }
+}
+
+async fn state_proxy(env: &Env) -> StateProxy {
+    use axum::body::{Body, to_bytes};
+    use axum::extract::{Request, State};
+    use axum::response::Response;
+
+    #[derive(Clone)]
+    struct Proxy {
+        upstream: String,
+        http: reqwest::Client,
+        states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    }
+    async fn forward(State(p): State<Proxy>, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = p
+            .http
+            .request(parts.method.clone(), format!("{}{path}", p.upstream))
+            .body(body);
+        for (k, v) in &parts.headers {
+            if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH {
+                out = out.header(k, v);
+            }
+        }
+        let Ok(got) = out.send().await else {
+            return Response::builder().status(502).body(Body::empty()).unwrap();
+        };
+        let status = got.status();
+        let content_type = got.headers().get(axum::http::header::CONTENT_TYPE).cloned();
+        let mut bytes = got.bytes().await.unwrap_or_default().to_vec();
+        let id = parts.uri.path().rsplit('/').next().unwrap_or_default();
+        let forced = p.states.lock().unwrap().get(id).cloned();
+        if parts.method == axum::http::Method::GET
+            && status.is_success()
+            && let Some(state) = forced
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        {
+            v["state"] = serde_json::Value::String(state);
+            bytes = serde_json::to_vec(&v).unwrap();
+        }
+        let mut r = Response::builder().status(status);
+        if let Some(ct) = content_type {
+            r = r.header(axum::http::header::CONTENT_TYPE, ct);
+        }
+        r.body(Body::from(bytes)).unwrap()
+    }
+
+    let states = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let proxy = Proxy {
+        upstream: env.stack.sim.url().to_owned(),
+        http: flotilla_provider::http::client_builder(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+        states: states.clone(),
+    };
+    let stop = flotilla_telemetry::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+    }
+    // An adapter of its own in front of the proxy, set up as the shared
+    // stack sets up its adapter.
+    use clap::Parser as _;
+    let args = flotilla_provider_adapter::AdapterArgs::try_parse_from([
+        "provider-adapter",
+        "--sim-api-base-url",
+        &proxy_url,
+        "--sim-api-token",
+        env.stack.sim.token(),
+        "--provider-retry-max-attempts",
+        "0",
+        "--provider-rate-limit-per-second",
+        "100000",
+        "--provider-rate-limit-burst",
+        "100000",
+        "--circuit-breaker-failure-threshold",
+        "1000000",
+    ])
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(flotilla_provider_adapter::serve(
+        std::sync::Arc::new(flotilla_provider_adapter::registry(&args).unwrap()),
+        listener,
+        stop.clone(),
+    ));
+    let client =
+        flotilla_proto::v1::provider_client::ProviderClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    StateProxy {
+        states,
+        client,
+        stop,
+    }
+}
+
+/// Seconds since the instance became suspect, by the database's clock.
+async fn suspect_for(env: &Env, id: InstanceId) -> Option<f64> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - suspect_since)::float8 FROM instances WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_whose_machine_is_in_passing_is_waited_out_for_the_grace_then_declared_dead() {
+    let env = env(instant()).await;
+    let proxy = state_proxy(&env).await;
+    let ids = ready(&env, 4).await;
+    // Transient grace (3 s) longer than the confirm grace (2 s): a state
+    // taken for "running" would be declared at 2 s, one taken for "not
+    // running" at once.
+    let mut w = watchdog(
+        &env,
+        "w1",
+        &[
+            "--watchdog-transient-grace-seconds",
+            "3",
+            "--watchdog-storm-min-instances",
+            "100",
+        ],
+    );
+    w.provider = proxy.client.clone();
+    let machine_of = |i: usize| {
+        let env = &env;
+        let id = ids[i];
+        async move { get(env, id).await.provider_machine_id.unwrap() }
+    };
+    // Documented states the sim does not enter, and one nobody documented.
+    proxy.report(&machine_of(0).await, "updating");
+    proxy.report(&machine_of(1).await, "replacing");
+    proxy.report(&machine_of(2).await, "frobnicating");
+    // The fourth recovers within the grace: its machine settles as started
+    // and the worker heartbeats again.
+    let recovering = machine_of(3).await;
+    proxy.report(&recovering, "restarting");
+    let grace = 3.0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut recovered = false;
+    let mut declared = std::collections::HashSet::new();
+    loop {
+        w.dead_workers_once().await;
+        let mut pending = 0;
+        for &id in &ids[..3] {
+            if declared.contains(&id) {
+                continue;
+            }
+            let row = get(&env, id).await;
+            if row.state == InstanceState::Ready {
+                pending += 1;
+                continue;
+            }
+            declared.insert(id);
+            assert_eq!(row.state, InstanceState::WorkerDead, "{id}");
+            // Declared no earlier than the grace after it became suspect.
+            let waited: f64 = sqlx::query_scalar(
+                "SELECT extract(epoch FROM a.at - i.suspect_since)::float8
+                 FROM action_logs a JOIN instances i ON i.id = a.instance_id
+                 WHERE a.instance_id = $1 AND a.to_state = 'worker_dead'",
+            )
+            .bind(id.0)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+            assert!(
+                waited >= grace,
+                "{id} declared dead {waited:.2} s after becoming suspect, within the grace"
+            );
+        }
+        if !recovered && suspect_for(&env, ids[3]).await.is_some_and(|s| s > 1.0) {
+            proxy.clear(&recovering);
+            heartbeat(&env, &ids[3..]).await;
+            recovered = true;
+        }
+        if recovered {
+            heartbeat(&env, &ids[3..]).await;
+        }
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} suspects in passing never declared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for &id in &ids[..3] {
+        assert_eq!(replacements_of(&env, id).await, 1, "{id} replaced");
+    }
+    let survivor = get(&env, ids[3]).await;
+    assert_eq!(survivor.state, InstanceState::Ready, "recovered in time");
+    assert!(survivor.suspect_since.is_none());
+    assert_eq!(replacements_of(&env, ids[3]).await, 0);
+}
+
+#[derive(Parser)]
+struct SchedulerArgs {
+    #[command(flatten)]
+    t: flotilla_scheduler::SchedulerTuning,
+}
+
+/// A scheduler on the same database and provider, probing health checks
+/// every 50 ms (doubling to 200 ms while they fail, no cache).
+fn scheduler(env: &Env) -> flotilla_scheduler::Scheduler {
+    flotilla_scheduler::Scheduler {
+        db: env.db.pool.clone(),
+        provider: env.stack.client.clone(),
+        tuning: SchedulerArgs::try_parse_from([
+            "x",
+            "--scheduler-lease-seconds",
+            "1",
+            "--health-check-interval-ms",
+            "50",
+            "--health-check-max-interval-ms",
+            "200",
+            "--health-check-cache-ms",
+            "0",
+            "--health-check-timeout-ms",
+            "1000",
+        ])
+        .unwrap()
+        .t,
+        owner: "s1".into(),
+        worker_api_url: "http://127.0.0.1:1".into(),
+        crash_after: None,
+    }
+}
+
+/// Seconds since every ready instance of `ids` entered `ready`, the least.
+async fn ready_for(env: &Env, ids: &[InstanceId]) -> f64 {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    sqlx::query_scalar(
+        "SELECT COALESCE(min(extract(epoch FROM now() - state_entered_at))::float8, 0)
+         FROM instances WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_agent_lives_by_its_health_check_and_dies_by_it() {
+    let env = env(instant()).await;
+    {
+        let mut conn = env.db.pool.acquire().await.unwrap();
+        flotilla_store::pool::pool_update(
+            &mut conn,
+            "gpu",
+            &flotilla_store::pool::PoolUpdate {
+                health_check_url: Some(format!(
+                    "{}/_sim/workers/{{machine_id}}/healthz",
+                    env.stack.sim.url()
+                )),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let ids: Vec<InstanceId> = {
+        let mut conn = env.db.pool.acquire().await.unwrap();
+        let new: Vec<NewInstance> = (0..3)
+            .map(|i| NewInstance {
+                id: InstanceId::new(),
+                pool: "gpu".into(),
+                name: format!("plain-{i}"),
+                provider: "sim".into(),
+                labels: BTreeMap::new(),
+                idempotency_key: None,
+                worker_token_hash: None,
+            })
+            .collect();
+        instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    let s = scheduler(&env);
+    let checker = flotilla_scheduler::health::HealthChecker::new(
+        s.tuning.health_check_timeout(),
+        s.tuning.health_check_cache(),
+    );
+    // Heartbeat timeout 1 s, confirm grace 2 s; 3 failed probes over 1 s.
+    let w = watchdog(
+        &env,
+        "w1",
+        &[
+            "--worker-probe-failures",
+            "3",
+            "--worker-probe-failure-window-seconds",
+            "1",
+            "--watchdog-storm-min-instances",
+            "100",
+        ],
+    );
+    // Provisioned, then ready by their health checks alone: no agent ever
+    // reports a phase or a heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.provision_once().await;
+        s.health_once(&checker).await;
+        let mut ready = 0;
+        for &id in &ids {
+            let row = get(&env, id).await;
+            assert!(row.last_heartbeat.is_none());
+            ready += usize::from(row.state == InstanceState::Ready);
+        }
+        if ready == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ready} of 3 ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Kept alive by their probes well past timeout + confirm grace, where
+    // the heartbeat path would have declared them dead (at ~3 s).
+    while ready_for(&env, &ids).await < 4.5 {
+        s.health_once(&checker).await;
+        w.dead_workers_once().await;
+        for &id in &ids {
+            let row = get(&env, id).await;
+            assert_eq!(row.state, InstanceState::Ready, "{id} kept alive by probes");
+            assert!(row.suspect_since.is_none(), "{id} never suspect");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One worker stops answering its health check; its machine still runs.
+    let sick = ids[0];
+    let machine_id = get(&env, sick).await.provider_machine_id.unwrap();
+    env.stack.sim.sim().set_worker_healthy(&machine_id, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.health_once(&checker).await;
+        w.dead_workers_once().await;
+        if get(&env, sick).await.state == InstanceState::WorkerDead {
+            break;
+        }
+        for &id in &ids[1..] {
+            assert_eq!(get(&env, id).await.state, InstanceState::Ready);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failing health checks never declared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (reason, waited, failures): (Option<String>, f64, i32) = sqlx::query_as(
+        "SELECT a.reason, extract(epoch FROM a.at - h.failing_since)::float8, h.failures
+         FROM action_logs a JOIN instance_health h ON h.instance_id = a.instance_id
+         WHERE a.instance_id = $1 AND a.to_state = 'worker_dead'",
+    )
+    .bind(sick.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reason.as_deref(),
+        Some("health checks failing and the provider confirms")
+    );
+    assert!(failures >= 3, "{failures} failures");
+    // The window (1 s), then the provider's confirm grace (2 s: its machine
+    // still runs).
+    assert!(
+        waited >= 3.0,
+        "declared {waited:.2} s after the first failure"
+    );
+    assert_eq!(replacements_of(&env, sick).await, 1, "replaced");
+    assert_eq!(
+        get(&env, sick).await.desired_state,
+        DesiredState::Terminated
+    );
+    for &id in &ids[1..] {
+        assert_eq!(get(&env, id).await.state, InstanceState::Ready);
+        assert_eq!(replacements_of(&env, id).await, 0);
+    }
+}
