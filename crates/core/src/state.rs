@@ -388,10 +388,6 @@ mod tests {
         }
     }
 
-    fn any_state() -> impl Strategy<Value = InstanceState> {
-        prop::sample::select(InstanceState::ALL.to_vec())
-    }
-
     proptest! {
         /// Random walks that only take listed exits always can end at
         /// `terminated` within the number of states (no cycles trap an instance).

@@ -1121,6 +1121,12 @@ impl flotilla_proto::v1::provider_server::Provider for UserDataProvider {
     ) -> Result<tonic::Response<v1::ListVolumesResponse>, tonic::Status> {
         self.next.clone().list_volumes(r.into_inner()).await
     }
+    async fn check_spec(
+        &self,
+        r: tonic::Request<v1::CheckSpecRequest>,
+    ) -> Result<tonic::Response<v1::CheckSpecResponse>, tonic::Status> {
+        self.next.clone().check_spec(r.into_inner()).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
