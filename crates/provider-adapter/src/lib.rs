@@ -196,7 +196,9 @@ mod tests {
         let err = check_accounts(&typo).await.expect_err("not ready");
         let text = err.to_string();
         assert!(
-            text.contains("sim") && text.contains("\"flotila\" is missing") && text.contains("FLY_APP_NAME"),
+            text.contains("sim")
+                && text.contains("\"flotila\" is missing")
+                && text.contains("FLY_APP_NAME"),
             "{text}"
         );
         check_accounts(&registry(&args("flotilla")).expect("registry"))
