@@ -203,7 +203,7 @@ fn guest(instance_type: &str) -> ProviderResult<Guest> {
         let m = m.parse::<u32>().map_err(|_| bad(""))?;
         let range = memory_per_cpu(kind);
         let (min, max) = (range.start() * c, range.end() * c);
-        if m % 256 != 0 || !(min..=max).contains(&m) {
+        if !m.is_multiple_of(256) || !(min..=max).contains(&m) {
             return Err(bad(&format!(
                 ": {c} {kind} CPUs take {min} to {max} MB of memory in multiples of 256"
             )));

@@ -642,8 +642,8 @@ async fn two_installations_on_one_app_never_see_each_others_volumes() {
         }
     };
     // The orphan scan works from these lists: neither can delete the other's.
-    assert_eq!(listed(&ours).await, [mine.id.clone()]);
-    assert_eq!(listed(&theirs).await, [other.id.clone()]);
+    assert_eq!(listed(&ours).await, vec![mine.id]);
+    assert_eq!(listed(&theirs).await, vec![other.id]);
     assert_eq!(sim.sim().volumes().len(), 2, "both exist in the one app");
 }
 

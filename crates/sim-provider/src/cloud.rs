@@ -454,7 +454,7 @@ fn check_guest(guest: &crate::model::Guest) -> Result<(), ApiError> {
         }
     }
     let (min, max) = (per_cpu.start() * guest.cpus, per_cpu.end() * guest.cpus);
-    if guest.memory_mb % 256 != 0 || !(min..=max).contains(&guest.memory_mb) {
+    if !guest.memory_mb.is_multiple_of(256) || !(min..=max).contains(&guest.memory_mb) {
         return Err(ApiError::BadRequest(format!(
             "invalid config.guest.memory_mb {}: {} {} CPUs take {min} to {max} MB in multiples of 256",
             guest.memory_mb, guest.cpus, guest.cpu_kind
