@@ -367,8 +367,9 @@ mod tests {
             state: state.into(),
             instance_tag: Some(owner.to_string()),
         };
-        let vol_name =
-            |id: Uuid| flotilla_provider::fly::volume_name(flotilla_core::InstanceId(id));
+        let vol_name = |id: Uuid| {
+            flotilla_provider::fly::volume_name("flotilla", flotilla_core::InstanceId(id))
+        };
         let db = DbSnapshot {
             instances: vec![
                 row(ids[0], "booting", "running", "m1"),

@@ -84,8 +84,30 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
     Ok(registry)
 }
 
+/// Checks that every configured account answers for what it names: for
+/// Fly (and the sim), that the app exists. A mistyped FLY_APP_NAME is then
+/// a clear error at start, not a fleet whose machines all look gone.
+pub async fn check_accounts(registry: &Registry) -> anyhow::Result<()> {
+    for kind in registry.kinds() {
+        let Some(guarded) = registry.get(&kind, "") else {
+            continue;
+        };
+        if let AnyProvider::Fly(fly) = guarded.inner() {
+            fly.check_app()
+                .await
+                .map_err(|e| anyhow::anyhow!("provider {kind} is not ready: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// How often readiness is checked again while an account does not answer.
+const READINESS_RETRY: Duration = Duration::from_secs(10);
+
 /// Serves the Provider API (with health and reflection) on `listener` until
 /// `shutdown`; health turns NOT_SERVING first so load balancers drain.
+/// Health says SERVING only once [`check_accounts`] passed; until then it
+/// is NOT_SERVING, the reason is logged, and the check is repeated.
 pub async fn serve(
     registry: Arc<Registry>,
     listener: TcpListener,
@@ -93,8 +115,30 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (reporter, health) = health_reporter();
     reporter
-        .set_serving::<ProviderServer<ProviderService>>()
+        .set_not_serving::<ProviderServer<ProviderService>>()
         .await;
+    {
+        let (reporter, registry, shutdown) = (reporter.clone(), registry.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                match check_accounts(&registry).await {
+                    Ok(()) => {
+                        if !shutdown.is_cancelled() {
+                            reporter
+                                .set_serving::<ProviderServer<ProviderService>>()
+                                .await;
+                        }
+                        return;
+                    }
+                    Err(e) => tracing::error!(error = %e, "provider-adapter not ready"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(READINESS_RETRY) => {}
+                }
+            }
+        });
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flotilla_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -142,4 +186,39 @@ pub async fn run(args: AdapterArgs, shutdown: CancellationToken) -> anyhow::Resu
     }
     let listener = TcpListener::bind(&args.listen).await?;
     serve(registry, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use flotilla_sim_provider::{SimConfig, start};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_fails_with_a_clear_error_while_the_fly_app_is_missing() {
+        let sim = start(SimConfig::default()).await.expect("sim");
+        let args = |app: &str| {
+            AdapterArgs::try_parse_from([
+                "provider-adapter",
+                "--sim-api-base-url",
+                sim.url(),
+                "--sim-app-name",
+                app,
+            ])
+            .expect("flags")
+        };
+        let typo = registry(&args("flotila")).expect("registry");
+        let err = check_accounts(&typo).await.expect_err("not ready");
+        let text = err.to_string();
+        assert!(
+            text.contains("sim")
+                && text.contains("\"flotila\" is missing")
+                && text.contains("FLY_APP_NAME"),
+            "{text}"
+        );
+        check_accounts(&registry(&args("flotilla")).expect("registry"))
+            .await
+            .expect("ready");
+    }
 }

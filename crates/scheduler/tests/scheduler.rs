@@ -906,7 +906,7 @@ async fn a_pool_with_volumes_gets_one_recorded_mounted_volume_per_instance_even_
             .collect();
         assert_eq!(live.len(), ids.len(), "{point:?}: one volume per instance");
         for &id in &ids {
-            let name = flotilla_provider::fly::volume_name(id);
+            let name = flotilla_provider::fly::volume_name("flotilla", id);
             let at_provider: Vec<_> = live.iter().filter(|v| v.volume.name == name).collect();
             assert_eq!(at_provider.len(), 1, "{point:?}: {id}");
             let recorded: Vec<String> = sqlx::query_scalar(

@@ -17,6 +17,8 @@ use crate::faults::Faults;
 pub(crate) fn routes() -> Router<Sim> {
     Router::new()
         .route("/_sim/faults", get(get_faults).put(put_faults))
+        .route("/_sim/apps", get(apps))
+        .route("/_sim/apps/{app}", put(add_app).delete(delete_app))
         .route("/_sim/machines", get(machines))
         .route("/_sim/volumes", get(volumes))
         .route("/_sim/machines/{id}/kill", post(kill))
@@ -36,6 +38,24 @@ async fn put_faults(State(sim): State<Sim>, body: Bytes) -> Result<Response, Api
     sim.set_faults(faults)
         .map_err(|err| ApiError::BadRequest(err.to_string()))?;
     Ok(Json(sim.faults()).into_response())
+}
+
+async fn apps(State(sim): State<Sim>) -> Response {
+    Json(sim.apps()).into_response()
+}
+
+/// Makes an app exist (idempotent).
+async fn add_app(State(sim): State<Sim>, Path(app): Path<String>) -> Response {
+    sim.add_app(&app);
+    Json(json!({ "ok": true })).into_response()
+}
+
+/// Deletes an app and everything in it.
+async fn delete_app(State(sim): State<Sim>, Path(app): Path<String>) -> Result<Response, ApiError> {
+    if !sim.delete_app(&app) {
+        return Err(ApiError::NotFound { what: "app" });
+    }
+    Ok(Json(json!({ "ok": true })).into_response())
 }
 
 async fn machines(State(sim): State<Sim>) -> Response {

@@ -22,9 +22,11 @@ use crate::faults::{Injected, Operation, chance};
 use crate::model::{
     CreateMachineRequest, CreateVolumeRequest, MachineState, StartResponse, StopRequest,
 };
+use crate::schema;
 
 pub(crate) fn routes() -> Router<Sim> {
     Router::new()
+        .route("/v1/apps/{app}", get(get_app))
         .route(
             "/v1/apps/{app}/machines",
             get(list_machines).post(create_machine),
@@ -64,12 +66,35 @@ async fn guarded(
     headers: &HeaderMap,
     work: impl Future<Output = Result<Response, ApiError>>,
 ) -> Response {
-    let response = match admit(sim, op, headers).await {
+    guarded_machine(sim, op, headers, None, work).await
+}
+
+/// [`guarded`] for a call on one machine, which Fly's per-machine rate
+/// limits apply to (after the token check, before anything else).
+async fn guarded_machine(
+    sim: &Sim,
+    op: Operation,
+    headers: &HeaderMap,
+    machine: Option<(String, String)>,
+    work: impl Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let admitted = match admit(sim, op, headers).await {
+        Ok(()) => match &machine {
+            Some((app, id)) => sim.rate_limit(app, id, op),
+            None => Ok(()),
+        },
+        Err(refused) => Err(refused),
+    };
+    let response = match admitted {
         Ok(()) => work.await.unwrap_or_else(IntoResponse::into_response),
         Err(refused) => refused.into_response(),
     };
     sim.record(op, response.status().as_u16());
     response
+}
+
+fn ids(path: &ItemPath) -> Option<(String, String)> {
+    path.as_ref().ok().map(|Path(ids)| ids.clone())
 }
 
 async fn admit(sim: &Sim, op: Operation, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -100,9 +125,24 @@ async fn admit(sim: &Sim, op: Operation, headers: &HeaderMap) -> Result<(), ApiE
 }
 
 /// Bodies are parsed here rather than by axum's `Json` so that any content
-/// type is accepted and every bad body is a JSON 400.
-fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|err| ApiError::bad_json(&err))
+/// type is accepted and every bad body is a JSON 400: first checked against
+/// the published schema's field names and types, then read.
+fn parse_json<T: DeserializeOwned>(
+    body: &Bytes,
+    fields: &'static [(&'static str, schema::Kind)],
+) -> Result<T, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|err| ApiError::bad_json(&err))?;
+    schema::check(&value, fields)?;
+    serde_json::from_value(value).map_err(|err| ApiError::bad_json(&err))
+}
+
+async fn get_app(State(sim): State<Sim>, path: AppPath, headers: HeaderMap) -> Response {
+    guarded(&sim, Operation::AppGet, &headers, async {
+        let Path(app) = path?;
+        Ok(Json(sim.get_app(&app)?).into_response())
+    })
+    .await
 }
 
 fn ok() -> Response {
@@ -117,7 +157,7 @@ async fn create_machine(
 ) -> Response {
     guarded(&sim, Operation::Create, &headers, async {
         let Path(app) = path?;
-        let request: CreateMachineRequest = parse_json(&body)?;
+        let request: CreateMachineRequest = parse_json(&body, schema::CREATE_MACHINE)?;
         let machine = sim.create_machine(&app, request)?;
         // The "created but never recorded" failure: the machine exists and
         // runs, but the caller is told it failed.
@@ -146,13 +186,13 @@ async fn list_machines(
                 filter.metadata.push((meta_key.to_owned(), value));
             }
         }
-        Ok(Json(sim.list_machines(&app, &filter)).into_response())
+        Ok(Json(sim.list_machines(&app, &filter)?).into_response())
     })
     .await
 }
 
 async fn get_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
-    guarded(&sim, Operation::Get, &headers, async {
+    guarded_machine(&sim, Operation::Get, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         Ok(Json(sim.get_machine(&app, &id)?).into_response())
     })
@@ -160,7 +200,7 @@ async fn get_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap)
 }
 
 async fn start_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
-    guarded(&sim, Operation::Start, &headers, async {
+    guarded_machine(&sim, Operation::Start, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         let previous_state = sim.start_machine(&app, &id)?;
         let answer = StartResponse {
@@ -179,11 +219,11 @@ async fn stop_machine(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    guarded(&sim, Operation::Stop, &headers, async {
+    guarded_machine(&sim, Operation::Stop, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         // The body is optional; when given it must still be well formed.
         if !body.is_empty() {
-            let _: StopRequest = parse_json(&body)?;
+            let _: StopRequest = parse_json(&body, schema::STOP)?;
         }
         sim.stop_machine(&app, &id)?;
         Ok(ok())
@@ -192,7 +232,7 @@ async fn stop_machine(
 }
 
 async fn suspend_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
-    guarded(&sim, Operation::Suspend, &headers, async {
+    guarded_machine(&sim, Operation::Suspend, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         sim.suspend_machine(&app, &id)?;
         Ok(ok())
@@ -204,6 +244,12 @@ async fn suspend_machine(State(sim): State<Sim>, path: ItemPath, headers: Header
 struct WaitQuery {
     state: Option<String>,
     timeout: Option<String>,
+    /// The machine version waited on (OpenAPI `Machines_wait`, query
+    /// parameter `instance_id`).
+    instance_id: Option<String>,
+    /// fly-go's newer spelling of the same parameter (`flaps/
+    /// flaps_machines_wait.go` at commit 22d6e51, query `version`).
+    version: Option<String>,
 }
 
 async fn wait_machine(
@@ -212,7 +258,7 @@ async fn wait_machine(
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    guarded(&sim, Operation::Wait, &headers, async {
+    guarded_machine(&sim, Operation::Wait, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         let Query(query) = query?;
         let target = match query.state.as_deref() {
@@ -239,7 +285,22 @@ async fn wait_machine(
                     ))
                 })?,
         };
-        sim.wait_for_state(&app, &id, target, Duration::from_secs(secs))
+        let instance_id = query
+            .instance_id
+            .as_deref()
+            .or(query.version.as_deref())
+            .filter(|v| !v.is_empty());
+        // Fly docs, "Wait for a Machine to reach a specified state"
+        // (https://fly.io/docs/machines/api/machines-resource/): "instance_id:
+        // 26-character Machine version ID. Required when waiting for Machine
+        // to be in stopped state"; Fly answers 400 "instance_id required when
+        // waiting for stopped machine" without it.
+        if target == MachineState::Stopped && instance_id.is_none() {
+            return Err(ApiError::BadRequest(
+                "instance_id required when waiting for stopped machine".to_owned(),
+            ));
+        }
+        sim.wait_for_state(&app, &id, target, instance_id, Duration::from_secs(secs))
             .await?;
         Ok(ok())
     })
@@ -258,7 +319,7 @@ async fn destroy_machine(
     query: Result<Query<DestroyQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    guarded(&sim, Operation::Delete, &headers, async {
+    guarded_machine(&sim, Operation::Delete, &headers, ids(&path), async {
         let Path((app, id)) = path?;
         let Query(query) = query?;
         sim.destroy_machine(&app, &id, query.force)?;
@@ -275,7 +336,7 @@ async fn create_volume(
 ) -> Response {
     guarded(&sim, Operation::VolumeCreate, &headers, async {
         let Path(app) = path?;
-        let request: CreateVolumeRequest = parse_json(&body)?;
+        let request: CreateVolumeRequest = parse_json(&body, schema::CREATE_VOLUME)?;
         Ok(Json(sim.create_volume(&app, request)?).into_response())
     })
     .await
@@ -284,7 +345,7 @@ async fn create_volume(
 async fn list_volumes(State(sim): State<Sim>, path: AppPath, headers: HeaderMap) -> Response {
     guarded(&sim, Operation::VolumeList, &headers, async {
         let Path(app) = path?;
-        Ok(Json(sim.list_volumes(&app)).into_response())
+        Ok(Json(sim.list_volumes(&app)?).into_response())
     })
     .await
 }

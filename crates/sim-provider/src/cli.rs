@@ -49,6 +49,14 @@ pub struct SimArgs {
     pub destroy_delay_ms: Option<u64>,
     #[arg(long, env = "SIM_DESTROYED_LINGER_MS")]
     pub destroyed_linger_ms: Option<u64>,
+    #[arg(long, env = "SIM_VOLUME_RELEASE_DELAY_MS")]
+    pub volume_release_delay_ms: Option<u64>,
+    /// Fly's per-machine rate limits (on by default).
+    #[arg(long, env = "SIM_RATE_LIMITS", action = clap::ArgAction::Set)]
+    pub rate_limits: Option<bool>,
+    /// The apps that exist, comma-separated; any other app answers 404.
+    #[arg(long, env = "SIM_APPS", value_delimiter = ',', default_value = crate::cloud::DEFAULT_APP)]
+    pub apps: Vec<String>,
 }
 
 impl SimArgs {
@@ -67,6 +75,10 @@ impl SimArgs {
             (self.stop_delay_ms, &mut faults.stop_delay_ms),
             (self.destroy_delay_ms, &mut faults.destroy_delay_ms),
             (self.destroyed_linger_ms, &mut faults.destroyed_linger_ms),
+            (
+                self.volume_release_delay_ms,
+                &mut faults.volume_release_delay_ms,
+            ),
         ];
         for (given, knob) in overrides {
             if let Some(value) = given {
@@ -91,11 +103,16 @@ impl SimArgs {
                 InvalidFaults("--die-after-ms takes exactly two values: MIN,MAX".to_owned())
             })?;
         }
+        if let Some(on) = self.rate_limits {
+            faults.rate_limits = on;
+        }
         faults.validate()?;
         Ok(SimConfig {
             token: self.token.clone(),
             default_region: self.default_region.clone(),
             faults,
+            apps: self.apps.clone(),
+            record_requests: false,
         })
     }
 }

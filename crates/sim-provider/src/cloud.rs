@@ -13,6 +13,11 @@
 //!
 //! Destroyed machines and volumes stay in the truth (tests want to see what
 //! was destroyed); the API hides them as Fly does.
+//!
+//! Apps exist only when configured ([`SimConfig::apps`]) or added
+//! ([`Sim::add_app`]): a call naming any other app is a 404 for the app,
+//! as on Fly (`GET /v1/apps/{app_name}`, OpenAPI `Apps_show`), never an app
+//! created on the fly, so a mistyped app name is seen in tests.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -40,7 +45,16 @@ pub struct SimConfig {
     /// Region of machines created without one (and without a volume).
     pub default_region: String,
     pub faults: Faults,
+    /// The apps that exist; every other app name answers 404. The default
+    /// is `flotilla`, the provider-adapter's default `SIM_APP_NAME`.
+    pub apps: Vec<String>,
+    /// Keep every `/v1` request (method, path, query, body) for
+    /// [`Sim::requests`]; off by default so benchmarks keep no log.
+    pub record_requests: bool,
 }
+
+/// The app every default sim has.
+pub const DEFAULT_APP: &str = "flotilla";
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -48,8 +62,22 @@ impl Default for SimConfig {
             token: "sim-token".to_owned(),
             default_region: "iad".to_owned(),
             faults: Faults::default(),
+            apps: vec![DEFAULT_APP.to_owned()],
+            record_requests: false,
         }
     }
+}
+
+/// One `/v1` request as the sim received it (see [`SimConfig::record_requests`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Without the query string, e.g. `/v1/apps/fleet/machines/3d8d/wait`.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    /// The body as JSON, when there was one.
+    pub body: Option<serde_json::Value>,
+    pub status: u16,
 }
 
 /// A machine as the sim knows it, with the app it belongs to.
@@ -107,6 +135,41 @@ struct Inner {
     faults: RwLock<Arc<Faults>>,
     stats: Mutex<Stats>,
     workers: Mutex<HashMap<String, WorkerHealth>>,
+    /// Token buckets of Fly's per-machine rate limits, by (app, machine, action).
+    buckets: Mutex<HashMap<(String, String, Operation), Bucket>>,
+    record_requests: std::sync::atomic::AtomicBool,
+    requests: Mutex<Vec<RecordedRequest>>,
+}
+
+/// A token bucket: `tokens` left at `at`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Fly's per-machine rate limit of one action: (requests per second, burst).
+/// Source: Fly docs "Machines API rate limits"
+/// (https://fly.io/docs/machines/api/#rate-limits) and the Fly staff answer
+/// at https://community.fly.io/t/understanding-fly-io-api-rate-hard-limits/20636/3:
+/// "1 request, per second, per action ... burstable up to 3 ... except the
+/// Get Machine call — that one is 5 req/s, burstable up to 10".
+fn machine_rate_limit(op: Operation) -> Option<(f64, f64)> {
+    match op {
+        Operation::Get => Some((5.0, 10.0)),
+        Operation::Start
+        | Operation::Stop
+        | Operation::Suspend
+        | Operation::Wait
+        | Operation::Delete => Some((1.0, 3.0)),
+        Operation::Create
+        | Operation::List
+        | Operation::VolumeCreate
+        | Operation::VolumeGet
+        | Operation::VolumeList
+        | Operation::VolumeDelete
+        | Operation::AppGet => None,
+    }
 }
 
 /// What the simulated worker process on a machine answers to a health probe.
@@ -131,6 +194,7 @@ pub enum WorkerProbe {
 
 #[derive(Default)]
 struct World {
+    /// Only apps that exist are keys.
     apps: HashMap<String, App>,
     /// Creation order, so listings are stable.
     next_seq: u64,
@@ -167,6 +231,10 @@ enum Step {
     FinishStop,
     FinishSuspend,
     FinishDestroy,
+    /// A transient state (`replacing`, `updating`, `restarting`) ends in `started`.
+    Settle,
+    /// The destroyed machine lets go of its volumes.
+    ReleaseVolumes,
     /// The worker process exits by itself.
     Die,
 }
@@ -258,23 +326,27 @@ impl World {
         self.next_seq
     }
 
+    fn app(&mut self, app: &str) -> Result<&mut App, ApiError> {
+        self.apps.get_mut(app).ok_or(ApiError::app_not_found())
+    }
+
     fn live_machine(
         &mut self,
         app: &str,
         id: &str,
         linger: Duration,
     ) -> Result<&mut MachineRecord, ApiError> {
-        self.apps
-            .get_mut(app)
-            .and_then(|a| a.machines.get_mut(id))
+        self.app(app)?
+            .machines
+            .get_mut(id)
             .filter(|rec| !rec.is_gone(linger))
             .ok_or(ApiError::machine_not_found())
     }
 
     fn live_volume(&mut self, app: &str, id: &str) -> Result<&mut VolumeRecord, ApiError> {
-        self.apps
-            .get_mut(app)
-            .and_then(|a| a.volumes.get_mut(id))
+        self.app(app)?
+            .volumes
+            .get_mut(id)
             .filter(|rec| rec.volume.state != VolumeState::Destroyed)
             .ok_or(ApiError::volume_not_found())
     }
@@ -297,6 +369,24 @@ impl World {
                 None
             }
             Step::FinishStart { fails: false } => {
+                // Fly's machine states page lists `replacing`, `updating`
+                // and `restarting` as transient states a client can see on
+                // its way (https://fly.io/docs/machines/machine-states/).
+                if chance(faults.transient_state_rate) {
+                    let transient = [
+                        MachineState::Replacing,
+                        MachineState::Updating,
+                        MachineState::Restarting,
+                    ][rand::random_range(0..3)];
+                    rec.set_state(transient);
+                    return Some(rec.pending(Step::Settle, millis(faults.transient_state_ms)));
+                }
+                rec.set_state(MachineState::Started);
+                faults
+                    .roll_death()
+                    .map(|after| rec.pending(Step::Die, after))
+            }
+            Step::Settle => {
                 rec.set_state(MachineState::Started);
                 faults
                     .roll_death()
@@ -310,8 +400,13 @@ impl World {
             Step::FinishDestroy => {
                 rec.set_state(MachineState::Destroyed);
                 rec.destroyed_at = Some(Instant::now());
-                // Volumes stay bound until the destroy completes: deleting
-                // one earlier is Fly's 412, which clients must retry.
+                // Volumes stay bound until the destroy completes, and a
+                // while after: deleting one meanwhile is Fly's 412 "volume
+                // is currently bound to machine: <id>", which clients must
+                // retry (the delay is our estimate; Fly documents none).
+                Some(rec.pending(Step::ReleaseVolumes, millis(faults.volume_release_delay_ms)))
+            }
+            Step::ReleaseVolumes => {
                 for mount in &rec.machine.config.mounts {
                     if let Some(vol) = app.volumes.get_mut(&mount.volume)
                         && vol.volume.attached_machine_id.as_deref() == Some(&pending.id)
@@ -329,22 +424,121 @@ fn still_active() -> ApiError {
     ApiError::FailedPrecondition("machine still active, refusing to start".to_owned())
 }
 
+/// Fly's per-CPU memory ranges, in MB: shared CPUs take 256 to 2048 MB
+/// each, performance CPUs 2048 to 8192 MB each, in multiples of 256
+/// (https://fly.io/docs/machines/guides-examples/machine-sizing/).
+fn check_guest(guest: &crate::model::Guest) -> Result<(), ApiError> {
+    let per_cpu = match guest.cpu_kind.as_str() {
+        "shared" => 256..=2048,
+        "performance" => 2048..=8192,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid config.guest.cpu_kind {other:?}: must be shared or performance"
+            )));
+        }
+    };
+    if !(1..=16).contains(&guest.cpus) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid config.guest.cpus {}: must be between 1 and 16",
+            guest.cpus
+        )));
+    }
+    // The GPU kinds Fly names (https://fly.io/docs/kubernetes/using-gpus/:
+    // "a10, l40s, a100-pcie-40gb and a100-sxm4-80gb").
+    if let Some(gpu) = guest.extra.get("gpu_kind") {
+        const GPU_KINDS: &[&str] = &["a10", "l40s", "a100-pcie-40gb", "a100-sxm4-80gb"];
+        if !gpu.as_str().is_some_and(|g| GPU_KINDS.contains(&g)) {
+            return Err(ApiError::BadRequest(format!(
+                "invalid config.guest.gpu_kind {gpu}: must be one of {GPU_KINDS:?}"
+            )));
+        }
+    }
+    let (min, max) = (per_cpu.start() * guest.cpus, per_cpu.end() * guest.cpus);
+    if !guest.memory_mb.is_multiple_of(256) || !(min..=max).contains(&guest.memory_mb) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid config.guest.memory_mb {}: {} {} CPUs take {min} to {max} MB in multiples of 256",
+            guest.memory_mb, guest.cpus, guest.cpu_kind
+        )));
+    }
+    Ok(())
+}
+
 fn being_destroyed() -> ApiError {
     ApiError::FailedPrecondition("machine has been destroyed".to_owned())
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Sim {
+        let world = World {
+            apps: config
+                .apps
+                .iter()
+                .map(|name| (name.clone(), App::default()))
+                .collect(),
+            next_seq: 0,
+        };
         Sim {
             inner: Arc::new(Inner {
                 token: config.token,
                 default_region: config.default_region,
-                world: Mutex::new(World::default()),
+                world: Mutex::new(world),
                 faults: RwLock::new(Arc::new(config.faults)),
                 stats: Mutex::new(Stats::default()),
                 workers: Mutex::new(HashMap::new()),
+                buckets: Mutex::new(HashMap::new()),
+                record_requests: std::sync::atomic::AtomicBool::new(config.record_requests),
+                requests: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// Makes `app` exist (idempotent).
+    pub fn add_app(&self, app: &str) {
+        self.world().apps.entry(app.to_owned()).or_default();
+    }
+
+    /// Deletes `app` with everything in it, as deleting a Fly app destroys
+    /// its machines and volumes; later calls naming it answer 404. Returns
+    /// whether it existed.
+    pub fn delete_app(&self, app: &str) -> bool {
+        self.world().apps.remove(app).is_some()
+    }
+
+    /// The apps that exist, sorted.
+    pub fn apps(&self) -> Vec<String> {
+        let mut apps: Vec<String> = self.world().apps.keys().cloned().collect();
+        apps.sort();
+        apps
+    }
+
+    /// Every `/v1` request received while recording was on, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.inner
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Turns the request log on or off (it keeps what it has).
+    pub fn set_recording(&self, on: bool) {
+        self.inner
+            .record_requests
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn recording(&self) -> bool {
+        self.inner
+            .record_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_request(&self, request: RecordedRequest) {
+        self.inner
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(request);
     }
 
     pub fn token(&self) -> &str {
@@ -472,11 +666,23 @@ impl Sim {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forgets every machine, volume and counter; the faults stay as set.
-    /// Pending `wait` calls end with 404.
+    /// Forgets every machine, volume and counter; the apps and the faults
+    /// stay as set. Pending `wait` calls end with 404.
     pub fn reset(&self) {
-        *self.world() = World::default();
+        {
+            let mut world = self.world();
+            for app in world.apps.values_mut() {
+                *app = App::default();
+            }
+            world.next_seq = 0;
+        }
         self.workers().clear();
+        self.buckets().clear();
+        self.inner
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         *self
             .inner
             .stats
@@ -495,7 +701,9 @@ impl Sim {
             | MachineState::Started
             | MachineState::Stopping
             | MachineState::Suspending
-            | MachineState::Replacing => rec.exited(&faults),
+            | MachineState::Replacing
+            | MachineState::Updating
+            | MachineState::Restarting => rec.exited(&faults),
             MachineState::Created
             | MachineState::Stopped
             | MachineState::Suspended
@@ -511,6 +719,55 @@ impl Sim {
 
     pub(crate) fn authorized(&self, bearer: Option<&str>) -> bool {
         bearer == Some(self.inner.token.as_str())
+    }
+
+    fn buckets(&self) -> MutexGuard<'_, HashMap<(String, String, Operation), Bucket>> {
+        self.inner
+            .buckets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes one token of `op` on machine `id`, or answers Fly's 429 with
+    /// the seconds until the next token as `Retry-After`.
+    pub(crate) fn rate_limit(&self, app: &str, id: &str, op: Operation) -> Result<(), ApiError> {
+        let Some((per_second, burst)) = machine_rate_limit(op) else {
+            return Ok(());
+        };
+        if !self.current_faults().rate_limits {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets();
+        let bucket = buckets
+            .entry((app.to_owned(), id.to_owned(), op))
+            .or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            });
+        let refilled = now.saturating_duration_since(bucket.at).as_secs_f64() * per_second;
+        bucket.tokens = (bucket.tokens + refilled).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - bucket.tokens) / per_second;
+            Err(ApiError::RateLimited {
+                retry_after_secs: wait.ceil().max(1.0) as u64,
+            })
+        }
+    }
+
+    /// `GET /v1/apps/{app}`: 404 unless the app exists.
+    pub(crate) fn get_app(&self, app: &str) -> Result<serde_json::Value, ApiError> {
+        self.world().app(app)?;
+        Ok(serde_json::json!({
+            "id": app,
+            "name": app,
+            "organization": { "name": "Simulated", "slug": "personal" },
+            "status": "deployed",
+        }))
     }
 
     pub(crate) fn record(&self, op: Operation, status: u16) {
@@ -551,11 +808,23 @@ impl Sim {
                 Restart::POLICIES
             )));
         }
+        if let Some(guest) = &config.guest {
+            check_guest(guest)?;
+        }
+        // "A Machine can only mount one volume at a time"
+        // (https://fly.io/docs/volumes/overview/).
+        if config.mounts.len() > 1 {
+            return Err(ApiError::BadRequest(format!(
+                "invalid config.mounts: a machine can mount only one volume, got {}",
+                config.mounts.len()
+            )));
+        }
 
         let faults = self.current_faults();
         let mut world = self.world();
+        world.app(app)?;
         let seq = world.next_seq();
-        let app_state = world.apps.entry(app.to_owned()).or_default();
+        let app_state = world.app(app)?;
 
         let mut region = request.region;
         for mount in &config.mounts {
@@ -629,11 +898,13 @@ impl Sim {
         Ok(world.live_machine(app, id, linger)?.machine.clone())
     }
 
-    pub(crate) fn list_machines(&self, app: &str, filter: &MachineFilter) -> Vec<Machine> {
+    pub(crate) fn list_machines(
+        &self,
+        app: &str,
+        filter: &MachineFilter,
+    ) -> Result<Vec<Machine>, ApiError> {
         let world = self.world();
-        let Some(app_state) = world.apps.get(app) else {
-            return Vec::new();
-        };
+        let app_state = world.apps.get(app).ok_or(ApiError::app_not_found())?;
         let mut records: Vec<&MachineRecord> = app_state
             .machines
             .values()
@@ -641,7 +912,7 @@ impl Sim {
             .filter(|rec| filter.matches(&rec.machine))
             .collect();
         records.sort_by_key(|rec| rec.seq);
-        records.into_iter().map(|rec| rec.machine.clone()).collect()
+        Ok(records.into_iter().map(|rec| rec.machine.clone()).collect())
     }
 
     /// Returns the state the machine was started from.
@@ -659,7 +930,9 @@ impl Sim {
             | MachineState::Started
             | MachineState::Stopping
             | MachineState::Suspending
-            | MachineState::Replacing => return Err(still_active()),
+            | MachineState::Replacing
+            | MachineState::Updating
+            | MachineState::Restarting => return Err(still_active()),
             MachineState::Destroying | MachineState::Destroyed => return Err(being_destroyed()),
         }
         let launch = rec.begin_start(&faults);
@@ -676,7 +949,9 @@ impl Sim {
             | MachineState::Started
             | MachineState::Suspending
             | MachineState::Suspended
-            | MachineState::Replacing => rec.begin_stop(&faults),
+            | MachineState::Replacing
+            | MachineState::Updating
+            | MachineState::Restarting => rec.begin_stop(&faults),
             // Nothing is running: stopping again is a no-op, as on Fly.
             MachineState::Created
             | MachineState::Stopping
@@ -700,6 +975,8 @@ impl Sim {
             | MachineState::Stopping
             | MachineState::Stopped
             | MachineState::Replacing
+            | MachineState::Updating
+            | MachineState::Restarting
             | MachineState::Failed => {
                 return Err(ApiError::FailedPrecondition(
                     "machine is not started, refusing to suspend".to_owned(),
@@ -733,19 +1010,28 @@ impl Sim {
     }
 
     /// Resolves when the machine is in `target`. The lock is released before
-    /// waiting; a reset ends the wait with 404.
+    /// waiting; a reset ends the wait with 404. `instance_id` names the
+    /// machine version waited on: one the machine is not at never matches,
+    /// so such a wait ends with 408 at its timeout.
     pub(crate) async fn wait_for_state(
         &self,
         app: &str,
         id: &str,
         target: MachineState,
+        instance_id: Option<&str>,
         timeout: Duration,
     ) -> Result<(), ApiError> {
-        let mut state_rx = {
+        let (mut state_rx, version_matches) = {
             let linger = millis(self.current_faults().destroyed_linger_ms);
             let mut world = self.world();
-            world.live_machine(app, id, linger)?.state_tx.subscribe()
+            let rec = world.live_machine(app, id, linger)?;
+            let matches = instance_id.is_none_or(|v| v == rec.machine.instance_id);
+            (rec.state_tx.subscribe(), matches)
         };
+        if !version_matches {
+            tokio::time::sleep(timeout).await;
+            return Err(ApiError::WaitTimedOut(target));
+        }
         match tokio::time::timeout(timeout, state_rx.wait_for(|s| *s == target)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_closed)) => Err(ApiError::machine_not_found()),
@@ -792,20 +1078,16 @@ impl Sim {
             created_at: Utc::now(),
         };
         let mut world = self.world();
+        world.app(app)?;
         let seq = world.next_seq();
-        world
-            .apps
-            .entry(app.to_owned())
-            .or_default()
-            .volumes
-            .insert(
-                volume.id.clone(),
-                VolumeRecord {
-                    app: app.to_owned(),
-                    seq,
-                    volume: volume.clone(),
-                },
-            );
+        world.app(app)?.volumes.insert(
+            volume.id.clone(),
+            VolumeRecord {
+                app: app.to_owned(),
+                seq,
+                volume: volume.clone(),
+            },
+        );
         Ok(volume)
     }
 
@@ -813,18 +1095,16 @@ impl Sim {
         Ok(self.world().live_volume(app, id)?.volume.clone())
     }
 
-    pub(crate) fn list_volumes(&self, app: &str) -> Vec<Volume> {
+    pub(crate) fn list_volumes(&self, app: &str) -> Result<Vec<Volume>, ApiError> {
         let world = self.world();
-        let Some(app_state) = world.apps.get(app) else {
-            return Vec::new();
-        };
+        let app_state = world.apps.get(app).ok_or(ApiError::app_not_found())?;
         let mut records: Vec<&VolumeRecord> = app_state
             .volumes
             .values()
             .filter(|rec| rec.volume.state != VolumeState::Destroyed)
             .collect();
         records.sort_by_key(|rec| rec.seq);
-        records.into_iter().map(|rec| rec.volume.clone()).collect()
+        Ok(records.into_iter().map(|rec| rec.volume.clone()).collect())
     }
 
     pub(crate) fn destroy_volume(&self, app: &str, id: &str) -> Result<Volume, ApiError> {
@@ -884,6 +1164,7 @@ mod tests {
     fn instant_sim() -> Sim {
         Sim::new(SimConfig {
             faults: Faults::instant(),
+            apps: vec!["app".to_owned()],
             ..SimConfig::default()
         })
     }
@@ -932,5 +1213,51 @@ mod tests {
         assert!(next.is_none());
         let state = sim.machine(&machine.id).unwrap().machine.state;
         assert_eq!(state, MachineState::Started);
+    }
+
+    #[test]
+    fn an_unknown_app_is_a_404_for_the_app_and_creates_nothing() {
+        let sim = instant_sim();
+        let err = sim.create_machine("ap", request("img")).unwrap_err();
+        assert_eq!(err, ApiError::app_not_found());
+        assert!(sim.apps() == ["app"] && sim.machines().is_empty());
+        sim.add_app("ap");
+        sim.create_machine("ap", request("img")).unwrap();
+        assert!(sim.delete_app("ap"));
+        assert_eq!(
+            sim.list_machines("ap", &MachineFilter::default()),
+            Err(ApiError::app_not_found())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_follow_flys_published_buckets() {
+        // Source: Fly docs "Machines API rate limits": 1 req/s per action
+        // per machine (burst 3); GET machine 5 req/s (burst 10).
+        let sim = instant_sim();
+        for _ in 0..3 {
+            sim.rate_limit("app", "m1", Operation::Stop).unwrap();
+        }
+        let err = sim.rate_limit("app", "m1", Operation::Stop).unwrap_err();
+        assert_eq!(
+            err,
+            ApiError::RateLimited {
+                retry_after_secs: 1
+            }
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        sim.rate_limit("app", "m1", Operation::Stop).unwrap();
+        assert!(sim.rate_limit("app", "m1", Operation::Stop).is_err());
+        // Another action and another machine have their own buckets.
+        sim.rate_limit("app", "m1", Operation::Delete).unwrap();
+        sim.rate_limit("app", "m2", Operation::Stop).unwrap();
+        for _ in 0..10 {
+            sim.rate_limit("app", "m1", Operation::Get).unwrap();
+        }
+        assert!(sim.rate_limit("app", "m1", Operation::Get).is_err());
+        // Lists and creates are not per-machine actions.
+        for _ in 0..100 {
+            sim.rate_limit("app", "m1", Operation::List).unwrap();
+        }
     }
 }

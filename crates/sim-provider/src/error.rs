@@ -17,7 +17,7 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     BadRequest(String),
-    /// `what` is "machine" or "volume".
+    /// `what` is "app", "machine" or "volume".
     #[error("{what} not found")]
     NotFound { what: &'static str },
     /// Fly's 412: refused in the current state.
@@ -37,6 +37,10 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    pub(crate) const fn app_not_found() -> Self {
+        ApiError::NotFound { what: "app" }
+    }
+
     pub(crate) const fn machine_not_found() -> Self {
         ApiError::NotFound { what: "machine" }
     }

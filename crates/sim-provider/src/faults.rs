@@ -28,6 +28,8 @@ pub enum Operation {
     VolumeGet,
     VolumeList,
     VolumeDelete,
+    /// `GET /v1/apps/{app}`.
+    AppGet,
 }
 
 impl Operation {
@@ -44,6 +46,7 @@ impl Operation {
         Operation::VolumeGet,
         Operation::VolumeList,
         Operation::VolumeDelete,
+        Operation::AppGet,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Operation {
             Operation::VolumeGet => "volume_get",
             Operation::VolumeList => "volume_list",
             Operation::VolumeDelete => "volume_delete",
+            Operation::AppGet => "app_get",
         }
     }
 }
@@ -123,6 +127,20 @@ pub struct Faults {
     pub destroy_delay_ms: u64,
     /// How long `GET` still shows a destroyed machine before answering 404.
     pub destroyed_linger_ms: u64,
+    /// How long a volume stays bound to its machine after the machine
+    /// reached `destroyed`; a volume delete meanwhile is Fly's 412 "volume
+    /// is currently bound to machine". Fly documents no figure: the default
+    /// (1.5 s) is our estimate of the lag users report.
+    pub volume_release_delay_ms: u64,
+    /// Fly's published per-machine rate limits (1 request/s per action per
+    /// machine, burst 3; `GET` of a machine 5/s, burst 10), answered with
+    /// 429 and `Retry-After`. On by default, as on Fly.
+    pub rate_limits: bool,
+    /// Chance that a machine on its way to `started` passes through one of
+    /// Fly's transient states (`replacing`, `updating`, `restarting`) first.
+    pub transient_state_rate: f64,
+    /// How long such a transient state lasts.
+    pub transient_state_ms: u64,
 }
 
 impl Default for Faults {
@@ -142,6 +160,10 @@ impl Default for Faults {
             stop_delay_ms: 50,
             destroy_delay_ms: 20,
             destroyed_linger_ms: 2_000,
+            volume_release_delay_ms: 1_500,
+            rate_limits: true,
+            transient_state_rate: 0.0,
+            transient_state_ms: 100,
         }
     }
 }
@@ -164,14 +186,18 @@ pub(crate) enum Injected {
 }
 
 impl Faults {
-    /// The same timings with no faults and no delays at all: what benchmarks
-    /// of Flotilla's own overhead run against.
+    /// The same rules with no faults and no delays at all: what benchmarks
+    /// of Flotilla's own overhead run against. Every refusal (a wait for
+    /// `stopped` without `instance_id`, unknown fields, rate limits, unknown
+    /// apps) still applies.
     pub fn instant() -> Self {
         Faults {
             start_delay_ms: 0,
             stop_delay_ms: 0,
             destroy_delay_ms: 0,
             destroyed_linger_ms: 0,
+            volume_release_delay_ms: 0,
+            transient_state_ms: 0,
             ..Faults::default()
         }
     }
@@ -184,6 +210,7 @@ impl Faults {
             ),
             ("start_fails_rate", self.start_fails_rate),
             ("die_rate", self.die_rate),
+            ("transient_state_rate", self.transient_state_rate),
         ];
         for (name, rate) in singles {
             check_rate(name, rate)?;

@@ -27,11 +27,14 @@ mod error;
 pub mod faults;
 mod ids;
 pub mod model;
+mod schema;
 mod server;
 pub mod stats;
 
 pub use cli::SimArgs;
-pub use cloud::{MachineTruth, Sim, SimConfig, VolumeTruth, WorkerProbe};
+pub use cloud::{
+    DEFAULT_APP, MachineTruth, RecordedRequest, Sim, SimConfig, VolumeTruth, WorkerProbe,
+};
 pub use error::ApiError;
 pub use faults::{ErrorRates, Faults, InvalidFaults, Operation};
 pub use model::{Machine, MachineState, Volume, VolumeState};

@@ -2,8 +2,9 @@
 //!
 //! Field names, state spellings and id shapes follow Fly's documentation so
 //! that a client written against these types works against the real API.
-//! Machine configs keep any field the sim does not model in `extra`, so the
-//! config comes back as it was given.
+//! Machine configs keep the documented fields the sim does not model in
+//! `extra`, so the config comes back as it was given; a field the published
+//! schema does not name is refused before a body gets here (`schema`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,6 +29,11 @@ pub enum MachineState {
     Destroying,
     Destroyed,
     Failed,
+    /// Transient: a config update is being applied (shown only under the
+    /// `transient_state_rate` fault).
+    Updating,
+    /// Transient: the machine is being restarted (same fault).
+    Restarting,
 }
 
 impl MachineState {
@@ -60,6 +66,8 @@ impl MachineState {
             MachineState::Destroying => "destroying",
             MachineState::Destroyed => "destroyed",
             MachineState::Failed => "failed",
+            MachineState::Updating => "updating",
+            MachineState::Restarting => "restarting",
         }
     }
 }
@@ -91,6 +99,8 @@ impl FromStr for MachineState {
             "destroying" => MachineState::Destroying,
             "destroyed" => MachineState::Destroyed,
             "failed" => MachineState::Failed,
+            "updating" => MachineState::Updating,
+            "restarting" => MachineState::Restarting,
             other => return Err(UnknownState(other.to_owned())),
         };
         Ok(state)

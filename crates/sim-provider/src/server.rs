@@ -26,10 +26,49 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// for anything else.
 pub fn router(sim: Sim) -> Router {
     Router::new()
-        .merge(api::routes())
+        .merge(api::routes().layer(axum::middleware::from_fn_with_state(sim.clone(), record)))
         .merge(admin::routes())
         .fallback(not_found)
         .with_state(sim)
+}
+
+/// Keeps each `/v1` request (method, path, query, JSON body) and the
+/// status answered, when the sim records requests.
+async fn record(
+    axum::extract::State(sim): axum::extract::State<Sim>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !sim.recording() {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    // Bodies of this API are small; a bigger one is not recorded whole.
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let method = parts.method.to_string();
+    let path = parts.uri.path().to_owned();
+    let parsed = (!bytes.is_empty())
+        .then(|| serde_json::from_slice(&bytes).ok())
+        .flatten();
+    let response = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    sim.record_request(crate::cloud::RecordedRequest {
+        method,
+        path,
+        query,
+        body: parsed,
+        status: response.status().as_u16(),
+    });
+    response
 }
 
 async fn not_found() -> Response {

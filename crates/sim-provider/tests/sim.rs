@@ -14,13 +14,14 @@ use serde_json::{Value, json};
 
 const APP: &str = "flotilla-test";
 
-/// Short timings so the suite runs in a few seconds.
+/// Short timings so the suite runs in a few seconds; every rule stays on.
 fn fast_faults() -> Faults {
     Faults {
         start_delay_ms: 20,
         stop_delay_ms: 20,
         destroy_delay_ms: 20,
         destroyed_linger_ms: 200,
+        volume_release_delay_ms: 100,
         ..Faults::default()
     }
 }
@@ -40,6 +41,7 @@ impl Fly {
             .ok();
         let sim = start(SimConfig {
             faults,
+            apps: vec![APP.to_owned()],
             ..SimConfig::default()
         })
         .await
@@ -91,9 +93,17 @@ impl Fly {
         response.json().await.expect("machine json")
     }
 
+    /// A wait as a correct client sends it: with the machine's current
+    /// version (`instance_id`), which Fly requires for `stopped`.
     async fn wait(&self, id: &str, state: &str, timeout_secs: u64) -> Response {
+        let version = self
+            .sim
+            .sim()
+            .machine(id)
+            .map(|m| m.machine.instance_id)
+            .unwrap_or_default();
         self.get(&format!(
-            "/machines/{id}/wait?state={state}&timeout={timeout_secs}"
+            "/machines/{id}/wait?state={state}&timeout={timeout_secs}&instance_id={version}"
         ))
         .await
     }
@@ -365,7 +375,23 @@ async fn a_bound_volume_cannot_be_deleted_until_its_machine_is_fully_destroyed()
     );
 
     assert_eq!(fly.wait(&machine.id, "destroyed", 5).await.status(), 200);
-    let deleted = fly.delete(&format!("/volumes/{}", volume.id)).await;
+    let destroyed_at = Instant::now();
+    // Fly: the volume stays bound a while after the destroy finished (our
+    // estimate; the knob is `volume_release_delay_ms`, 100 ms here).
+    let still_bound = fly.delete(&format!("/volumes/{}", volume.id)).await;
+    assert_eq!(still_bound.status(), 412);
+    let deleted = loop {
+        let answer = fly.delete(&format!("/volumes/{}", volume.id)).await;
+        if answer.status() != 412 {
+            break answer;
+        }
+        assert!(
+            destroyed_at.elapsed() < Duration::from_secs(3),
+            "never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(destroyed_at.elapsed() >= Duration::from_millis(90));
     assert_eq!(deleted.status(), 200);
     let deleted: Volume = deleted.json().await.unwrap();
     assert_eq!(deleted.state, VolumeState::Destroyed);
@@ -600,6 +626,45 @@ async fn malformed_or_invalid_bodies_are_json_400s() {
     assert_eq!(no_image.status(), 400);
     assert!(error_of(no_image).await.contains("image"));
 
+    // Field names and types follow the published schema (OpenAPI
+    // `CreateMachineRequest`, `api.MachineConfig`, `api.MachineGuest`,
+    // `CreateVolumeRequest`, `StopRequest`): anything else is a 400 naming it.
+    let strict = [
+        (
+            json!({ "config": { "image": "w:1", "metadta": {} } }),
+            "config.metadta",
+        ),
+        (
+            json!({ "skip_lanuch": true, "config": { "image": "w:1" } }),
+            "skip_lanuch",
+        ),
+        (
+            json!({ "config": { "image": "w:1", "guest": { "cpus": "1" } } }),
+            "config.guest.cpus",
+        ),
+        (
+            json!({ "config": { "image": "w:1", "auto_destroy": "false" } }),
+            "config.auto_destroy",
+        ),
+        (
+            json!({ "config": { "image": "w:1", "env": { "A": 1 } } }),
+            "config.env.A",
+        ),
+    ];
+    for (body, field) in strict {
+        let response = fly.create(body.clone()).await;
+        assert_eq!(response.status(), 400, "{body}");
+        assert!(error_of(response).await.contains(field), "{body}");
+    }
+    let typo = fly
+        .post(
+            "/volumes",
+            json!({ "name": "ok", "region": "ord", "size_gb": 1, "encrypt": true }),
+        )
+        .await;
+    assert_eq!(typo.status(), 400);
+    assert!(error_of(typo).await.contains("encrypt"));
+
     let bad_volumes = [
         json!({ "name": "Has-Caps", "region": "ord", "size_gb": 1 }),
         json!({ "name": "a_name_that_is_far_too_long_for_fly", "region": "ord", "size_gb": 1 }),
@@ -722,4 +787,228 @@ async fn a_machine_dies_by_itself_or_when_killed_and_faults_change_over_http() {
     assert_eq!(reset.status(), 200);
     assert!(fly.sim.sim().machines().is_empty());
     assert_eq!(fly.sim.sim().stats().total(Operation::Create), 0);
+}
+
+#[tokio::test]
+async fn a_wait_for_stopped_needs_the_instance_id_and_a_wrong_one_never_matches() {
+    // Fly docs, machines resource, "Wait for a Machine to reach a specified
+    // state": instance_id is "Required when waiting for Machine to be in
+    // stopped state"; the real answer without it is this 400.
+    let fly = Fly::start(fast_faults()).await;
+    let machine = fly.create_started().await;
+    let id = &machine.id;
+    fly.post(&format!("/machines/{id}/stop"), json!({})).await;
+    let missing = fly
+        .get(&format!("/machines/{id}/wait?state=stopped&timeout=1"))
+        .await;
+    assert_eq!(missing.status(), 400);
+    assert_eq!(
+        error_of(missing).await,
+        "instance_id required when waiting for stopped machine"
+    );
+    let began = Instant::now();
+    let wrong = fly
+        .get(&format!(
+            "/machines/{id}/wait?state=stopped&timeout=1&instance_id=01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        ))
+        .await;
+    assert_eq!(
+        wrong.status(),
+        408,
+        "another version never reaches the state"
+    );
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    // fly-go's newer spelling (`version`, flaps_machines_wait.go) is the same.
+    let version = fly.sim.sim().machine(id).unwrap().machine.instance_id;
+    let by_version = fly
+        .get(&format!(
+            "/machines/{id}/wait?state=stopped&timeout=5&version={version}"
+        ))
+        .await;
+    assert_eq!(by_version.status(), 200);
+}
+
+#[tokio::test]
+async fn per_machine_actions_are_rate_limited_as_fly_publishes() {
+    // Fly docs "Machines API rate limits": 1 request/s per action per
+    // machine, burst 3; GET machine 5/s, burst 10; answered 429 + Retry-After.
+    let fly = Fly::start(fast_faults()).await;
+    let machine = fly.create_started().await;
+    let id = &machine.id;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let stop = fly.post(&format!("/machines/{id}/stop"), json!({})).await;
+        if stop.status() == 429 {
+            assert_eq!(stop.headers()["retry-after"], "1");
+        }
+        statuses.push(stop.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let path = format!("/machines/{id}");
+    let gets = futures::future::join_all((0..12).map(|_| fly.get(&path))).await;
+    let limited = gets.iter().filter(|r| r.status() == 429).count();
+    assert!(limited >= 1, "more than the burst of 10 is refused");
+    // Another machine has its own buckets.
+    let other = fly.create_machine().await;
+    let stop = fly
+        .post(&format!("/machines/{}/stop", other.id), json!({}))
+        .await;
+    assert_eq!(stop.status(), 200);
+}
+
+#[tokio::test]
+async fn an_unknown_app_is_a_404_for_the_app_and_apps_are_added_and_deleted_explicitly() {
+    let fly = Fly::start(fast_faults()).await;
+    let app = fly.get("").await;
+    assert_eq!(app.status(), 200);
+    assert_eq!(app.json::<Value>().await.unwrap()["name"], APP);
+    let other = |path: &str| format!("{}/v1/apps/flotila-test{path}", fly.sim.url());
+    for path in ["", "/machines", "/volumes", "/machines/0123456789abcd"] {
+        let r = fly.authed(fly.http.get(other(path))).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(error_of(r).await, "app not found");
+    }
+    let create = fly
+        .authed(fly.http.post(other("/machines")))
+        .json(&json!({ "config": { "image": "worker:1" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(create.status(), 404);
+    assert!(
+        fly.sim.sim().machines().is_empty(),
+        "no app is created on the fly"
+    );
+
+    let admin = format!("{}/_sim/apps/flotila-test", fly.sim.url());
+    assert_eq!(fly.http.put(&admin).send().await.unwrap().status(), 200);
+    let r = fly
+        .authed(fly.http.get(other("/machines")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let machine = fly.create_machine().await;
+    assert_eq!(
+        fly.http
+            .delete(fly.sim.url().to_owned() + "/_sim/apps/" + APP)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let gone = fly.get(&format!("/machines/{}", machine.id)).await;
+    assert_eq!(gone.status(), 404);
+    assert_eq!(error_of(gone).await, "app not found");
+}
+
+#[tokio::test]
+async fn transient_states_show_under_their_fault_before_started() {
+    // Fly's machine states page: replacing, updating and restarting are
+    // transient states a client may see.
+    let fly = Fly::start(Faults {
+        transient_state_rate: 1.0,
+        transient_state_ms: 300,
+        ..fast_faults()
+    })
+    .await;
+    let machine = fly.create_machine().await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let seen = loop {
+        let state = fly.state_of(&machine.id).await;
+        if matches!(
+            state,
+            MachineState::Replacing | MachineState::Updating | MachineState::Restarting
+        ) {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "no transient state, is {state}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let shown: Machine = fly
+        .get(&format!("/machines/{}", machine.id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(shown.state == seen || shown.state == MachineState::Started);
+    assert_eq!(fly.wait(&machine.id, "started", 5).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_machine_takes_one_volume_and_a_guest_within_flys_memory_ranges() {
+    let fly = Fly::start(fast_faults()).await;
+    let volume = |name: &str| {
+        let name = name.to_owned();
+        let fly = &fly;
+        async move {
+            let v: Volume = fly
+                .post(
+                    "/volumes",
+                    json!({ "name": name, "region": "ord", "size_gb": 1 }),
+                )
+                .await
+                .json()
+                .await
+                .unwrap();
+            v.id
+        }
+    };
+    let (a, b) = (volume("a").await, volume("b").await);
+    let two = fly
+        .create(json!({ "config": { "image": "w:1", "mounts": [
+            { "volume": a, "path": "/a" }, { "volume": b, "path": "/b" }
+        ] } }))
+        .await;
+    assert_eq!(two.status(), 400);
+    assert!(error_of(two).await.contains("mounts"));
+    for guest in [
+        json!({ "cpu_kind": "shared", "cpus": 1, "memory_mb": 4096 }),
+        json!({ "cpu_kind": "performance", "cpus": 2, "memory_mb": 2048 }),
+        json!({ "cpu_kind": "shared", "cpus": 2, "memory_mb": 1000 }),
+        json!({ "cpu_kind": "performance", "cpus": 8, "memory_mb": 32768, "gpu_kind": "a100-40gb" }),
+    ] {
+        let r = fly
+            .create(json!({ "config": { "image": "w:1", "guest": guest } }))
+            .await;
+        assert_eq!(r.status(), 400, "{guest}");
+        assert!(error_of(r).await.contains("config.guest"), "{guest}");
+    }
+    let gpu = fly
+        .create(json!({ "config": { "image": "w:1", "guest":
+            { "cpu_kind": "performance", "cpus": 8, "memory_mb": 32768, "gpu_kind": "a100-pcie-40gb" } } }))
+        .await;
+    assert_eq!(gpu.status(), 200);
+}
+
+#[tokio::test]
+async fn instant_faults_drop_the_delays_but_keep_every_refusal() {
+    let fly = Fly::start(Faults::instant()).await;
+    let machine = fly.create_started().await;
+    let id = &machine.id;
+    let no_version = fly
+        .get(&format!("/machines/{id}/wait?state=stopped&timeout=1"))
+        .await;
+    assert_eq!(no_version.status(), 400);
+    let unknown = fly
+        .create(json!({ "config": { "image": "w:1", "imgae": "x" } }))
+        .await;
+    assert_eq!(unknown.status(), 400);
+    let stop = format!("/machines/{id}/stop");
+    let statuses: Vec<u16> = futures::future::join_all((0..4).map(|_| fly.post(&stop, json!({}))))
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let r = fly
+        .authed(
+            fly.http
+                .get(format!("{}/v1/apps/nope/machines", fly.sim.url())),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 }

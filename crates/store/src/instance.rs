@@ -450,6 +450,20 @@ pub async fn instance_record_failure(
     }
 }
 
+/// Clears the operator flag once a later step of the instance succeeded
+/// (the failure it flagged is over). Returns whether it was set.
+pub async fn instance_clear_attention(conn: &mut PgConnection, id: InstanceId) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE instances SET needs_attention = false, updated_at = now()
+         WHERE id = $1 AND needs_attention",
+    )
+    .bind(id.0)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
 /// Counts of instances by pool and state (for metrics and capacity).
 pub async fn instance_count_by_pool_state(
     conn: &mut PgConnection,

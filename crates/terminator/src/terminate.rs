@@ -21,8 +21,9 @@ use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderE
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::instance::{
-    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_cordon,
-    instance_record_failure, instance_release, instance_requeue, instance_transition,
+    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_clear_attention,
+    instance_cordon, instance_record_failure, instance_release, instance_requeue,
+    instance_transition,
 };
 use flotilla_store::pool::{PoolRow, pool_get};
 use flotilla_store::volume::{volume_mark_deleted, volume_pending_delete, volume_record_failure};
@@ -213,6 +214,9 @@ impl Terminator {
                     self.requeue(conn, &row, next).await
                 }
             }
+            // Force works in every state: a stop that does not settle (or
+            // was never asked for) gives way to a forced delete.
+            S::Stopping if force => self.move_to(conn, &row, S::Deleting, Some("forced")).await,
             S::Stopping => self.stop(conn, row, pool).await,
             S::Deleting => self.delete(conn, row, pool).await,
             S::Requested | S::Terminated => {
@@ -242,7 +246,22 @@ impl Terminator {
             },
         )
         .await?;
-        Ok(Next::Continue(Box::new(next)))
+        Ok(Next::Continue(Box::new(
+            self.step_succeeded(conn, next).await?,
+        )))
+    }
+
+    /// A step went through: a flag raised by the failures before it is over.
+    async fn step_succeeded(
+        &self,
+        conn: &mut PgConnection,
+        mut row: InstanceRow,
+    ) -> Result<InstanceRow, StoreError> {
+        if row.needs_attention && instance_clear_attention(conn, row.id).await? {
+            tracing::info!(instance_id = %row.id, "termination moving again; flag cleared");
+            row.needs_attention = false;
+        }
+        Ok(row)
     }
 
     async fn requeue(
@@ -457,6 +476,15 @@ impl Terminator {
         let cid = self.ctx().correlation_id;
         let mut client = self.provider.clone();
         for machine_id in &machines {
+            // On a retry (a volume still bound, a refused delete), look
+            // first: a machine already gone is not deleted again.
+            if row.attempts > 0 {
+                match self.machine_state(pool, machine_id).await {
+                    Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => continue,
+                    Ok(Some(_)) => {}
+                    Err(e) => return self.retry(conn, &row, e).await,
+                }
+            }
             let deleted = client
                 .delete_machine(outgoing(
                     v1::DeleteMachineRequest {
@@ -526,7 +554,7 @@ impl Terminator {
         if let Some(e) = blocked {
             return self.retry(conn, &row, e).await;
         }
-        instance_transition(
+        let done = instance_transition(
             conn,
             &self.ctx(),
             &Transition {
@@ -539,6 +567,7 @@ impl Terminator {
             },
         )
         .await?;
+        self.step_succeeded(conn, done).await?;
         instance_release(conn, row.id, &self.owner).await?;
         metrics::counter!("flotilla_terminator_terminated_total", "pool" => row.pool.clone())
             .increment(1);

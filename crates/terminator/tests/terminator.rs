@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
-use flotilla_sim_provider::{ErrorRates, Faults};
+use flotilla_sim_provider::{ErrorRates, Faults, Operation};
 use flotilla_store::instance::{InstanceRow, instance_get, instance_set_desired};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
@@ -51,7 +51,11 @@ struct Tuning {
 }
 
 fn terminator(env: &Env, owner: &str) -> Terminator {
-    let t = Tuning::try_parse_from([
+    terminator_with(env, owner, &[])
+}
+
+fn terminator_with(env: &Env, owner: &str, extra: &[&str]) -> Terminator {
+    let mut argv = vec![
         "x",
         "--terminator-tick-ms",
         "20",
@@ -67,9 +71,9 @@ fn terminator(env: &Env, owner: &str) -> Terminator {
         "1",
         "--stop-grace-seconds",
         "1",
-    ])
-    .unwrap()
-    .t;
+    ];
+    argv.extend_from_slice(extra);
+    let t = Tuning::try_parse_from(argv).unwrap().t;
     Terminator {
         db: env.db.pool.clone(),
         provider: env.stack.client.clone(),
@@ -393,4 +397,102 @@ async fn drain_waits_for_an_idle_report_and_ends_at_its_deadline_without_one() {
         "silent worker waits out the deadline: {:?}",
         outcomes[&ids[1]]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_takes_over_a_stop_that_never_settles() {
+    // The machine ignores its stop (it takes ten minutes): the watchdog's
+    // escalation sets force, which must win in `stopping` as everywhere.
+    let env = env(
+        Faults {
+            stop_delay_ms: 600_000,
+            ..instant()
+        },
+        Some(1),
+    )
+    .await;
+    let ids = ready(&env, 1, true).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    let mut r = get(&env, ids[0]).await;
+    for to in [InstanceState::Draining, InstanceState::Stopping] {
+        r = step(&mut conn, &r, to).await;
+    }
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    t.terminate_once().await;
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Stopping);
+    terminate(&env, &ids, true).await;
+    terminate_all(&t, &env, 1, Duration::from_secs(15)).await;
+    assert_eq!(left_at_provider(&env), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_still_bound_is_retried_without_deleting_its_gone_machine_again_and_the_flag_clears()
+ {
+    // The sim keeps a volume bound for a while after its machine is
+    // destroyed (Fly's 412 "volume is currently bound to machine").
+    let env = env(
+        Faults {
+            volume_release_delay_ms: 600,
+            ..instant()
+        },
+        Some(1),
+    )
+    .await;
+    let ids = ready(&env, 1, true).await;
+    terminate(&env, &ids, false).await;
+    // Flagged for an operator after one failed attempt.
+    let t = terminator_with(&env, "t1", &["--terminate-alert-after-attempts", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut flagged = false;
+    while get(&env, ids[0]).await.state != InstanceState::Terminated {
+        assert!(Instant::now() < deadline, "not terminated");
+        t.terminate_once().await;
+        flagged |= get(&env, ids[0]).await.needs_attention;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = env.stack.sim.sim().stats();
+    assert!(
+        stats.count(Operation::VolumeDelete, 412) >= 1,
+        "the volume delete was refused at least once: {stats:?}"
+    );
+    assert_eq!(
+        stats.total(Operation::Delete),
+        1,
+        "the machine was deleted once, not on every retry: {stats:?}"
+    );
+    assert!(flagged, "the retries raised the flag");
+    assert!(
+        !get(&env, ids[0]).await.needs_attention,
+        "success cleared it"
+    );
+    assert_eq!(left_at_provider(&env), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_scale_down_waits_for_a_slow_stop_with_the_machines_version() {
+    // Fly requires `instance_id` when waiting for `stopped` (400 without
+    // it); a stop that takes a while must be waited for, not retried.
+    let env = env(
+        Faults {
+            stop_delay_ms: 400,
+            ..instant()
+        },
+        Some(1),
+    )
+    .await;
+    let ids = ready(&env, 2, true).await;
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    terminate_all(&t, &env, 2, Duration::from_secs(15)).await;
+    assert_eq!(left_at_provider(&env), (0, 0));
+    let stats = env.stack.sim.sim().stats();
+    assert_eq!(stats.count(Operation::Wait, 400), 0, "{stats:?}");
+    assert!(stats.count(Operation::Wait, 200) >= 2, "{stats:?}");
+    let errors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM action_logs WHERE error IS NOT NULL")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(errors, 0);
 }
