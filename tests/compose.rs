@@ -202,6 +202,13 @@ impl Compose {
 
 impl Drop for Compose {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("FLOTILLA_COMPOSE_KEEP").is_some() {
+            eprintln!(
+                "FLOTILLA_COMPOSE_KEEP: project {} left up for a post-mortem (ports {:?})",
+                self.project, self.ports
+            );
+            return;
+        }
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
 }
