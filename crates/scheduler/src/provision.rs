@@ -73,7 +73,7 @@ pub enum Stepped {
 
 pub(crate) fn new_worker_token() -> (String, Vec<u8>) {
     let bytes: [u8; 32] = rand::random();
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = hex::encode(bytes);
     let hash = Sha256::digest(token.as_bytes()).to_vec();
     (token, hash)
 }

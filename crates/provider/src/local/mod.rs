@@ -84,89 +84,11 @@ struct Inner {
     writer: tokio::sync::Mutex<()>,
 }
 
-#[derive(Default)]
-struct Book {
-    machines: BTreeMap<String, MachineRecord>,
-    volumes: BTreeMap<String, VolumeRecord>,
-    /// Processes this adapter spawned: `try_wait` on them is the truth, and
-    /// is what reaps them.
-    children: HashMap<String, Child>,
-    /// Machines whose spawn is under way outside the lock; a second start,
-    /// a stop or a plain delete is refused meanwhile.
-    spawning: HashSet<String>,
-}
+mod book;
+mod process;
 
-/// What the caller last asked of a machine; the observed state is derived
-/// from this and the process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Desired {
-    Created,
-    Started,
-    Stopped,
-    /// The last spawn failed.
-    Failed,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct MachineRecord {
-    id: String,
-    name: String,
-    instance_id: InstanceId,
-    region: String,
-    instance_type: String,
-    tags: BTreeMap<String, String>,
-    command: Vec<String>,
-    /// `spec.env`, kept so a restarted adapter can start the machine again.
-    env: BTreeMap<String, String>,
-    volume_ids: Vec<String>,
-    created_at: DateTime<Utc>,
-    desired: Desired,
-    /// For humans reading the file; never trusted over the process.
-    last_state: MachineState,
-    /// Set while the process may still run; cleared once it is seen gone.
-    pid: Option<u32>,
-    /// Field 22 of `/proc/<pid>/stat` at spawn: tells our process from a
-    /// later one that got the same pid.
-    start_time: Option<u64>,
-    /// When a stop turns into SIGKILL. Persisted so a restarted adapter
-    /// finishes the stop.
-    kill_at: Option<DateTime<Utc>>,
-    /// How the last run ended ("exited: 1") or why the last spawn failed.
-    outcome: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct VolumeRecord {
-    id: String,
-    name: String,
-    instance_id: InstanceId,
-    size_gb: u32,
-    region: String,
-    tags: BTreeMap<String, String>,
-    created_at: DateTime<Utc>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct MachinesFile {
-    version: u32,
-    machines: Vec<MachineRecord>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct VolumesFile {
-    version: u32,
-    volumes: Vec<VolumeRecord>,
-}
-
-/// What a spawn needs, copied out of the book so the lock is not held
-/// while the process starts.
-struct Launch {
-    program: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-    log: PathBuf,
-}
+use book::*;
+use process::*;
 
 impl LocalProvider {
     /// Creates the state dir if needed and loads the bookkeeping of an
@@ -411,122 +333,6 @@ impl LocalProvider {
                 }
             }
         });
-    }
-}
-
-impl Book {
-    /// Reads the machine's real state from its process, sends the SIGKILL
-    /// of a stop whose grace ran out, and says whether the record changed.
-    fn observe(&mut self, id: &str, now: DateTime<Utc>) -> Option<(Machine, bool)> {
-        let spawning = self.spawning.contains(id);
-        let rec = self.machines.get_mut(id)?;
-        let before = rec.clone();
-        let alive = match rec.pid {
-            None => None,
-            Some(pid) => {
-                let alive = match self.children.get_mut(id).map(Child::try_wait) {
-                    Some(Ok(None)) => true,
-                    Some(Ok(Some(status))) => {
-                        rec.outcome = Some(describe_exit(status));
-                        false
-                    }
-                    // Not (or no longer) our child to wait for.
-                    Some(Err(_)) | None => {
-                        let ours = process_is_ours(pid, rec.start_time);
-                        if !ours {
-                            rec.outcome = Some("exited (status not seen by this adapter)".into());
-                        }
-                        ours
-                    }
-                };
-                if alive {
-                    Some(pid)
-                } else {
-                    self.children.remove(id);
-                    rec.pid = None;
-                    rec.start_time = None;
-                    rec.kill_at = None;
-                    None
-                }
-            }
-        };
-
-        let (state, provider_state) = match (alive, rec.desired) {
-            _ if spawning => (MachineState::Starting, "starting".to_owned()),
-            (Some(pid), Desired::Stopped) => {
-                if rec.kill_at.is_some_and(|at| at <= now) {
-                    signal_group(pid, Signal::SIGKILL);
-                }
-                (MachineState::Stopping, format!("stopping (pid {pid})"))
-            }
-            (Some(pid), _) => (MachineState::Started, format!("running (pid {pid})")),
-            (None, Desired::Created) => (MachineState::Created, "created".to_owned()),
-            (None, Desired::Failed) => (
-                MachineState::Failed,
-                rec.outcome.clone().unwrap_or_else(|| "failed".into()),
-            ),
-            (None, Desired::Started | Desired::Stopped) => (
-                MachineState::Stopped,
-                rec.outcome.clone().unwrap_or_else(|| "stopped".into()),
-            ),
-        };
-        rec.last_state = state;
-        let machine = Machine {
-            id: rec.id.clone(),
-            name: rec.name.clone(),
-            state,
-            provider_state,
-            region: rec.region.clone(),
-            instance_type: rec.instance_type.clone(),
-            tags: rec.tags.clone(),
-            created_at: Some(rec.created_at),
-            private_ip: "127.0.0.1".into(),
-        };
-        Some((machine, *rec != before))
-    }
-
-    /// A machine whose process runs (or is being spawned) and lists the volume.
-    fn volume_user(&mut self, volume_id: &str) -> Option<String> {
-        let users: Vec<String> = self
-            .machines
-            .values()
-            .filter(|m| m.volume_ids.iter().any(|v| v == volume_id))
-            .map(|m| m.id.clone())
-            .collect();
-        let now = Utc::now();
-        users.into_iter().find(|id| {
-            self.observe(id, now)
-                .is_some_and(|(m, _)| !m.state.is_deletable())
-        })
-    }
-
-    fn to_volume(&self, rec: &VolumeRecord) -> Volume {
-        let attached = self
-            .machines
-            .values()
-            .find(|m| m.volume_ids.contains(&rec.id))
-            .map(|m| m.id.clone());
-        let state = if attached.is_some() {
-            VolumeState::Attached
-        } else {
-            VolumeState::Available
-        };
-        Volume {
-            id: rec.id.clone(),
-            name: rec.name.clone(),
-            state,
-            provider_state: if attached.is_some() {
-                "attached".into()
-            } else {
-                "available".into()
-            },
-            size_gb: rec.size_gb,
-            region: rec.region.clone(),
-            attached_machine_id: attached,
-            tags: rec.tags.clone(),
-            created_at: Some(rec.created_at),
-            instance_id: Some(rec.instance_id),
-        }
     }
 }
 
@@ -820,121 +626,9 @@ impl MachineProvider for LocalProvider {
     }
 }
 
-/// Opens the log, then spawns the process in a group of its own (so a
-/// signal to the group reaches whatever it forks) that survives the adapter.
-async fn launch(plan: &Launch) -> ProviderResult<Child> {
-    let log = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&plan.log)
-        .await
-        .map_err(|e| unavailable(format!("opening {}", plan.log.display()), &e))?
-        .into_std()
-        .await;
-    let stderr = log
-        .try_clone()
-        .map_err(|e| unavailable(format!("opening {}", plan.log.display()), &e))?;
-    Command::new(&plan.program)
-        .args(&plan.args)
-        .env_clear()
-        .envs(&plan.env)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(stderr)
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound
-            | io::ErrorKind::PermissionDenied
-            | io::ErrorKind::InvalidInput => {
-                ProviderError::InvalidArgument(format!("image: cannot run {:?}: {e}", plan.program))
-            }
-            _ => unavailable(format!("spawning {:?}", plan.program), &e),
-        })
-}
-
-/// After a SIGKILL, waits (bounded) until the process is really gone, so a
-/// force delete does not return while it still runs.
-async fn wait_gone(pid: u32, start_time: Option<u64>, child: Option<Child>) {
-    if let Some(mut child) = child {
-        let _ = tokio::time::timeout(KILL_SETTLE, child.wait()).await;
-        return;
-    }
-    let give_up = far_from_now(KILL_SETTLE);
-    while process_is_ours(pid, start_time) && tokio::time::Instant::now() < give_up {
-        tokio::time::sleep(POLL / 5).await;
-    }
-}
-
-/// Signals the process group led by `pid`. Only pids seen alive and ours
-/// get here; ESRCH just means it is already gone.
-fn signal_group(pid: u32, sig: Signal) {
-    let Some(pgid) = safe_pid(pid) else {
-        return;
-    };
-    if let Err(e) = signal::killpg(pgid, sig) {
-        tracing::debug!(pid, signal = ?sig, error = %e, "signal not delivered");
-    }
-}
-
-/// 0, 1 and negative pids mean "our own group", init or "everything" to
-/// kill(2); bookkeeping read from disk must never reach those.
-fn safe_pid(pid: u32) -> Option<Pid> {
-    i32::try_from(pid)
-        .ok()
-        .filter(|p| *p > 1)
-        .map(Pid::from_raw)
-}
-
-/// The process is alive, not a zombie, and the same one we spawned.
-fn process_is_ours(pid: u32, start_time: Option<u64>) -> bool {
-    let Some(p) = safe_pid(pid) else {
-        return false;
-    };
-    // EPERM means another user's process: a recycled pid, not ours.
-    if signal::kill(p, None).is_err() {
-        return false;
-    }
-    match start_time {
-        Some(recorded) => proc_stat(pid).is_some_and(|s| !s.dead && s.start_time == recorded),
-        // No start time was readable at spawn (no /proc): the pid is all we have.
-        None => proc_stat(pid).is_none_or(|s| !s.dead),
-    }
-}
-
-struct ProcStat {
-    /// Zombie or dead: exited, only waiting to be reaped.
-    dead: bool,
-    /// Clock ticks after boot; unique per pid at any one time.
-    start_time: u64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 2 (the command name, in parentheses) may itself hold spaces and
-    // parentheses, so fields are counted from the last ')'.
-    let (_, rest) = text.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    // `fields` now starts at field 4; field 22 is the 19th from here.
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat {
-        dead: matches!(state, "Z" | "X" | "x"),
-        start_time,
-    })
-}
-
-fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited: {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        (None, None) => format!("exited: {status}"),
-    }
-}
 
 /// One page of ids (already sorted), starting after the token.
-fn page_of(ids: impl Iterator<Item = String>, page: &PageRequest) -> (Vec<String>, Option<String>) {
+pub(super) fn page_of(ids: impl Iterator<Item = String>, page: &PageRequest) -> (Vec<String>, Option<String>) {
     let size = match page.size {
         0 => DEFAULT_PAGE_SIZE,
         n => usize::try_from(n)
@@ -954,7 +648,7 @@ fn page_of(ids: impl Iterator<Item = String>, page: &PageRequest) -> (Vec<String
     (ids, next)
 }
 
-fn validate_name(name: &str) -> ProviderResult<()> {
+pub(super) fn validate_name(name: &str) -> ProviderResult<()> {
     let ok = (1..=63).contains(&name.len())
         && name
             .bytes()
@@ -968,7 +662,7 @@ fn validate_name(name: &str) -> ProviderResult<()> {
     }
 }
 
-fn validate_env(env: &BTreeMap<String, String>) -> ProviderResult<()> {
+pub(super) fn validate_env(env: &BTreeMap<String, String>) -> ProviderResult<()> {
     for (key, value) in env {
         if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
             return Err(ProviderError::InvalidArgument(format!(
@@ -979,7 +673,7 @@ fn validate_env(env: &BTreeMap<String, String>) -> ProviderResult<()> {
     Ok(())
 }
 
-fn destroyed(id: &str, last: Option<Machine>) -> Machine {
+pub(super) fn destroyed(id: &str, last: Option<Machine>) -> Machine {
     let base = last.unwrap_or_else(|| Machine {
         id: id.to_owned(),
         name: String::new(),
@@ -999,55 +693,22 @@ fn destroyed(id: &str, last: Option<Machine>) -> Machine {
 }
 
 /// `now + d`, saturating: a caller's huge timeout means "a long time", not a panic.
-fn far_from_now(d: Duration) -> tokio::time::Instant {
+pub(super) fn far_from_now(d: Duration) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
     now.checked_add(d)
         .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365))
 }
 
-fn short_hex() -> String {
+pub(super) fn short_hex() -> String {
     let mut hex = Uuid::new_v4().simple().to_string();
     hex.truncate(12);
     hex
 }
 
-fn machine_not_found(id: &str) -> ProviderError {
+pub(super) fn machine_not_found(id: &str) -> ProviderError {
     ProviderError::NotFound(format!("machine {id}"))
 }
 
-fn unavailable(what: String, e: &io::Error) -> ProviderError {
+pub(super) fn unavailable(what: String, e: &io::Error) -> ProviderError {
     ProviderError::Unavailable(format!("{what}: {e}"))
-}
-
-/// Reads a bookkeeping file; a missing one is an empty book. An unreadable
-/// one stops the adapter rather than forgetting the processes it lists.
-fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> ProviderResult<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            ProviderError::InvalidArgument(format!(
-                "state_dir: {} is not valid bookkeeping: {e}",
-                path.display()
-            ))
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable(format!("reading {}", path.display()), &e)),
-    }
-}
-
-/// Writes a temporary file beside `path` and renames it over `path`, so a
-/// crash leaves either the old or the new file, never half of one.
-/// `tempfile` creates it owner-only (0600): the machines' environments may
-/// hold secrets. Blocking file work, so it runs off the async threads.
-async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let path = path.to_path_buf();
-    let bytes = bytes.to_vec();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.persist(&path).map(drop).map_err(|e| e.error)
-    })
-    .await
-    .map_err(io::Error::other)?
 }
