@@ -333,13 +333,23 @@ impl FleetService for FleetApi {
             None => updated.pool.clone(),
             Some(paused) => {
                 let change = if paused {
-                    pool_pause(&mut tx, &ctx, &req.name, &format!("paused by {}", ctx.actor))
-                        .await
-                        .map_err(store_status)?
+                    pool_pause(
+                        &mut tx,
+                        &ctx,
+                        &req.name,
+                        &format!("paused by {}", ctx.actor),
+                    )
+                    .await
+                    .map_err(store_status)?
                 } else {
-                    pool_resume(&mut tx, &ctx, &req.name, &format!("resumed by {}", ctx.actor))
-                        .await
-                        .map_err(store_status)?
+                    pool_resume(
+                        &mut tx,
+                        &ctx,
+                        &req.name,
+                        &format!("resumed by {}", ctx.actor),
+                    )
+                    .await
+                    .map_err(store_status)?
                 };
                 if !change.woken.is_empty() {
                     // The waiting instances are due now; the command wakes

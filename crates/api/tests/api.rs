@@ -1834,7 +1834,11 @@ async fn a_paused_pool_is_shown_and_resumed_by_update_pool_with_an_audit_row_and
         .await
         .expect_err("unknown pool");
     assert_eq!(missing.code(), Code::NotFound);
-    assert!(missing.message().contains("pool nope"), "{}", missing.message());
+    assert!(
+        missing.message().contains("pool nope"),
+        "{}",
+        missing.message()
+    );
     // A stale version refuses the whole call: the pool stays paused.
     let stale = fleet
         .update_pool(authed(v1::UpdatePoolRequest {

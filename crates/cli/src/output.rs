@@ -303,19 +303,30 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
     );
     // Why each paused pool is paused, and how the pause ends.
     for p in pools.iter().filter(|p| p.paused_at.is_some()) {
-        out.push_str(&format!("\npool {} is paused: {}\n", p.name, p.paused_reason));
+        out.push_str(&format!(
+            "\npool {} is paused: {}\n",
+            p.name, p.paused_reason
+        ));
         let next = if !p.pause_probe_instance_id.is_empty() {
-            format!("  probe instance {} is under way; a ready probe resumes the pool", p.pause_probe_instance_id)
+            format!(
+                "  probe instance {} is under way; a ready probe resumes the pool",
+                p.pause_probe_instance_id
+            )
         } else if let Some(at) = p.pause_probe_after.as_ref() {
             match since(Some(at), now) {
-                Some(ago) if ago < 0 => format!("  one probe instance goes through in {}", age(-ago)),
+                Some(ago) if ago < 0 => {
+                    format!("  one probe instance goes through in {}", age(-ago))
+                }
                 _ => "  one probe instance goes through now".to_owned(),
             }
         } else {
             "  no probe: it stays paused until resumed".to_owned()
         };
         out.push_str(&next);
-        out.push_str(&format!("\n  resume now: flotilla pools resume {}\n", p.name));
+        out.push_str(&format!(
+            "\n  resume now: flotilla pools resume {}\n",
+            p.name
+        ));
     }
     out
 }
@@ -382,6 +393,35 @@ mod tests {
                 .iter()
                 .all(|l| l[state_col..].starts_with(|c: char| c != ' '))
         );
+    }
+
+    #[test]
+    fn a_paused_pool_shows_its_status_reason_and_how_to_resume() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let ts = |t: DateTime<Utc>| prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        };
+        let paused = v1::Pool {
+            name: "gpu".into(),
+            paused_at: Some(ts(now - chrono::Duration::seconds(90))),
+            paused_reason: "5 provisioning or startup failures within 600s".into(),
+            pause_probe_after: Some(ts(now + chrono::Duration::seconds(120))),
+            ..Default::default()
+        };
+        let running = v1::Pool {
+            name: "cpu".into(),
+            ..Default::default()
+        };
+        let out = pools_table(&[running, paused.clone()], now);
+        assert!(out.contains("STATUS"), "{out}");
+        assert!(out.contains("active"), "{out}");
+        assert!(out.contains("paused 1m30s"), "{out}");
+        assert!(out.contains("pool gpu is paused: 5 provisioning"), "{out}");
+        assert!(out.contains("goes through in 2m0s"), "{out}");
+        assert!(out.contains("flotilla pools resume gpu"), "{out}");
+        assert!(!out.contains("pool cpu is paused"), "{out}");
+        assert_eq!(pool_json(&paused)["paused"], true);
     }
 
     #[test]

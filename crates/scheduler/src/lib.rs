@@ -188,7 +188,10 @@ pub(crate) fn report_pool_failure(
             "pool paused: no new machines until a probe reaches ready or `flotilla pools resume {pool}`"
         ),
         FailureOutcome::ProbeFailed => {
-            tracing::warn!(pool, "probe of the paused pool failed; the cool-off starts again")
+            tracing::warn!(
+                pool,
+                "probe of the paused pool failed; the cool-off starts again"
+            )
         }
         FailureOutcome::StillPaused => {}
     }

@@ -1357,7 +1357,9 @@ async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the
     // After the cool-off exactly one probe gets a machine; it fails, and the
     // pool stays paused with its cool-off started again.
     drive_until(&s, "the probe fails", || async {
-        pool_actions(&env).await.contains(&"probe_failed".to_owned())
+        pool_actions(&env)
+            .await
+            .contains(&"probe_failed".to_owned())
     })
     .await;
     assert_eq!(machines_ever(&env), 3, "one probe, one machine");
@@ -1423,8 +1425,7 @@ async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boots_that_never_become_ready_pause_the_pool_and_its_failed_machines_are_not_restarted()
-{
+async fn boots_that_never_become_ready_pause_the_pool_and_its_failed_machines_are_not_restarted() {
     let env = env(instant()).await;
     let s = scheduler(
         &env,
