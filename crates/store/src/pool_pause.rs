@@ -465,7 +465,7 @@ pub enum ProbeSettled {
     /// Still on its way.
     Pending,
     /// It reached `ready`: the pool is resumed.
-    Resumed(PauseChange),
+    Resumed(Box<PauseChange>),
     /// It ended in a failure state that was not recorded as a pool failure
     /// (e.g. escalated by the watchdog): the cool-off restarts.
     Failed,
@@ -509,7 +509,7 @@ pub async fn pool_settle_probe(
             drop(tx);
             let reason = format!("probe instance {probe} reached ready");
             let change = pool_resume(conn, ctx, pool, &reason).await?;
-            Ok(ProbeSettled::Resumed(change))
+            Ok(ProbeSettled::Resumed(Box::new(change)))
         }
         Some((state, _)) if FAILED.iter().any(|f| f.as_str() == state) => {
             sqlx::query(
