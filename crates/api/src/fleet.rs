@@ -3,7 +3,7 @@
 //! before any handler here runs; each handler validates its input before
 //! its first read or write.
 
-use flotilla_bus::subjects::RECONCILE;
+use flotilla_bus::subjects::{PROVISION, RECONCILE};
 use flotilla_core::InstanceState;
 use flotilla_proto::convert::state_from_wire;
 use flotilla_proto::status::invalid_field;
@@ -16,6 +16,7 @@ use flotilla_store::instance::{ListFilter, instance_get, instance_list};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::NewPool;
 use flotilla_store::pool::{PoolUpdate, pool_create, pool_get, pool_list, pool_update};
+use flotilla_store::pool_pause::{pool_pause, pool_resume};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc::{correlation_of, outgoing};
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -326,6 +327,47 @@ impl FleetService for FleetApi {
         let updated = pool_update(&mut tx, &req.name, &update, expected_version)
             .await
             .map_err(store_status)?;
+        // After the update, so a stale `expected_version` refuses the
+        // whole call, the pause included.
+        let pool = match req.paused {
+            None => updated.pool.clone(),
+            Some(paused) => {
+                let change = if paused {
+                    pool_pause(
+                        &mut tx,
+                        &ctx,
+                        &req.name,
+                        &format!("paused by {}", ctx.actor),
+                    )
+                    .await
+                    .map_err(store_status)?
+                } else {
+                    pool_resume(
+                        &mut tx,
+                        &ctx,
+                        &req.name,
+                        &format!("resumed by {}", ctx.actor),
+                    )
+                    .await
+                    .map_err(store_status)?
+                };
+                if !change.woken.is_empty() {
+                    // The waiting instances are due now; the command wakes
+                    // the scheduler instead of its next tick.
+                    let cmd = v1::ProvisionCommand {
+                        instance_ids: change.woken.iter().map(|id| id.to_string()).collect(),
+                        pool: req.name.clone(),
+                    };
+                    outbox_insert(&mut tx, &ctx, PROVISION, &cmd.encode_to_vec())
+                        .await
+                        .map_err(store_status)?;
+                }
+                if change.changed {
+                    tracing::warn!(pool = %req.name, actor = %ctx.actor, paused, woken = change.woken.len(), "pool pause changed by an operator");
+                }
+                change.pool
+            }
+        };
         let (before, after) = (updated.previous_capacity, updated.pool.desired_capacity);
         if before != after {
             // Committed with the change, so the scheduler is woken even if
@@ -339,8 +381,8 @@ impl FleetService for FleetApi {
                 .map_err(store_status)?;
         }
         tx.commit().await.map_err(|e| store_status(e.into()))?;
-        tracing::info!(pool = %req.name, actor = %ctx.actor, version = updated.pool.version, "pool updated");
-        Ok(Response::new(updated.pool.to_proto()))
+        tracing::info!(pool = %req.name, actor = %ctx.actor, version = pool.version, "pool updated");
+        Ok(Response::new(pool.to_proto()))
     }
 
     async fn get_pool(

@@ -1766,3 +1766,166 @@ async fn without_an_adapter_pools_keep_the_api_s_own_rules() {
         .await
         .expect("not checked against any adapter");
 }
+
+#[tokio::test]
+async fn a_paused_pool_is_shown_and_resumed_by_update_pool_with_an_audit_row_and_a_wake_up() {
+    use flotilla_store::pool_pause::{FailureKind, PausePolicy, pool_record_failure};
+    let api = start().await;
+    api.create_pool("gpu").await;
+    let mut fleet = api.fleet.clone();
+    let waiting = api
+        .provision(v1::ProvisionRequest {
+            pool: "gpu".into(),
+            count: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("provision");
+    // The scheduler's failures pause the pool (one is enough here).
+    let mut conn = api.db.pool.acquire().await.expect("conn");
+    let failing: InstanceId = waiting.instances[0].id.parse().expect("id");
+    pool_record_failure(
+        &mut conn,
+        &WriteCtx::new("scheduler"),
+        "gpu",
+        failing,
+        FailureKind::StartupFailed,
+        "no progress from booting",
+        &PausePolicy {
+            failures: 1,
+            window: std::time::Duration::from_secs(600),
+            cooloff: std::time::Duration::from_secs(300),
+        },
+    )
+    .await
+    .expect("failure recorded");
+
+    let shown = fleet
+        .get_pool(authed(v1::GetPoolRequest { name: "gpu".into() }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(shown.paused_at.is_some());
+    assert!(
+        shown.paused_reason.contains("no progress from booting"),
+        "{}",
+        shown.paused_reason
+    );
+    assert!(shown.pause_probe_after.is_some(), "a cool-off is set");
+
+    // Bad input names the field; an unknown pool is NOT_FOUND naming it.
+    for bad in ["", "Not A Pool"] {
+        let e = fleet
+            .update_pool(authed(v1::UpdatePoolRequest {
+                name: bad.into(),
+                paused: Some(false),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("bad name");
+        assert_eq!(field_of(&e), "name");
+    }
+    let missing = fleet
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "nope".into(),
+            paused: Some(false),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("unknown pool");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(
+        missing.message().contains("pool nope"),
+        "{}",
+        missing.message()
+    );
+    // A stale version refuses the whole call: the pool stays paused.
+    let stale = fleet
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            paused: Some(false),
+            expected_version: 99,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code(), Code::Aborted);
+
+    let wakes_before = api
+        .count("SELECT count(*) FROM outbox WHERE subject = 'CMD.provision'")
+        .await;
+    let resumed = fleet
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            paused: Some(false),
+            ..Default::default()
+        }))
+        .await
+        .expect("resume")
+        .into_inner();
+    assert!(resumed.paused_at.is_none());
+    assert_eq!(resumed.paused_reason, "");
+    assert!(resumed.pause_probe_after.is_none());
+    // The waiting instances are woken by a command committed with the resume.
+    let wake: Vec<u8> = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE subject = 'CMD.provision' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&api.db.pool)
+    .await
+    .expect("wake");
+    let mut woken = v1::ProvisionCommand::decode(wake.as_slice())
+        .expect("decodes")
+        .instance_ids;
+    woken.sort();
+    let mut expected: Vec<String> = waiting.instances.iter().map(|i| i.id.clone()).collect();
+    expected.sort();
+    assert_eq!(woken, expected);
+    assert_eq!(
+        api.count("SELECT count(*) FROM outbox WHERE subject = 'CMD.provision'")
+            .await,
+        wakes_before + 1
+    );
+    assert_eq!(api.count("SELECT count(*) FROM pool_failures").await, 0);
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, actor FROM pool_events WHERE pool = 'gpu' ORDER BY id")
+            .fetch_all(&api.db.pool)
+            .await
+            .expect("audit");
+    assert_eq!(
+        audit,
+        [
+            ("paused".to_owned(), "scheduler".to_owned()),
+            ("resumed".to_owned(), "api:ci".to_owned())
+        ]
+    );
+
+    // Resuming a pool that runs changes nothing and wakes nothing.
+    fleet
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            paused: Some(false),
+            ..Default::default()
+        }))
+        .await
+        .expect("resume again");
+    assert_eq!(
+        api.count("SELECT count(*) FROM outbox WHERE subject = 'CMD.provision'")
+            .await,
+        wakes_before + 1
+    );
+    assert_eq!(api.count("SELECT count(*) FROM pool_events").await, 2);
+
+    // An operator's pause has no cool-off probe.
+    let paused = fleet
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            paused: Some(true),
+            ..Default::default()
+        }))
+        .await
+        .expect("pause")
+        .into_inner();
+    assert!(paused.paused_at.is_some());
+    assert_eq!(paused.paused_reason, "paused by api:ci");
+    assert!(paused.pause_probe_after.is_none());
+}

@@ -289,17 +289,57 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
                 p.instance_type.clone(),
                 p.region.clone(),
                 p.desired_capacity.to_string(),
+                pool_status(p, now),
                 since(p.created_at.as_ref(), now).map_or("-".into(), age),
                 or_dash(&p.image),
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &[
-            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "AGE", "IMAGE",
+            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "STATUS", "AGE", "IMAGE",
         ],
         &rows,
-    )
+    );
+    // Why each paused pool is paused, and how the pause ends.
+    for p in pools.iter().filter(|p| p.paused_at.is_some()) {
+        out.push_str(&format!(
+            "\npool {} is paused: {}\n",
+            p.name, p.paused_reason
+        ));
+        let next = if !p.pause_probe_instance_id.is_empty() {
+            format!(
+                "  probe instance {} is under way; a ready probe resumes the pool",
+                p.pause_probe_instance_id
+            )
+        } else if let Some(at) = p.pause_probe_after.as_ref() {
+            match since(Some(at), now) {
+                Some(ago) if ago < 0 => {
+                    format!("  one probe instance goes through in {}", age(-ago))
+                }
+                _ => "  one probe instance goes through now".to_owned(),
+            }
+        } else {
+            "  no probe: it stays paused until resumed".to_owned()
+        };
+        out.push_str(&next);
+        out.push_str(&format!(
+            "\n  resume now: flotilla pools resume {}\n",
+            p.name
+        ));
+    }
+    out
+}
+
+/// "active", or "paused" with how long ago.
+fn pool_status(p: &v1::Pool, now: DateTime<Utc>) -> String {
+    match p.paused_at.as_ref() {
+        None => "active".to_owned(),
+        Some(at) => match since(Some(at), now) {
+            Some(s) => format!("paused {}", age(s)),
+            None => "paused".to_owned(),
+        },
+    }
 }
 
 pub fn pool_json(p: &v1::Pool) -> Value {
@@ -322,6 +362,11 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "price_per_hour_micros": p.price_per_hour_micros,
         "version": p.version,
         "created_at": rfc3339(p.created_at.as_ref()),
+        "paused": p.paused_at.is_some(),
+        "paused_at": rfc3339(p.paused_at.as_ref()),
+        "paused_reason": p.paused_reason,
+        "pause_probe_after": rfc3339(p.pause_probe_after.as_ref()),
+        "pause_probe_instance_id": p.pause_probe_instance_id,
     })
 }
 
@@ -348,6 +393,35 @@ mod tests {
                 .iter()
                 .all(|l| l[state_col..].starts_with(|c: char| c != ' '))
         );
+    }
+
+    #[test]
+    fn a_paused_pool_shows_its_status_reason_and_how_to_resume() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let ts = |t: DateTime<Utc>| prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        };
+        let paused = v1::Pool {
+            name: "gpu".into(),
+            paused_at: Some(ts(now - chrono::Duration::seconds(90))),
+            paused_reason: "5 provisioning or startup failures within 600s".into(),
+            pause_probe_after: Some(ts(now + chrono::Duration::seconds(120))),
+            ..Default::default()
+        };
+        let running = v1::Pool {
+            name: "cpu".into(),
+            ..Default::default()
+        };
+        let out = pools_table(&[running, paused.clone()], now);
+        assert!(out.contains("STATUS"), "{out}");
+        assert!(out.contains("active"), "{out}");
+        assert!(out.contains("paused 1m30s"), "{out}");
+        assert!(out.contains("pool gpu is paused: 5 provisioning"), "{out}");
+        assert!(out.contains("goes through in 2m0s"), "{out}");
+        assert!(out.contains("flotilla pools resume gpu"), "{out}");
+        assert!(!out.contains("pool cpu is paused"), "{out}");
+        assert_eq!(pool_json(&paused)["paused"], true);
     }
 
     #[test]

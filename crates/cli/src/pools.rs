@@ -1,4 +1,4 @@
-//! The pool commands: list, get, create, set.
+//! The pool commands: list, get, create, set, pause, resume.
 
 use clap::{Args, Subcommand};
 use flotilla_proto::v1;
@@ -28,6 +28,21 @@ pub enum PoolsCommand {
     /// Change a pool: its desired capacity (the scheduler keeps that many
     /// instances of its own) or its price.
     Set(SetArgs),
+    /// Resume a paused pool: its failure count is cleared and its waiting
+    /// instances get machines again. A pool pauses itself after repeated
+    /// provisioning or startup failures (see STATUS in `flotilla pools`).
+    Resume {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Pause a pool: no new machines are created for it (running ones stay,
+    /// terminations go on) until `flotilla pools resume`.
+    Pause {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +194,27 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 .into_inner();
             print_pools(&[pool], a.output);
         }
+        PoolsCommand::Resume { name, output } => {
+            let pool = set_paused(api, name, false).await?;
+            print_pools(&[pool], output);
+        }
+        PoolsCommand::Pause { name, output } => {
+            let pool = set_paused(api, name, true).await?;
+            print_pools(&[pool], output);
+        }
     }
     Ok(())
+}
+
+async fn set_paused(api: &Api, name: String, paused: bool) -> Result<v1::Pool, CliError> {
+    Ok(api
+        .client()
+        .update_pool(api.request(v1::UpdatePoolRequest {
+            name,
+            paused: Some(paused),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|s| api.error(s))?
+        .into_inner())
 }

@@ -19,9 +19,11 @@ use flotilla_store::instance::{
     instance_transition,
 };
 use flotilla_store::pool::pool_get;
+use flotilla_store::pool_pause::{FailureKind, pool_record_failure};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
+use sqlx::Acquire;
 
 use crate::Scheduler;
 
@@ -99,8 +101,11 @@ impl Scheduler {
             "no progress from {} within the pool's deadline (entered at {})",
             row.state, row.state_entered_at
         );
+        // The instance's failure and its pool's failure count commit
+        // together: the failure that trips the pause pauses it.
+        let mut tx = conn.begin().await?;
         instance_transition(
-            &mut conn,
+            &mut tx,
             ctx,
             &Transition {
                 id: row.id,
@@ -112,29 +117,44 @@ impl Scheduler {
             },
         )
         .await?;
-        instance_release(&mut conn, row.id, &self.owner).await?;
+        instance_release(&mut tx, row.id, &self.owner).await?;
+        let outcome = pool_record_failure(
+            &mut tx,
+            ctx,
+            &row.pool,
+            row.id,
+            FailureKind::StartupFailed,
+            &error,
+            &self.tuning.pause_policy(),
+        )
+        .await?;
+        tx.commit().await?;
+        crate::report_pool_failure(&row.pool, &outcome);
         tracing::warn!(instance_id = %row.id, %error, "startup failed");
         Ok(())
     }
 
     /// Restarts the machine (stop, wait stopped, start) and goes back to
-    /// `booting`, unless the instance has failed too often.
+    /// `booting`, unless the instance has failed too often or its pool is
+    /// paused (a paused pool spends nothing more on machines that do not
+    /// start; the replacement waits with the pool).
     async fn recover_startup(&self, ctx: &WriteCtx, row: InstanceRow) -> Result<(), StoreError> {
         let mut conn = self.db.acquire().await?;
         let failures =
             instance_times_entered(&mut conn, row.id, InstanceState::StartupFailed).await?;
+        let Some(pool) = pool_get(&mut conn, &row.pool).await? else {
+            return Err(StoreError::NotFound(format!("pool {}", row.pool)));
+        };
         let Some(machine_id) = row
             .provider_machine_id
             .clone()
-            .filter(|_| failures <= self.tuning.startup_max_retries)
+            .filter(|_| failures <= self.tuning.startup_max_retries && pool.paused_at.is_none())
         else {
             instance_set_desired(&mut conn, row.id, DesiredState::Terminated, false).await?;
             instance_release(&mut conn, row.id, &self.owner).await?;
-            tracing::warn!(instance_id = %row.id, failures, "startup failed too often; terminating");
+            let paused = pool.paused_at.is_some();
+            tracing::warn!(instance_id = %row.id, failures, paused, "startup failed too often, or its pool is paused; terminating");
             return Ok(());
-        };
-        let Some(pool) = pool_get(&mut conn, &row.pool).await? else {
-            return Err(StoreError::NotFound(format!("pool {}", row.pool)));
         };
         let target = Some(v1::ProviderTarget {
             provider: pool.provider.clone(),
@@ -213,8 +233,21 @@ impl Scheduler {
                     .max(e.retry_after().unwrap_or(Duration::ZERO));
                 let at = chrono::Utc::now()
                     + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
-                instance_record_failure(&mut conn, row.id, row.version, &e.to_string(), at, 3)
-                    .await?;
+                let message = e.to_string();
+                let mut tx = conn.begin().await?;
+                instance_record_failure(&mut tx, row.id, row.version, &message, at, 3).await?;
+                let outcome = pool_record_failure(
+                    &mut tx,
+                    ctx,
+                    &row.pool,
+                    row.id,
+                    FailureKind::RestartFailed,
+                    &message,
+                    &self.tuning.pause_policy(),
+                )
+                .await?;
+                tx.commit().await?;
+                crate::report_pool_failure(&row.pool, &outcome);
             }
         }
         Ok(())

@@ -12,6 +12,13 @@
 //! they are on their way out and their replacements are requested now.
 //! Surplus is taken from instances that are not serving yet first, then the
 //! oldest ready ones.
+//!
+//! A paused pool (see `flotilla_store::pool_pause`) is not topped up: its
+//! failing instances are on their way out and would only be replaced by
+//! more failing ones. Once its cool-off has passed and nothing of it waits,
+//! one instance is requested — the probe. Scale-down is never held. Each
+//! activation also settles paused pools' probes (a ready probe resumes its
+//! pool) and reports `flotilla_pools_paused`.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +27,7 @@ use flotilla_proto::v1;
 use flotilla_store::instance::{NewInstance, instance_insert_requested, instance_set_desired};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::{PoolRow, pool_list};
+use flotilla_store::pool_pause::{ProbeSettled, pool_settle_probe};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::loops::ActivationStatus;
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -63,8 +71,15 @@ impl Scheduler {
                 return status;
             }
         };
+        let paused = pools.iter().filter(|p| p.paused_at.is_some()).count();
+        metrics::gauge!("flotilla_pools_paused").set(paused as f64);
         for pool in pools {
             status.found += 1;
+            if pool.pause_probe_instance.is_some()
+                && let Err(e) = self.settle_probe(&pool).await
+            {
+                status.error(e.class(), &pool.name, e);
+            }
             match self.balance(&pool).await {
                 Ok(0) => status.already_done += 1,
                 Ok(_) => status.acted += 1,
@@ -72,6 +87,41 @@ impl Scheduler {
             }
         }
         status
+    }
+
+    /// Resumes a paused pool whose probe reached `ready` (and wakes its
+    /// waiting instances), or frees the slot of a probe that went away.
+    async fn settle_probe(&self, pool: &PoolRow) -> Result<(), StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
+        let settled =
+            pool_settle_probe(&mut conn, &ctx, &pool.name, &self.tuning.pause_policy()).await?;
+        match settled {
+            ProbeSettled::Resumed(change) => {
+                tracing::warn!(pool = %pool.name, woken = change.woken.len(), "probe reached ready; pool resumed");
+                if !change.woken.is_empty() {
+                    let cmd = v1::ProvisionCommand {
+                        instance_ids: change.woken.iter().map(|id| id.to_string()).collect(),
+                        pool: pool.name.clone(),
+                    };
+                    outbox_insert(
+                        &mut conn,
+                        &ctx,
+                        flotilla_bus::subjects::PROVISION,
+                        &cmd.encode_to_vec(),
+                    )
+                    .await?;
+                }
+            }
+            ProbeSettled::Failed => {
+                tracing::warn!(pool = %pool.name, "probe of the paused pool failed; the cool-off starts again")
+            }
+            ProbeSettled::Abandoned => {
+                tracing::info!(pool = %pool.name, "probe went away before it was ready; the next instance may probe")
+            }
+            ProbeSettled::Nothing | ProbeSettled::Pending => {}
+        }
+        Ok(())
     }
 
     /// Brings one pool to its desired capacity; returns how many instances
@@ -99,8 +149,27 @@ impl Scheduler {
         .await?;
         let desired = i64::from(pool.desired_capacity);
         let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
-        let changed = if counted < desired {
-            let n = (desired - counted).min(MAX_STEP);
+        // Read under the lock: the pause may have changed since the list.
+        let (paused, probe_due, waiting): (bool, bool, i64) = sqlx::query_as(
+            "SELECT p.paused_at IS NOT NULL,
+                    COALESCE(p.pause_probe_after <= now() AND p.pause_probe_instance IS NULL, false),
+                    (SELECT count(*) FROM instances i
+                      WHERE i.pool = p.name AND i.state = 'requested'
+                        AND i.desired_state = 'running')
+             FROM pools p WHERE p.name = $1",
+        )
+        .bind(&pool.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let step = if !paused {
+            MAX_STEP
+        } else if probe_due && waiting == 0 {
+            1
+        } else {
+            0
+        };
+        let changed = if counted < desired && step > 0 {
+            let n = (desired - counted).min(step);
             let new: Vec<NewInstance> = (0..n)
                 .map(|_| NewInstance {
                     id: InstanceId::new(),
@@ -127,7 +196,7 @@ impl Scheduler {
                 &cmd.encode_to_vec(),
             )
             .await?;
-            tracing::info!(pool = %pool.name, n, "scaling up");
+            tracing::info!(pool = %pool.name, n, paused, "scaling up");
             n
         } else if counted > desired {
             let surplus: Vec<uuid::Uuid> = sqlx::query_scalar(

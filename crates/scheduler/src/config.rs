@@ -6,6 +6,7 @@ use clap::{Args, Parser};
 use flotilla_core::backoff::RetryPolicy;
 use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
 use flotilla_store::instance::BootDeadlines;
+use flotilla_store::pool_pause::PausePolicy;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -113,6 +114,19 @@ pub struct SchedulerTuning {
         default_value_t = 15
     )]
     pub health_check_heartbeat_priority_seconds: u64,
+    /// Provisioning or startup failures (including failed boot restarts) of
+    /// one pool's instances within POOL_PAUSE_WINDOW_SECONDS that pause the
+    /// pool: no new machines until a probe reaches ready or an operator
+    /// runs `flotilla pools resume`. 0 never pauses.
+    #[arg(long, env = "POOL_PAUSE_FAILURES", default_value_t = 5)]
+    pub pool_pause_failures: u32,
+    /// The window in which POOL_PAUSE_FAILURES failures pause a pool.
+    #[arg(long, env = "POOL_PAUSE_WINDOW_SECONDS", default_value_t = 600)]
+    pub pool_pause_window_seconds: u64,
+    /// Seconds a paused pool waits (after the pause, or after a failed
+    /// probe) before one probe instance may get a machine.
+    #[arg(long, env = "POOL_PAUSE_COOLOFF_SECONDS", default_value_t = 300)]
+    pub pool_pause_cooloff_seconds: u64,
 }
 
 impl SchedulerTuning {
@@ -158,6 +172,20 @@ impl SchedulerTuning {
 
     pub fn heartbeat_priority(&self) -> Duration {
         Duration::from_secs(self.health_check_heartbeat_priority_seconds)
+    }
+
+    pub fn pause_policy(&self) -> PausePolicy {
+        PausePolicy {
+            failures: self.pool_pause_failures,
+            window: Duration::from_secs(self.pool_pause_window_seconds.max(1)),
+            cooloff: Duration::from_secs(self.pool_pause_cooloff_seconds),
+        }
+    }
+
+    /// How long an instance held by a paused pool waits before it looks
+    /// again when nothing wakes it (a resume makes it due at once).
+    pub fn pause_recheck(&self) -> Duration {
+        Duration::from_secs(self.pool_pause_cooloff_seconds.clamp(1, 30))
     }
 
     pub fn boot_deadlines(&self) -> BootDeadlines {

@@ -170,6 +170,33 @@ impl Scheduler {
     }
 }
 
+/// Says what a recorded failure did to its pool. The pools' own audit log
+/// is the `pool_events` table; the bus has no pool event subject, so the
+/// pause is announced here, in the log.
+pub(crate) fn report_pool_failure(
+    pool: &str,
+    outcome: &flotilla_store::pool_pause::FailureOutcome,
+) {
+    use flotilla_store::pool_pause::FailureOutcome;
+    match outcome {
+        FailureOutcome::Counted { in_window } => {
+            tracing::info!(pool, in_window, "pool failure recorded")
+        }
+        FailureOutcome::Paused { reason } => tracing::error!(
+            pool,
+            %reason,
+            "pool paused: no new machines until a probe reaches ready or `flotilla pools resume {pool}`"
+        ),
+        FailureOutcome::ProbeFailed => {
+            tracing::warn!(
+                pool,
+                "probe of the paused pool failed; the cool-off starts again"
+            )
+        }
+        FailureOutcome::StillPaused => {}
+    }
+}
+
 /// Remembers the origin of every instance a `CMD.provision` names.
 fn remember_origins(d: &flotilla_bus::Delivery) {
     use prost::Message;

@@ -29,6 +29,9 @@ use flotilla_store::instance::{
     instance_set_desired, instance_transition,
 };
 use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::pool_pause::{
+    Admission, FailureKind, instance_hold_for_pause, pool_admit, pool_record_failure,
+};
 use flotilla_store::volume::{volume_of_instance, volume_record_created};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
@@ -36,7 +39,7 @@ use flotilla_telemetry::loops::ActivationStatus;
 use flotilla_telemetry::propagation::current_trace_headers;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use sqlx::PgConnection;
+use sqlx::{Acquire, PgConnection};
 
 use crate::Scheduler;
 
@@ -69,6 +72,8 @@ pub enum Stepped {
     Retrying(ErrorClass, String),
     /// Gave up: `provisioning_failed`, handed to termination.
     Failed(String),
+    /// Not started: the pool is paused; the instance waits as `requested`.
+    Held(String),
 }
 
 pub(crate) fn new_worker_token() -> (String, Vec<u8>) {
@@ -165,6 +170,7 @@ impl Scheduler {
                     status.acted += 1;
                     status.error(ErrorClass::Permanent, id, e);
                 }
+                Ok(Stepped::Held(_)) => status.already_done += 1,
                 Err(StepError::Crashed(_)) => {}
                 Err(StepError::Store(e)) => {
                     self.release_after_error(id).await;
@@ -236,6 +242,32 @@ impl Scheduler {
 
         let fresh = row.state == InstanceState::Requested;
         if fresh {
+            // A paused pool gets no new machines: the instance waits where
+            // it is, saying why and how the wait ends.
+            match pool_admit(&mut conn, &ctx, &pool.name, row.id).await? {
+                Admission::Open => {}
+                Admission::Probe => {
+                    tracing::warn!(pool = %pool.name, "pool paused: this instance goes through as its probe");
+                }
+                Admission::Held(hold) => {
+                    let message = hold.message(&pool.name);
+                    let now = chrono::Utc::now();
+                    let recheck = now
+                        + chrono::Duration::from_std(self.tuning.pause_recheck())
+                            .unwrap_or(chrono::Duration::seconds(30));
+                    // Due again when the cool-off ends, or after a recheck
+                    // interval while a probe decides (a resume makes it
+                    // due at once).
+                    let retry_at = hold
+                        .probe_after
+                        .filter(|at| *at > now && hold.probe_instance.is_none())
+                        .unwrap_or(recheck);
+                    instance_hold_for_pause(&mut conn, row.id, row.version, &message, retry_at)
+                        .await?;
+                    tracing::debug!(pool = %pool.name, %retry_at, "pool paused; instance held");
+                    return Ok(Stepped::Held(message));
+                }
+            }
             row = instance_transition(
                 &mut conn,
                 &ctx,
@@ -600,9 +632,13 @@ impl Scheduler {
         let attempts = row.attempts + 1;
         let message = e.to_string();
         if class == ErrorClass::Permanent || attempts >= self.tuning.provision_max_attempts {
+            // The instance's failure and its pool's failure count commit
+            // together: the failure that trips the pause pauses it.
+            let mut tx = conn.begin().await.map_err(StoreError::from)?;
+            let ctx = self.ctx();
             let failed = instance_transition(
-                conn,
-                &self.ctx(),
+                &mut tx,
+                &ctx,
                 &Transition {
                     id: row.id,
                     from: InstanceState::Provisioning,
@@ -613,8 +649,20 @@ impl Scheduler {
                 },
             )
             .await?;
-            instance_set_desired(conn, failed.id, DesiredState::Terminated, false).await?;
-            instance_release(conn, failed.id, &self.owner).await?;
+            instance_set_desired(&mut tx, failed.id, DesiredState::Terminated, false).await?;
+            instance_release(&mut tx, failed.id, &self.owner).await?;
+            let outcome = pool_record_failure(
+                &mut tx,
+                &ctx,
+                &failed.pool,
+                failed.id,
+                FailureKind::ProvisioningFailed,
+                &message,
+                &self.tuning.pause_policy(),
+            )
+            .await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            crate::report_pool_failure(&failed.pool, &outcome);
             tracing::warn!(attempts, error = %message, "provisioning failed; handed to termination");
             return Ok(Stepped::Failed(message));
         }

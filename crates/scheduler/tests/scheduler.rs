@@ -1186,3 +1186,281 @@ async fn an_adopted_machine_gets_a_fresh_worker_token_before_its_start() {
         "the recorded hash is the fresh token's"
     );
 }
+
+// ---- Pool pauses ------------------------------------------------------
+
+/// The pool `gpu` as stored now.
+async fn gpu(env: &Env) -> flotilla_store::pool::PoolRow {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    flotilla_store::pool::pool_get(&mut conn, "gpu")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The actions of the pool's audit log, oldest first.
+async fn pool_actions(env: &Env) -> Vec<String> {
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    flotilla_store::pool_pause::pool_events_of(&mut conn, "gpu")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.0)
+        .collect()
+}
+
+/// Every machine the simulated cloud ever created (destroyed ones too).
+fn machines_ever(env: &Env) -> usize {
+    env.stack.sim.sim().machines().len()
+}
+
+/// Runs capacity and provisioning activations until `done` holds.
+async fn drive_until<F, Fut>(s: &Scheduler, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        s.capacity_once().await;
+        s.provision_once().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pause_tuning(failures: &str, cooloff: &str) -> SchedulerTuning {
+    tuning(&[
+        "--provision-max-attempts",
+        "1",
+        "--pool-pause-failures",
+        failures,
+        "--pool-pause-window-seconds",
+        "600",
+        "--pool-pause-cooloff-seconds",
+        cooloff,
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_never_starts_costs_at_most_n_machines_before_its_pool_pauses() {
+    let env = env(Faults {
+        start_fails_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    const N: usize = 3;
+    let s = scheduler(&env, "s1", None, pause_tuning("3", "3600"));
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    pool_set_desired_capacity(&mut conn, "gpu", 1, None)
+        .await
+        .unwrap();
+    // Capacity keeps replacing each failed instance until the pool pauses.
+    drive_until(&s, "the pool pauses", || async {
+        gpu(&env).await.paused_at.is_some()
+    })
+    .await;
+    let pool = gpu(&env).await;
+    let reason = pool.paused_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("3 provisioning or startup failures within 600s"),
+        "{reason}"
+    );
+    assert_eq!(machines_ever(&env), N, "one machine per counted failure");
+    assert_eq!(pool_actions(&env).await, ["paused"]);
+    let failed = rows(&env)
+        .await
+        .iter()
+        .filter(|r| r.state == InstanceState::ProvisioningFailed)
+        .count();
+    assert_eq!(failed, N);
+
+    // Paused: capacity does not top up, and explicit requests wait.
+    let waiting = request(&env, 2).await;
+    for _ in 0..10 {
+        s.capacity_once().await;
+        s.provision_once().await;
+    }
+    assert_eq!(machines_ever(&env), N, "a paused pool gets no machine");
+    for r in rows(&env).await {
+        if waiting.contains(&r.id) {
+            assert_eq!(r.state, InstanceState::Requested);
+            assert_eq!(r.attempts, 0, "waiting is not failing");
+            let e = r.last_error.unwrap_or_default();
+            assert!(
+                e.contains("pool gpu is paused") && e.contains("flotilla pools resume gpu"),
+                "{e}"
+            );
+        } else {
+            assert_eq!(
+                r.state,
+                InstanceState::ProvisioningFailed,
+                "capacity requested nothing more"
+            );
+        }
+    }
+
+    // An operator fixes the image and resumes: provisioning continues.
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.start_fails_rate = 0.0)
+        .unwrap();
+    let change = flotilla_store::pool_pause::pool_resume(
+        &mut conn,
+        &WriteCtx::new("test"),
+        "gpu",
+        "image fixed",
+    )
+    .await
+    .unwrap();
+    assert!(change.changed);
+    assert_eq!(change.woken.len(), 2, "the waiting instances are due now");
+    assert!(gpu(&env).await.paused_at.is_none());
+    drive_until(&s, "the waiting instances boot", || async {
+        let all = rows(&env).await;
+        waiting.iter().all(|id| {
+            all.iter()
+                .any(|r| r.id == *id && r.state == InstanceState::Booting)
+        }) && all
+            .iter()
+            .any(|r| r.state == InstanceState::Booting && !waiting.contains(&r.id))
+    })
+    .await;
+    assert_eq!(pool_actions(&env).await, ["paused", "resumed"]);
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_failures")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 0, "a resume clears the failure count");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the_pool() {
+    let env = env(Faults {
+        start_fails_rate: 1.0,
+        ..instant()
+    })
+    .await;
+    let s = scheduler(&env, "s1", None, pause_tuning("2", "1"));
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    pool_set_desired_capacity(&mut conn, "gpu", 2, None)
+        .await
+        .unwrap();
+    drive_until(&s, "the pool pauses", || async {
+        gpu(&env).await.paused_at.is_some()
+    })
+    .await;
+    // Both instances of the first fill were in flight when the pause tripped.
+    assert_eq!(machines_ever(&env), 2);
+
+    // After the cool-off exactly one probe gets a machine; it fails, and the
+    // pool stays paused with its cool-off started again.
+    drive_until(&s, "the probe fails", || async {
+        pool_actions(&env)
+            .await
+            .contains(&"probe_failed".to_owned())
+    })
+    .await;
+    assert_eq!(machines_ever(&env), 3, "one probe, one machine");
+    let pool = gpu(&env).await;
+    assert!(pool.paused_at.is_some(), "a failed probe keeps the pause");
+    assert!(pool.pause_probe_instance.is_none());
+    assert!(pool.pause_probe_after.unwrap() > chrono::Utc::now() - chrono::Duration::seconds(1));
+
+    // The image is fixed: the next probe starts and reaches ready.
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.start_fails_rate = 0.0)
+        .unwrap();
+    drive_until(&s, "the next probe boots", || async {
+        rows(&env)
+            .await
+            .iter()
+            .any(|r| r.state == InstanceState::Booting)
+    })
+    .await;
+    assert!(gpu(&env).await.paused_at.is_some(), "booting is not ready");
+    let probe = rows(&env)
+        .await
+        .into_iter()
+        .find(|r| r.state == InstanceState::Booting)
+        .unwrap();
+    assert_eq!(gpu(&env).await.pause_probe_instance, Some(probe.id.0));
+    instance_transition(
+        &mut conn,
+        &WriteCtx::new("test"),
+        &Transition {
+            id: probe.id,
+            from: InstanceState::Booting,
+            to: InstanceState::Ready,
+            expected_version: probe.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    drive_until(&s, "the pool is resumed and filled", || async {
+        gpu(&env).await.paused_at.is_none()
+            && rows(&env)
+                .await
+                .iter()
+                .filter(|r| matches!(r.state, InstanceState::Booting | InstanceState::Ready))
+                .count()
+                == 2
+    })
+    .await;
+    assert_eq!(
+        pool_actions(&env).await,
+        [
+            "paused",
+            "probe_started",
+            "probe_failed",
+            "probe_started",
+            "resumed"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_that_never_become_ready_pause_the_pool_and_its_failed_machines_are_not_restarted() {
+    let env = env(instant()).await;
+    let s = scheduler(
+        &env,
+        "s1",
+        None,
+        tuning(&[
+            "--recovery-booting-timeout-seconds",
+            "1",
+            "--startup-max-retries",
+            "5",
+            "--pool-pause-failures",
+            "2",
+            "--pool-pause-cooloff-seconds",
+            "3600",
+        ]),
+    );
+    request(&env, 1).await;
+    provision_all(&s, &env).await;
+    // Each boot deadline is a failure; the restarts of the one machine
+    // count, so the pool pauses before the restart budget is spent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gpu(&env).await.paused_at.is_none() {
+        assert!(Instant::now() < deadline, "the pool never paused");
+        s.boot_once().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = gpu(&env).await.paused_reason.unwrap_or_default();
+    assert!(reason.contains("startup_failed"), "{reason}");
+    s.boot_once().await;
+    let r = &rows(&env).await[0];
+    assert_eq!(r.state, InstanceState::StartupFailed);
+    assert_eq!(
+        r.desired_state,
+        DesiredState::Terminated,
+        "a paused pool's failed machine is handed to termination, not restarted"
+    );
+    assert_eq!(machines_ever(&env), 1);
+}

@@ -16,7 +16,8 @@ macro_rules! pool_columns {
         "name, provider, instance_type, region, image, desired_capacity, \
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
-    created_at, updated_at, health_check_url"
+    created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
+    pause_probe_instance"
     };
 }
 
@@ -41,6 +42,15 @@ pub struct PoolRow {
     /// Where workers answer an active health check ('' for none); see
     /// [`crate::health`].
     pub health_check_url: String,
+    /// Set while the pool is paused: no new machines are created for it
+    /// (see [`crate::pool_pause`]).
+    pub paused_at: Option<DateTime<Utc>>,
+    pub paused_reason: Option<String>,
+    /// When one probe instance of the paused pool may go through (`None`:
+    /// no probe; an operator's pause waits for an operator).
+    pub pause_probe_after: Option<DateTime<Utc>>,
+    /// The probe instance under way.
+    pub pause_probe_instance: Option<uuid::Uuid>,
 }
 
 impl PoolRow {
@@ -65,6 +75,13 @@ impl PoolRow {
             version: self.version as u64,
             created_at: Some(to_timestamp(self.created_at)),
             health_check_url: self.health_check_url.clone(),
+            paused_at: self.paused_at.map(to_timestamp),
+            paused_reason: self.paused_reason.clone().unwrap_or_default(),
+            pause_probe_after: self.pause_probe_after.map(to_timestamp),
+            pause_probe_instance_id: self
+                .pause_probe_instance
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
         }
     }
 }

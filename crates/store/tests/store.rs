@@ -77,6 +77,8 @@ async fn migrated_schema_has_every_table_and_refuses_unknown_states() {
             "instance_volumes",
             "instances",
             "outbox",
+            "pool_events",
+            "pool_failures",
             "pools"
         ]
     );

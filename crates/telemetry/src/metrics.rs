@@ -126,6 +126,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_provider_breaker_state",
         "Circuit breaker per provider scope: 0 closed, 1 half-open, 2 open.",
     ),
+    (
+        Kind::Gauge,
+        "flotilla_pools_paused",
+        "Pools paused after repeated provisioning or startup failures (or by an operator); sampled by the scheduler's capacity loop.",
+    ),
     // Fleet state (sampled by the watchdog).
     (
         Kind::Gauge,
