@@ -311,11 +311,11 @@ impl DockerProvider {
             3600,
             bollard::API_DEFAULT_VERSION,
         )
-        .or_else(|e| match e {
-            DockerError::SocketNotFoundError(_) => Err(ProviderError::InvalidArgument(format!(
+        .map_err(|e| match e {
+            DockerError::SocketNotFoundError(_) => ProviderError::InvalidArgument(format!(
                 "DOCKER_HOST: no socket at {path}: is the Docker socket mounted?"
-            ))),
-            other => Err(classify("connect", other)),
+            )),
+            other => classify("connect", other),
         })?;
         Ok(DockerProvider {
             docker,
@@ -442,7 +442,7 @@ impl DockerProvider {
         }
     }
 
-    fn from_inspect(&self, c: ContainerInspectResponse) -> Machine {
+    fn inspected(&self, c: ContainerInspectResponse) -> Machine {
         let state = c
             .state
             .as_ref()
@@ -479,7 +479,7 @@ impl DockerProvider {
         )
     }
 
-    fn from_summary(&self, c: ContainerSummary) -> Machine {
+    fn summarized(&self, c: ContainerSummary) -> Machine {
         let state = c.state.map(|s| s.to_string()).unwrap_or_default();
         let name = c
             .names
@@ -842,7 +842,7 @@ impl MachineProvider for DockerProvider {
     }
 
     async fn get_machine(&self, id: &str) -> ProviderResult<Machine> {
-        Ok(self.from_inspect(self.inspect(id).await?))
+        Ok(self.inspected(self.inspect(id).await?))
     }
 
     async fn list_machines(&self, page: &PageRequest) -> ProviderResult<Page<Machine>> {
@@ -851,7 +851,7 @@ impl MachineProvider for DockerProvider {
             .containers(&[(TAG_CONTROL_PLANE, &control)])
             .await?
             .into_iter()
-            .map(|c| self.from_summary(c))
+            .map(|c| self.summarized(c))
             .map(|m| (m.id.clone(), m))
             .collect();
         let (items, next) = page_of(all, page);
@@ -865,7 +865,7 @@ impl MachineProvider for DockerProvider {
             .containers(&[(TAG_CONTROL_PLANE, &control), (TAG_INSTANCE, &instance)])
             .await?
             .into_iter()
-            .map(|c| self.from_summary(c))
+            .map(|c| self.summarized(c))
             .filter(|m| m.tags.get(TAG_INSTANCE) == Some(&instance))
             .collect())
     }

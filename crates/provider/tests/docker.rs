@@ -323,7 +323,7 @@ async fn volumes_carry_our_labels_mount_at_data_and_are_refused_while_in_use() {
         .expect("create volume");
     assert_eq!(v.instance_id, Some(instance));
     assert_eq!(v.size_gb, 3);
-    assert_eq!(cleanup.volumes(), [v.id.clone()]);
+    assert_eq!(cleanup.volumes(), std::slice::from_ref(&v.id));
     let labels: BTreeMap<String, String> = serde_json::from_str(&docker(&[
         "volume",
         "inspect",
