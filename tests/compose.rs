@@ -9,6 +9,10 @@
 //! - `docker-compose kill scheduler` in the middle of a provision and
 //!   `start` again: nothing lost, nothing duplicated;
 //! - `docker-compose restart postgres`: the cluster converges;
+//! - a pool of the `docker` provider: 3 workers become ready as containers
+//!   of the engine labelled with the project's control plane; `docker
+//!   kill` of one: a new container replaces it and its instance is
+//!   terminated; terminating the pool leaves no worker container;
 //! - everything terminated, no worker left; `down -v` leaves no container,
 //!   network or volume of the project.
 //!
@@ -43,11 +47,14 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// One compose project of this test, taken down (with its volumes) on drop.
+/// One compose project of this test, taken down (with its volumes and
+/// the worker containers its adapter made) on drop.
 struct Compose {
     project: String,
     root: PathBuf,
     ports: Vec<(&'static str, u16)>,
+    /// The group owning the Docker socket, given to the adapter.
+    docker_gid: String,
 }
 
 impl Compose {
@@ -68,11 +75,60 @@ impl Compose {
         .into_iter()
         .map(|name| (name, free_port()))
         .collect();
+        let docker_gid = Command::new("stat")
+            .args(["-c", "%g", "/var/run/docker.sock"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
         Compose {
             project,
             root: repo_root(),
             ports,
+            docker_gid,
         }
+    }
+
+    /// The adapter's control-plane id: the project's name, so the worker
+    /// containers of this run are told apart from any other's.
+    fn control_plane(&self) -> &str {
+        &self.project
+    }
+
+    /// Worker containers (running or not) of `pool` the engine holds for
+    /// this project's control plane, by the docker CLI.
+    fn worker_containers(&self, pool: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            "ps".to_owned(),
+            "-aq".to_owned(),
+            "--no-trunc".to_owned(),
+            "--filter".to_owned(),
+            format!("label=flotilla_control_plane={}", self.control_plane()),
+        ];
+        if let Some(pool) = pool {
+            args.push("--filter".into());
+            args.push(format!("label=flotilla_pool={pool}"));
+        }
+        let out = Command::new("docker")
+            .args(&args)
+            .output()
+            .expect("docker runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Worker containers of `pool` that run.
+    fn running_workers(&self, pool: &str) -> Vec<String> {
+        self.worker_containers(Some(pool))
+            .into_iter()
+            .filter(|id| {
+                Command::new("docker")
+                    .args(["inspect", "-f", "{{.State.Running}}", id])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+            })
+            .collect()
     }
 
     fn port(&self, name: &str) -> u16 {
@@ -93,6 +149,9 @@ impl Compose {
         for (name, port) in &self.ports {
             cmd.env(name, port.to_string());
         }
+        cmd.env("FLOTILLA_NETWORK", &self.project)
+            .env("FLOTILLA_CONTROL_PLANE_ID", &self.project)
+            .env("FLOTILLA_DOCKER_GID", &self.docker_gid);
         cmd.output().expect("docker-compose runs")
     }
 
@@ -175,7 +234,24 @@ impl Compose {
 
     /// Ids of the demo pool's instances in `state`.
     fn instances(&self, state: &str) -> usize {
-        let out = self.cli(&["list", "--pool", "demo", "--state", state, "-o", "ids"]);
+        self.count("demo", state)
+    }
+
+    /// Ids of `pool`'s instances in `state` (none when the CLI fails).
+    fn pool_instances(&self, pool: &str, state: &str) -> Vec<String> {
+        let out = self.cli(&["list", "--pool", pool, "--state", state, "-o", "ids"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Ids of `pool`'s instances in `state`, counted.
+    fn count(&self, pool: &str, state: &str) -> usize {
+        let out = self.cli(&["list", "--pool", pool, "--state", state, "-o", "ids"]);
         if !out.status.success() {
             return usize::MAX;
         }
@@ -208,6 +284,13 @@ impl Drop for Compose {
                 self.project, self.ports
             );
             return;
+        }
+        // Worker containers are the engine's, not the project's: removed
+        // first, or the network they are on would outlive `down`.
+        for id in self.worker_containers(None) {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v", &id])
+                .output();
         }
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
@@ -397,6 +480,111 @@ fn docker_compose_up_runs_a_real_fleet_through_kills_and_restarts_and_down_leave
         Duration::from_secs(30),
         || compose.agents() == 0,
         || format!("agents {}", compose.agents()),
+    );
+
+    // The demo fleet of the docker provider: each worker a container of
+    // this engine, running the agent of the Flotilla image.
+    let image = std::env::var("FLOTILLA_IMAGE").unwrap_or_else(|_| "flotilla:dev".into());
+    compose.cli_ok(&[
+        "pools",
+        "create",
+        "fleet",
+        "--provider",
+        "docker",
+        "--instance-type",
+        "container",
+        "--region",
+        "local",
+        "--image",
+        &format!("{image} agent"),
+    ]);
+    let t = Instant::now();
+    compose.cli_ok(&[
+        "provision",
+        "--pool",
+        "fleet",
+        "--count",
+        "3",
+        "--idempotency-key",
+        "compose-docker",
+        "--wait-timeout",
+        "120",
+    ]);
+    println!("3 container workers ready in {:?}", t.elapsed());
+    let ready = compose.pool_instances("fleet", "ready");
+    assert_eq!(ready.len(), 3, "{ready:?}");
+    let workers = compose.running_workers("fleet");
+    assert_eq!(
+        workers.len(),
+        3,
+        "one running container per instance, labelled with our control plane"
+    );
+    let instance_of = |id: &str| {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{index .Config.Labels \"flotilla_instance_id\"}}",
+                id,
+            ])
+            .output()
+            .expect("docker inspect runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let mut owners: Vec<String> = workers.iter().map(|w| instance_of(w)).collect();
+    owners.sort();
+    let mut expected = ready.clone();
+    expected.sort();
+    assert_eq!(owners, expected, "each container carries its instance's id");
+
+    // Kill one worker container: a new container replaces it, and its
+    // instance is terminated (its container removed).
+    let victim = workers[0].clone();
+    let victim_instance = instance_of(&victim);
+    let killed = Instant::now();
+    let out = Command::new("docker")
+        .args(["kill", &victim])
+        .output()
+        .expect("docker kill runs");
+    assert!(out.status.success(), "docker kill: {}", text(&out));
+    wait(
+        "the killed worker container replaced",
+        Duration::from_secs(180),
+        || {
+            let running = compose.running_workers("fleet");
+            running.len() == 3
+                && !compose.worker_containers(Some("fleet")).contains(&victim)
+                && compose.count("fleet", "ready") == 3
+                && compose
+                    .pool_instances("fleet", "terminated")
+                    .contains(&victim_instance)
+        },
+        || {
+            format!(
+                "running containers {}, ready {}, terminated {:?}, victim still there: {}",
+                compose.running_workers("fleet").len(),
+                compose.count("fleet", "ready"),
+                compose.pool_instances("fleet", "terminated"),
+                compose.worker_containers(Some("fleet")).contains(&victim)
+            )
+        },
+    );
+    println!("killed worker container replaced in {:?}", killed.elapsed());
+
+    compose.cli_ok(&[
+        "terminate",
+        "--pool",
+        "fleet",
+        "--wait",
+        "--wait-timeout",
+        "120",
+    ]);
+    assert_eq!(compose.count("fleet", "terminated"), 4);
+    wait(
+        "no worker container left",
+        Duration::from_secs(60),
+        || compose.worker_containers(None).is_empty(),
+        || format!("containers {:?}", compose.worker_containers(None)),
     );
 
     compose.ok(&["down", "-v", "--remove-orphans", "-t", "10"]);

@@ -11,7 +11,7 @@ use flotilla_store::pool::{NewPool, PoolTimeoutsUpdate};
 use tonic::Status;
 
 /// Provider kinds a pool may name.
-pub const PROVIDERS: &[&str] = &["fly", "scaleway", "local", "sim"];
+pub const PROVIDERS: &[&str] = &["fly", "scaleway", "local", "sim", "docker"];
 /// Largest desired capacity of one pool (the schema's CHECK agrees).
 pub const MAX_DESIRED_CAPACITY: u32 = 10_000;
 /// Largest per-instance data volume (the schema's CHECK agrees).

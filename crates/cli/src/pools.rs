@@ -49,7 +49,7 @@ pub enum PoolsCommand {
 pub struct CreateArgs {
     /// 1-63 chars, [a-z0-9-], starting with a letter.
     pub name: String,
-    /// "local", "fly", "scaleway" or "sim".
+    /// "local", "fly", "scaleway", "docker" or "sim".
     #[arg(long)]
     pub provider: String,
     /// Provider size name ("shared-cpu-1x", "GP1-XS"; anything for local).

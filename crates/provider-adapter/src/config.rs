@@ -12,7 +12,7 @@ use flotilla_provider::guard::GuardConfig;
 #[command(
     name = "provider-adapter",
     version,
-    about = "Flotilla provider adapter: the gRPC Provider API over Fly, Scaleway, local processes and the simulated cloud"
+    about = "Flotilla provider adapter: the gRPC Provider API over Fly, Scaleway, local processes, Docker containers and the simulated cloud"
 )]
 pub struct AdapterArgs {
     /// Address the gRPC Provider API listens on.
@@ -36,6 +36,8 @@ pub struct AdapterArgs {
     pub scaleway: ScalewayArgs,
     #[command(flatten)]
     pub local: LocalArgs,
+    #[command(flatten)]
+    pub docker: DockerArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
@@ -179,6 +181,26 @@ pub struct LocalArgs {
     pub local_state_dir: PathBuf,
 }
 
+/// Containers of a Docker Engine (workers as containers).
+#[derive(Debug, Clone, Args)]
+pub struct DockerArgs {
+    /// Run workers as containers of the Docker Engine at DOCKER_HOST.
+    #[arg(long, env = "DOCKER_PROVIDER_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub docker_provider_enabled: bool,
+    /// The engine's Unix socket (unix:///path or /path); only this
+    /// adapter should have it mounted.
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+    /// Docker network every worker container joins, so workers reach the
+    /// api (in compose: the project's network). Empty: the default bridge.
+    #[arg(long, env = "DOCKER_NETWORK", default_value = "")]
+    pub docker_network: String,
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -236,5 +258,22 @@ mod tests {
             crate::registry(&args).expect("ok").kinds(),
             ["scaleway", "sim"]
         );
+    }
+
+    #[test]
+    fn the_docker_provider_is_enabled_by_its_flag_and_names_a_bad_host() {
+        let args = AdapterArgs::try_parse_from([
+            "provider-adapter",
+            "--docker-provider-enabled",
+            "true",
+            "--docker-host",
+            "tcp://127.0.0.1:2375",
+        ])
+        .expect("parses");
+        let err = crate::registry(&args).expect_err("refused");
+        assert!(err.to_string().contains("DOCKER_HOST"), "{err}");
+        let args = AdapterArgs::try_parse_from(["provider-adapter"]).expect("parses");
+        assert_eq!(args.docker.docker_host, "unix:///var/run/docker.sock");
+        assert!(!args.docker.docker_provider_enabled);
     }
 }

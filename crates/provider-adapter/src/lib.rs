@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::v1::provider_server::ProviderServer;
+use flotilla_provider::docker::{DockerConfig, DockerProvider};
 use flotilla_provider::fly::{FlyConfig, FlyProvider};
 use flotilla_provider::local::{LocalConfig, LocalProvider};
 use flotilla_provider::registry::{AnyProvider, Registry};
@@ -76,16 +77,25 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
             stop_grace_default: Duration::from_secs(10),
         })?));
     }
+    if args.docker.docker_provider_enabled {
+        let mut config = DockerConfig::new(args.control_plane_id.clone());
+        config.host = args.docker.docker_host.clone();
+        config.network = args.docker.docker_network.clone();
+        config.request_timeout = args.guard.request_timeout();
+        registry.insert(AnyProvider::Docker(DockerProvider::new(config)?));
+    }
     anyhow::ensure!(
         !registry.kinds().is_empty(),
         "no provider configured: set FLY_API_TOKEN and FLY_APP_NAME, SIM_API_BASE_URL, \
-         SCW_SECRET_KEY and SCW_PROJECT_ID, or LOCAL_PROVIDER_ENABLED=true"
+         SCW_SECRET_KEY and SCW_PROJECT_ID, LOCAL_PROVIDER_ENABLED=true or \
+         DOCKER_PROVIDER_ENABLED=true"
     );
     Ok(registry)
 }
 
 /// Checks that every configured account answers for what it names: for
-/// Fly (and the sim), that the app exists. A mistyped FLY_APP_NAME is then
+/// Fly (and the sim), that the app exists; for Docker, that the engine
+/// answers and DOCKER_NETWORK exists. A mistyped FLY_APP_NAME is then
 /// a clear error at start, not a fleet whose machines all look gone.
 pub async fn check_accounts(registry: &Registry) -> anyhow::Result<()> {
     for kind in registry.kinds() {
@@ -94,6 +104,12 @@ pub async fn check_accounts(registry: &Registry) -> anyhow::Result<()> {
         };
         if let AnyProvider::Fly(fly) = guarded.inner() {
             fly.check_app()
+                .await
+                .map_err(|e| anyhow::anyhow!("provider {kind} is not ready: {e}"))?;
+        }
+        if let AnyProvider::Docker(docker) = guarded.inner() {
+            docker
+                .check()
                 .await
                 .map_err(|e| anyhow::anyhow!("provider {kind} is not ready: {e}"))?;
         }

@@ -1,12 +1,14 @@
 //! Flotilla's provider layer: one honest, classified view of every cloud.
 //!
 //! [`MachineProvider`] is the one trait; `fly` (also used for the simulated
-//! cloud, which speaks the same API), `scaleway` and `local` implement it.
+//! cloud, which speaks the same API), `scaleway`, `local` and `docker`
+//! (containers of a Docker Engine) implement it.
 //! Every outcome is a [`ProviderError`] from the closed set in
 //! `flotilla-core`, decided here once from the HTTP status (never from error
 //! text alone), and a call whose answer means "did not happen" is an error,
 //! never a success.
 
+pub mod docker;
 pub mod fly;
 pub mod guard;
 pub mod http;
@@ -28,7 +30,7 @@ pub type ProviderResult<T> = Result<T, ProviderError>;
 /// operations Flotilla needs. Implementations are cheap to clone and safe to
 /// share between tasks.
 pub trait MachineProvider: Send + Sync + 'static {
-    /// "fly", "scaleway", "local" or "sim".
+    /// "fly", "scaleway", "local", "docker" or "sim".
     fn kind(&self) -> &'static str;
 
     /// Checks, without calling the provider, that machines of this shape

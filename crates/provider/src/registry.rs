@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::docker::DockerProvider;
 use crate::fly::FlyProvider;
 use crate::guard::{GuardConfig, Guarded, Limiter, limiter};
 use crate::local::LocalProvider;
@@ -23,6 +24,8 @@ pub enum AnyProvider {
     Scaleway(ScalewayProvider),
     /// Processes on this machine.
     Local(LocalProvider),
+    /// Containers of a Docker Engine.
+    Docker(DockerProvider),
 }
 
 macro_rules! dispatch {
@@ -31,6 +34,7 @@ macro_rules! dispatch {
             AnyProvider::Fly($p) => $call,
             AnyProvider::Scaleway($p) => $call,
             AnyProvider::Local($p) => $call,
+            AnyProvider::Docker($p) => $call,
         }
     };
 }
@@ -115,7 +119,7 @@ struct Entry {
     scopes: Mutex<HashMap<String, Arc<Guarded<AnyProvider>>>>,
 }
 
-/// Providers by kind ("fly", "scaleway", "local", "sim").
+/// Providers by kind ("fly", "scaleway", "local", "docker", "sim").
 pub struct Registry {
     entries: HashMap<String, Entry>,
     guard: GuardConfig,

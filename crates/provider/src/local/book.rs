@@ -196,7 +196,6 @@ impl Book {
     }
 }
 
-
 /// Reads a bookkeeping file; a missing one is an empty book. An unreadable
 /// one stops the adapter rather than forgetting the processes it lists.
 pub(super) fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> ProviderResult<Option<T>> {

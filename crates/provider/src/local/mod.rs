@@ -626,9 +626,11 @@ impl MachineProvider for LocalProvider {
     }
 }
 
-
 /// One page of ids (already sorted), starting after the token.
-pub(super) fn page_of(ids: impl Iterator<Item = String>, page: &PageRequest) -> (Vec<String>, Option<String>) {
+pub(super) fn page_of(
+    ids: impl Iterator<Item = String>,
+    page: &PageRequest,
+) -> (Vec<String>, Option<String>) {
     let size = match page.size {
         0 => DEFAULT_PAGE_SIZE,
         n => usize::try_from(n)
