@@ -422,8 +422,7 @@ mod tests {
             serde_json::from_str(r#"{"listing": {"stale": {"lag_ms": 500}}}"#).unwrap();
         assert_eq!(parsed.listing, Listing::Stale { lag_ms: 500 });
         assert!(
-            serde_json::from_str::<Faults>(r#"{"listing": {"partial": {"hidden": 0.5}}}"#)
-                .is_err(),
+            serde_json::from_str::<Faults>(r#"{"listing": {"partial": {"hidden": 0.5}}}"#).is_err(),
             "a misspelled field of a lie is refused"
         );
         assert!(serde_json::from_str::<Faults>(r#"{"listing": "lying"}"#).is_err());

@@ -1051,7 +1051,11 @@ async fn listings_lie_under_the_listing_fault_while_get_stays_truthful() {
         hidden_fraction: 0.5,
     });
     let shown = listed().await;
-    assert_eq!(shown, [ids[0].clone(), ids[2].clone()], "half, evenly spread");
+    assert_eq!(
+        shown,
+        [ids[0].clone(), ids[2].clone()],
+        "half, evenly spread"
+    );
     assert_eq!(listed().await, shown, "the same ones on every call");
     all_get().await;
 

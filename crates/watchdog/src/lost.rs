@@ -138,7 +138,12 @@ impl Watchdog {
             report.held_pools.push(pool.to_owned());
             status.already_done += missing.len() as u64;
             if self.tuning.watchdog_dry_run {
-                tracing::warn!(pool, missing = missing.len(), live, "dry run: storm guard would hold lost verdicts");
+                tracing::warn!(
+                    pool,
+                    missing = missing.len(),
+                    live,
+                    "dry run: storm guard would hold lost verdicts"
+                );
                 return Ok(());
             }
             let began = watchdog_set_lost_hold(conn, pool, true).await?;
@@ -168,7 +173,12 @@ impl Watchdog {
         }
         gauge.set(0.0);
         if !self.tuning.watchdog_dry_run && watchdog_set_lost_hold(conn, pool, false).await? {
-            tracing::warn!(pool, missing = missing.len(), live, "storm guard of lost verdicts released");
+            tracing::warn!(
+                pool,
+                missing = missing.len(),
+                live,
+                "storm guard of lost verdicts released"
+            );
         }
         for k in missing {
             let id = InstanceId(k.id);
@@ -247,7 +257,8 @@ impl Watchdog {
         if row.provider_machine_id.as_deref() != Some(machine_id) || row.state != k.state {
             return Ok(false); // moved on since the snapshot
         }
-        self.declare(conn, &row, InstanceState::Lost, reason).await?;
+        self.declare(conn, &row, InstanceState::Lost, reason)
+            .await?;
         Ok(true)
     }
 }

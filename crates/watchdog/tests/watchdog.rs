@@ -398,7 +398,11 @@ async fn nothing_replaced(env: &Env, ids: &[InstanceId]) {
         "no replacement was asked for"
     );
     assert_eq!(
-        count(env, "SELECT count(*) FROM action_logs WHERE to_state = 'lost'").await,
+        count(
+            env,
+            "SELECT count(*) FROM action_logs WHERE to_state = 'lost'"
+        )
+        .await,
         0
     );
 }
@@ -559,7 +563,10 @@ async fn a_stale_listing_replaces_nothing() {
         if listed == old.len() {
             break;
         }
-        assert!(Instant::now() < deadline, "the stale listing never caught up");
+        assert!(
+            Instant::now() < deadline,
+            "the stale listing never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let young = ready(&env, 2).await;
@@ -572,7 +579,10 @@ async fn a_stale_listing_replaces_nothing() {
     missing.sort_by_key(|i| i.0);
     let mut expected = young.clone();
     expected.sort_by_key(|i| i.0);
-    assert_eq!(missing, expected, "the listing is behind the young machines");
+    assert_eq!(
+        missing, expected,
+        "the listing is behind the young machines"
+    );
     for _ in 0..2 {
         let (_, report) = w.orphans_once().await;
         assert!(report.lost_instances.is_empty());
@@ -1036,7 +1046,14 @@ async fn a_machine_created_and_recorded_while_the_listing_runs_is_not_an_orphan(
         "owned by the time the database is read: {report:?}"
     );
     assert_eq!(
-        env.stack.sim.sim().machine(&m.id).unwrap().machine.state.to_string(),
+        env.stack
+            .sim
+            .sim()
+            .machine(&m.id)
+            .unwrap()
+            .machine
+            .state
+            .to_string(),
         "started"
     );
 }
