@@ -903,6 +903,7 @@ impl Sim {
         app: &str,
         filter: &MachineFilter,
     ) -> Result<Vec<Machine>, ApiError> {
+        let listing = self.current_faults().listing;
         let world = self.world();
         let app_state = world.apps.get(app).ok_or(ApiError::app_not_found())?;
         let mut records: Vec<&MachineRecord> = app_state
@@ -912,7 +913,14 @@ impl Sim {
             .filter(|rec| filter.matches(&rec.machine))
             .collect();
         records.sort_by_key(|rec| rec.seq);
-        Ok(records.into_iter().map(|rec| rec.machine.clone()).collect())
+        // The listing fault lies here only; `get_machine` reads the world.
+        let now = Utc::now();
+        Ok(records
+            .into_iter()
+            .enumerate()
+            .filter(|(i, rec)| !listing.hides(*i, rec.machine.created_at, now))
+            .map(|(_, rec)| rec.machine.clone())
+            .collect())
     }
 
     /// Returns the state the machine was started from.

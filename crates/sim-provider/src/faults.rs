@@ -92,6 +92,61 @@ impl ErrorRates {
     }
 }
 
+/// What a machine listing (`GET /v1/apps/{app}/machines`) answers. Only
+/// listings lie: `GET` of one machine stays truthful, so a client that
+/// looks a missing machine up directly learns the truth. The lies are the
+/// ones a real control plane meets: a proxy or gateway answering `[]` on
+/// a hiccup, a page that went missing, a listing index that lags behind
+/// creates (Fly documents no consistency guarantee between the list and
+/// get endpoints of the Machines API; OpenAPI `Machines_list` and
+/// `Machines_show` describe each alone).
+///
+/// In JSON: `"normal"`, `"empty"`, `{"partial": {"hidden_fraction": 0.5}}`,
+/// `{"stale": {"lag_ms": 60000}}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Listing {
+    /// The truth.
+    #[default]
+    Normal,
+    /// `[]`, whatever exists.
+    Empty,
+    /// Hides this share (0.0..=1.0) of the machines that match, spread
+    /// evenly over creation order: the same machines on every call while
+    /// the set does not change.
+    Partial { hidden_fraction: f64 },
+    /// A listing lagging behind creates: hides machines created in the
+    /// last `lag_ms` milliseconds.
+    Stale { lag_ms: u64 },
+}
+
+impl Listing {
+    /// Whether the machine at `position` (0-based, creation order) of `count`
+    /// listed machines, created at `created_at`, is left out.
+    pub(crate) fn hides(
+        &self,
+        position: usize,
+        created_at: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        match *self {
+            Listing::Normal => false,
+            Listing::Empty => true,
+            // Position i is hidden when the running count of hidden ones,
+            // floor(i * f), steps up at i + 1: exactly floor(n * f) of n
+            // machines, evenly spread.
+            Listing::Partial { hidden_fraction } => {
+                let f = hidden_fraction.clamp(0.0, 1.0);
+                ((position + 1) as f64 * f).floor() > (position as f64 * f).floor()
+            }
+            Listing::Stale { lag_ms } => {
+                let lag = chrono::Duration::milliseconds(i64::try_from(lag_ms).unwrap_or(i64::MAX));
+                now.signed_duration_since(created_at) < lag
+            }
+        }
+    }
+}
+
 /// Everything the sim can be told to do wrong, and how long state changes
 /// take. Unknown fields are refused so a typo does not silently disable a
 /// fault.
@@ -141,6 +196,9 @@ pub struct Faults {
     pub transient_state_rate: f64,
     /// How long such a transient state lasts.
     pub transient_state_ms: u64,
+    /// What machine listings answer (see [`Listing`]); `GET` of a machine
+    /// is never affected.
+    pub listing: Listing,
 }
 
 impl Default for Faults {
@@ -164,6 +222,7 @@ impl Default for Faults {
             rate_limits: true,
             transient_state_rate: 0.0,
             transient_state_ms: 100,
+            listing: Listing::Normal,
         }
     }
 }
@@ -214,6 +273,9 @@ impl Faults {
         ];
         for (name, rate) in singles {
             check_rate(name, rate)?;
+        }
+        if let Listing::Partial { hidden_fraction } = self.listing {
+            check_rate("listing.partial.hidden_fraction", hidden_fraction)?;
         }
         let tables = std::iter::once(("error_rate_all", &self.error_rate_all))
             .chain(self.error_rate.iter().map(|(op, r)| (op.as_str(), r)));
@@ -342,6 +404,52 @@ mod tests {
             .insert(Operation::Get, ErrorRates::default());
         assert_eq!(faults.roll_error(Operation::Get), None);
         assert_eq!(faults.roll_error(Operation::List), Some(Injected::Internal));
+    }
+
+    #[test]
+    fn listing_lies_parse_from_json_and_a_bad_one_is_refused() {
+        let parsed: Faults =
+            serde_json::from_str(r#"{"listing": {"partial": {"hidden_fraction": 0.25}}}"#).unwrap();
+        assert_eq!(
+            parsed.listing,
+            Listing::Partial {
+                hidden_fraction: 0.25
+            }
+        );
+        let parsed: Faults = serde_json::from_str(r#"{"listing": "empty"}"#).unwrap();
+        assert_eq!(parsed.listing, Listing::Empty);
+        let parsed: Faults =
+            serde_json::from_str(r#"{"listing": {"stale": {"lag_ms": 500}}}"#).unwrap();
+        assert_eq!(parsed.listing, Listing::Stale { lag_ms: 500 });
+        assert!(
+            serde_json::from_str::<Faults>(r#"{"listing": {"partial": {"hidden": 0.5}}}"#).is_err(),
+            "a misspelled field of a lie is refused"
+        );
+        assert!(serde_json::from_str::<Faults>(r#"{"listing": "lying"}"#).is_err());
+        let out_of_range = Faults {
+            listing: Listing::Partial {
+                hidden_fraction: 1.5,
+            },
+            ..Faults::default()
+        };
+        let err = out_of_range.validate().unwrap_err();
+        assert!(err.0.contains("listing.partial.hidden_fraction"), "{err}");
+    }
+
+    #[test]
+    fn a_partial_listing_hides_its_share_evenly_and_a_stale_one_hides_the_young() {
+        let now = chrono::Utc::now();
+        let hidden = |l: Listing, n: usize| (0..n).filter(|i| l.hides(*i, now, now)).count();
+        let partial = |f| Listing::Partial { hidden_fraction: f };
+        assert_eq!(hidden(partial(0.5), 4), 2);
+        assert_eq!(hidden(partial(0.4), 5), 2);
+        assert_eq!(hidden(partial(0.0), 7), 0);
+        assert_eq!(hidden(partial(1.0), 7), 7);
+        assert_eq!(hidden(Listing::Empty, 3), 3);
+        assert_eq!(hidden(Listing::Normal, 3), 0);
+        let stale = Listing::Stale { lag_ms: 1_000 };
+        assert!(stale.hides(0, now - chrono::Duration::milliseconds(999), now));
+        assert!(!stale.hides(0, now - chrono::Duration::milliseconds(1_000), now));
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use cloud::{
     DEFAULT_APP, MachineTruth, RecordedRequest, Sim, SimConfig, VolumeTruth, WorkerProbe,
 };
 pub use error::ApiError;
-pub use faults::{ErrorRates, Faults, InvalidFaults, Operation};
+pub use faults::{ErrorRates, Faults, InvalidFaults, Listing, Operation};
 pub use model::{Machine, MachineState, Volume, VolumeState};
 pub use server::{SimHandle, router, serve, start};
 pub use stats::Stats;

@@ -1012,3 +1012,65 @@ async fn instant_faults_drop_the_delays_but_keep_every_refusal() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// The `listing` fault: listings lie, `GET` of each machine stays true.
+/// Fly documents the list and get endpoints separately (OpenAPI
+/// `Machines_list`, `Machines_show`) with no promise that one reflects the
+/// other at once; a client must survive a listing that is empty, short or
+/// behind.
+#[tokio::test]
+async fn listings_lie_under_the_listing_fault_while_get_stays_truthful() {
+    use flotilla_sim_provider::Listing;
+    let fly = Fly::start(fast_faults()).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(fly.create_machine().await.id);
+    }
+    let listed = || async {
+        let machines: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
+        machines.into_iter().map(|m| m.id).collect::<Vec<String>>()
+    };
+    let lie = |listing: Listing| {
+        fly.sim
+            .sim()
+            .update_faults(|f| f.listing = listing)
+            .unwrap()
+    };
+    let all_get = || async {
+        for id in &ids {
+            assert_eq!(fly.get(&format!("/machines/{id}")).await.status(), 200);
+        }
+    };
+    assert_eq!(listed().await, ids);
+
+    lie(Listing::Empty);
+    assert!(listed().await.is_empty());
+    all_get().await;
+
+    lie(Listing::Partial {
+        hidden_fraction: 0.5,
+    });
+    let shown = listed().await;
+    assert_eq!(
+        shown,
+        [ids[0].clone(), ids[2].clone()],
+        "half, evenly spread"
+    );
+    assert_eq!(listed().await, shown, "the same ones on every call");
+    all_get().await;
+
+    // A listing 300 ms behind: the machines above show once they are old
+    // enough, one created now does not.
+    lie(Listing::Stale { lag_ms: 300 });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while listed().await != ids {
+        assert!(Instant::now() < deadline, "the old machines never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let young = fly.create_machine().await.id;
+    assert_eq!(listed().await, ids, "the young machine is not listed yet");
+    assert_eq!(fly.get(&format!("/machines/{young}")).await.status(), 200);
+
+    lie(Listing::Normal);
+    assert_eq!(listed().await.len(), 5);
+}

@@ -1,6 +1,7 @@
 //! What the watchdog reads and writes: silent workers, workers without the
 //! agent whose health checks fail, suspicion, storm holds, and the
-//! database's side of the orphan scan.
+//! database's side of the orphan scan (live machines, the suspicion of a
+//! machine a listing did not show, the hold of a pool's lost verdicts).
 //!
 //! A `ready` instance is *agentless* when its worker never heartbeated
 //! (`last_heartbeat IS NULL`) and its pool has a health check URL: it
@@ -236,6 +237,21 @@ pub async fn watchdog_known(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec
     .await?)
 }
 
+/// An instance that should have a machine running at the provider now.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LiveMachine {
+    pub id: Uuid,
+    pub pool: String,
+    #[sqlx(try_from = "String")]
+    pub state: InstanceState,
+    pub provider_machine_id: String,
+    pub version: i64,
+    /// Seconds since the row was created, by the database's clock.
+    pub age_seconds: f64,
+    /// Since when listings have not shown its machine.
+    pub missing_since: Option<DateTime<Utc>>,
+}
+
 /// Instances of a provider/region that should have a machine running there
 /// now, recorded before `before` (so a listing taken afterwards must show it).
 pub async fn watchdog_live_with_machine(
@@ -243,20 +259,84 @@ pub async fn watchdog_live_with_machine(
     provider: &str,
     region: &str,
     before: DateTime<Utc>,
-) -> Result<Vec<Known>> {
+) -> Result<Vec<LiveMachine>> {
     Ok(sqlx::query_as(
-        "SELECT i.id, i.state, i.provider_machine_id, i.state_entered_at, i.lease_until, i.version
+        "SELECT i.id, i.pool, i.state, i.provider_machine_id, i.version,
+                extract(epoch FROM now() - i.created_at)::float8 AS age_seconds,
+                i.missing_since
          FROM instances i JOIN pools p ON p.name = i.pool
          WHERE p.provider = $1 AND p.region = $2
            AND i.provider_machine_id IS NOT NULL
            AND i.state IN ('booting', 'installing', 'starting', 'ready', 'draining')
-           AND i.updated_at < $3",
+           AND i.updated_at < $3
+         ORDER BY i.pool, i.id",
     )
     .bind(provider)
     .bind(region)
     .bind(before)
     .fetch_all(conn)
     .await?)
+}
+
+/// Records that a listing did not show these instances' machines (keeps
+/// the first time), and clears it for `shown`, whose machines it did show.
+pub async fn watchdog_mark_missing(
+    conn: &mut PgConnection,
+    missing: &[Uuid],
+    shown: &[Uuid],
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE instances SET missing_since = CASE WHEN id = ANY($1)
+                 THEN COALESCE(missing_since, now()) ELSE NULL END
+         WHERE id = ANY($1) OR (id = ANY($2) AND missing_since IS NOT NULL)",
+    )
+    .bind(missing)
+    .bind(shown)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets or clears the hold of a pool's lost verdicts; returns whether it
+/// changed.
+pub async fn watchdog_set_lost_hold(
+    conn: &mut PgConnection,
+    pool: &str,
+    hold: bool,
+) -> Result<bool> {
+    let sql = if hold {
+        "UPDATE pools SET lost_hold_since = now() WHERE name = $1 AND lost_hold_since IS NULL"
+    } else {
+        "UPDATE pools SET lost_hold_since = NULL WHERE name = $1 AND lost_hold_since IS NOT NULL"
+    };
+    Ok(sqlx::query(sql)
+        .bind(pool)
+        .execute(conn)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Writes an audit row that is not a transition (from and to are the
+/// current state) for each of these instances: a decision not to act, with
+/// its reason, in the instance's history.
+pub async fn watchdog_log_held(
+    conn: &mut PgConnection,
+    ctx: &crate::WriteCtx,
+    ids: &[Uuid],
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id, reason)
+         SELECT id, state, state, $2, $3, $4 FROM instances WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Volumes the database tracks for instances, by provider volume id.

@@ -237,6 +237,21 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "Share of a pool's ready instances currently suspected silent.",
     ),
     (
+        Kind::Counter,
+        "flotilla_watchdog_empty_listings_total",
+        "Machine listings that were empty while the database held live machines (ignored), by provider and region.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_watchdog_listing_suspects_total",
+        "Live instances whose machine a listing did not show, by outcome (gone, present, too_young, held, error).",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_watchdog_lost_storm_hold",
+        "1 while lost verdicts of a pool are held because too much of it is missing from a listing at once.",
+    ),
+    (
         Kind::Histogram,
         "flotilla_watchdog_detection_seconds",
         "Time from a worker's last heartbeat to the watchdog declaring it dead.",

@@ -65,13 +65,19 @@ pub struct WatchdogTuning {
     /// Replace and terminate dead workers (false: only mark them).
     #[arg(long, env = "WORKER_DEAD_RECOVERY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub worker_dead_recovery_enabled: bool,
-    /// Share of a pool's ready workers that may be suspect at once before
-    /// remediation is held (a network blip must not replace the fleet).
+    /// Share of a pool's ready workers that may be suspect at once (or of
+    /// its live machines missing from one listing) before remediation is
+    /// held (a network blip or a lying listing must not replace the fleet).
     #[arg(long, env = "WATCHDOG_STORM_FRACTION", default_value_t = 0.5)]
     pub watchdog_storm_fraction: f64,
     /// Pools smaller than this are never held by the storm guard.
     #[arg(long, env = "WATCHDOG_STORM_MIN_INSTANCES", default_value_t = 4)]
     pub watchdog_storm_min_instances: i64,
+    /// Age in seconds an instance row must reach before its machine, missing
+    /// from a listing and answering 404 to a direct look, makes it `lost`
+    /// (a listing may lag behind creates).
+    #[arg(long, env = "WATCHDOG_LOST_MIN_AGE_SECONDS", default_value_t = 30)]
+    pub watchdog_lost_min_age_seconds: u64,
     /// Seconds between orphan scans (paginated provider listings).
     #[arg(long, env = "ORPHAN_SCAN_INTERVAL_SECONDS", default_value_t = 60)]
     pub orphan_scan_interval_seconds: u64,
@@ -136,6 +142,9 @@ impl WatchdogTuning {
     }
     pub fn orphan_grace(&self) -> Duration {
         Duration::from_secs(self.orphan_grace_seconds)
+    }
+    pub fn lost_min_age(&self) -> Duration {
+        Duration::from_secs(self.watchdog_lost_min_age_seconds)
     }
     pub fn orphan_interval(&self) -> Duration {
         Duration::from_secs(self.orphan_scan_interval_seconds.max(1))

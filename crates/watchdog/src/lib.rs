@@ -1,5 +1,6 @@
 //! The `watchdog` service: notices what went wrong when nobody said so —
-//! workers that stopped heartbeating, machines that vanished, machines and
+//! workers that stopped heartbeating, machines that vanished (confirmed
+//! by a direct look, never by one listing), machines and
 //! volumes at the provider that the database does not own.
 //!
 //! Design notes: every loop claims its rows with `SKIP LOCKED` leases, so
@@ -9,6 +10,7 @@
 
 pub mod config;
 pub mod dead;
+pub mod lost;
 pub mod orphans;
 pub mod stuck;
 

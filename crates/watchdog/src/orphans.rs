@@ -6,19 +6,21 @@
 //! terminated, or records with another machine, is an orphan once older
 //! than `ORPHAN_GRACE_SECONDS` (younger ones may be mid-provisioning) and
 //! is deleted; one whose instance is still provisioning without a machine
-//! id is adopted. Database → provider: an instance that should have a
-//! running machine, recorded before the listing started, whose machine the
-//! listing does not show, is `lost` and replaced. Volumes likewise. In dry
-//! run the scan only reports.
+//! id is adopted. The database side of this direction is read after the
+//! listing, so a machine created and recorded while the listing ran is
+//! owned, not an orphan. Database → provider: an instance that should have
+//! a running machine, recorded before the listing started, whose machine
+//! the listing does not show, is a suspect; [`crate::lost`] decides whether
+//! it is `lost`. Volumes likewise. In dry run the scan only reports.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use flotilla_core::{Classify, InstanceId, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::StoreError;
-use flotilla_store::instance::{instance_get, instance_record_machine};
+use flotilla_store::instance::instance_record_machine;
 use flotilla_store::watchdog::{
     watchdog_known, watchdog_known_volumes, watchdog_live_with_machine,
 };
@@ -36,7 +38,14 @@ pub struct OrphanReport {
     pub orphan_machine_types: Vec<String>,
     pub deleted_machines: Vec<String>,
     pub adopted_machines: Vec<String>,
+    /// Instances declared `lost` (in dry run: that would be).
     pub lost_instances: Vec<InstanceId>,
+    /// Live instances whose machine the listing did not show (suspects).
+    pub missing_instances: Vec<InstanceId>,
+    /// Pools whose lost verdicts the storm guard held.
+    pub held_pools: Vec<String>,
+    /// Listings that were empty while the database held live machines.
+    pub empty_listings: u64,
     pub orphan_volumes: Vec<String>,
     pub deleted_volumes: Vec<String>,
     pub volume_delete_failures: u64,
@@ -139,8 +148,8 @@ impl Watchdog {
     ) -> Result<(), ScanError> {
         let started = Utc::now();
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
-        // Read the database side first: anything recorded before the
-        // listing starts must show in it.
+        // Read the live side first: anything recorded before the listing
+        // starts must show in it. The owned side is read after it.
         let live = watchdog_live_with_machine(
             &mut conn,
             &target.provider,
@@ -227,41 +236,9 @@ impl Watchdog {
                 Err(e) => status.error(e.class(), &m.id, e),
             }
         }
-        // Database → provider: machines that vanished.
-        let present: HashSet<&str> = machines.iter().map(|m| m.id.as_str()).collect();
-        for k in live {
-            let Some(machine_id) = &k.provider_machine_id else {
-                continue;
-            };
-            if present.contains(machine_id.as_str()) {
-                continue;
-            }
-            let id = InstanceId(k.id);
-            report.lost_instances.push(id);
-            if self.tuning.watchdog_dry_run {
-                tracing::warn!(instance_id = %id, machine_id, "dry run: would mark lost");
-                continue;
-            }
-            let Some(row) = instance_get(&mut conn, id).await? else {
-                continue;
-            };
-            if row.provider_machine_id.as_deref() != Some(machine_id) || row.state != k.state {
-                continue; // moved on since the snapshot
-            }
-            match self
-                .declare(
-                    &mut conn,
-                    &row,
-                    InstanceState::Lost,
-                    "machine absent from the provider's listing",
-                )
-                .await
-            {
-                Ok(()) => status.acted += 1,
-                Err(e) => status.error(e.class(), id, e),
-            }
-        }
-        Ok(())
+        // Database → provider: machines that may have vanished.
+        self.scan_lost(&mut conn, target, live, &machines, report, status)
+            .await
     }
 
     async fn scan_volumes(

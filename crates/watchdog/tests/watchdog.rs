@@ -337,29 +337,319 @@ async fn orphans_are_deleted_after_the_grace_age_and_only_reported_in_dry_run() 
     assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_whose_machine_vanished_becomes_lost_and_is_replaced() {
-    let env = env(instant()).await;
-    let ids = ready(&env, 1).await;
-    let row = get(&env, ids[0]).await;
+/// Moves the rows' clocks back by `secs`: `created_at` (the lost
+/// verdict's minimum age) when `created`, and always `updated_at` (rows
+/// recorded before a listing started are expected in it).
+async fn age_rows(env: &Env, ids: &[InstanceId], secs: f64, created: bool) {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    sqlx::query(
+        "UPDATE instances SET updated_at = updated_at - make_interval(secs => $2),
+             created_at = CASE WHEN $3 THEN created_at - make_interval(secs => $2)
+                               ELSE created_at END
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(secs)
+    .bind(created)
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+}
+
+async fn count(env: &Env, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Deletes an instance's machine behind Flotilla's back.
+async fn destroy_behind_our_back(env: &Env, id: InstanceId) -> String {
+    let machine_id = get(env, id).await.provider_machine_id.unwrap();
     env.stack
         .client
         .clone()
         .delete_machine(v1::DeleteMachineRequest {
             target: target(),
-            machine_id: row.provider_machine_id.clone().unwrap(),
+            machine_id: machine_id.clone(),
             force: true,
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    machine_id
+}
+
+fn set_listing(env: &Env, listing: flotilla_sim_provider::Listing) {
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.listing = listing)
+        .unwrap();
+}
+
+/// Nothing was declared gone or replaced, every row is still `ready`.
+async fn nothing_replaced(env: &Env, ids: &[InstanceId]) {
+    for id in ids {
+        assert_eq!(get(env, *id).await.state, InstanceState::Ready, "{id}");
+    }
+    assert_eq!(
+        count(env, "SELECT count(*) FROM instances").await,
+        ids.len() as i64,
+        "no replacement was asked for"
+    );
+    assert_eq!(
+        count(
+            env,
+            "SELECT count(*) FROM action_logs WHERE to_state = 'lost'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_deleted_behind_our_back_is_lost_after_the_min_age_once_a_get_confirms() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 4).await;
+    // Recorded long before the listing, but created just now.
+    age_rows(&env, &ids, 3600.0, false).await;
+    let machine_id = destroy_behind_our_back(&env, ids[0]).await;
     let w = watchdog(&env, "w1", &[]);
     let (_, report) = w.orphans_once().await;
+    assert_eq!(report.missing_instances, [ids[0]], "a suspect");
+    assert!(
+        report.lost_instances.is_empty(),
+        "younger than WATCHDOG_LOST_MIN_AGE_SECONDS (30 s by default)"
+    );
+    assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
+    assert!(
+        sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT extract(epoch FROM missing_since)::float8 FROM instances WHERE id = $1"
+        )
+        .bind(ids[0].0)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap()
+        .is_some(),
+        "the suspicion is recorded"
+    );
+
+    age_rows(&env, &ids, 3600.0, true).await;
+    env.stack.sim.sim().set_recording(true);
+    let (_, report) = w.orphans_once().await;
     assert_eq!(report.lost_instances, [ids[0]]);
+    let gets: Vec<_> = env
+        .stack
+        .sim
+        .sim()
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(&format!("/machines/{machine_id}")))
+        .collect();
+    assert!(
+        gets.iter().any(|r| r.status == 404),
+        "a direct look at the machine confirmed it gone: {gets:?}"
+    );
     let lost = get(&env, ids[0]).await;
     assert_eq!(lost.state, InstanceState::Lost);
     assert_eq!(lost.desired_state, DesiredState::Terminated);
     assert_eq!(replacements_of(&env, ids[0]).await, 1);
+    for id in &ids[1..] {
+        assert_eq!(get(&env, *id).await.state, InstanceState::Ready);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_listing_is_counted_and_changes_nothing() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 5).await;
+    age_rows(&env, &ids, 3600.0, true).await;
+    set_listing(&env, flotilla_sim_provider::Listing::Empty);
+    // The storm guard out of the way: the empty listing alone must hold.
+    let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "1.0"]);
+    for pass in 0..3 {
+        let (_, report) = w.orphans_once().await;
+        assert_eq!(report.empty_listings, 1, "pass {pass}");
+        assert!(report.missing_instances.is_empty(), "no suspicion at all");
+        assert!(report.lost_instances.is_empty());
+    }
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM instances WHERE missing_since IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    nothing_replaced(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_listing_replaces_nothing_because_a_direct_look_finds_the_machines() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 5).await;
+    age_rows(&env, &ids, 3600.0, true).await;
+    set_listing(
+        &env,
+        flotilla_sim_provider::Listing::Partial {
+            hidden_fraction: 0.4,
+        },
+    );
+    // Neither the minimum age nor the storm guard protects them here.
+    let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "1.0"]);
+    for _ in 0..3 {
+        let (_, report) = w.orphans_once().await;
+        assert_eq!(report.missing_instances.len(), 2, "two of five hidden");
+        assert!(report.lost_instances.is_empty());
+        assert!(report.held_pools.is_empty());
+    }
+    nothing_replaced(&env, &ids).await;
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM instances WHERE missing_since IS NOT NULL"
+        )
+        .await,
+        2,
+        "suspected, not judged"
+    );
+    // The listing tells the truth again: the suspicion clears.
+    set_listing(&env, flotilla_sim_provider::Listing::Normal);
+    let (_, report) = w.orphans_once().await;
+    assert!(report.missing_instances.is_empty());
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM instances WHERE missing_since IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_listing_replaces_nothing() {
+    let env = env(instant()).await;
+    let lag = Duration::from_secs(4);
+    set_listing(
+        &env,
+        flotilla_sim_provider::Listing::Stale {
+            lag_ms: lag.as_millis() as u64,
+        },
+    );
+    let old = ready(&env, 3).await;
+    // Names free for the second batch.
+    sqlx::query("UPDATE instances SET name = name || '-old'")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    // Until the listing has caught up with the first machines.
+    let deadline = Instant::now() + lag + Duration::from_secs(10);
+    loop {
+        let listed = env
+            .stack
+            .client
+            .clone()
+            .list_machines(v1::ListMachinesRequest {
+                target: target(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .machines
+            .len();
+        if listed == old.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale listing never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let young = ready(&env, 2).await;
+    let all: Vec<InstanceId> = old.iter().chain(&young).copied().collect();
+    // Rows old by the database's clock: only the direct look protects.
+    age_rows(&env, &all, 3600.0, true).await;
+    let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "1.0"]);
+    let (_, report) = w.orphans_once().await;
+    let mut missing = report.missing_instances.clone();
+    missing.sort_by_key(|i| i.0);
+    let mut expected = young.clone();
+    expected.sort_by_key(|i| i.0);
+    assert_eq!(
+        missing, expected,
+        "the listing is behind the young machines"
+    );
+    for _ in 0..2 {
+        let (_, report) = w.orphans_once().await;
+        assert!(report.lost_instances.is_empty());
+    }
+    nothing_replaced(&env, &all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_machines_mostly_vanish_at_once_is_held_by_the_storm_guard() {
+    let env = env(instant()).await;
+    let ids = ready(&env, 6).await;
+    age_rows(&env, &ids, 3600.0, true).await;
+    for id in &ids[..4] {
+        destroy_behind_our_back(&env, *id).await;
+    }
+    let w = watchdog(&env, "w1", &[]);
+    for _ in 0..2 {
+        let (_, report) = w.orphans_once().await;
+        assert_eq!(report.held_pools, ["gpu"]);
+        assert_eq!(report.missing_instances.len(), 4);
+        assert!(report.lost_instances.is_empty(), "4 of 6 at once: held");
+    }
+    nothing_replaced(&env, &ids).await;
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM pools WHERE name = 'gpu' AND lost_hold_since IS NOT NULL"
+        )
+        .await,
+        1,
+        "the hold is visible on the pool"
+    );
+    let audit: Vec<(uuid::Uuid, String, String, String)> = sqlx::query_as(
+        "SELECT instance_id, from_state, to_state, reason FROM action_logs
+         WHERE reason LIKE 'storm guard:%' ORDER BY instance_id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    let mut held: Vec<uuid::Uuid> = ids[..4].iter().map(|i| i.0).collect();
+    held.sort();
+    assert_eq!(
+        audit.iter().map(|a| a.0).collect::<Vec<_>>(),
+        held,
+        "one audit row per held instance, not one per pass"
+    );
+    assert!(
+        audit.iter().all(|a| a.1 == "ready" && a.2 == "ready"),
+        "not a transition"
+    );
+    // An operator raises the threshold: the hold releases, the verdicts
+    // (each confirmed by a direct look) go through.
+    let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "0.7"]);
+    let (_, report) = w.orphans_once().await;
+    assert!(report.held_pools.is_empty());
+    assert_eq!(report.lost_instances.len(), 4);
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM pools WHERE name = 'gpu' AND lost_hold_since IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    for id in &ids[..4] {
+        assert_eq!(get(&env, *id).await.state, InstanceState::Lost);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,9 +835,11 @@ async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_
 /// restarting, updating, replacing, replaced, migrated, …; Machines API
 /// docs, "Machine states") the sim never enters by itself, and a real API
 /// may add more. Everything else passes through unchanged, so the adapter's
-/// own parsing of the state is what is tested.
+/// own parsing of the state is what is tested. A hook can run once between
+/// the sim answering a machine listing and the caller receiving it.
 struct StateProxy {
     states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    on_list: ListHook,
     client: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
     stop: flotilla_telemetry::CancellationToken,
 }
@@ -570,7 +862,17 @@ impl StateProxy {
     fn clear(&self, machine_id: &str) {
         self.states.lock().unwrap().remove(machine_id);
     }
+
+    /// Runs `hook` once, after the next machine listing was answered by
+    /// the sim and before its answer is passed on.
+    fn after_next_listing(&self, hook: impl std::future::Future<Output = ()> + Send + 'static) {
+        *self.on_list.lock().unwrap() = Some(Box::pin(hook));
+    }
 }
+
+type ListHook = std::sync::Arc<
+    std::sync::Mutex<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
+>;
 
 async fn state_proxy(env: &Env) -> StateProxy {
     use axum::body::{Body, to_bytes};
@@ -582,6 +884,7 @@ async fn state_proxy(env: &Env) -> StateProxy {
         upstream: String,
         http: reqwest::Client,
         states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+        on_list: ListHook,
     }
     async fn forward(State(p): State<Proxy>, req: Request) -> Response {
         let (parts, body) = req.into_parts();
@@ -603,6 +906,12 @@ async fn state_proxy(env: &Env) -> StateProxy {
         let content_type = got.headers().get(axum::http::header::CONTENT_TYPE).cloned();
         let mut bytes = got.bytes().await.unwrap_or_default().to_vec();
         let id = parts.uri.path().rsplit('/').next().unwrap_or_default();
+        if parts.method == axum::http::Method::GET && parts.uri.path().ends_with("/machines") {
+            let hook = p.on_list.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook.await;
+            }
+        }
         let forced = p.states.lock().unwrap().get(id).cloned();
         if parts.method == axum::http::Method::GET
             && status.is_success()
@@ -620,7 +929,9 @@ async fn state_proxy(env: &Env) -> StateProxy {
     }
 
     let states = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let on_list: ListHook = Default::default();
     let proxy = Proxy {
+        on_list: on_list.clone(),
         upstream: env.stack.sim.url().to_owned(),
         http: flotilla_provider::http::client_builder(Duration::from_secs(10))
             .build()
@@ -671,9 +982,80 @@ async fn state_proxy(env: &Env) -> StateProxy {
             .unwrap();
     StateProxy {
         states,
+        on_list,
         client,
         stop,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_created_and_recorded_while_the_listing_runs_is_not_an_orphan() {
+    let env = env(instant()).await;
+    let proxy = state_proxy(&env).await;
+    // A tagged machine whose instance the database does not have yet: the
+    // scheduler created it and records it while the scan's listing runs.
+    let id = InstanceId::new();
+    let m = machine(&env, id).await;
+    let db = env.db.pool.clone();
+    let machine_id = m.id.clone();
+    proxy.after_next_listing(async move {
+        let mut conn = db.acquire().await.unwrap();
+        let ctx = WriteCtx::new("scheduler");
+        let r = instance_insert_requested(
+            &mut conn,
+            &ctx,
+            &[NewInstance {
+                id,
+                pool: "gpu".into(),
+                name: "w-late".into(),
+                provider: "sim".into(),
+                labels: BTreeMap::new(),
+                idempotency_key: None,
+                worker_token_hash: None,
+            }],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+        let r = instance_transition(
+            &mut conn,
+            &ctx,
+            &Transition {
+                id,
+                from: r.state,
+                to: InstanceState::Provisioning,
+                expected_version: r.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+        flotilla_store::instance::instance_record_machine(&mut conn, id, r.version, &machine_id)
+            .await
+            .unwrap();
+    });
+    let mut w = watchdog(&env, "w1", &[]);
+    // Any age is old enough: only the order of the reads protects it.
+    w.tuning.orphan_grace_seconds = 0;
+    w.provider = proxy.client.clone();
+    let (_, report) = w.orphans_once().await;
+    assert!(proxy.on_list.lock().unwrap().is_none(), "the hook ran");
+    assert!(
+        report.orphan_machines.is_empty() && report.deleted_machines.is_empty(),
+        "owned by the time the database is read: {report:?}"
+    );
+    assert_eq!(
+        env.stack
+            .sim
+            .sim()
+            .machine(&m.id)
+            .unwrap()
+            .machine
+            .state
+            .to_string(),
+        "started"
+    );
 }
 
 /// Seconds since the instance became suspect, by the database's clock.
