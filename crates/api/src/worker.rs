@@ -264,9 +264,19 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::HeartbeatResponse {
             cordoned: view.cordoned,
             heartbeat_interval_ms: self.state.limits.heartbeat_interval_ms,
-            shutdown: view.desired_state == DesiredState::Terminated,
+            shutdown: told_to_exit(&view),
         }))
     }
+}
+
+/// Whether a heartbeat answer tells the worker to exit. Not while a
+/// terminating instance is `ready` or `draining`: the drain ends on an idle
+/// heartbeat written after the cordon, and a worker that exited on being
+/// told to would never send it, holding the drain to its deadline. From
+/// `stopping` on (and for an instance that never was ready) it may go.
+fn told_to_exit(view: &flotilla_store::worker::WorkerView) -> bool {
+    view.desired_state == DesiredState::Terminated
+        && !matches!(view.state, InstanceState::Ready | InstanceState::Draining)
 }
 
 #[cfg(test)]

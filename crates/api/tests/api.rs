@@ -1473,6 +1473,48 @@ async fn a_heartbeat_older_than_the_last_written_changes_nothing_until_the_agent
 }
 
 #[tokio::test]
+async fn a_terminating_worker_is_told_to_exit_only_after_its_drain() {
+    let api = start().await;
+    let (a, _) = two_booting_workers(&api).await;
+    let worker = api.worker.clone();
+    let id: uuid::Uuid = a.parse().expect("uuid");
+    let answer_in = |state: &'static str| {
+        let pool = api.db.pool.clone();
+        let mut worker = worker.clone();
+        let a = a.clone();
+        async move {
+            sqlx::query(
+                "UPDATE instances SET state = $2, cordoned = true, desired_state = 'terminated' \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .expect("set state");
+            worker
+                .heartbeat(with_token(beat(&a), "token-a"))
+                .await
+                .expect("beat")
+                .into_inner()
+        }
+    };
+    // Told to exit while ready or draining, the worker would never send the
+    // idle heartbeat after the cordon that ends its drain.
+    for state in ["ready", "draining"] {
+        let answer = answer_in(state).await;
+        assert!(answer.cordoned, "{state}: not told it is cordoned");
+        assert!(
+            !answer.shutdown,
+            "{state}: told to exit before its drain ended"
+        );
+    }
+    for state in ["stopping", "booting"] {
+        assert!(answer_in(state).await.shutdown, "{state}: not told to exit");
+    }
+}
+
+#[tokio::test]
 async fn a_batch_over_1000_instances_is_queued_as_commands_of_at_most_1000_ids() {
     let api = start_with(Limits {
         max_provision_count: 2500,
