@@ -15,7 +15,9 @@ pub const PROVIDERS: &[&str] = &["fly", "scaleway", "local", "sim", "docker"];
 /// Largest desired capacity of one pool (the schema's CHECK agrees).
 pub const MAX_DESIRED_CAPACITY: u32 = 10_000;
 /// Largest per-instance data volume (the schema's CHECK agrees).
-pub const MAX_VOLUME_GB: u32 = 500;
+/// The largest volume any provider takes (Scaleway Block Storage, 10 TB);
+/// the adapter's CheckSpec refuses what a pool's provider does not (Fly: 500).
+pub const MAX_VOLUME_GB: u32 = 10_000;
 /// Longest phase deadline a pool may set: a week.
 pub const MAX_TIMEOUT_SECONDS: u32 = 7 * 24 * 3600;
 pub const MAX_LABELS: usize = 32;
@@ -299,7 +301,7 @@ mod tests {
             ("pool.instance_type", |p| p.instance_type.clear()),
             ("pool.region", |p| p.region = "a b".into()),
             ("pool.desired_capacity", |p| p.desired_capacity = 10_001),
-            ("pool.volume_size_gb", |p| p.volume_size_gb = 501),
+            ("pool.volume_size_gb", |p| p.volume_size_gb = 10_001),
             ("pool.timeouts.booting_seconds", |p| {
                 p.timeouts = Some(v1::PoolTimeouts {
                     booting_seconds: MAX_TIMEOUT_SECONDS + 1,

@@ -1515,6 +1515,28 @@ async fn a_terminating_worker_is_told_to_exit_only_after_its_drain() {
 }
 
 #[tokio::test]
+async fn a_pool_may_ask_for_block_volumes_of_up_to_10_tb() {
+    let api = start().await;
+    let pool = api
+        .fleet
+        .clone()
+        .create_pool(authed(v1::CreatePoolRequest {
+            pool: Some(v1::Pool {
+                name: "big-disks".into(),
+                provider: "scaleway".into(),
+                instance_type: "GP1-XS".into(),
+                region: "fr-par-1".into(),
+                volume_size_gb: 10_000,
+                ..Default::default()
+            }),
+        }))
+        .await
+        .expect("a 10 TB Block Storage volume is a valid pool")
+        .into_inner();
+    assert_eq!(pool.volume_size_gb, 10_000);
+}
+
+#[tokio::test]
 async fn a_batch_over_1000_instances_is_queued_as_commands_of_at_most_1000_ids() {
     let api = start_with(Limits {
         max_provision_count: 2500,

@@ -325,7 +325,11 @@ impl Provider for ProviderService {
             validate::size_gb(r.volume_size_gb).map_err(|_| {
                 invalid_field(
                     "volume_size_gb",
-                    format!("{} is outside 1..=500", r.volume_size_gb),
+                    format!(
+                        "{} is outside 1..={}",
+                        r.volume_size_gb,
+                        validate::MAX_VOLUME_GB
+                    ),
                 )
             })?;
         }

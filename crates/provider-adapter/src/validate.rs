@@ -172,13 +172,17 @@ pub fn volume_ids(ids: &[String]) -> Result<(), Status> {
     Ok(())
 }
 
+/// The largest volume any provider takes: Scaleway Block Storage's 10 TB.
+/// Each provider refuses what is above its own limit (Fly: 500 GB).
+pub const MAX_VOLUME_GB: u32 = 10_000;
+
 pub fn size_gb(size: u32) -> Result<u32, Status> {
-    if (1..=500).contains(&size) {
+    if (1..=MAX_VOLUME_GB).contains(&size) {
         Ok(size)
     } else {
         Err(invalid_field(
             "size_gb",
-            format!("{size} is outside 1..=500"),
+            format!("{size} is outside 1..={MAX_VOLUME_GB}"),
         ))
     }
 }

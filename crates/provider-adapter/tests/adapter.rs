@@ -266,7 +266,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_reaches_no_provider(
         "{}",
         err.message()
     );
-    for size in [0, 501, u32::MAX] {
+    for size in [0, 10_001, u32::MAX] {
         let err = s
             .client
             .create_volume(v1::CreateVolumeRequest {
@@ -343,7 +343,7 @@ async fn check_spec_answers_ok_or_names_the_field_and_calls_no_provider() {
     cases.push(("instance_type", spec("", "img")));
     cases.push(("image", spec("shared-cpu-1x", "")));
     let mut r = spec("shared-cpu-1x", "img");
-    r.volume_size_gb = 501;
+    r.volume_size_gb = 10_001;
     cases.push(("volume_size_gb", r));
     for (field, req) in cases {
         let err = s.client.check_spec(req).await.unwrap_err();

@@ -179,7 +179,7 @@ pub struct VolumeSpec {
     pub instance_id: InstanceId,
     pub pool: String,
     pub region: String,
-    /// GB, 1-500.
+    /// GB, 1-10000; each provider refuses above its own limit (Fly: 500).
     pub size_gb: u32,
 }
 
