@@ -1342,7 +1342,9 @@ async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the
         ..instant()
     })
     .await;
-    let s = scheduler(&env, "s1", None, pause_tuning("2", "1"));
+    // A cool-off long enough that a busy machine still reads the count of
+    // the first fill before the first probe may go through.
+    let s = scheduler(&env, "s1", None, pause_tuning("2", "4"));
     let mut conn = env.db.pool.acquire().await.unwrap();
     pool_set_desired_capacity(&mut conn, "gpu", 2, None)
         .await
