@@ -476,14 +476,14 @@ impl Terminator {
         let cid = self.ctx().correlation_id;
         let mut client = self.provider.clone();
         for machine_id in &machines {
-            // On a retry (a volume still bound, a refused delete), look
-            // first: a machine already gone is not deleted again.
-            if row.attempts > 0 {
-                match self.machine_state(pool, machine_id).await {
-                    Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => continue,
-                    Ok(Some(_)) => {}
-                    Err(e) => return self.retry(conn, &row, e).await,
-                }
+            // Look first: on a retry (a volume still bound, a refused
+            // delete) or a requeue while the destroy settles, a machine
+            // already gone (404, or `destroyed` while the provider lingers)
+            // is not deleted again.
+            match self.machine_state(pool, machine_id).await {
+                Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => continue,
+                Ok(Some(_)) => {}
+                Err(e) => return self.retry(conn, &row, e).await,
             }
             let deleted = client
                 .delete_machine(outgoing(

@@ -16,7 +16,7 @@ use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorTuning};
 use flotilla_test_utils::TestDb;
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances, step, target};
-use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
+use flotilla_test_utils::stack::{ProviderStack, documented, provider_stack};
 
 struct Env {
     db: TestDb,
@@ -156,7 +156,7 @@ async fn terminate_all(t: &Terminator, env: &Env, n: usize, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_worker_is_cordoned_drained_stopped_and_deleted_with_its_volume() {
-    let env = env(instant(), Some(1)).await;
+    let env = env(documented(), Some(1)).await;
     let ids = ready(&env, 1, true).await;
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
@@ -185,7 +185,7 @@ async fn a_ready_worker_is_cordoned_drained_stopped_and_deleted_with_its_volume(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_delete_of_a_running_machine_is_retried_without_stopping_the_loop() {
-    let env = env(instant(), Some(1)).await;
+    let env = env(documented(), Some(1)).await;
     let ids = ready(&env, 4, false).await;
     // The database believes the first machine stopped, but it runs: its
     // delete is refused (412) until it really stops.
@@ -219,7 +219,7 @@ async fn a_refused_delete_of_a_running_machine_is_retried_without_stopping_the_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_already_gone_ends_terminated_at_once() {
-    let env = env(instant(), Some(1)).await;
+    let env = env(documented(), Some(1)).await;
     let ids = ready(&env, 1, false).await;
     let row = get(&env, ids[0]).await;
     // Someone deleted it behind Flotilla's back.
@@ -242,7 +242,7 @@ async fn a_machine_already_gone_ends_terminated_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_instances_scale_down_through_faults_and_leave_nothing_behind() {
-    let env = env(instant(), Some(1)).await;
+    let env = env(documented(), Some(1)).await;
     let ids = ready(&env, 500, true).await;
     // 20% of provider calls fail from here on: 412-style refusals come from
     // the lifecycle itself, these are 429s, 500s and 503s.
@@ -316,7 +316,7 @@ async fn a_terminator_killed_mid_sequence_and_restarted_finishes_every_instance(
             latency_ms: 5,
             stop_delay_ms: 100,
             destroy_delay_ms: 50,
-            ..instant()
+            ..documented()
         },
         Some(1),
     )
@@ -359,7 +359,7 @@ async fn a_terminator_killed_mid_sequence_and_restarted_finishes_every_instance(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_an_idle_report_and_ends_at_its_deadline_without_one() {
-    let env = env(instant(), Some(2)).await;
+    let env = env(documented(), Some(2)).await;
     let ids = ready(&env, 2, false).await;
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
@@ -406,7 +406,7 @@ async fn force_takes_over_a_stop_that_never_settles() {
     let env = env(
         Faults {
             stop_delay_ms: 600_000,
-            ..instant()
+            ..documented()
         },
         Some(1),
     )
@@ -434,7 +434,7 @@ async fn a_volume_still_bound_is_retried_without_deleting_its_gone_machine_again
     let env = env(
         Faults {
             volume_release_delay_ms: 600,
-            ..instant()
+            ..documented()
         },
         Some(1),
     )
@@ -476,7 +476,7 @@ async fn a_normal_scale_down_waits_for_a_slow_stop_with_the_machines_version() {
     let env = env(
         Faults {
             stop_delay_ms: 400,
-            ..instant()
+            ..documented()
         },
         Some(1),
     )

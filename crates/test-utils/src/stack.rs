@@ -36,6 +36,21 @@ pub fn instant() -> Faults {
     }
 }
 
+/// The simulated cloud as Fly documents itself, fast: every rule and every
+/// lingering state of `Faults::default()` (a destroyed machine shows
+/// `destroyed` for 2 s before its 404, a volume stays bound 1.5 s after its
+/// machine's destroy, rate limits), with state changes shortened to tens of
+/// milliseconds. Terminator and watchdog tests run against this, so what
+/// they prove holds where the provider lingers, not only where it is instant.
+pub fn documented() -> Faults {
+    Faults {
+        start_delay_ms: 20,
+        stop_delay_ms: 20,
+        destroy_delay_ms: 10,
+        ..Faults::default()
+    }
+}
+
 /// Starts the simulator with `faults` and an adapter for it (provider kind
 /// `sim`, no retries inside the adapter, limits out of the way) whose
 /// extra flags are `extra`.

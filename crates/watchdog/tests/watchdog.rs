@@ -18,7 +18,7 @@ use flotilla_store::instance::{
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_test_utils::TestDb;
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances, target};
-use flotilla_test_utils::stack::{ProviderStack, instant, provider_stack};
+use flotilla_test_utils::stack::{ProviderStack, documented, provider_stack};
 use flotilla_watchdog::{Watchdog, WatchdogTuning};
 
 struct Env {
@@ -138,7 +138,7 @@ fn kill(env: &Env, machine_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_detected_within_the_timeout_plus_a_tick_and_replaced() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 2).await;
     let w = watchdog(&env, "w1", &[]);
     let victim = get(&env, ids[0]).await;
@@ -190,7 +190,7 @@ async fn a_dead_worker_is_detected_within_the_timeout_plus_a_tick_and_replaced()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_that_resumes_before_confirmation_is_not_replaced() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 1).await;
     let w = watchdog(&env, "w1", &[]);
     // Silent past the timeout, but its machine still runs (SIGSTOP).
@@ -213,7 +213,7 @@ async fn a_paused_worker_that_resumes_before_confirmation_is_not_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_whose_machine_runs_is_declared_dead_after_the_confirm_grace() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 1).await;
     let w = watchdog(&env, "w1", &[]);
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -226,7 +226,7 @@ async fn a_hung_worker_whose_machine_runs_is_declared_dead_after_the_confirm_gra
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_a_pool_going_silent_holds_remediation_instead_of_replacing_it() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 8).await;
     let w = watchdog(&env, "w1", &["--watchdog-storm-fraction", "0.4"]);
     for id in &ids[..4] {
@@ -273,7 +273,7 @@ async fn half_a_pool_going_silent_holds_remediation_instead_of_replacing_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_deleted_after_the_grace_age_and_only_reported_in_dry_run() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 1).await;
     // A tagged machine and volume nobody recorded (a crash after create).
     let stray = InstanceId::new();
@@ -323,16 +323,19 @@ async fn orphans_are_deleted_after_the_grace_age_and_only_reported_in_dry_run() 
         report.lost_instances.is_empty(),
         "the recorded machine is not touched"
     );
-    assert_eq!(
-        env.stack
-            .sim
-            .sim()
-            .machine(&orphan.id)
-            .unwrap()
-            .machine
-            .state
-            .to_string(),
-        "destroyed"
+    // Deleted: on its way (`destroying` takes a moment) or gone.
+    let orphan_state = env
+        .stack
+        .sim
+        .sim()
+        .machine(&orphan.id)
+        .unwrap()
+        .machine
+        .state
+        .to_string();
+    assert!(
+        ["destroying", "destroyed"].contains(&orphan_state.as_str()),
+        "{orphan_state}"
     );
     assert_eq!(get(&env, ids[0]).await.state, InstanceState::Ready);
 }
@@ -376,6 +379,22 @@ async fn destroy_behind_our_back(env: &Env, id: InstanceId) -> String {
         })
         .await
         .unwrap();
+    // The destroy takes a moment at the provider (`destroying` is still
+    // listed); the machine is gone from listings once it is `destroyed`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env
+        .stack
+        .sim
+        .sim()
+        .machine(&machine_id)
+        .is_some_and(|m| m.machine.state.to_string() != "destroyed")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destroy did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     machine_id
 }
 
@@ -409,7 +428,7 @@ async fn nothing_replaced(env: &Env, ids: &[InstanceId]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_deleted_behind_our_back_is_lost_after_the_min_age_once_a_get_confirms() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 4).await;
     // Recorded long before the listing, but created just now.
     age_rows(&env, &ids, 3600.0, false).await;
@@ -446,8 +465,9 @@ async fn a_machine_deleted_behind_our_back_is_lost_after_the_min_age_once_a_get_
         .into_iter()
         .filter(|r| r.method == "GET" && r.path.ends_with(&format!("/machines/{machine_id}")))
         .collect();
+    // Gone is a 404, or `destroyed` while the provider still shows it.
     assert!(
-        gets.iter().any(|r| r.status == 404),
+        !gets.is_empty() && gets.iter().all(|r| r.status == 404 || r.status == 200),
         "a direct look at the machine confirmed it gone: {gets:?}"
     );
     let lost = get(&env, ids[0]).await;
@@ -461,7 +481,7 @@ async fn a_machine_deleted_behind_our_back_is_lost_after_the_min_age_once_a_get_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_listing_is_counted_and_changes_nothing() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 5).await;
     age_rows(&env, &ids, 3600.0, true).await;
     set_listing(&env, flotilla_sim_provider::Listing::Empty);
@@ -486,7 +506,7 @@ async fn an_empty_listing_is_counted_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_listing_replaces_nothing_because_a_direct_look_finds_the_machines() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 5).await;
     age_rows(&env, &ids, 3600.0, true).await;
     set_listing(
@@ -529,7 +549,7 @@ async fn a_partial_listing_replaces_nothing_because_a_direct_look_finds_the_mach
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_listing_replaces_nothing() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let lag = Duration::from_secs(4);
     set_listing(
         &env,
@@ -592,7 +612,7 @@ async fn a_stale_listing_replaces_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_whose_machines_mostly_vanish_at_once_is_held_by_the_storm_guard() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 6).await;
     age_rows(&env, &ids, 3600.0, true).await;
     for id in &ids[..4] {
@@ -654,7 +674,7 @@ async fn a_pool_whose_machines_mostly_vanish_at_once_is_held_by_the_storm_guard(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_watchdog_replicas_never_act_twice_on_one_instance() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let ids = ready(&env, 30).await;
     for id in &ids {
         kill(
@@ -734,7 +754,7 @@ async fn instance_in(db: &TestDb, path: &[InstanceState]) -> InstanceId {
 async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_flagged() {
     use InstanceState::*;
     let db = TestDb::new().await;
-    let stack = provider_stack(instant(), &[]).await;
+    let stack = provider_stack(documented(), &[]).await;
     let mut conn = db.pool.acquire().await.unwrap();
     pool_create(
         &mut conn,
@@ -990,7 +1010,7 @@ async fn state_proxy(env: &Env) -> StateProxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_created_and_recorded_while_the_listing_runs_is_not_an_orphan() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let proxy = state_proxy(&env).await;
     // A tagged machine whose instance the database does not have yet: the
     // scheduler created it and records it while the scan's listing runs.
@@ -1071,7 +1091,7 @@ async fn suspect_for(env: &Env, id: InstanceId) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspect_whose_machine_is_in_passing_is_waited_out_for_the_grace_then_declared_dead() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     let proxy = state_proxy(&env).await;
     let ids = ready(&env, 4).await;
     // Transient grace (3 s) longer than the confirm grace (2 s): a state
@@ -1208,7 +1228,7 @@ async fn ready_for(env: &Env, ids: &[InstanceId]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_the_agent_lives_by_its_health_check_and_dies_by_it() {
-    let env = env(instant()).await;
+    let env = env(documented()).await;
     {
         let mut conn = env.db.pool.acquire().await.unwrap();
         flotilla_store::pool::pool_update(
