@@ -1353,8 +1353,19 @@ async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the
         gpu(&env).await.paused_at.is_some()
     })
     .await;
-    // Both instances of the first fill were in flight when the pause tripped.
-    assert_eq!(machines_ever(&env), 2);
+    // The pause trips on the second failure. Which instances had a machine by
+    // then depends on how the ticks interleave: a replacement of the first
+    // failure may already hold one. At most failures + desired - 1.
+    let at_pause = machines_ever(&env);
+    assert!(
+        (2..=3).contains(&at_pause),
+        "{at_pause} machines at the pause"
+    );
+    assert_eq!(
+        pool_actions(&env).await,
+        ["paused"],
+        "no probe before the cool-off"
+    );
 
     // After the cool-off exactly one probe gets a machine; it fails, and the
     // pool stays paused with its cool-off started again.
@@ -1364,7 +1375,7 @@ async fn after_the_cool_off_one_probe_goes_through_and_a_ready_probe_resumes_the
             .contains(&"probe_failed".to_owned())
     })
     .await;
-    assert_eq!(machines_ever(&env), 3, "one probe, one machine");
+    assert_eq!(machines_ever(&env), at_pause + 1, "one probe, one machine");
     let pool = gpu(&env).await;
     assert!(pool.paused_at.is_some(), "a failed probe keeps the pause");
     assert!(pool.pause_probe_instance.is_none());
