@@ -130,6 +130,28 @@ impl TelemetryArgs {
     }
 }
 
+/// The gRPC health endpoint of a service that runs reconcile loops (the
+/// api and the provider-adapter answer health on their own port).
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// Address of the gRPC health endpoint (`grpc.health.v1`): SERVING
+    /// while every loop finishes activations, NOT_SERVING once one has
+    /// stalled or shutdown began; empty disables it.
+    #[arg(long, env = "GRPC_HEALTH_ADDR", default_value = "")]
+    pub grpc_health_addr: String,
+}
+
+impl HealthArgs {
+    /// The health address, or `None` when disabled.
+    pub fn socket(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
+        if self.grpc_health_addr.is_empty() {
+            Ok(None)
+        } else {
+            self.grpc_health_addr.parse().map(Some)
+        }
+    }
+}
+
 /// Shutdown behaviour shared by every service.
 #[derive(Debug, Clone, Args)]
 pub struct ShutdownArgs {

@@ -20,6 +20,12 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub const ALL: [ErrorClass; 3] = [
+        ErrorClass::Retryable,
+        ErrorClass::Permanent,
+        ErrorClass::AlreadyDone,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Retryable => "retryable",

@@ -8,8 +8,6 @@
 //! handles the silence. Deadlines are per pool (defaults from the
 //! environment) and evaluated in SQL, so the scan is one indexed query.
 
-use std::time::Duration;
-
 use flotilla_core::{Classify, DesiredState, InstanceState};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
@@ -156,11 +154,7 @@ impl Scheduler {
             tracing::warn!(instance_id = %row.id, failures, paused, "startup failed too often, or its pool is paused; terminating");
             return Ok(());
         };
-        let target = Some(v1::ProviderTarget {
-            provider: pool.provider.clone(),
-            pool: pool.name.clone(),
-            region: pool.region.clone(),
-        });
+        let target = pool.target();
         let cid = ctx.correlation_id.clone();
         let mut client = self.provider.clone();
         let restarted = async {
@@ -226,16 +220,16 @@ impl Scheduler {
             }
             Err(s) => {
                 let e = status_to_provider_error(&s);
-                let delay = self
-                    .tuning
-                    .retry()
-                    .delay((row.attempts + 1) as u32, rand::random())
-                    .max(e.retry_after().unwrap_or(Duration::ZERO));
-                let at = chrono::Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
                 let message = e.to_string();
                 let mut tx = conn.begin().await?;
-                instance_record_failure(&mut tx, row.id, row.version, &message, at, 3).await?;
+                instance_record_failure(
+                    &mut tx,
+                    &row,
+                    &message,
+                    &self.tuning.error_policy(),
+                    e.retry_after(),
+                )
+                .await?;
                 let outcome = pool_record_failure(
                     &mut tx,
                     ctx,

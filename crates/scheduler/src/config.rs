@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use flotilla_core::backoff::RetryPolicy;
-use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::backoff::{ErrorPolicy, RetryPolicy};
+use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
 use flotilla_store::instance::BootDeadlines;
 use flotilla_store::pool_pause::PausePolicy;
 
@@ -34,6 +34,8 @@ pub struct SchedulerArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -67,6 +69,11 @@ pub struct SchedulerTuning {
     /// Longest retry delay in milliseconds.
     #[arg(long, env = "PROVISION_RETRY_MAX_MS", default_value_t = 60_000)]
     pub provision_retry_max_ms: u64,
+    /// Failed attempts of a provisioning or restart step after which the
+    /// instance is flagged for an operator (it is still retried, up to
+    /// PROVISION_MAX_ATTEMPTS).
+    #[arg(long, env = "SCHEDULER_ALERT_AFTER_ATTEMPTS", default_value_t = 3)]
+    pub scheduler_alert_after_attempts: u32,
     /// Default seconds an instance may stay `booting` (pools may override).
     #[arg(long, env = "RECOVERY_BOOTING_TIMEOUT_SECONDS", default_value_t = 300)]
     pub recovery_booting_timeout_seconds: u64,
@@ -145,10 +152,15 @@ impl SchedulerTuning {
         Duration::from_secs(self.scheduler_lease_seconds.max(1))
     }
 
-    pub fn retry(&self) -> RetryPolicy {
-        RetryPolicy {
-            base: Duration::from_millis(self.provision_retry_base_ms.max(1)),
-            max: Duration::from_millis(self.provision_retry_max_ms.max(1)),
+    /// When a failed provisioning or restart step is tried again, and when
+    /// an operator is asked to look.
+    pub fn error_policy(&self) -> ErrorPolicy {
+        ErrorPolicy {
+            retry: RetryPolicy {
+                base: Duration::from_millis(self.provision_retry_base_ms.max(1)),
+                max: Duration::from_millis(self.provision_retry_max_ms.max(1)),
+            },
+            attention_after: self.scheduler_alert_after_attempts.max(1),
         }
     }
 

@@ -16,11 +16,12 @@ pub mod provision;
 
 use std::sync::Arc;
 
-use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_bus::Bus;
 use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_runtime::Loops;
+use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::loops::drive;
 pub use flotilla_telemetry::loops::replica_name;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -53,19 +54,72 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    /// Gives back the lease of a row whose step ended in an error. The
-    /// usual cause is a lost version race (the worker's own report moved
-    /// the instance first); keeping the lease until it expires would hide a
-    /// `ready` instance from the watchdog for the whole lease.
+    /// Gives back the lease of a row whose step ended in an error.
     pub(crate) async fn release_after_error(&self, id: flotilla_core::InstanceId) {
-        let released = match self.db.acquire().await {
-            Ok(mut conn) => flotilla_store::instance::instance_release(&mut conn, id, &self.owner)
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = released {
-            tracing::warn!(instance_id = %id, error = %e, "could not release a lease; it will expire");
+        flotilla_runtime::reconcile::release(&self.db, id, &self.owner).await
+    }
+
+    /// Registers every loop of this replica: provisioning (in lanes, all
+    /// woken by `CMD.provision`), boot supervision, health checks and
+    /// capacity (woken by `CMD.reconcile`, which the api sends when a
+    /// pool's desired capacity changes). Without a bus the loops run on
+    /// their ticks alone.
+    pub fn register(&self, loops: &mut Loops, bus: Option<Bus>) {
+        let tick = self.tuning.tick();
+        let wake = Arc::new(Notify::new());
+        // Every lane waits on the same wake-up: a command wakes one idle
+        // lane while the others are busy with their batches.
+        for _ in 0..self.tuning.scheduler_provision_lanes.max(1) {
+            let s = self.clone();
+            loops.add("scheduler_provision", tick, Some(wake.clone()), move || {
+                let s = s.clone();
+                async move { s.provision_once().await }
+            });
+        }
+        let s = self.clone();
+        loops.add("scheduler_boot", tick, None, move || {
+            let s = s.clone();
+            async move { s.boot_once().await }
+        });
+        let s = self.clone();
+        let checker = Arc::new(health::HealthChecker::new(
+            self.tuning.health_check_timeout(),
+            self.tuning.health_check_cache(),
+        ));
+        loops.add("scheduler_health", tick, None, move || {
+            let (s, c) = (s.clone(), checker.clone());
+            async move { s.health_once(&c).await }
+        });
+        let capacity_wake = Arc::new(Notify::new());
+        let s = self.clone();
+        loops.add(
+            "scheduler_capacity",
+            tick,
+            Some(capacity_wake.clone()),
+            move || {
+                let s = s.clone();
+                async move { s.capacity_once().await }
+            },
+        );
+        if let Some(bus) = bus {
+            // The command only says "look now": it wakes the loop early.
+            // It also remembers each instance's trace and correlation id,
+            // so the loop's work on it continues the caller's trace.
+            loops.spawn(flotilla_bus::consumer::wake_on_with(
+                bus.clone(),
+                "scheduler",
+                flotilla_bus::subjects::PROVISION,
+                wake,
+                loops.shutdown().clone(),
+                remember_origins,
+            ));
+            loops.spawn(flotilla_bus::consumer::wake_on(
+                bus,
+                "scheduler-capacity",
+                flotilla_bus::subjects::RECONCILE,
+                capacity_wake,
+                loops.shutdown().clone(),
+            ));
         }
     }
 
@@ -85,88 +139,10 @@ impl Scheduler {
         shutdown: CancellationToken,
         grace: std::time::Duration,
     ) {
-        let wake = Arc::new(Notify::new());
-        let tick = self.tuning.tick();
-        let mut tasks = tokio::task::JoinSet::new();
-        // Every lane waits on the same wake-up: a command wakes one idle
-        // lane while the others are busy with their batches.
-        for _ in 0..self.tuning.scheduler_provision_lanes.max(1) {
-            let s = self.clone();
-            let (w, sd) = (wake.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                drive("scheduler_provision", tick, w, sd, || s.provision_once()).await
-            });
-        }
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            tasks.spawn(async move {
-                drive("scheduler_boot", tick, Arc::new(Notify::new()), sd, || {
-                    s.boot_once()
-                })
-                .await
-            });
-        }
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let checker = Arc::new(health::HealthChecker::new(
-                self.tuning.health_check_timeout(),
-                self.tuning.health_check_cache(),
-            ));
-            tasks.spawn(async move {
-                drive(
-                    "scheduler_health",
-                    tick,
-                    Arc::new(Notify::new()),
-                    sd,
-                    || {
-                        let (s, c) = (s.clone(), checker.clone());
-                        async move { s.health_once(&c).await }
-                    },
-                )
-                .await
-            });
-        }
-        // Woken by `CMD.reconcile`, which the api sends when a pool's
-        // desired capacity changes.
-        let capacity_wake = Arc::new(Notify::new());
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let wake = capacity_wake.clone();
-            tasks.spawn(async move {
-                drive("scheduler_capacity", tick, wake, sd, || s.capacity_once()).await
-            });
-        }
-        if let Some(bus) = bus {
-            // The command only says "look now": it wakes the loop early.
-            // It also remembers each instance's trace and correlation id,
-            // so the loop's work on it continues the caller's trace.
-            tasks.spawn(flotilla_bus::consumer::wake_on_with(
-                bus.clone(),
-                "scheduler",
-                flotilla_bus::subjects::PROVISION,
-                wake.clone(),
-                shutdown.clone(),
-                remember_origins,
-            ));
-            tasks.spawn(flotilla_bus::consumer::wake_on(
-                bus,
-                "scheduler-capacity",
-                flotilla_bus::subjects::RECONCILE,
-                capacity_wake,
-                shutdown.clone(),
-            ));
-        }
-        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
-        if let Ok(mut conn) = self.db.acquire().await {
-            match flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await {
-                Ok(n) if n > 0 => tracing::info!(released = n, "leases released on shutdown"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not release leases; they will expire"),
-            }
-        }
+        let mut loops = Loops::new(shutdown);
+        self.register(&mut loops, bus);
+        loops.run(grace).await;
+        flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
     }
 }
 
@@ -210,34 +186,27 @@ fn remember_origins(d: &flotilla_bus::Delivery) {
 
 /// Runs the service as the binary does: telemetry already initialised.
 pub async fn run(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = flotilla_store::connect(&args.database).await?;
-    let bus = Bus::connect(&args.nats).await?;
-    bus.ensure_streams().await?;
-    if let Some(addr) = args.telemetry.metrics_socket()? {
-        flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
-    }
-    let channel = tonic::transport::Endpoint::from_shared(args.provider_adapter_url.clone())?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let rt = Runtime::start(
+        "scheduler",
+        Settings {
+            database: &args.database,
+            nats: &args.nats,
+            telemetry: &args.telemetry,
+            health: &args.health,
+            shutdown: &args.shutdown,
+        },
+        shutdown,
+    )
+    .await?;
     let scheduler = Scheduler {
-        db: db.clone(),
-        provider: ProviderClient::new(channel),
+        db: rt.db.clone(),
+        provider: provider_client(&args.provider_adapter_url)?,
         tuning: args.tuning.clone(),
         owner: replica_name("scheduler"),
         worker_api_url: args.worker_api_url.clone(),
         crash_after: None,
     };
-    tracing::info!(owner = %scheduler.owner, "scheduler starting");
-    // Relays the outbox rows this service writes (capacity changes); any
-    // number of relays may run, one publishes at a time.
-    let relay = OutboxRelay::new(db, bus.clone());
-    let relay_shutdown = shutdown.clone();
-    let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    let grace = args.shutdown.grace();
-    scheduler.run_with_grace(Some(bus), shutdown, grace).await;
-    // Unsent rows stay in the outbox for the next relay.
-    if tokio::time::timeout(grace, relay_task).await.is_err() {
-        tracing::warn!("outbox relay did not stop within the grace period");
-    }
-    Ok(())
+    let mut loops = rt.loops();
+    scheduler.register(&mut loops, Some(rt.bus.clone()));
+    rt.run(loops, &scheduler.owner).await
 }

@@ -18,17 +18,17 @@
 //! with desired state `terminated`, which hands the machine to the terminator.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceId, InstanceState, ProviderError};
+use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
+use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_store::instance::{
-    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_forget_machine, instance_get,
+    ClaimQuery, InstanceRow, Transition, instance_forget_machine, instance_get,
     instance_prepare_create, instance_record_failure, instance_record_machine, instance_release,
     instance_set_desired, instance_transition,
 };
-use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::pool::PoolRow;
 use flotilla_store::pool_pause::{
     Admission, FailureKind, instance_hold_for_pause, pool_admit, pool_record_failure,
 };
@@ -37,7 +37,6 @@ use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
 use flotilla_telemetry::propagation::current_trace_headers;
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use sqlx::{Acquire, PgConnection};
 
@@ -83,14 +82,6 @@ pub(crate) fn new_worker_token() -> (String, Vec<u8>) {
     (token, hash)
 }
 
-fn target(pool: &PoolRow) -> Option<v1::ProviderTarget> {
-    Some(v1::ProviderTarget {
-        provider: pool.provider.clone(),
-        pool: pool.name.clone(),
-        region: pool.region.clone(),
-    })
-}
-
 impl Scheduler {
     fn crash(&self, at: CrashPoint) -> Result<(), StepError> {
         if self.crash_after == Some(at) {
@@ -112,10 +103,8 @@ impl Scheduler {
     /// steps each; one instance's failure never stops the others.
     #[tracing::instrument(skip_all, name = "scheduler.provision")]
     pub async fn provision_once(&self) -> ActivationStatus {
-        let mut status = ActivationStatus::default();
-        let claimed = match instance_claim_due(
-            &self.db,
-            &ClaimQuery {
+        let batch = Batch {
+            claim: ClaimQuery {
                 states: &[InstanceState::Requested, InstanceState::Provisioning],
                 desired: None,
                 pool: None,
@@ -123,87 +112,20 @@ impl Scheduler {
                 lease: self.tuning.lease(),
                 limit: self.tuning.scheduler_batch,
             },
-        )
+            concurrency: self.tuning.provision_concurrency_per_lane(),
+            span: "scheduler.provision_instance",
+        };
+        reconcile(&self.db, batch, |row, pool| async move {
+            match self.provision_instance(row, &pool).await {
+                Ok(Stepped::Advanced) => Ok(Step::Advanced),
+                Ok(Stepped::Retrying(class, e)) => Ok(Step::Retrying(class, e)),
+                Ok(Stepped::Failed(e)) => Ok(Step::Failed(e)),
+                Ok(Stepped::Held(_)) => Ok(Step::Waiting),
+                Err(StepError::Crashed(_)) => Ok(Step::Abandoned),
+                Err(StepError::Store(e)) => Err(e),
+            }
+        })
         .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                status.error(e.class(), "claim", e);
-                return status;
-            }
-        };
-        status.found = claimed.len() as u64;
-        let claimed_n = claimed.len();
-        let pools = Arc::new(self.pools_of(&claimed, &mut status).await);
-        let results: Vec<(InstanceId, Result<Stepped, StepError>)> = futures::stream::iter(claimed)
-            .map(|row| {
-                let pools = pools.clone();
-                async move {
-                    let key = row.id;
-                    let id = row.id.to_string();
-                    let result = match pools.get(&row.pool) {
-                        // Continues the trace of the Provision call, when known.
-                        Some(pool) => {
-                            flotilla_telemetry::origin::within(
-                                "scheduler.provision_instance",
-                                &id,
-                                self.provision_instance(row, pool),
-                            )
-                            .await
-                        }
-                        None => Ok(Stepped::Retrying(
-                            ErrorClass::Permanent,
-                            format!("pool {} not found", row.pool),
-                        )),
-                    };
-                    (key, result)
-                }
-            })
-            .buffer_unordered(self.tuning.provision_concurrency_per_lane())
-            .collect()
-            .await;
-        for (id, r) in results {
-            match r {
-                Ok(Stepped::Advanced) => status.acted += 1,
-                Ok(Stepped::Retrying(class, e)) => status.error(class, id, e),
-                Ok(Stepped::Failed(e)) => {
-                    status.acted += 1;
-                    status.error(ErrorClass::Permanent, id, e);
-                }
-                Ok(Stepped::Held(_)) => status.already_done += 1,
-                Err(StepError::Crashed(_)) => {}
-                Err(StepError::Store(e)) => {
-                    self.release_after_error(id).await;
-                    status.error(e.class(), id, e)
-                }
-            }
-        }
-        status.more_if_full(claimed_n, self.tuning.scheduler_batch);
-        status
-    }
-
-    async fn pools_of(
-        &self,
-        rows: &[InstanceRow],
-        status: &mut ActivationStatus,
-    ) -> HashMap<String, PoolRow> {
-        let mut pools = HashMap::new();
-        let Ok(mut conn) = self.db.acquire().await else {
-            return pools;
-        };
-        for row in rows {
-            if pools.contains_key(&row.pool) {
-                continue;
-            }
-            match pool_get(&mut conn, &row.pool).await {
-                Ok(Some(p)) => {
-                    pools.insert(row.pool.clone(), p);
-                }
-                Ok(None) => {}
-                Err(e) => status.error(e.class(), &row.pool, e),
-            }
-        }
-        pools
     }
 
     /// Takes one claimed instance as far as it can go now.
@@ -420,7 +342,7 @@ impl Scheduler {
                     .clone()
                     .create_volume(outgoing(
                         v1::CreateVolumeRequest {
-                            target: target(pool),
+                            target: pool.target(),
                             instance_id: row.id.to_string(),
                             name: row.name.clone(),
                             size_gb: pool.volume_size_gb as u32,
@@ -454,7 +376,7 @@ impl Scheduler {
                 .clone()
                 .list_volumes(outgoing(
                     v1::ListVolumesRequest {
-                        target: target(pool),
+                        target: pool.target(),
                         page_size: 0,
                         page_token: page_token.clone(),
                     },
@@ -493,7 +415,7 @@ impl Scheduler {
             .clone()
             .list_machines(outgoing(
                 v1::ListMachinesRequest {
-                    target: target(pool),
+                    target: pool.target(),
                     page_size: 0,
                     page_token: String::new(),
                     instance_id: row.id.to_string(),
@@ -540,7 +462,7 @@ impl Scheduler {
         token: String,
     ) -> Result<bool, ProviderError> {
         let req = v1::PrepareMachineRequest {
-            target: target(pool),
+            target: pool.target(),
             machine_id: id.to_owned(),
             env: self.worker_env(row, token),
         };
@@ -563,7 +485,7 @@ impl Scheduler {
     ) -> Result<String, ProviderError> {
         let env = self.worker_env(row, token);
         let req = v1::CreateMachineRequest {
-            target: target(pool),
+            target: pool.target(),
             instance_id: row.id.to_string(),
             name: row.name.clone(),
             instance_type: pool.instance_type.clone(),
@@ -589,7 +511,7 @@ impl Scheduler {
     /// counts as started when the provider shows it so.
     async fn start_machine(&self, pool: &PoolRow, id: &str) -> Result<(), ProviderError> {
         let mref = v1::MachineRef {
-            target: target(pool),
+            target: pool.target(),
             machine_id: id.to_owned(),
         };
         let cid = self.ctx().correlation_id;
@@ -666,15 +588,16 @@ impl Scheduler {
             tracing::warn!(attempts, error = %message, "provisioning failed; handed to termination");
             return Ok(Stepped::Failed(message));
         }
-        let jitter: f64 = rand::random();
-        let mut delay = self.tuning.retry().delay(attempts as u32, jitter);
-        if let Some(after) = e.retry_after() {
-            delay = delay.max(after);
-        }
-        let retry_at = chrono::Utc::now()
-            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
-        instance_record_failure(conn, row.id, row.version, &message, retry_at, 3).await?;
-        tracing::info!(attempts, ?delay, error = %message, "provisioning step failed; will retry");
+        let updated = instance_record_failure(
+            conn,
+            &row,
+            &message,
+            &self.tuning.error_policy(),
+            e.retry_after(),
+        )
+        .await?;
+        tracing::info!(attempts, next_attempt_at = %updated.next_attempt_at, error = %message,
+            "provisioning step failed; will retry");
         metrics::counter!("flotilla_scheduler_retries_total", "class" => class.as_str())
             .increment(1);
         Ok(Stepped::Retrying(class, message))

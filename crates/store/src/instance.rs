@@ -322,7 +322,7 @@ pub async fn instance_list(conn: &mut PgConnection, f: &ListFilter) -> Result<Ve
 }
 
 /// What a loop wants to claim.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ClaimQuery<'a> {
     pub states: &'a [InstanceState],
     pub desired: Option<DesiredState>,
@@ -419,34 +419,38 @@ pub async fn instance_record_machine(
 }
 
 /// Records a failed attempt at the current step without changing state:
-/// the row stays where it is and a later tick retries at `retry_at`. The
-/// lease is given back. `attention_after` flags the row for an operator
-/// once that many attempts have failed (it is still retried).
+/// the row stays where it is and a later tick retries it when `policy`
+/// says. The lease is given back. The row needs an operator's attention
+/// once the policy says so (it is still retried).
 pub async fn instance_record_failure(
     conn: &mut PgConnection,
-    id: InstanceId,
-    expected_version: i64,
+    row: &InstanceRow,
     error: &str,
-    retry_at: DateTime<Utc>,
-    attention_after: i32,
+    policy: &flotilla_core::backoff::ErrorPolicy,
+    retry_after: Option<std::time::Duration>,
 ) -> Result<InstanceRow> {
+    let (id, version) = (row.id, row.version);
+    let attempts = row.attempts.max(0) as u32 + 1;
+    let next = policy.after_failure(attempts, retry_after, rand::random());
+    let retry_at = Utc::now()
+        + chrono::Duration::from_std(next.delay).unwrap_or(chrono::Duration::seconds(60));
     let row = sqlx::query_as(concat!(
         "UPDATE instances SET attempts = attempts + 1, last_error = $3, next_attempt_at = $4,
-             needs_attention = needs_attention OR attempts + 1 >= $5,
+             needs_attention = needs_attention OR $5,
              version = version + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
          WHERE id = $1 AND version = $2 RETURNING ",
         instance_columns!()
     ))
     .bind(id.0)
-    .bind(expected_version)
+    .bind(version)
     .bind(error)
     .bind(retry_at)
-    .bind(attention_after)
+    .bind(next.needs_attention)
     .fetch_optional(&mut *conn)
     .await?;
     match row {
         Some(r) => Ok(r),
-        None => Err(stale_or_missing(conn, id, expected_version).await),
+        None => Err(stale_or_missing(conn, id, version).await),
     }
 }
 

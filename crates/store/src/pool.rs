@@ -54,6 +54,15 @@ pub struct PoolRow {
 }
 
 impl PoolRow {
+    /// Where the pool's machines live, as provider calls name it.
+    pub fn target(&self) -> Option<v1::ProviderTarget> {
+        Some(v1::ProviderTarget {
+            provider: self.provider.clone(),
+            pool: self.name.clone(),
+            region: self.region.clone(),
+        })
+    }
+
     pub fn to_proto(&self) -> v1::Pool {
         let secs = |v: Option<i32>| v.map_or(0, |s| s.max(0) as u32);
         v1::Pool {

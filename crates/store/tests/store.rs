@@ -222,16 +222,9 @@ async fn a_stale_version_write_is_rejected_and_writes_nothing() {
         reason: None,
     };
     // Another writer moved the row on (here: recorded a failure).
-    instance_record_failure(
-        &mut conn,
-        row.id,
-        row.version,
-        "boom",
-        chrono::Utc::now(),
-        99,
-    )
-    .await
-    .unwrap();
+    instance_record_failure(&mut conn, &row, "boom", &policy(Duration::ZERO, 99), None)
+        .await
+        .unwrap();
     let err = instance_transition(&mut conn, &ctx, &step(row.version))
         .await
         .unwrap_err();
@@ -417,11 +410,10 @@ async fn claims_skip_rows_not_yet_due_and_take_over_expired_leases() {
     // One row failed and waits an hour for its retry.
     instance_record_failure(
         &mut conn,
-        rows[0].id,
-        rows[0].version,
+        &rows[0],
         "provider said 503",
-        chrono::Utc::now() + chrono::Duration::hours(1),
-        3,
+        &policy(Duration::from_secs(3600), 3),
+        Some(Duration::from_secs(3600)),
     )
     .await
     .unwrap();
@@ -463,11 +455,10 @@ async fn a_failure_keeps_the_state_counts_attempts_and_flags_after_the_threshold
     for attempt in 1..=3 {
         row = instance_record_failure(
             &mut conn,
-            row.id,
-            row.version,
+            &row,
             "412 machine still started",
-            chrono::Utc::now(),
-            3,
+            &policy(Duration::ZERO, 3),
+            None,
         )
         .await
         .unwrap();
@@ -612,4 +603,13 @@ async fn an_idempotency_key_keeps_its_first_answer() {
             .unwrap()
             .is_none()
     );
+}
+
+/// An error policy retrying after `base` (and at most that), flagging
+/// after `attention_after` failed attempts.
+fn policy(base: Duration, attention_after: u32) -> flotilla_core::backoff::ErrorPolicy {
+    flotilla_core::backoff::ErrorPolicy {
+        retry: flotilla_core::backoff::RetryPolicy { base, max: base },
+        attention_after,
+    }
 }

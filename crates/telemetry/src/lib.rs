@@ -13,6 +13,7 @@ pub mod loops;
 pub mod metrics;
 pub mod origin;
 pub mod propagation;
+pub mod service;
 pub mod shutdown;
 mod subscriber;
 

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use flotilla_core::backoff::RetryPolicy;
-use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::backoff::{ErrorPolicy, RetryPolicy};
+use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -28,6 +28,8 @@ pub struct TerminatorArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -69,7 +71,7 @@ pub struct TerminatorTuning {
     /// Failed attempts after which an instance is flagged for an operator
     /// (still retried).
     #[arg(long, env = "TERMINATE_ALERT_AFTER_ATTEMPTS", default_value_t = 10)]
-    pub terminate_alert_after_attempts: i32,
+    pub terminate_alert_after_attempts: u32,
 }
 
 impl TerminatorTuning {
@@ -85,10 +87,15 @@ impl TerminatorTuning {
         Duration::from_millis(self.terminator_poll_ms.max(10))
     }
 
-    pub fn retry(&self) -> RetryPolicy {
-        RetryPolicy {
-            base: Duration::from_millis(self.terminate_retry_base_ms.max(1)),
-            max: Duration::from_millis(self.terminate_retry_max_ms.max(1)),
+    /// When a failed termination step is tried again, and when an
+    /// operator is asked to look.
+    pub fn error_policy(&self) -> ErrorPolicy {
+        ErrorPolicy {
+            retry: RetryPolicy {
+                base: Duration::from_millis(self.terminate_retry_base_ms.max(1)),
+                max: Duration::from_millis(self.terminate_retry_max_ms.max(1)),
+            },
+            attention_after: self.terminate_alert_after_attempts.max(1),
         }
     }
 }

@@ -12,11 +12,13 @@ pub mod terminate;
 
 use std::sync::Arc;
 
-use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_bus::Bus;
 use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_runtime::Loops;
+use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::loops::{drive, replica_name};
+use flotilla_telemetry::loops::replica_name;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
@@ -44,6 +46,35 @@ impl std::fmt::Debug for Terminator {
 }
 
 impl Terminator {
+    /// Registers the take-down loop and, with a bus, the `CMD.terminate`
+    /// consumer that wakes it.
+    pub fn register(&self, loops: &mut Loops, bus: Option<Bus>) {
+        let wake = Arc::new(Notify::new());
+        let s = self.clone();
+        loops.add(
+            "terminator",
+            self.tuning.tick(),
+            Some(wake.clone()),
+            move || {
+                let s = s.clone();
+                async move { s.terminate_once().await }
+            },
+        );
+        if let Some(bus) = bus {
+            // The command only says "look now": it wakes the loop early.
+            // It also remembers each instance's trace and correlation id,
+            // so the loop's work on it continues the caller's trace.
+            loops.spawn(flotilla_bus::consumer::wake_on_with(
+                bus,
+                "terminator",
+                flotilla_bus::subjects::TERMINATE,
+                wake,
+                loops.shutdown().clone(),
+                remember_origins,
+            ));
+        }
+    }
+
     /// Runs the loop (and, with a bus, the `CMD.terminate` wake-up) until
     /// `shutdown`, then gives back the leases it still holds.
     pub async fn run(self, bus: Option<Bus>, shutdown: CancellationToken) {
@@ -60,33 +91,10 @@ impl Terminator {
         shutdown: CancellationToken,
         grace: std::time::Duration,
     ) {
-        let wake = Arc::new(Notify::new());
-        let mut tasks = tokio::task::JoinSet::new();
-        {
-            let s = self.clone();
-            let (w, sd) = (wake.clone(), shutdown.clone());
-            let tick = self.tuning.tick();
-            tasks.spawn(
-                async move { drive("terminator", tick, w, sd, || s.terminate_once()).await },
-            );
-        }
-        if let Some(bus) = bus {
-            // The command only says "look now": it wakes the loop early.
-            // It also remembers each instance's trace and correlation id,
-            // so the loop's work on it continues the caller's trace.
-            tasks.spawn(flotilla_bus::consumer::wake_on_with(
-                bus,
-                "terminator",
-                flotilla_bus::subjects::TERMINATE,
-                wake.clone(),
-                shutdown.clone(),
-                remember_origins,
-            ));
-        }
-        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
-        if let Ok(mut conn) = self.db.acquire().await {
-            let _ = flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await;
-        }
+        let mut loops = Loops::new(shutdown);
+        self.register(&mut loops, bus);
+        loops.run(grace).await;
+        flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
     }
 }
 
@@ -103,30 +111,25 @@ fn remember_origins(d: &flotilla_bus::Delivery) {
 
 /// Runs the service as the binary does: telemetry already initialised.
 pub async fn run(args: TerminatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = flotilla_store::connect(&args.database).await?;
-    let bus = Bus::connect(&args.nats).await?;
-    bus.ensure_streams().await?;
-    if let Some(addr) = args.telemetry.metrics_socket()? {
-        flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
-    }
-    let channel = tonic::transport::Endpoint::from_shared(args.provider_adapter_url.clone())?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let rt = Runtime::start(
+        "terminator",
+        Settings {
+            database: &args.database,
+            nats: &args.nats,
+            telemetry: &args.telemetry,
+            health: &args.health,
+            shutdown: &args.shutdown,
+        },
+        shutdown,
+    )
+    .await?;
     let terminator = Terminator {
-        db: db.clone(),
-        provider: ProviderClient::new(channel),
+        db: rt.db.clone(),
+        provider: provider_client(&args.provider_adapter_url)?,
         tuning: args.tuning.clone(),
         owner: replica_name("terminator"),
     };
-    tracing::info!(owner = %terminator.owner, "terminator starting");
-    let relay = OutboxRelay::new(db, bus.clone());
-    let relay_shutdown = shutdown.clone();
-    let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    let grace = args.shutdown.grace();
-    terminator.run_with_grace(Some(bus), shutdown, grace).await;
-    // Unsent rows stay in the outbox for the next relay.
-    if tokio::time::timeout(grace, relay_task).await.is_err() {
-        tracing::warn!("outbox relay did not stop within the grace period");
-    }
-    Ok(())
+    let mut loops = rt.loops();
+    terminator.register(&mut loops, Some(rt.bus.clone()));
+    rt.run(loops, &terminator.owner).await
 }

@@ -14,24 +14,22 @@
 //! `TERMINATE_ALERT_AFTER_ATTEMPTS` the row is flagged for an operator and
 //! still retried.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
+use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_store::instance::{
-    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_clear_attention,
-    instance_cordon, instance_record_failure, instance_release, instance_requeue,
-    instance_transition,
+    ClaimQuery, InstanceRow, Transition, instance_clear_attention, instance_cordon,
+    instance_record_failure, instance_release, instance_requeue, instance_transition,
 };
-use flotilla_store::pool::{PoolRow, pool_get};
+use flotilla_store::pool::PoolRow;
 use flotilla_store::volume::{volume_mark_deleted, volume_pending_delete, volume_record_failure};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
 use flotilla_telemetry::propagation::current_trace_headers;
-use futures::StreamExt;
 use sqlx::PgConnection;
 
 use crate::Terminator;
@@ -85,10 +83,8 @@ impl Terminator {
 
     #[tracing::instrument(skip_all, name = "terminator.terminate")]
     pub async fn terminate_once(&self) -> ActivationStatus {
-        let mut status = ActivationStatus::default();
-        let claimed = match instance_claim_due(
-            &self.db,
-            &ClaimQuery {
+        let batch = Batch {
+            claim: ClaimQuery {
                 states: TAKEN_DOWN,
                 desired: Some(DesiredState::Terminated),
                 pool: None,
@@ -96,59 +92,17 @@ impl Terminator {
                 lease: self.tuning.lease(),
                 limit: self.tuning.terminator_batch,
             },
-        )
-        .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                status.error(e.class(), "claim", e);
-                return status;
-            }
+            concurrency: self.tuning.terminator_provider_concurrency,
+            span: "terminator.take_down",
         };
-        status.found = claimed.len() as u64;
-        let claimed_n = claimed.len();
-        let mut pools: HashMap<String, Option<PoolRow>> = HashMap::new();
-        if let Ok(mut conn) = self.db.acquire().await {
-            for row in &claimed {
-                if !pools.contains_key(&row.pool) {
-                    let p = pool_get(&mut conn, &row.pool).await.ok().flatten();
-                    pools.insert(row.pool.clone(), p);
-                }
-            }
-        }
-        let results: Vec<(String, Result<Outcome, StoreError>)> = futures::stream::iter(claimed)
-            .map(|row| {
-                let pool = pools.get(&row.pool).cloned().flatten();
-                async move {
-                    let id = row.id.to_string();
-                    let r = match pool {
-                        // Continues the trace of the Terminate call, when known.
-                        Some(pool) => {
-                            flotilla_telemetry::origin::within(
-                                "terminator.take_down",
-                                &id,
-                                self.take_down(row, &pool),
-                            )
-                            .await
-                        }
-                        None => Err(StoreError::NotFound(format!("pool {}", row.pool))),
-                    };
-                    (id, r)
-                }
+        reconcile(&self.db, batch, |row, pool| async move {
+            Ok(match self.take_down(row, &pool).await? {
+                Outcome::Terminated => Step::Advanced,
+                Outcome::Waiting => Step::Waiting,
+                Outcome::Retrying(class, e) => Step::Retrying(class, e),
             })
-            .buffer_unordered(self.tuning.terminator_provider_concurrency.max(1))
-            .collect()
-            .await;
-        for (id, r) in results {
-            match r {
-                Ok(Outcome::Terminated) => status.acted += 1,
-                Ok(Outcome::Waiting) => {}
-                Ok(Outcome::Retrying(class, e)) => status.error(class, id, e),
-                Err(e) => status.error(e.class(), id, e),
-            }
-        }
-        status.more_if_full(claimed_n, self.tuning.terminator_batch);
-        status
+        })
+        .await
     }
 
     /// Takes one claimed instance as far as it can go now.
@@ -284,19 +238,13 @@ impl Terminator {
         e: ProviderError,
     ) -> Result<Next, StoreError> {
         let attempts = row.attempts + 1;
-        let mut delay = self.tuning.retry().delay(attempts as u32, rand::random());
-        if let Some(after) = e.retry_after() {
-            delay = delay.max(after);
-        }
-        let at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
         let message = e.to_string();
         let updated = instance_record_failure(
             conn,
-            row.id,
-            row.version,
+            row,
             &message,
-            at,
-            self.tuning.terminate_alert_after_attempts,
+            &self.tuning.error_policy(),
+            e.retry_after(),
         )
         .await?;
         if updated.needs_attention && !row.needs_attention {
@@ -311,14 +259,6 @@ impl Terminator {
         )
         .increment(1);
         Ok(Next::Done(Outcome::Retrying(e.class(), message)))
-    }
-
-    fn target(pool: &PoolRow) -> Option<v1::ProviderTarget> {
-        Some(v1::ProviderTarget {
-            provider: pool.provider.clone(),
-            pool: pool.name.clone(),
-            region: pool.region.clone(),
-        })
     }
 
     /// Stop, then wait (bounded) for the provider to report it stopped.
@@ -338,7 +278,7 @@ impl Terminator {
         let stopped = client
             .stop_machine(outgoing(
                 v1::StopMachineRequest {
-                    target: Self::target(pool),
+                    target: pool.target(),
                     machine_id: machine_id.clone(),
                     grace: Some(prost_types::Duration {
                         seconds: self.tuning.stop_grace_seconds,
@@ -361,7 +301,7 @@ impl Terminator {
         let waited = client
             .wait_machine(outgoing(
                 v1::WaitMachineRequest {
-                    target: Self::target(pool),
+                    target: pool.target(),
                     machine_id: machine_id.clone(),
                     state: v1::MachineState::Stopped as i32,
                     timeout: Some(prost_types::Duration {
@@ -409,7 +349,7 @@ impl Terminator {
             .clone()
             .get_machine(outgoing(
                 v1::MachineRef {
-                    target: Self::target(pool),
+                    target: pool.target(),
                     machine_id: machine_id.to_owned(),
                 },
                 &self.ctx().correlation_id,
@@ -443,7 +383,7 @@ impl Terminator {
             .clone()
             .list_machines(outgoing(
                 v1::ListMachinesRequest {
-                    target: Self::target(pool),
+                    target: pool.target(),
                     page_size: 0,
                     page_token: String::new(),
                     instance_id: row.id.to_string(),
@@ -488,7 +428,7 @@ impl Terminator {
             let deleted = client
                 .delete_machine(outgoing(
                     v1::DeleteMachineRequest {
-                        target: Self::target(pool),
+                        target: pool.target(),
                         machine_id: machine_id.clone(),
                         force: row.force_terminate,
                     },
@@ -505,7 +445,7 @@ impl Terminator {
                     let _ = client
                         .stop_machine(outgoing(
                             v1::StopMachineRequest {
-                                target: Self::target(pool),
+                                target: pool.target(),
                                 machine_id: machine_id.clone(),
                                 grace: None,
                                 suspend: false,
@@ -534,7 +474,7 @@ impl Terminator {
             let deleted = client
                 .delete_volume(outgoing(
                     v1::VolumeRef {
-                        target: Self::target(pool),
+                        target: pool.target(),
                         volume_id: provider_id,
                     },
                     &cid,

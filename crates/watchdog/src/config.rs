@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -27,6 +27,8 @@ pub struct WatchdogArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }

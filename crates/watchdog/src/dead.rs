@@ -212,11 +212,7 @@ impl Watchdog {
             .clone()
             .get_machine(outgoing(
                 v1::MachineRef {
-                    target: Some(v1::ProviderTarget {
-                        provider: pool.provider.clone(),
-                        pool: pool.name.clone(),
-                        region: pool.region.clone(),
-                    }),
+                    target: pool.target(),
                     machine_id: machine_id.clone(),
                 },
                 &self.ctx().correlation_id,

@@ -17,17 +17,17 @@ pub mod stuck;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use flotilla_bus::{Bus, OutboxRelay};
 use flotilla_core::Classify;
 use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_runtime::Loops;
+use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_store::metrics::{
     metrics_instances_by_pool_state, metrics_loop_backlogs, metrics_price_by_instance_type,
     metrics_ready_heartbeat_ages,
 };
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::loops::{ActivationStatus, drive, replica_name};
-use tokio::sync::Notify;
+use flotilla_telemetry::loops::{ActivationStatus, replica_name};
 use tonic::transport::Channel;
 
 pub use config::{WatchdogArgs, WatchdogTuning};
@@ -54,6 +54,42 @@ impl std::fmt::Debug for Watchdog {
 }
 
 impl Watchdog {
+    /// Registers the dead-worker, stuck-instance, orphan and fleet-metrics
+    /// loops. None is woken by a message: each reads the database on its tick.
+    pub fn register(&self, loops: &mut Loops) {
+        let tick = self.tuning.tick();
+        let s = self.clone();
+        loops.add("watchdog_dead_workers", tick, None, move || {
+            let s = s.clone();
+            async move { s.dead_workers_once().await }
+        });
+        let s = self.clone();
+        loops.add("watchdog_stuck", tick, None, move || {
+            let s = s.clone();
+            async move { s.stuck_once().await }
+        });
+        let s = self.clone();
+        loops.add(
+            "watchdog_orphans",
+            self.tuning.orphan_interval(),
+            None,
+            move || {
+                let s = s.clone();
+                async move {
+                    let (status, report) = s.orphans_once().await;
+                    s.record_orphan_cost(&report).await;
+                    status
+                }
+            },
+        );
+        let s = self.clone();
+        let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
+        loops.add("watchdog_fleet_metrics", tick, None, move || {
+            let (s, seen) = (s.clone(), seen.clone());
+            async move { s.fleet_metrics_once(&seen).await }
+        });
+    }
+
     /// Runs the dead-worker and orphan loops until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         self.run_with_grace(shutdown, DEFAULT_GRACE).await
@@ -63,72 +99,10 @@ impl Watchdog {
     /// `grace` after `shutdown` before they are abandoned, then giving back
     /// the leases this replica still holds.
     pub async fn run_with_grace(self, shutdown: CancellationToken, grace: std::time::Duration) {
-        let mut tasks = tokio::task::JoinSet::new();
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let tick = self.tuning.tick();
-            tasks.spawn(async move {
-                drive(
-                    "watchdog_dead_workers",
-                    tick,
-                    Arc::new(Notify::new()),
-                    sd,
-                    || s.dead_workers_once(),
-                )
-                .await
-            });
-        }
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let tick = self.tuning.tick();
-            tasks.spawn(async move {
-                drive("watchdog_stuck", tick, Arc::new(Notify::new()), sd, || {
-                    s.stuck_once()
-                })
-                .await
-            });
-        }
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let every = self.tuning.orphan_interval();
-            tasks.spawn(async move {
-                drive(
-                    "watchdog_orphans",
-                    every,
-                    Arc::new(Notify::new()),
-                    sd,
-                    || async {
-                        let (status, report) = s.orphans_once().await;
-                        s.record_orphan_cost(&report).await;
-                        status
-                    },
-                )
-                .await
-            });
-        }
-        {
-            let s = self.clone();
-            let sd = shutdown.clone();
-            let tick = self.tuning.tick();
-            let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
-            tasks.spawn(async move {
-                drive(
-                    "watchdog_fleet_metrics",
-                    tick,
-                    Arc::new(Notify::new()),
-                    sd,
-                    || s.fleet_metrics_once(&seen),
-                )
-                .await
-            });
-        }
-        flotilla_telemetry::shutdown::join_within_grace(&mut tasks, &shutdown, grace).await;
-        if let Ok(mut conn) = self.db.acquire().await {
-            let _ = flotilla_store::instance::instance_release_owner(&mut conn, &self.owner).await;
-        }
+        let mut loops = Loops::new(shutdown);
+        self.register(&mut loops);
+        loops.run(grace).await;
+        flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
     }
 }
 
@@ -218,32 +192,29 @@ impl Watchdog {
 }
 
 /// Runs the service as the binary does: telemetry already initialised.
+/// Replacements and terminations it decides are queued through the
+/// outbox, which the runtime's relay carries to the bus.
 pub async fn run(args: WatchdogArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = flotilla_store::connect(&args.database).await?;
-    let bus = Bus::connect(&args.nats).await?;
-    bus.ensure_streams().await?;
-    if let Some(addr) = args.telemetry.metrics_socket()? {
-        flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
-    }
-    let channel = tonic::transport::Endpoint::from_shared(args.provider_adapter_url.clone())?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let rt = Runtime::start(
+        "watchdog",
+        Settings {
+            database: &args.database,
+            nats: &args.nats,
+            telemetry: &args.telemetry,
+            health: &args.health,
+            shutdown: &args.shutdown,
+        },
+        shutdown,
+    )
+    .await?;
     let watchdog = Watchdog {
-        db: db.clone(),
-        provider: ProviderClient::new(channel),
+        db: rt.db.clone(),
+        provider: provider_client(&args.provider_adapter_url)?,
         tuning: args.tuning.clone(),
         owner: replica_name("watchdog"),
     };
-    tracing::info!(owner = %watchdog.owner, dry_run = args.tuning.watchdog_dry_run, "watchdog starting");
-    // Replacements and terminations are queued through the outbox.
-    let relay = OutboxRelay::new(db, bus);
-    let relay_shutdown = shutdown.clone();
-    let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-    let grace = args.shutdown.grace();
-    watchdog.run_with_grace(shutdown, grace).await;
-    // Unsent rows stay in the outbox for the next relay.
-    if tokio::time::timeout(grace, relay_task).await.is_err() {
-        tracing::warn!("outbox relay did not stop within the grace period");
-    }
-    Ok(())
+    tracing::info!(dry_run = args.tuning.watchdog_dry_run, "watchdog starting");
+    let mut loops = rt.loops();
+    watchdog.register(&mut loops);
+    rt.run(loops, &watchdog.owner).await
 }

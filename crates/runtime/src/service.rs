@@ -1,0 +1,186 @@
+//! A service's start and stop, the same for every loop service: connect to
+//! PostgreSQL and NATS (creating the streams), serve `/metrics`, relay the
+//! outbox rows the service writes, answer gRPC health from its loops'
+//! status, and on shutdown give in-flight work its grace, give back the
+//! leases this replica holds and let the relay finish within the grace.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_store::PgPool;
+use flotilla_telemetry::CancellationToken;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::loops::{Loops, Statuses};
+
+/// How long a connection attempt to the provider-adapter may take.
+pub const PROVIDER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The settings every loop service has.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    pub database: &'a DatabaseArgs,
+    pub nats: &'a NatsArgs,
+    pub telemetry: &'a TelemetryArgs,
+    pub health: &'a HealthArgs,
+    pub shutdown: &'a ShutdownArgs,
+}
+
+/// A started loop service: its connections, its relay, its shutdown.
+#[derive(Debug)]
+pub struct Runtime {
+    pub name: &'static str,
+    pub db: PgPool,
+    pub bus: Bus,
+    pub shutdown: CancellationToken,
+    pub grace: Duration,
+    health: Option<SocketAddr>,
+    relay: JoinHandle<()>,
+}
+
+impl Runtime {
+    /// Connects, serves metrics and starts the outbox relay. Any number of
+    /// relays may run; one publishes at a time.
+    pub async fn start(
+        name: &'static str,
+        settings: Settings<'_>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Runtime> {
+        let db = flotilla_store::connect(settings.database).await?;
+        let bus = Bus::connect(settings.nats).await?;
+        bus.ensure_streams().await?;
+        if let Some(addr) = settings.telemetry.metrics_socket()? {
+            flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
+        }
+        let health = settings.health.socket()?;
+        let relay = OutboxRelay::new(db.clone(), bus.clone());
+        let relay_shutdown = shutdown.clone();
+        let relay = tokio::spawn(async move { relay.run(relay_shutdown).await });
+        Ok(Runtime {
+            name,
+            db,
+            bus,
+            shutdown,
+            grace: settings.shutdown.grace(),
+            health,
+            relay,
+        })
+    }
+
+    /// A new, empty loop registry stopping on this service's shutdown.
+    pub fn loops(&self) -> Loops {
+        Loops::new(self.shutdown.clone())
+    }
+
+    /// Runs `loops` until shutdown (answering health from their status when
+    /// an address is set), gives back `owner`'s leases, and waits for the
+    /// relay within the grace. Unsent outbox rows stay for the next relay.
+    pub async fn run(self, loops: Loops, owner: &str) -> anyhow::Result<()> {
+        if let Some(addr) = self.health {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tokio::spawn(serve_health(
+                self.name,
+                loops.statuses(),
+                listener,
+                self.shutdown.clone(),
+            ));
+        }
+        tracing::info!(service = self.name, owner, "service running");
+        loops.run(self.grace).await;
+        release_leases(&self.db, owner).await;
+        if tokio::time::timeout(self.grace, self.relay).await.is_err() {
+            tracing::warn!("outbox relay did not stop within the grace period");
+        }
+        Ok(())
+    }
+}
+
+/// Gives back every lease `owner` still holds, so another replica takes
+/// its rows at once instead of after the lease.
+pub async fn release_leases(db: &PgPool, owner: &str) {
+    let released = match db.acquire().await {
+        Ok(mut conn) => flotilla_store::instance::instance_release_owner(&mut conn, owner)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match released {
+        Ok(n) if n > 0 => tracing::info!(released = n, "leases released on shutdown"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not release leases; they will expire"),
+    }
+}
+
+/// A client of the provider-adapter at `url`, connecting on first use (a
+/// service starts, and answers health, while the adapter is still down).
+pub fn provider_client(url: &str) -> anyhow::Result<ProviderClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(PROVIDER_CONNECT_TIMEOUT)
+        .connect_lazy();
+    Ok(ProviderClient::new(channel))
+}
+
+/// gRPC health of a loop service: the overall service (`""`) is SERVING
+/// while no loop has stalled; each loop is also a service of its own,
+/// `flotilla.loop.<name>`. Everything turns NOT_SERVING at shutdown.
+pub async fn serve_health(
+    name: &'static str,
+    statuses: Statuses,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let (reporter, service) = flotilla_telemetry::grpc::health_reporter();
+    let loops: Vec<&'static str> = statuses.snapshot().keys().copied().collect();
+    let update = {
+        let (reporter, shutdown) = (reporter.clone(), shutdown.clone());
+        async move {
+            loop {
+                let stalled = statuses.stalled();
+                let overall = if stalled.is_empty() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status("", overall).await;
+                for l in &loops {
+                    let s = if stalled.contains(l) {
+                        ServingStatus::NotServing
+                    } else {
+                        ServingStatus::Serving
+                    };
+                    reporter
+                        .set_service_status(format!("flotilla.loop.{l}"), s)
+                        .await;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            for l in &loops {
+                reporter
+                    .set_service_status(format!("flotilla.loop.{l}"), ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+    tokio::spawn(update);
+    tracing::info!(service = name, addr = ?listener.local_addr().ok(), "health serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(flotilla_telemetry::grpc::incoming(listener), async move {
+            shutdown.cancelled().await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(service = name, error = %e, "health endpoint stopped");
+    }
+}
