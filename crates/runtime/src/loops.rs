@@ -20,6 +20,9 @@ use flotilla_telemetry::loops::{ActivationStatus, drive};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+/// The shortest time without a finished activation that counts as a stall.
+pub const STALL_FLOOR: Duration = Duration::from_secs(30);
+
 /// What a loop's last activations said.
 #[derive(Debug, Clone)]
 pub struct LoopStatus {
@@ -35,10 +38,11 @@ pub struct LoopStatus {
 
 impl LoopStatus {
     /// A loop is stalled when it has not finished an activation for three
-    /// ticks (at least 30 s): a hung provider call or a lost task. Failing
-    /// activations are not stalls: they are counted, and the loop goes on.
-    pub fn stalled(&self, started: Instant, now: Instant) -> bool {
-        let allowed = (self.tick * 3).max(Duration::from_secs(30));
+    /// ticks (at least `floor`, 30 s in services): a hung provider call or
+    /// a lost task. Failing activations are not stalls: they are counted,
+    /// and the loop goes on.
+    pub fn stalled(&self, started: Instant, now: Instant, floor: Duration) -> bool {
+        let allowed = (self.tick * 3).max(floor);
         now.duration_since(self.last_run.unwrap_or(started)) > allowed
     }
 }
@@ -47,6 +51,7 @@ impl LoopStatus {
 #[derive(Debug, Clone)]
 pub struct Statuses {
     started: Instant,
+    floor: Duration,
     inner: Arc<Mutex<BTreeMap<&'static str, LoopStatus>>>,
 }
 
@@ -54,6 +59,7 @@ impl Statuses {
     fn new() -> Self {
         Statuses {
             started: Instant::now(),
+            floor: STALL_FLOOR,
             inner: Arc::default(),
         }
     }
@@ -112,7 +118,7 @@ impl Statuses {
         let now = Instant::now();
         self.lock()
             .iter()
-            .filter(|(_, s)| s.stalled(self.started, now))
+            .filter(|(_, s)| s.stalled(self.started, now, self.floor))
             .map(|(n, _)| *n)
             .collect()
     }
@@ -141,6 +147,14 @@ impl Loops {
             tasks: JoinSet::new(),
             statuses: Statuses::new(),
         }
+    }
+
+    /// Counts a loop as stalled after `floor` without a finished
+    /// activation when three ticks are shorter (tests; services keep
+    /// [`STALL_FLOOR`]).
+    pub fn with_stall_floor(mut self, floor: Duration) -> Self {
+        self.statuses.floor = floor;
+        self
     }
 
     /// The token every loop stops on.

@@ -1,0 +1,303 @@
+//! The reconcile driver and the loop service runtime against a real
+//! PostgreSQL: what a batch's steps come to, which leases are given back,
+//! and the health a loop service answers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flotilla_core::{ErrorClass, InstanceId, InstanceState};
+use flotilla_runtime::reconcile::{Batch, Step, reconcile};
+use flotilla_store::instance::{ClaimQuery, InstanceRow, NewInstance, instance_insert_requested};
+use flotilla_store::pool::{NewPool, pool_create};
+use flotilla_store::{PgPool, StoreError, WriteCtx};
+use flotilla_test_utils::TestDb;
+
+async fn make_pool(db: &PgPool, name: &str) {
+    let mut conn = db.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: name.into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn insert(db: &PgPool, pool: &str, n: usize) -> Vec<InstanceRow> {
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: pool.into(),
+            name: format!("{pool}-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    let mut conn = db.acquire().await.unwrap();
+    instance_insert_requested(&mut conn, &WriteCtx::new("test"), &new)
+        .await
+        .unwrap()
+}
+
+fn batch(owner: &str, limit: i64, concurrency: usize) -> Batch<'_> {
+    Batch {
+        claim: ClaimQuery {
+            states: &[InstanceState::Requested],
+            desired: None,
+            pool: None,
+            owner,
+            lease: Duration::from_secs(600),
+            limit,
+        },
+        concurrency,
+        span: "test.step",
+    }
+}
+
+/// Who holds each instance's lease now.
+async fn lease_owners(db: &PgPool) -> BTreeMap<String, Option<String>> {
+    sqlx::query_as::<_, (String, Option<String>)>("SELECT name, lease_owner FROM instances")
+        .fetch_all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test]
+async fn each_step_is_tallied_one_failure_stops_none_and_only_a_database_error_gives_its_lease_back()
+ {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 6).await;
+    // Each row's step is decided by its name.
+    let status = reconcile(&db.pool, batch("r1", 100, 4), |row, pool| async move {
+        assert_eq!(pool.name, "p", "the row's own pool");
+        Ok(match row.name.as_str() {
+            "p-0" => Step::Advanced,
+            "p-1" => Step::Waiting,
+            "p-2" => Step::AlreadyDone,
+            "p-3" => Step::Retrying(ErrorClass::Retryable, "503".into()),
+            "p-4" => Step::Failed("image missing".into()),
+            _ => return Err(StoreError::Conflict("lost a version race".into())),
+        })
+    })
+    .await;
+    assert_eq!(status.found, 6);
+    assert_eq!(
+        status.acted, 2,
+        "advanced and failed-for-good moved the row"
+    );
+    assert_eq!(status.already_done, 1);
+    let mut errors: Vec<(String, ErrorClass)> = status
+        .errors
+        .iter()
+        .map(|e| (e.item.clone(), e.class))
+        .collect();
+    errors.sort_by(|a, b| a.0.cmp(&b.0));
+    let id = |i: usize| rows[i].id.to_string();
+    let mut want = vec![
+        (id(3), ErrorClass::Retryable),
+        (id(4), ErrorClass::Permanent),
+        (id(5), ErrorClass::Retryable),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(errors, want);
+    let owners = lease_owners(&db.pool).await;
+    assert_eq!(owners["p-5"], None, "a database error gives the lease back");
+    for kept in ["p-0", "p-1", "p-2", "p-3", "p-4"] {
+        assert_eq!(
+            owners[kept].as_deref(),
+            Some("r1"),
+            "{kept}: the step owns it"
+        );
+    }
+    assert!(!status.more, "a short batch has no backlog");
+}
+
+#[tokio::test]
+async fn a_row_whose_pool_is_gone_keeps_its_lease_and_the_rest_of_the_batch_runs() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "kept").await;
+    make_pool(&db.pool, "gone").await;
+    insert(&db.pool, "kept", 1).await;
+    insert(&db.pool, "gone", 1).await;
+    sqlx::query("ALTER TABLE instances DROP CONSTRAINT IF EXISTS instances_pool_fkey")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM pools WHERE name = 'gone'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let stepped = Arc::new(AtomicUsize::new(0));
+    let s = stepped.clone();
+    let status = reconcile(&db.pool, batch("r1", 100, 4), move |_, _| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            Ok(Step::Advanced)
+        }
+    })
+    .await;
+    assert_eq!(
+        stepped.load(Ordering::SeqCst),
+        1,
+        "only the row with a pool"
+    );
+    assert_eq!(status.acted, 1);
+    assert_eq!(status.errors.len(), 1);
+    assert!(status.errors[0].message.contains("pool gone not found"));
+    // Kept: a missing pool is retried once per lease, not once per tick.
+    assert_eq!(
+        lease_owners(&db.pool).await["gone-0"].as_deref(),
+        Some("r1")
+    );
+}
+
+#[tokio::test]
+async fn steps_run_at_most_the_batch_concurrency_at_once_and_a_full_batch_asks_for_more() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 12).await;
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, p) = (now.clone(), peak.clone());
+    let status = reconcile(&db.pool, batch("r1", 8, 3), move |_, _| {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(in_flight, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok(Step::Advanced)
+        }
+    })
+    .await;
+    assert_eq!(status.found, 8, "the batch limit");
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+    assert!(status.more, "a full batch that moved: run again at once");
+}
+
+#[tokio::test]
+async fn a_claim_that_fails_on_the_database_is_one_error_and_steps_nothing() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 2).await;
+    db.pool.close().await;
+    let status = reconcile(&db.pool, batch("r1", 8, 3), |_, _| async {
+        panic!("nothing was claimed")
+    })
+    .await;
+    assert_eq!(status.found, 0);
+    assert_eq!(status.errors.len(), 1);
+    assert_eq!(status.errors[0].item, "claim");
+}
+
+mod health {
+    use flotilla_runtime::Loops;
+    use flotilla_runtime::service::serve_health;
+    use flotilla_telemetry::CancellationToken;
+    use flotilla_telemetry::loops::ActivationStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    async fn status_of(
+        client: &mut HealthClient<tonic::transport::Channel>,
+        service: &str,
+    ) -> ServingStatus {
+        let answer = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ServingStatus::try_from(answer.status).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_loop_service_answers_serving_until_a_loop_stalls_and_names_the_stalled_loop() {
+        let shutdown = CancellationToken::new();
+        let mut loops = Loops::new(shutdown.clone()).with_stall_floor(Duration::from_millis(300));
+        loops.add("steady", Duration::from_millis(20), None, || {
+            std::future::ready(ActivationStatus::default())
+        });
+        let hang = Arc::new(tokio::sync::Notify::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (h, c) = (hang.clone(), calls.clone());
+        // Its second activation never ends, as a hung provider call would.
+        loops.add("hangs", Duration::from_millis(20), None, move || {
+            let (h, c) = (h.clone(), c.clone());
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) > 0 {
+                    h.notified().await;
+                }
+                ActivationStatus::default()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_health(
+            "test",
+            loops.statuses(),
+            listener,
+            shutdown.clone(),
+        ));
+        let run = tokio::spawn(loops.run(Duration::from_millis(100)));
+        let mut client = HealthClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // Serving first (the health server may need a moment to bind)...
+        loop {
+            match client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                Ok(a) if a.get_ref().status == ServingStatus::Serving as i32 => break,
+                _ => {}
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never serving");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ...then not serving once the hung loop passed its floor.
+        while status_of(&mut client, "").await != ServingStatus::NotServing {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a stall was never noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            status_of(&mut client, "flotilla.loop.hangs").await,
+            ServingStatus::NotServing
+        );
+        assert_eq!(
+            status_of(&mut client, "flotilla.loop.steady").await,
+            ServingStatus::Serving
+        );
+        shutdown.cancel();
+        assert_eq!(
+            run.await.unwrap(),
+            1,
+            "the hung activation is aborted after the grace"
+        );
+    }
+}
