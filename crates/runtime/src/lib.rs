@@ -6,10 +6,12 @@
 //! A service's own library holds only what the service owns: its steps,
 //! its settings, which loops it registers.
 
+pub mod lease;
 pub mod loops;
 pub mod reconcile;
 pub mod service;
 
+pub use lease::{Fence, LeaseLost};
 pub use loops::{LoopStatus, Loops};
 pub use reconcile::{Step, reconcile};
 pub use service::Runtime;

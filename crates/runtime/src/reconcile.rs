@@ -11,7 +11,9 @@
 //!   keeping the lease would hide the row for the whole lease);
 //! - a row whose pool is missing keeps its lease until it expires, so a
 //!   deleted pool costs one error per lease, not one per tick;
-//! - pool lookups that fail are recorded as errors of their pool.
+//! - pool lookups that fail are recorded as errors of their pool;
+//! - every lease is renewed while its step runs, and each step gets the
+//!   [`Fence`] it checks before a provider call (see [`crate::lease`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,8 +23,11 @@ use flotilla_core::{Classify, ErrorClass, InstanceId};
 use flotilla_store::instance::{ClaimQuery, InstanceRow, instance_claim_due, instance_release};
 use flotilla_store::pool::{PoolRow, pool_get};
 use flotilla_store::{PgPool, StoreError};
+use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::ActivationStatus;
 use futures::StreamExt;
+
+use crate::lease::{Fence, Leases};
 
 /// What one step did with its instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,10 +60,11 @@ pub struct Batch<'a> {
 /// Claims a batch and steps every row of it; see the module docs.
 pub async fn reconcile<F, Fut>(db: &PgPool, batch: Batch<'_>, step: F) -> ActivationStatus
 where
-    F: Fn(InstanceRow, Arc<PoolRow>) -> Fut,
+    F: Fn(InstanceRow, Arc<PoolRow>, Fence) -> Fut,
     Fut: Future<Output = Result<Step, StoreError>>,
 {
     let mut status = ActivationStatus::default();
+    let sent = tokio::time::Instant::now();
     let claimed = match instance_claim_due(db, &batch.claim).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -68,37 +74,52 @@ where
     };
     status.found = claimed.len() as u64;
     let claimed_n = claimed.len();
+    let ids: Vec<InstanceId> = claimed.iter().map(|r| r.id).collect();
+    let leases = Leases::new(&ids, sent, batch.claim.lease);
     let pools = pools_of(db, &claimed, &mut status).await;
-    // `Err(None)`: the pool could not be read; already recorded.
-    let results: Vec<(InstanceId, Result<Step, Option<StoreError>>)> =
-        futures::stream::iter(claimed)
-            .map(|row| {
-                // No answer at all (the connection for the lookups failed)
-                // is a database failure too.
-                let pool = pools.get(&row.pool).cloned().unwrap_or(PoolLookup::Failed);
-                let step = &step;
-                async move {
-                    let id = row.id;
-                    let result = match pool {
-                        PoolLookup::Found(pool) => {
-                            flotilla_telemetry::origin::within(batch.span, &id.to_string(), async {
-                                step(row, pool).await.map_err(Some)
-                            })
-                            .await
-                        }
-                        PoolLookup::Missing => Ok(Step::Retrying(
-                            ErrorClass::Permanent,
-                            format!("pool {} not found", row.pool),
-                        )),
-                        PoolLookup::Failed => Err(None),
-                    };
-                    (id, result)
-                }
-            })
-            .buffer_unordered(batch.concurrency.max(1))
-            .collect()
-            .await;
-    for (id, result) in results {
+    let renewing = CancellationToken::new();
+    let steps = futures::stream::iter(claimed)
+        .map(|row| {
+            // No answer at all (the connection for the lookups failed)
+            // is a database failure too.
+            let pool = pools.get(&row.pool).cloned().unwrap_or(PoolLookup::Failed);
+            let (step, leases) = (&step, &leases);
+            let fence = leases.fence(row.id);
+            async move {
+                let id = row.id;
+                // `Err(None)`: the pool could not be read; already recorded.
+                let result = match pool {
+                    PoolLookup::Found(pool) => {
+                        let f = fence.clone();
+                        flotilla_telemetry::origin::within(batch.span, &id.to_string(), async {
+                            step(row, pool, f).await.map_err(Some)
+                        })
+                        .await
+                    }
+                    PoolLookup::Missing => Ok(Step::Retrying(
+                        ErrorClass::Permanent,
+                        format!("pool {} not found", row.pool),
+                    )),
+                    PoolLookup::Failed => Err(None),
+                };
+                // A failed step gives its lease back only while it is ours.
+                let held = fence.held();
+                leases.done(id);
+                (id, held, result)
+            }
+        })
+        .buffer_unordered(batch.concurrency.max(1))
+        .collect::<Vec<_>>();
+    let steps = async {
+        let results = steps.await;
+        renewing.cancel();
+        results
+    };
+    let (results, ()) = tokio::join!(
+        steps,
+        leases.renew_until(db, batch.claim.owner, renewing.clone())
+    );
+    for (id, held, result) in results {
         match result {
             Ok(Step::Advanced) => status.acted += 1,
             Ok(Step::Waiting) | Ok(Step::Abandoned) => {}
@@ -109,7 +130,9 @@ where
                 status.error(ErrorClass::Permanent, id, e);
             }
             Err(e) => {
-                release(db, id, batch.claim.owner).await;
+                if held {
+                    release(db, id, batch.claim.owner).await;
+                }
                 if let Some(e) = e {
                     status.error(e.class(), id, e);
                 }

@@ -80,7 +80,7 @@ async fn each_step_is_tallied_one_failure_stops_none_and_only_a_database_error_g
     make_pool(&db.pool, "p").await;
     let rows = insert(&db.pool, "p", 6).await;
     // Each row's step is decided by its name.
-    let status = reconcile(&db.pool, batch("r1", 100, 4), |row, pool| async move {
+    let status = reconcile(&db.pool, batch("r1", 100, 4), |row, pool, _| async move {
         assert_eq!(pool.name, "p", "the row's own pool");
         Ok(match row.name.as_str() {
             "p-0" => Step::Advanced,
@@ -141,7 +141,7 @@ async fn a_row_whose_pool_is_gone_keeps_its_lease_and_the_rest_of_the_batch_runs
         .unwrap();
     let stepped = Arc::new(AtomicUsize::new(0));
     let s = stepped.clone();
-    let status = reconcile(&db.pool, batch("r1", 100, 4), move |_, _| {
+    let status = reconcile(&db.pool, batch("r1", 100, 4), move |_, _, _| {
         let s = s.clone();
         async move {
             s.fetch_add(1, Ordering::SeqCst);
@@ -171,7 +171,7 @@ async fn steps_run_at_most_the_batch_concurrency_at_once_and_a_full_batch_asks_f
     insert(&db.pool, "p", 12).await;
     let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (n, p) = (now.clone(), peak.clone());
-    let status = reconcile(&db.pool, batch("r1", 8, 3), move |_, _| {
+    let status = reconcile(&db.pool, batch("r1", 8, 3), move |_, _, _| {
         let (n, p) = (n.clone(), p.clone());
         async move {
             let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
@@ -194,13 +194,114 @@ async fn a_claim_that_fails_on_the_database_is_one_error_and_steps_nothing() {
     make_pool(&db.pool, "p").await;
     insert(&db.pool, "p", 2).await;
     db.pool.close().await;
-    let status = reconcile(&db.pool, batch("r1", 8, 3), |_, _| async {
+    let status = reconcile(&db.pool, batch("r1", 8, 3), |_, _, _| async {
         panic!("nothing was claimed")
     })
     .await;
     assert_eq!(status.found, 0);
     assert_eq!(status.errors.len(), 1);
     assert_eq!(status.errors[0].item, "claim");
+}
+
+mod leases {
+    use flotilla_store::instance::{Transition, instance_claim_due, instance_transition};
+
+    use super::*;
+
+    fn short(owner: &str) -> Batch<'_> {
+        let mut b = batch(owner, 10, 4);
+        b.claim.lease = Duration::from_millis(900);
+        b
+    }
+
+    #[tokio::test]
+    async fn a_step_longer_than_its_lease_keeps_the_row_while_it_works() {
+        let db = TestDb::new().await;
+        make_pool(&db.pool, "p").await;
+        insert(&db.pool, "p", 1).await;
+        let other = db.pool.clone();
+        let status = reconcile(&db.pool, short("r1"), |_, _, fence| {
+            let other = other.clone();
+            async move {
+                // Three leases long; another replica keeps trying to claim.
+                let until = tokio::time::Instant::now() + Duration::from_millis(2700);
+                while tokio::time::Instant::now() < until {
+                    let taken = instance_claim_due(&other, &short("r2").claim)
+                        .await
+                        .unwrap();
+                    assert!(taken.is_empty(), "claimed while its holder was working");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                assert!(fence.held(), "renewed all along");
+                Ok(Step::Advanced)
+            }
+        })
+        .await;
+        assert_eq!(status.acted, 1, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_lost_its_lease_to_another_claim_is_fenced_and_writes_nothing() {
+        let db = TestDb::new().await;
+        make_pool(&db.pool, "p").await;
+        let row = insert(&db.pool, "p", 1).await.remove(0);
+        let other = db.pool.clone();
+        let status = reconcile(&db.pool, short("paused"), |claimed, _, fence| {
+            let other = other.clone();
+            async move {
+                // As if this replica were stopped: its lease runs out and
+                // is not renewed (expired leases never are), and another
+                // replica claims the row.
+                sqlx::query("UPDATE instances SET lease_until = now() - interval '1 second'")
+                    .execute(&other)
+                    .await
+                    .unwrap();
+                let taken = instance_claim_due(&other, &batch("r2", 10, 1).claim)
+                    .await
+                    .unwrap();
+                assert_eq!(taken.len(), 1);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while fence.held() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the fence never fell"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // A write it had in flight is refused by the claim's version.
+                let mut conn = other.acquire().await.unwrap();
+                let write = instance_transition(
+                    &mut conn,
+                    &WriteCtx::new("paused"),
+                    &Transition {
+                        id: claimed.id,
+                        from: InstanceState::Requested,
+                        to: InstanceState::Provisioning,
+                        expected_version: claimed.version,
+                        error: None,
+                        reason: None,
+                    },
+                )
+                .await;
+                assert!(matches!(write, Err(StoreError::Conflict(_))), "{write:?}");
+                write.map(|_| Step::Advanced)
+            }
+        })
+        .await;
+        assert_eq!(status.errors.len(), 1, "{status:?}");
+        let now: (String, Option<String>, i64) =
+            sqlx::query_as("SELECT state, lease_owner, version FROM instances")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(now.0, "requested", "nothing overwritten");
+        assert_eq!(
+            now.1.as_deref(),
+            Some("r2"),
+            "the new holder keeps its lease"
+        );
+        assert_eq!(now.2, row.version + 2, "two claims, no other write");
+    }
 }
 
 mod health {

@@ -11,12 +11,13 @@
 use flotilla_core::{Classify, DesiredState, InstanceState};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
+use flotilla_runtime::Fence;
+use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_store::instance::{
-    ClaimQuery, InstanceRow, Transition, instance_claim_due, instance_claim_overdue_boot,
-    instance_record_failure, instance_release, instance_set_desired, instance_times_entered,
-    instance_transition,
+    ClaimQuery, InstanceRow, Transition, instance_claim_overdue_boot, instance_record_failure,
+    instance_release, instance_set_desired_at_version, instance_times_entered, instance_transition,
 };
-use flotilla_store::pool::pool_get;
+use flotilla_store::pool::PoolRow;
 use flotilla_store::pool_pause::{FailureKind, pool_record_failure};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
@@ -57,33 +58,32 @@ impl Scheduler {
             }
             Err(e) => status.error(e.class(), "claim overdue", e),
         }
-        match instance_claim_due(
+        let restarts = reconcile(
             &self.db,
-            &ClaimQuery {
-                states: &[InstanceState::StartupFailed],
-                desired: Some(DesiredState::Running),
-                pool: None,
-                owner: &self.owner,
-                lease: self.tuning.lease(),
-                limit: self.tuning.scheduler_batch,
+            Batch {
+                claim: ClaimQuery {
+                    states: &[InstanceState::StartupFailed],
+                    desired: Some(DesiredState::Running),
+                    pool: None,
+                    owner: &self.owner,
+                    lease: self.tuning.lease(),
+                    limit: self.tuning.scheduler_batch,
+                },
+                concurrency: self.tuning.provision_concurrency_per_lane(),
+                span: "scheduler.recover_startup",
+            },
+            |row, pool, fence| {
+                let ctx = ctx.clone();
+                async move { self.recover_startup(&ctx, row, &pool, &fence).await }
             },
         )
-        .await
-        {
-            Ok(rows) => {
-                status.found += rows.len() as u64;
-                fullest = fullest.max(rows.len());
-                for row in rows {
-                    match self.recover_startup(&ctx, row.clone()).await {
-                        Ok(()) => status.acted += 1,
-                        Err(e) => {
-                            self.release_after_error(row.id).await;
-                            status.error(e.class(), row.id, e)
-                        }
-                    }
-                }
-            }
-            Err(e) => status.error(e.class(), "claim startup_failed", e),
+        .await;
+        status.found += restarts.found;
+        status.acted += restarts.acted;
+        status.already_done += restarts.already_done;
+        status.errors.extend(restarts.errors);
+        if restarts.more {
+            fullest = fullest.max(self.tuning.scheduler_batch.max(0) as usize);
         }
         status.more_if_full(fullest, self.tuning.scheduler_batch);
         status
@@ -136,28 +136,38 @@ impl Scheduler {
     /// `booting`, unless the instance has failed too often or its pool is
     /// paused (a paused pool spends nothing more on machines that do not
     /// start; the replacement waits with the pool).
-    async fn recover_startup(&self, ctx: &WriteCtx, row: InstanceRow) -> Result<(), StoreError> {
+    async fn recover_startup(
+        &self,
+        ctx: &WriteCtx,
+        row: InstanceRow,
+        pool: &PoolRow,
+        fence: &Fence,
+    ) -> Result<Step, StoreError> {
         let mut conn = self.db.acquire().await?;
         let failures =
             instance_times_entered(&mut conn, row.id, InstanceState::StartupFailed).await?;
-        let Some(pool) = pool_get(&mut conn, &row.pool).await? else {
-            return Err(StoreError::NotFound(format!("pool {}", row.pool)));
-        };
         let Some(machine_id) = row
             .provider_machine_id
             .clone()
             .filter(|_| failures <= self.tuning.startup_max_retries && pool.paused_at.is_none())
         else {
-            instance_set_desired(&mut conn, row.id, DesiredState::Terminated, false).await?;
-            instance_release(&mut conn, row.id, &self.owner).await?;
+            // One transaction: a crash between the two would leave a row
+            // no loop claims (desired terminated, leased until expiry is
+            // fine, but a release without the desired state is not).
+            let mut tx = conn.begin().await?;
+            instance_set_desired_at_version(&mut tx, row.id, row.version, DesiredState::Terminated)
+                .await?;
+            instance_release(&mut tx, row.id, &self.owner).await?;
+            tx.commit().await?;
             let paused = pool.paused_at.is_some();
             tracing::warn!(instance_id = %row.id, failures, paused, "startup failed too often, or its pool is paused; terminating");
-            return Ok(());
+            return Ok(Step::Advanced);
         };
         let target = pool.target();
         let cid = ctx.correlation_id.clone();
         let mut client = self.provider.clone();
         let restarted = async {
+            fence.check().map_err(|_| Restart::LeaseLost)?;
             client
                 .stop_machine(outgoing(
                     v1::StopMachineRequest {
@@ -189,6 +199,7 @@ impl Scheduler {
                     &cid,
                 ))
                 .await?;
+            fence.check().map_err(|_| Restart::LeaseLost)?;
             client
                 .start_machine(outgoing(
                     v1::MachineRef {
@@ -198,13 +209,15 @@ impl Scheduler {
                     &cid,
                 ))
                 .await?;
-            Ok::<_, tonic::Status>(())
+            Ok::<_, Restart>(())
         }
         .await;
         match restarted {
+            Err(Restart::LeaseLost) => Ok(Step::Abandoned),
             Ok(()) => {
+                let mut tx = conn.begin().await?;
                 instance_transition(
-                    &mut conn,
+                    &mut tx,
                     ctx,
                     &Transition {
                         id: row.id,
@@ -216,9 +229,11 @@ impl Scheduler {
                     },
                 )
                 .await?;
-                instance_release(&mut conn, row.id, &self.owner).await?;
+                instance_release(&mut tx, row.id, &self.owner).await?;
+                tx.commit().await?;
+                Ok(Step::Advanced)
             }
-            Err(s) => {
+            Err(Restart::Call(s)) => {
                 let e = status_to_provider_error(&s);
                 let message = e.to_string();
                 let mut tx = conn.begin().await?;
@@ -242,8 +257,21 @@ impl Scheduler {
                 .await?;
                 tx.commit().await?;
                 crate::report_pool_failure(&row.pool, &outcome);
+                Ok(Step::Retrying(e.class(), message))
             }
         }
-        Ok(())
+    }
+}
+
+/// Why a restart stopped.
+enum Restart {
+    /// The lease ran out before a provider call: nothing more is done.
+    LeaseLost,
+    Call(tonic::Status),
+}
+
+impl From<tonic::Status> for Restart {
+    fn from(s: tonic::Status) -> Self {
+        Restart::Call(s)
     }
 }

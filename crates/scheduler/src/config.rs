@@ -57,8 +57,10 @@ pub struct SchedulerTuning {
     /// first still waits on slow starts, instead of queueing behind them.
     #[arg(long, env = "SCHEDULER_PROVISION_LANES", default_value_t = 2)]
     pub scheduler_provision_lanes: usize,
-    /// Seconds a claim is held; longer than one instance's create + start.
-    #[arg(long, env = "SCHEDULER_LEASE_SECONDS", default_value_t = 120)]
+    /// Seconds a claim is held before it must be renewed. The holder renews
+    /// it every third of this while its step runs and stops acting once it
+    /// could not; a killed replica's rows are taken over after this.
+    #[arg(long, env = "SCHEDULER_LEASE_SECONDS", default_value_t = 15)]
     pub scheduler_lease_seconds: u64,
     /// Failed provisioning attempts before an instance is `provisioning_failed`.
     #[arg(long, env = "PROVISION_MAX_ATTEMPTS", default_value_t = 5)]

@@ -23,6 +23,7 @@ use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderE
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_runtime::reconcile::{Batch, Step, reconcile};
+use flotilla_runtime::{Fence, LeaseLost};
 use flotilla_store::instance::{
     ClaimQuery, InstanceRow, Transition, instance_forget_machine, instance_get,
     instance_prepare_create, instance_record_failure, instance_record_machine, instance_release,
@@ -60,6 +61,10 @@ pub enum StepError {
     Store(#[from] StoreError),
     #[error("crashed at {0:?} (test fault)")]
     Crashed(CrashPoint),
+    /// The lease ran out (this replica was paused, partitioned or slow):
+    /// the step stops, another replica may hold the row.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
 }
 
 /// What one instance's step came to.
@@ -115,13 +120,13 @@ impl Scheduler {
             concurrency: self.tuning.provision_concurrency_per_lane(),
             span: "scheduler.provision_instance",
         };
-        reconcile(&self.db, batch, |row, pool| async move {
-            match self.provision_instance(row, &pool).await {
+        reconcile(&self.db, batch, |row, pool, fence| async move {
+            match self.provision_instance(row, &pool, &fence).await {
                 Ok(Stepped::Advanced) => Ok(Step::Advanced),
                 Ok(Stepped::Retrying(class, e)) => Ok(Step::Retrying(class, e)),
                 Ok(Stepped::Failed(e)) => Ok(Step::Failed(e)),
                 Ok(Stepped::Held(_)) => Ok(Step::Waiting),
-                Err(StepError::Crashed(_)) => Ok(Step::Abandoned),
+                Err(StepError::Crashed(_)) | Err(StepError::LeaseLost(_)) => Ok(Step::Abandoned),
                 Err(StepError::Store(e)) => Err(e),
             }
         })
@@ -134,6 +139,7 @@ impl Scheduler {
         &self,
         row: InstanceRow,
         pool: &PoolRow,
+        fence: &Fence,
     ) -> Result<Stepped, StepError> {
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
         let ctx = self.ctx();
@@ -212,6 +218,7 @@ impl Scheduler {
                 let adopted = if fresh {
                     None
                 } else {
+                    fence.check()?;
                     match self.find_machine(pool, &row).await {
                         Ok(found) => found,
                         Err(e) => return self.fail(&mut conn, row, e).await,
@@ -228,6 +235,7 @@ impl Scheduler {
                         // leaves an unstarted machine the next attempt
                         // prepares again.
                         let (token, hash) = new_worker_token();
+                        fence.check()?;
                         match self.prepare_machine(pool, &row, &id, token).await {
                             Ok(true) => {
                                 row =
@@ -245,6 +253,7 @@ impl Scheduler {
                         // The data volume first, recorded the moment it
                         // exists, so the machine can mount it and a crash
                         // leaves nothing untracked.
+                        fence.check()?;
                         let volumes = match self.ensure_volume(&mut conn, pool, &row, fresh).await?
                         {
                             Ok(v) => v,
@@ -253,6 +262,7 @@ impl Scheduler {
                         let (token, hash) = new_worker_token();
                         row =
                             instance_prepare_create(&mut conn, row.id, row.version, &hash).await?;
+                        fence.check()?;
                         match self.create_machine(pool, &row, token, volumes).await {
                             Ok(id) => id,
                             Err(e) => return self.fail(&mut conn, row, e).await,
@@ -266,6 +276,7 @@ impl Scheduler {
             }
         };
 
+        fence.check()?;
         match self.start_machine(pool, &machine_id).await {
             Ok(()) => {}
             Err(ProviderError::NotFound(e)) => {

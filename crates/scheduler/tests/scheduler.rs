@@ -617,7 +617,10 @@ async fn a_step_overtaken_by_the_workers_own_report_finishes_cleanly() {
         .await
         .unwrap()
         .unwrap();
-    let outcome = s.provision_instance(stale, &pool).await.unwrap();
+    let outcome = s
+        .provision_instance(stale, &pool, &flotilla_runtime::Fence::unbounded(ids[0]))
+        .await
+        .unwrap();
     assert_eq!(outcome, flotilla_scheduler::Stepped::Advanced);
     let now = instance_get(&mut conn, ids[0]).await.unwrap().unwrap();
     assert_eq!(now.state, InstanceState::Ready);

@@ -336,6 +336,11 @@ pub struct ClaimQuery<'a> {
 
 /// Leases up to `limit` due rows (next attempt reached, lease free or
 /// expired), oldest due first. Concurrent claimers never get the same row.
+///
+/// A claim bumps the row's version: this is the fence. Every write of a
+/// step is conditioned on the version its claim returned, so a replica
+/// whose lease expired and was claimed by another — paused, partitioned,
+/// slow — has each later write refused instead of overwriting.
 pub async fn instance_claim_due(pool: &PgPool, q: &ClaimQuery<'_>) -> Result<Vec<InstanceRow>> {
     Ok(sqlx::query_as(concat!(
         "WITH due AS (
@@ -350,7 +355,8 @@ pub async fn instance_claim_due(pool: &PgPool, q: &ClaimQuery<'_>) -> Result<Vec
              FOR UPDATE SKIP LOCKED
          )
          UPDATE instances
-         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6)
+         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6),
+             version = version + 1
          FROM due WHERE id = due.due_id
          RETURNING ",
         instance_columns!()
@@ -363,6 +369,29 @@ pub async fn instance_claim_due(pool: &PgPool, q: &ClaimQuery<'_>) -> Result<Vec
     .bind(q.lease.as_secs_f64())
     .fetch_all(pool)
     .await?)
+}
+
+/// Extends the leases `owner` still holds among `ids` by `lease` from now
+/// and returns the ids it extended. A lease that expired is not renewed
+/// (another replica may have claimed the row): its holder has lost it.
+pub async fn instance_renew_leases(
+    pool: &PgPool,
+    ids: &[InstanceId],
+    owner: &str,
+    lease: Duration,
+) -> Result<Vec<InstanceId>> {
+    let ids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
+    let renewed: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE instances SET lease_until = now() + make_interval(secs => $3)
+         WHERE id = ANY($1) AND lease_owner = $2 AND lease_until > now()
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(renewed.into_iter().map(InstanceId).collect())
 }
 
 /// Gives a lease back (only if `owner` still holds it).
@@ -556,6 +585,31 @@ pub async fn instance_set_desired(
     .await?)
 }
 
+/// Sets the desired state of a row a step holds, only at the version its
+/// claim returned (the step's fence), bumping the version.
+pub async fn instance_set_desired_at_version(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+    desired: DesiredState,
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET desired_state = $3, next_attempt_at = now(),
+             version = version + 1, updated_at = now()
+         WHERE id = $1 AND version = $2 RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .bind(desired.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
 /// Per-pool boot phase deadlines, with the service defaults for pools that
 /// set none.
 #[derive(Debug, Clone, Copy)]
@@ -587,7 +641,8 @@ pub async fn instance_claim_overdue_boot(
              FOR UPDATE OF i SKIP LOCKED
          )
          UPDATE instances
-         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6)
+         SET lease_owner = $5, lease_until = now() + make_interval(secs => $6),
+             version = version + 1
          FROM due WHERE id = due.due_id
          RETURNING ",
         instance_columns!()

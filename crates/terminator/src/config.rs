@@ -45,8 +45,10 @@ pub struct TerminatorTuning {
     /// Provider calls in flight at once per replica.
     #[arg(long, env = "TERMINATOR_PROVIDER_CONCURRENCY", default_value_t = 32)]
     pub terminator_provider_concurrency: usize,
-    /// Seconds a claim is held; longer than one step (stop wait + delete).
-    #[arg(long, env = "TERMINATOR_LEASE_SECONDS", default_value_t = 90)]
+    /// Seconds a claim is held before it must be renewed. The holder renews
+    /// it every third of this while its step runs and stops acting once it
+    /// could not; a killed replica's rows are taken over after this.
+    #[arg(long, env = "TERMINATOR_LEASE_SECONDS", default_value_t = 15)]
     pub terminator_lease_seconds: u64,
     /// Default seconds a cordoned worker is waited for before it is stopped
     /// anyway (pools may override).

@@ -19,6 +19,7 @@ use std::time::Duration;
 use flotilla_core::{Classify, DesiredState, ErrorClass, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
+use flotilla_runtime::Fence;
 use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_store::instance::{
     ClaimQuery, InstanceRow, Transition, instance_clear_attention, instance_cordon,
@@ -63,6 +64,9 @@ pub enum Outcome {
     Waiting,
     /// A step failed or was refused; retried with backoff.
     Retrying(ErrorClass, String),
+    /// The lease ran out (this replica was paused, partitioned or slow):
+    /// nothing more was written or asked of the provider.
+    Abandoned,
 }
 
 /// What one step did.
@@ -95,11 +99,12 @@ impl Terminator {
             concurrency: self.tuning.terminator_provider_concurrency,
             span: "terminator.take_down",
         };
-        reconcile(&self.db, batch, |row, pool| async move {
-            Ok(match self.take_down(row, &pool).await? {
+        reconcile(&self.db, batch, |row, pool, fence| async move {
+            Ok(match self.take_down(row, &pool, &fence).await? {
                 Outcome::Terminated => Step::Advanced,
                 Outcome::Waiting => Step::Waiting,
                 Outcome::Retrying(class, e) => Step::Retrying(class, e),
+                Outcome::Abandoned => Step::Abandoned,
             })
         })
         .await
@@ -107,13 +112,21 @@ impl Terminator {
 
     /// Takes one claimed instance as far as it can go now.
     #[tracing::instrument(skip_all, fields(instance_id = %row.id))]
-    pub async fn take_down(&self, row: InstanceRow, pool: &PoolRow) -> Result<Outcome, StoreError> {
+    pub async fn take_down(
+        &self,
+        row: InstanceRow,
+        pool: &PoolRow,
+        fence: &Fence,
+    ) -> Result<Outcome, StoreError> {
         let mut conn = self.db.acquire().await?;
         let mut row = row;
         // Each state has at most one step before it either moves on or waits;
         // the bound only guards against a bug looping forever.
         for _ in 0..8 {
-            match self.step(&mut conn, row, pool).await? {
+            if fence.check().is_err() {
+                return Ok(Outcome::Abandoned);
+            }
+            match self.step(&mut conn, row, pool, fence).await? {
                 Next::Continue(next) => row = *next,
                 Next::Done(outcome) => return Ok(outcome),
             }
@@ -127,6 +140,7 @@ impl Terminator {
         conn: &mut PgConnection,
         row: InstanceRow,
         pool: &PoolRow,
+        fence: &Fence,
     ) -> Result<Next, StoreError> {
         let force = row.force_terminate;
         match row.state {
@@ -171,8 +185,8 @@ impl Terminator {
             // Force works in every state: a stop that does not settle (or
             // was never asked for) gives way to a forced delete.
             S::Stopping if force => self.move_to(conn, &row, S::Deleting, Some("forced")).await,
-            S::Stopping => self.stop(conn, row, pool).await,
-            S::Deleting => self.delete(conn, row, pool).await,
+            S::Stopping => self.stop(conn, row, pool, fence).await,
+            S::Deleting => self.delete(conn, row, pool, fence).await,
             S::Requested | S::Terminated => {
                 instance_release(conn, row.id, &self.owner).await?;
                 Ok(Next::Done(Outcome::Waiting))
@@ -267,6 +281,7 @@ impl Terminator {
         conn: &mut PgConnection,
         row: InstanceRow,
         pool: &PoolRow,
+        fence: &Fence,
     ) -> Result<Next, StoreError> {
         let Some(machine_id) = row.provider_machine_id.clone() else {
             return self
@@ -275,6 +290,9 @@ impl Terminator {
         };
         let cid = self.ctx().correlation_id;
         let mut client = self.provider.clone();
+        if fence.check().is_err() {
+            return Ok(Next::Done(Outcome::Abandoned));
+        }
         let stopped = client
             .stop_machine(outgoing(
                 v1::StopMachineRequest {
@@ -408,6 +426,7 @@ impl Terminator {
         conn: &mut PgConnection,
         row: InstanceRow,
         pool: &PoolRow,
+        fence: &Fence,
     ) -> Result<Next, StoreError> {
         let machines = match self.machines_of(&row, pool).await {
             Ok(m) => m,
@@ -424,6 +443,9 @@ impl Terminator {
                 Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => continue,
                 Ok(Some(_)) => {}
                 Err(e) => return self.retry(conn, &row, e).await,
+            }
+            if fence.check().is_err() {
+                return Ok(Next::Done(Outcome::Abandoned));
             }
             let deleted = client
                 .delete_machine(outgoing(
@@ -471,6 +493,9 @@ impl Terminator {
                 volume_mark_deleted(conn, v.id).await?;
                 continue;
             };
+            if fence.check().is_err() {
+                return Ok(Next::Done(Outcome::Abandoned));
+            }
             let deleted = client
                 .delete_volume(outgoing(
                     v1::VolumeRef {
