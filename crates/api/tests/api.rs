@@ -2012,7 +2012,10 @@ mod grpc_surface {
     async fn a_reflection_only_client_lists_exactly_the_served_services_and_calls_them() {
         let api = start().await;
         api.create_pool("gpu").await;
-        let created = api.provision(named("gpu", &["w-1"])).await.expect("created");
+        let created = api
+            .provision(named("gpu", &["w-1"]))
+            .await
+            .expect("created");
         let id = created.instances[0].id.clone();
         let bearer = format!("Bearer {TOKEN}");
         let Some(answer) = reflection_client(&json!({
@@ -2350,7 +2353,14 @@ mod grpc_surface {
         assert_eq!(
             requests,
             [
-                ("drain_requested", false, none, none, "api:ci", "maintenance"),
+                (
+                    "drain_requested",
+                    false,
+                    none,
+                    none,
+                    "api:ci",
+                    "maintenance"
+                ),
                 ("terminate_requested", true, none, none, "api:ci", "stuck"),
             ]
         );

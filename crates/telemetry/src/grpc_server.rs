@@ -344,10 +344,7 @@ mod tests {
 
         let resp = svc.call(request(Some("has space"))).await.expect("answer");
         assert_ne!(resp.headers()[CORRELATION_METADATA], "has space");
-        assert_eq!(
-            resp.headers()["seen"],
-            resp.headers()[CORRELATION_METADATA]
-        );
+        assert_eq!(resp.headers()["seen"], resp.headers()[CORRELATION_METADATA]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -186,8 +186,13 @@ impl Terminator {
             S::Ready => {
                 instance_cordon(conn, row.id).await?;
                 if force {
-                    self.move_to(conn, &row, S::Deleting, Some("forced: cordoned, drain skipped"))
-                        .await
+                    self.move_to(
+                        conn,
+                        &row,
+                        S::Deleting,
+                        Some("forced: cordoned, drain skipped"),
+                    )
+                    .await
                 } else {
                     self.move_to(conn, &row, S::Draining, Some("cordoned"))
                         .await
