@@ -1,7 +1,8 @@
 //! The audit log of each instance: one row per transition, written in the
 //! transition's own transaction, and one row per request that changed no
-//! state yet (terminate, drain), written with the request. A request is
-//! named by its action, never disguised as a transition to the same state.
+//! state (a terminate or drain request, a verdict the watchdog held), written
+//! with it. Such an act is named by its action, never disguised as a
+//! transition to the same state.
 
 use chrono::{DateTime, Utc};
 use flotilla_core::InstanceState;
@@ -57,13 +58,16 @@ impl ActionLogRow {
     }
 }
 
-/// A request about an instance that changes no state by itself.
+/// An act about an instance that changes no state by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     /// Terminate asked for (`force`: skip the drain and any stop).
     Terminate { force: bool },
     /// Drain asked for: the worker takes no new work.
     Drain,
+    /// The watchdog held its verdict that the machine is lost (the storm
+    /// guard): a decision not to act, kept in the history with its reason.
+    LostVerdictHeld,
 }
 
 impl Request {
@@ -72,19 +76,20 @@ impl Request {
         match self {
             Request::Terminate { .. } => "terminate_requested",
             Request::Drain => "drain_requested",
+            Request::LostVerdictHeld => "lost_verdict_held",
         }
     }
 
     fn force(self) -> Option<bool> {
         match self {
             Request::Terminate { force } => Some(force),
-            Request::Drain => None,
+            Request::Drain | Request::LostVerdictHeld => None,
         }
     }
 }
 
-/// Records `request` in the history of each of `ids`, with who asked
-/// (`ctx`) and why.
+/// Records `request` in the history of each of `ids`, with who asked or
+/// decided (`ctx`) and why.
 pub async fn action_log_request(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
