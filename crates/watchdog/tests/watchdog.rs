@@ -635,7 +635,9 @@ async fn a_pool_whose_machines_mostly_vanish_at_once_is_held_by_the_storm_guard(
         1,
         "the hold is visible on the pool"
     );
-    let audit: Vec<(uuid::Uuid, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    // (instance, from, to, action)
+    type AuditRow = (uuid::Uuid, Option<String>, Option<String>, Option<String>);
+    let audit: Vec<AuditRow> = sqlx::query_as(
         "SELECT instance_id, from_state, to_state, action FROM action_logs
          WHERE reason LIKE 'storm guard:%' ORDER BY instance_id",
     )
