@@ -13,4 +13,7 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
   done
 
+# The third-party gRPC client of the reflection tests (Python grpcio).
+bash scripts/python-client.sh >/dev/null
+
 cargo test --workspace --locked --no-fail-fast "$@"

@@ -108,7 +108,7 @@ where
     while !f().await {
         if Instant::now() >= deadline {
             let history: Vec<HistoryRow> = sqlx::query_as(
-                "SELECT instance_id::text, coalesce(from_state, '-'), to_state, reason, error
+                "SELECT instance_id::text, coalesce(from_state, '-'), coalesce(to_state, action), reason, error
                  FROM action_logs ORDER BY id",
             )
             .fetch_all(&db.pool)

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use flotilla_core::InstanceId;
 use flotilla_store::worker::{WorkerView, worker_get, worker_token_hash_exists};
-use flotilla_telemetry::grpc::correlation_interceptor;
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
@@ -110,7 +109,8 @@ fn unauthenticated() -> Status {
     Status::unauthenticated("missing or invalid API token")
 }
 
-/// FleetService interceptor: the correlation id, then the API token.
+/// FleetService interceptor: the API token. (The correlation id was made
+/// sure of by the server's layer before any interceptor runs.)
 #[derive(Debug, Clone)]
 pub struct FleetAuth {
     tokens: Arc<[ApiToken]>,
@@ -137,8 +137,7 @@ impl FleetAuth {
 }
 
 impl tonic::service::Interceptor for FleetAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let mut req = correlation_interceptor(req)?;
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let caller = self.caller(req.metadata()).ok_or_else(unauthenticated)?;
         req.extensions_mut().insert(caller);
         Ok(req)

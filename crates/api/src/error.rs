@@ -9,6 +9,13 @@
 use flotilla_store::StoreError;
 use tonic::Status;
 
+/// A pool the request names does not exist: the one answer of every call
+/// that takes a pool (listing, watching, selecting, provisioning), so a
+/// typo is never an empty list, a silent stream or a bad argument.
+pub fn pool_not_found(name: &str) -> Status {
+    Status::not_found(format!("pool {name} does not exist"))
+}
+
 /// The status a store error is answered with.
 pub fn store_status(e: StoreError) -> Status {
     match e {

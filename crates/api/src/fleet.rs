@@ -22,11 +22,11 @@ use flotilla_telemetry::grpc::{correlation_of, outgoing};
 use flotilla_telemetry::propagation::current_trace_headers;
 use prost::Message;
 use sqlx::pool::PoolConnection;
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::error::store_status;
+use crate::error::{pool_not_found, store_status};
 use crate::watch::{EventStream, watch};
 use crate::{ApiState, auth, provision, validate};
 
@@ -52,6 +52,14 @@ impl FleetApi {
             .acquire()
             .await
             .map_err(|e| store_status(e.into()))
+    }
+
+    /// NOT_FOUND unless `name` is a pool.
+    async fn pool_exists(&self, conn: &mut PgConnection, name: &str) -> Result<(), Status> {
+        match pool_get(conn, name).await.map_err(store_status)? {
+            Some(_) => Ok(()),
+            None => Err(pool_not_found(name)),
+        }
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, Status> {
@@ -187,6 +195,10 @@ impl FleetService for FleetApi {
             validate::name("pool", &req.pool)?;
             Some(req.pool)
         };
+        let mut conn = self.conn().await?;
+        if let Some(pool) = &pool {
+            self.pool_exists(&mut conn, pool).await?;
+        }
         let states = req
             .states
             .iter()
@@ -214,7 +226,6 @@ impl FleetService for FleetApi {
             // One more than asked tells whether another page follows.
             limit: page_size as i64 + 1,
         };
-        let mut conn = self.conn().await?;
         let mut rows = instance_list(&mut conn, &filter)
             .await
             .map_err(store_status)?;
@@ -258,6 +269,12 @@ impl FleetService for FleetApi {
         &self,
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let pool = &request.get_ref().pool;
+        if !pool.is_empty() {
+            validate::name("pool", pool)?;
+            let mut conn = self.conn().await?;
+            self.pool_exists(&mut conn, pool).await?;
+        }
         let stream = watch(
             &self.state.bus,
             self.shutdown.child_token(),
@@ -395,7 +412,7 @@ impl FleetService for FleetApi {
         let row = pool_get(&mut conn, name)
             .await
             .map_err(store_status)?
-            .ok_or_else(|| not_found("pool", name))?;
+            .ok_or_else(|| pool_not_found(name))?;
         Ok(Response::new(row.to_proto()))
     }
 

@@ -26,7 +26,7 @@ use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::grpc::{correlation_interceptor, health_reporter, server_span};
+use flotilla_telemetry::grpc_server::GrpcServer;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -59,32 +59,22 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reporter, health) = health_reporter();
-    reporter.set_serving::<FleetServiceServer<FleetApi>>().await;
-    reporter
-        .set_serving::<WorkerServiceServer<WorkerApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotilla_proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let fleet = FleetServiceServer::with_interceptor(
         FleetApi::new(state.clone(), shutdown.clone()),
         FleetAuth::new(state.tokens.clone()),
     );
-    let worker =
-        WorkerServiceServer::with_interceptor(WorkerApi::new(state), correlation_interceptor);
-    tracing::info!(addr = %listener.local_addr()?, "api serving");
-    tonic::transport::Server::builder()
-        .trace_fn(server_span)
+    let worker = WorkerServiceServer::new(WorkerApi::new(state));
+    let server = GrpcServer::new("api", flotilla_proto::v1::FILE_DESCRIPTOR_SET)
         .timeout(CALL_TIMEOUT)
-        .layer(flotilla_telemetry::grpc_metrics::GrpcMetricsLayer::new(
-            "api",
-        ))
-        .add_service(health)
-        .add_service(reflection)
         .add_service(fleet)
-        .add_service(worker)
-        .serve_with_incoming_shutdown(flotilla_telemetry::grpc::incoming(listener), async move {
+        .add_service(worker);
+    let reporter = server.health();
+    reporter.set_serving::<FleetServiceServer<FleetApi>>().await;
+    reporter
+        .set_serving::<WorkerServiceServer<WorkerApi>>()
+        .await;
+    server
+        .serve(listener, async move {
             shutdown.cancelled().await;
             reporter
                 .set_not_serving::<FleetServiceServer<FleetApi>>()

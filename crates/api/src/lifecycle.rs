@@ -24,7 +24,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::ApiState;
-use crate::error::store_status;
+use crate::error::{pool_not_found, store_status};
 use crate::validate;
 
 /// Most instances one selector may match.
@@ -89,7 +89,7 @@ async fn resolve(state: &ApiState, sel: Option<&v1::InstanceSelector>) -> Result
             .map_err(store_status)?
             .is_none()
         {
-            return Err(invalid_field("selector.pool", "no such pool"));
+            return Err(pool_not_found(&sel.pool));
         }
         Some(sel.pool.as_str())
     };

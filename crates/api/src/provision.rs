@@ -32,7 +32,7 @@ use sqlx::PgConnection;
 use tonic::Status;
 
 use crate::ApiState;
-use crate::error::store_status;
+use crate::error::{pool_not_found, store_status};
 use crate::validate;
 
 /// Idempotency scope of Provision keys.
@@ -172,7 +172,7 @@ pub async fn provision(
     let pool = pool_get(&mut conn, &checked.pool)
         .await
         .map_err(store_status)?
-        .ok_or_else(|| invalid_field("pool", "no such pool"))?;
+        .ok_or_else(|| pool_not_found(&checked.pool))?;
     let names = match &checked.naming {
         Naming::Given(names) => {
             if let Err(taken) = check_names_free(&mut conn, &pool.name, names).await {

@@ -216,7 +216,7 @@ pub fn history_table(entries: &[v1::ActionLog]) -> String {
                     t.to_rfc3339_opts(SecondsFormat::Millis, true)
                 }),
                 from_name(e.from_state),
-                state_name(e.to_state),
+                history_to(e),
                 e.actor.clone(),
                 note,
             ]
@@ -225,12 +225,23 @@ pub fn history_table(entries: &[v1::ActionLog]) -> String {
     table(&["AT", "FROM", "TO", "ACTOR", "REASON"], &rows)
 }
 
+/// The TO column: the new state, or for a request row what was asked.
+fn history_to(e: &v1::ActionLog) -> String {
+    match (e.action.as_str(), e.force) {
+        ("", _) => state_name(e.to_state),
+        (action, true) => format!("{action} (force)"),
+        (action, false) => action.to_owned(),
+    }
+}
+
 pub fn history_json(e: &v1::ActionLog) -> Value {
     json!({
         "id": e.id,
         "instance_id": e.instance_id,
         "from_state": if e.from_state == 0 { Value::Null } else { Value::String(state_name(e.from_state)) },
-        "to_state": state_name(e.to_state),
+        "to_state": if e.to_state == 0 { Value::Null } else { Value::String(state_name(e.to_state)) },
+        "action": if e.action.is_empty() { Value::Null } else { Value::String(e.action.clone()) },
+        "force": e.force,
         "actor": e.actor,
         "correlation_id": e.correlation_id,
         "error": e.error,

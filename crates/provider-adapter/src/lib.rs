@@ -16,7 +16,7 @@ use flotilla_provider::local::{LocalConfig, LocalProvider};
 use flotilla_provider::registry::{AnyProvider, Registry};
 use flotilla_provider::scaleway::{ScalewayConfig, ScalewayProvider};
 use flotilla_telemetry::CancellationToken;
-use flotilla_telemetry::grpc::{correlation_interceptor, health_reporter, server_span};
+use flotilla_telemetry::grpc_server::GrpcServer;
 use tokio::net::TcpListener;
 
 pub use config::AdapterArgs;
@@ -129,7 +129,11 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reporter, health) = health_reporter();
+    let service = ProviderServer::new(ProviderService::new(registry.clone()));
+    let server = GrpcServer::new("provider-adapter", flotilla_proto::v1::FILE_DESCRIPTOR_SET)
+        .timeout(Duration::from_secs(120))
+        .add_service(service);
+    let reporter = server.health();
     reporter
         .set_not_serving::<ProviderServer<ProviderService>>()
         .await;
@@ -155,22 +159,8 @@ pub async fn serve(
             }
         });
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotilla_proto::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let service =
-        ProviderServer::with_interceptor(ProviderService::new(registry), correlation_interceptor);
-    tracing::info!(addr = %listener.local_addr()?, "provider-adapter serving");
-    tonic::transport::Server::builder()
-        .trace_fn(server_span)
-        .timeout(Duration::from_secs(120))
-        .layer(flotilla_telemetry::grpc_metrics::GrpcMetricsLayer::new(
-            "provider-adapter",
-        ))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(flotilla_telemetry::grpc::incoming(listener), async move {
+    server
+        .serve(listener, async move {
             shutdown.cancelled().await;
             reporter
                 .set_not_serving::<ProviderServer<ProviderService>>()

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 struct Stack {
     sim: SimHandle,
     client: ProviderClient<Channel>,
+    addr: std::net::SocketAddr,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -61,6 +62,7 @@ async fn stack() -> Stack {
     Stack {
         sim,
         client,
+        addr,
         stop,
         server,
     }
@@ -365,4 +367,132 @@ async fn check_spec_answers_ok_or_names_the_field_and_calls_no_provider() {
         .filter(|op| *op != flotilla_sim_provider::Operation::AppGet)
         .collect();
     assert!(asked.is_empty(), "the cloud was asked: {asked:?}");
+}
+
+/// The adapter as a client with no generated code sees it: through server
+/// reflection only (v1alpha, as grpcio-reflection and older grpcurl speak
+/// it), a real third-party client (Python grpcio).
+mod reflection {
+    use flotilla_test_utils::python_client::reflection_client;
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reflection_only_client_sees_exactly_the_provider_service_and_calls_it() {
+        let mut s = stack().await;
+        let m = s
+            .client
+            .create_machine(create(false))
+            .await
+            .unwrap()
+            .into_inner();
+        let target = json!({"provider": "sim", "pool": "gpu", "region": "ams"});
+        let Some(answer) = reflection_client(&json!({
+            "target": s.addr.to_string(),
+            "metadata": [["x-correlation-id", "py-adapter-1"]],
+            "calls": [
+                {"method": "flotilla.v1.Provider/ListMachines", "request": {"target": target}},
+                {"method": "flotilla.v1.Provider/GetMachine",
+                 "request": {"target": target, "machine_id": m.id}},
+                {"method": "flotilla.v1.Provider/GetMachine",
+                 "request": {"target": target, "machine_id": ""}},
+            ],
+        }))
+        .await
+        else {
+            return;
+        };
+        let mut services: Vec<&str> = answer["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        services.sort();
+        assert_eq!(
+            services,
+            [
+                "flotilla.v1.Provider",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+        );
+        assert_eq!(
+            answer["files"]["flotilla.v1.Provider"],
+            "flotilla/v1/provider.proto"
+        );
+        let calls = answer["calls"].as_array().unwrap();
+        assert_eq!(calls[0]["code"], "OK", "{calls:?}");
+        let listed: Vec<&str> = calls[0]["response"]["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, [m.id.as_str()]);
+        assert_eq!(calls[1]["code"], "OK", "{calls:?}");
+        assert_eq!(calls[1]["response"]["id"], m.id.as_str());
+        assert_eq!(calls[1]["response"]["name"], "w-1");
+        // The caller's correlation id comes back, on success and refusal.
+        assert_eq!(calls[1]["metadata"]["x-correlation-id"], "py-adapter-1");
+        assert_eq!(calls[2]["code"], "INVALID_ARGUMENT", "{calls:?}");
+        assert!(
+            calls[2]["details"]
+                .as_str()
+                .unwrap()
+                .starts_with("machine_id:"),
+            "{calls:?}"
+        );
+        assert_eq!(calls[2]["metadata"]["x-correlation-id"], "py-adapter-1");
+    }
+
+    /// `MachineRef` with its string field re-declared as bytes, so the
+    /// request can carry bytes that are not UTF-8.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawMachineRef {
+        #[prost(message, optional, tag = "1")]
+        target: Option<v1::ProviderTarget>,
+        #[prost(bytes = "vec", tag = "2")]
+        machine_id: Vec<u8>,
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_utf8_is_invalid_argument_naming_the_field_with_a_correlation_id()
+    {
+        let s = stack().await;
+        let channel = Channel::from_shared(format!("http://{}", s.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary(
+                tonic::Request::new(RawMachineRef {
+                    target: target(),
+                    machine_id: b"m-\xff\xfe".to_vec(),
+                }),
+                http::uri::PathAndQuery::from_static("/flotilla.v1.Provider/GetMachine"),
+                tonic_prost::ProstCodec::<RawMachineRef, v1::Machine>::default(),
+            )
+            .await
+            .expect_err("not UTF-8");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with("machine_id: cannot be decoded: "),
+            "{}",
+            err.message()
+        );
+        // No id was sent: the one minted for the call comes back.
+        let cid = err
+            .metadata()
+            .get(flotilla_core::ids::CORRELATION_METADATA)
+            .expect("a correlation id")
+            .to_str()
+            .unwrap();
+        assert!(flotilla_core::CorrelationId::parse(cid).is_some(), "{cid}");
+    }
 }

@@ -1,5 +1,8 @@
-//! The audit log: one row per instance transition, written in the
-//! transition's own transaction.
+//! The audit log of each instance: one row per transition, written in the
+//! transition's own transaction, and one row per request that changed no
+//! state (a terminate or drain request, a verdict the watchdog held), written
+//! with it. Such an act is named by its action, never disguised as a
+//! transition to the same state.
 
 use chrono::{DateTime, Utc};
 use flotilla_core::InstanceState;
@@ -14,7 +17,12 @@ pub struct ActionLogRow {
     pub id: i64,
     pub instance_id: Uuid,
     pub from_state: Option<String>,
-    pub to_state: String,
+    /// `None` exactly when the row is a request ([`Self::action`]).
+    pub to_state: Option<String>,
+    /// What was asked for, when the row is a request, not a transition.
+    pub action: Option<String>,
+    /// Whether a `terminate_requested` was forced.
+    pub force: Option<bool>,
     pub actor: String,
     pub correlation_id: String,
     pub error: Option<String>,
@@ -28,30 +36,90 @@ impl ActionLogRow {
             s.parse::<InstanceState>()
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
         };
+        let state = |s: &Option<String>| -> Result<i32> {
+            Ok(match s {
+                Some(s) => v1::InstanceState::from(parse(s)?) as i32,
+                None => v1::InstanceState::Unspecified as i32,
+            })
+        };
         Ok(v1::ActionLog {
             id: self.id as u64,
             instance_id: self.instance_id.to_string(),
-            from_state: match &self.from_state {
-                Some(s) => v1::InstanceState::from(parse(s)?) as i32,
-                None => v1::InstanceState::Unspecified as i32,
-            },
-            to_state: v1::InstanceState::from(parse(&self.to_state)?) as i32,
+            from_state: state(&self.from_state)?,
+            to_state: state(&self.to_state)?,
             actor: self.actor.clone(),
             correlation_id: self.correlation_id.clone(),
             error: self.error.clone().unwrap_or_default(),
             reason: self.reason.clone().unwrap_or_default(),
             at: Some(to_timestamp(self.at)),
+            action: self.action.clone().unwrap_or_default(),
+            force: self.force.unwrap_or(false),
         })
     }
 }
 
-/// Every transition of one instance, oldest first.
+/// An act about an instance that changes no state by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Terminate asked for (`force`: skip the drain and any stop).
+    Terminate { force: bool },
+    /// Drain asked for: the worker takes no new work.
+    Drain,
+    /// The watchdog held its verdict that the machine is lost (the storm
+    /// guard): a decision not to act, kept in the history with its reason.
+    LostVerdictHeld,
+}
+
+impl Request {
+    /// The `action` column's value.
+    pub fn action(self) -> &'static str {
+        match self {
+            Request::Terminate { .. } => "terminate_requested",
+            Request::Drain => "drain_requested",
+            Request::LostVerdictHeld => "lost_verdict_held",
+        }
+    }
+
+    fn force(self) -> Option<bool> {
+        match self {
+            Request::Terminate { force } => Some(force),
+            Request::Drain | Request::LostVerdictHeld => None,
+        }
+    }
+}
+
+/// Records `request` in the history of each of `ids`, with who asked or
+/// decided (`ctx`) and why.
+pub async fn action_log_request(
+    conn: &mut PgConnection,
+    ctx: &crate::WriteCtx,
+    ids: &[Uuid],
+    request: Request,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO action_logs (instance_id, action, force, actor, correlation_id, reason)
+         SELECT id, $2, $3, $4, $5, $6 FROM instances WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .bind(request.action())
+    .bind(request.force())
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Every transition and request of one instance, oldest first.
 pub async fn action_log_for_instance(
     conn: &mut PgConnection,
     instance_id: Uuid,
 ) -> Result<Vec<ActionLogRow>> {
     Ok(sqlx::query_as(
-        "SELECT id, instance_id, from_state, to_state, actor, correlation_id, error, reason, at
+        "SELECT id, instance_id, from_state, to_state, action, force, actor, correlation_id,
+                error, reason, at
          FROM action_logs WHERE instance_id = $1 ORDER BY id",
     )
     .bind(instance_id)

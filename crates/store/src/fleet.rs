@@ -8,6 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::Result;
+use crate::action_log::{Request, action_log_request};
 
 /// Which of `names` a non-terminated instance of `pool` already uses.
 /// The partial unique index `instances_pool_name_live` enforces the same
@@ -72,29 +73,8 @@ pub async fn fleet_select(
     .await?)
 }
 
-/// Records a request about instances in their audit log: a row whose
-/// from and to are the current state, carrying who asked and why.
-async fn fleet_log_request(
-    conn: &mut PgConnection,
-    ctx: &crate::WriteCtx,
-    ids: &[Uuid],
-    reason: &str,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id, reason)
-         SELECT id, state, state, $2, $3, $4 FROM instances WHERE id = ANY($1) ORDER BY id",
-    )
-    .bind(ids)
-    .bind(&ctx.actor)
-    .bind(ctx.correlation_id.as_str())
-    .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Sets the desired state of these instances to terminated (and `force`),
-/// logging the request with its reason.
+/// logging the request (`terminate_requested`) with its reason.
 pub async fn fleet_request_terminate(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
@@ -111,10 +91,11 @@ pub async fn fleet_request_terminate(
     .bind(force)
     .execute(&mut *conn)
     .await?;
-    fleet_log_request(conn, ctx, ids, reason).await
+    action_log_request(conn, ctx, ids, Request::Terminate { force }, reason).await
 }
 
-/// Cordons these instances, logging the request with its reason.
+/// Cordons these instances, logging the request (`drain_requested`) with
+/// its reason.
 pub async fn fleet_cordon(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
@@ -125,5 +106,5 @@ pub async fn fleet_cordon(
         .bind(ids)
         .execute(&mut *conn)
         .await?;
-    fleet_log_request(conn, ctx, ids, reason).await
+    action_log_request(conn, ctx, ids, Request::Drain, reason).await
 }

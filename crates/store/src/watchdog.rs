@@ -317,26 +317,23 @@ pub async fn watchdog_set_lost_hold(
         == 1)
 }
 
-/// Writes an audit row that is not a transition (from and to are the
-/// current state) for each of these instances: a decision not to act, with
-/// its reason, in the instance's history.
+/// Writes an audit row that is not a transition (`lost_verdict_held`) for
+/// each of these instances: a decision not to act, with its reason, in the
+/// instance's history.
 pub async fn watchdog_log_held(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
     ids: &[Uuid],
     reason: &str,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id, reason)
-         SELECT id, state, state, $2, $3, $4 FROM instances WHERE id = ANY($1) ORDER BY id",
+    crate::action_log::action_log_request(
+        conn,
+        ctx,
+        ids,
+        crate::action_log::Request::LostVerdictHeld,
+        reason,
     )
-    .bind(ids)
-    .bind(&ctx.actor)
-    .bind(ctx.correlation_id.as_str())
-    .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Volumes the database tracks for instances, by provider volume id.

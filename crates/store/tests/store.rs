@@ -156,7 +156,7 @@ async fn a_transition_bumps_the_version_and_logs_and_publishes_it() {
         .unwrap();
     assert_eq!(logs.len(), 2);
     assert_eq!(logs[1].from_state.as_deref(), Some("requested"));
-    assert_eq!(logs[1].to_state, "provisioning");
+    assert_eq!(logs[1].to_state.as_deref(), Some("provisioning"));
     assert_eq!(logs[1].actor, "scheduler");
     assert_eq!(logs[1].correlation_id, ctx.correlation_id.as_str());
     assert_eq!(logs[1].reason.as_deref(), Some("provision command"));

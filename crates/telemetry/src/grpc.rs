@@ -1,5 +1,6 @@
 //! gRPC plumbing shared by every server and client: the per-request span
-//! (continuing the caller's trace), the correlation id, and health.
+//! (continuing the caller's trace), the correlation id, and health. The
+//! server itself is put together in [`crate::grpc_server`].
 
 use flotilla_core::CorrelationId;
 use flotilla_core::ids::CORRELATION_METADATA;
@@ -18,7 +19,7 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 
 /// For `Server::builder().trace_fn(..)`: one span per call, child of the
 /// caller's `traceparent`. The correlation id is recorded on it by
-/// [`correlation_interceptor`], which may have to mint it.
+/// [`crate::grpc_server::CorrelationLayer`], which may have to mint it.
 pub fn server_span(req: &http::Request<()>) -> Span {
     let path = req.uri().path().to_owned();
     let span = tracing::info_span!(
@@ -39,20 +40,6 @@ pub fn server_span(req: &http::Request<()>) -> Span {
         .collect();
     set_parent_from_headers(&span, &headers);
     span
-}
-
-/// Server interceptor: makes sure every request carries a usable
-/// correlation id (the caller's, or a new one) and records it on the span.
-#[allow(clippy::result_large_err)]
-pub fn correlation_interceptor(
-    mut req: tonic::Request<()>,
-) -> Result<tonic::Request<()>, tonic::Status> {
-    let cid = correlation_of(req.metadata());
-    if let Ok(v) = MetadataValue::try_from(cid.as_str()) {
-        req.metadata_mut().insert(CORRELATION_METADATA, v);
-    }
-    Span::current().record("correlation_id", cid.as_str());
-    Ok(req)
 }
 
 /// The request's correlation id, or a new one when it has none (or a bad one).
@@ -91,17 +78,12 @@ mod tests {
 
     #[test]
     fn a_missing_or_bad_correlation_id_is_replaced_and_a_good_one_kept() {
-        let req = correlation_interceptor(tonic::Request::new(())).expect("ok");
-        let minted = correlation_of(req.metadata());
+        let minted = correlation_of(&MetadataMap::new());
         assert_eq!(minted.as_str().len(), 36);
-        // It is written back so handlers read the same id.
-        assert_eq!(correlation_of(req.metadata()), minted);
 
-        let mut req = tonic::Request::new(());
-        req.metadata_mut()
-            .insert(CORRELATION_METADATA, MetadataValue::from_static("req-7"));
-        let req = correlation_interceptor(req).expect("ok");
-        assert_eq!(correlation_of(req.metadata()).as_str(), "req-7");
+        let mut md = MetadataMap::new();
+        md.insert(CORRELATION_METADATA, MetadataValue::from_static("req-7"));
+        assert_eq!(correlation_of(&md).as_str(), "req-7");
 
         let mut md = MetadataMap::new();
         md.insert(

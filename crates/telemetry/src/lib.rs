@@ -4,11 +4,13 @@
 //! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set), W3C trace-context propagation
 //! across gRPC metadata and NATS headers, the process-wide Prometheus
 //! recorder and its `/metrics` endpoint, the loop metrics every reconcile
-//! loop reports, gRPC request metrics and health, the origin (trace and
+//! loop reports, the one gRPC server setup (health, reflection, request
+//! metrics, correlation ids), the origin (trace and
 //! correlation id) of work a loop picks up, and the shutdown signal.
 
 pub mod grpc;
 pub mod grpc_metrics;
+pub mod grpc_server;
 pub mod loops;
 pub mod metrics;
 pub mod origin;

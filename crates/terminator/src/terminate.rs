@@ -153,8 +153,18 @@ impl Terminator {
             }
             S::Ready => {
                 instance_cordon(conn, row.id).await?;
-                let to = if force { S::Deleting } else { S::Draining };
-                self.move_to(conn, &row, to, Some("cordoned")).await
+                if force {
+                    self.move_to(
+                        conn,
+                        &row,
+                        S::Deleting,
+                        Some("forced: cordoned, drain skipped"),
+                    )
+                    .await
+                } else {
+                    self.move_to(conn, &row, S::Draining, Some("cordoned"))
+                        .await
+                }
             }
             S::Draining => {
                 if force {

@@ -496,3 +496,35 @@ async fn a_normal_scale_down_waits_for_a_slow_stop_with_the_machines_version() {
             .unwrap();
     assert_eq!(errors, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_terminate_of_a_ready_worker_skips_the_drain_and_its_history_says_forced() {
+    let env = env(documented(), Some(1)).await;
+    let ids = ready(&env, 1, false).await;
+    terminate(&env, &ids, true).await;
+    let t = terminator(&env, "t1");
+    terminate_all(&t, &env, 1, Duration::from_secs(10)).await;
+    let history: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT from_state, to_state, reason FROM action_logs WHERE instance_id = $1 ORDER BY id",
+    )
+    .bind(ids[0].0)
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    let from_ready: Vec<_> = history
+        .iter()
+        .filter(|(from, _, _)| from.as_deref() == Some("ready"))
+        .map(|(_, to, reason)| (to.as_deref(), reason.as_deref()))
+        .collect();
+    assert_eq!(
+        from_ready,
+        [(Some("deleting"), Some("forced: cordoned, drain skipped"))],
+        "{history:?}"
+    );
+    assert!(
+        history
+            .iter()
+            .all(|(_, to, _)| to.as_deref() != Some("draining")),
+        "{history:?}"
+    );
+}

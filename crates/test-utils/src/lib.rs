@@ -7,6 +7,7 @@
 //! `FLOTILLA_TEST_NATS_URL`.
 
 pub mod fleet;
+pub mod python_client;
 pub mod stack;
 
 use std::time::Duration;
