@@ -134,7 +134,11 @@ pub async fn serve_health(
     shutdown: CancellationToken,
 ) {
     use tonic_health::ServingStatus;
-    let (reporter, service) = flotilla_telemetry::grpc::health_reporter();
+    // The one server setup every Flotilla gRPC endpoint has; it serves
+    // health (and reflection of it) only. An empty descriptor set: no
+    // service of our own.
+    let server = flotilla_telemetry::grpc_server::GrpcServer::new(name, &[]);
+    let reporter = server.health();
     let loops: Vec<&'static str> = statuses.snapshot().keys().copied().collect();
     let update = {
         let (reporter, shutdown) = (reporter.clone(), shutdown.clone());
@@ -173,12 +177,8 @@ pub async fn serve_health(
         }
     };
     tokio::spawn(update);
-    tracing::info!(service = name, addr = ?listener.local_addr().ok(), "health serving");
-    let served = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(flotilla_telemetry::grpc::incoming(listener), async move {
-            shutdown.cancelled().await;
-        })
+    let served = server
+        .serve(listener, async move { shutdown.cancelled().await })
         .await;
     if let Err(e) = served {
         tracing::warn!(service = name, error = %e, "health endpoint stopped");
