@@ -332,7 +332,8 @@ async fn ack(msg: &jetstream::Message, kind: AckKind) -> Result<(), BusError> {
 }
 
 /// Binds a durable consumer on `subject` whose only job is to wake a
-/// reconcile loop: the command's rows are already in the database, so
+/// reconcile loop: the command's rows — with the trace and correlation id
+/// of the request, on each instance row — are already in the database, so
 /// each message is acked at once and `wake` notified. Runs until
 /// `shutdown`; if the consumer cannot be bound the loop still runs on ticks.
 pub async fn wake_on(
@@ -342,31 +343,11 @@ pub async fn wake_on(
     wake: std::sync::Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    wake_on_with(bus, durable, subject, wake, shutdown, |_| {}).await
-}
-
-/// [`wake_on`], calling `observe` with each message first, inside the
-/// message's `bus.consume` span (which continues the sender's trace). The
-/// scheduler and terminator use it to remember where each instance's work
-/// came from ([`flotilla_telemetry::origin`]), so the loop that picks the
-/// instance up continues the same trace with the same correlation id.
-pub async fn wake_on_with<O>(
-    bus: Bus,
-    durable: &str,
-    subject: &str,
-    wake: std::sync::Arc<tokio::sync::Notify>,
-    shutdown: CancellationToken,
-    observe: O,
-) where
-    O: Fn(&Delivery) + Clone,
-{
     match bus.consumer(ConsumerSpec::new(durable, subject)).await {
         Ok(consumer) => {
-            let handler = |d: Delivery| {
+            let handler = |_: Delivery| {
                 let wake = wake.clone();
-                let observe = observe.clone();
                 async move {
-                    observe(&d);
                     wake.notify_one();
                     Outcome::Ack
                 }

@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_core::InstanceId;
-use flotilla_store::PgPool;
 use flotilla_store::instance::instance_renew_leases;
 use flotilla_telemetry::CancellationToken;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
 /// The lease was lost: the step must stop without writing or calling a
@@ -104,9 +105,21 @@ impl Leases {
     }
 
     /// Renews the leases of the steps still running, every third of the
-    /// lease, until `stop`. A renewal that fails leaves the deadlines as
-    /// they were: the steps notice at their next check.
-    pub(crate) async fn renew_until(&self, db: &PgPool, owner: &str, stop: CancellationToken) {
+    /// lease, until `stop`, on a connection of its own: taken before the
+    /// steps start, so steps holding every pooled connection cannot starve
+    /// the renewals of their own leases. A renewal that fails (or no
+    /// connection) leaves the deadlines as they were: the steps notice at
+    /// their next check.
+    pub(crate) async fn renew_until(
+        &self,
+        conn: Option<PoolConnection<Postgres>>,
+        owner: &str,
+        stop: CancellationToken,
+    ) {
+        let Some(mut conn) = conn else {
+            stop.cancelled().await;
+            return;
+        };
         let every = self.lease / 3;
         loop {
             tokio::select! {
@@ -124,7 +137,7 @@ impl Leases {
                 continue;
             }
             let sent = Instant::now();
-            match instance_renew_leases(db, &ids, owner, self.lease).await {
+            match instance_renew_leases(&mut conn, &ids, owner, self.lease).await {
                 Ok(renewed) => {
                     let until = sent + self.lease.saturating_sub(Self::margin(self.lease));
                     let mut deadlines = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,7 +1,7 @@
 //! The per-instance reconcile driver, written once for every loop that
 //! claims instances and steps each: claim due rows with a lease, load
 //! their pools once, run a step per row with bounded concurrency (each in
-//! the trace its row came from), and tally what happened into the
+//! the trace of the request stored on its row), and tally what happened into the
 //! activation's status.
 //!
 //! Its rules, the same for every loop:
@@ -19,12 +19,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use flotilla_core::CorrelationId;
 use flotilla_core::{Classify, ErrorClass, InstanceId};
 use flotilla_store::instance::{ClaimQuery, InstanceRow, instance_claim_due, instance_release};
 use flotilla_store::pool::{PoolRow, pool_get};
 use flotilla_store::{PgPool, StoreError};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::origin::Origin;
 use futures::StreamExt;
 
 use crate::lease::{Fence, Leases};
@@ -77,6 +79,18 @@ where
     let ids: Vec<InstanceId> = claimed.iter().map(|r| r.id).collect();
     let leases = Leases::new(&ids, sent, batch.claim.lease);
     let pools = pools_of(db, &claimed, &mut status).await;
+    // Before any step takes one: renewals must not wait behind the steps.
+    let renew_conn = if claimed.is_empty() {
+        None
+    } else {
+        match db.acquire().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no connection to renew leases; they hold for one lease");
+                None
+            }
+        }
+    };
     let renewing = CancellationToken::new();
     let steps = futures::stream::iter(claimed)
         .map(|row| {
@@ -91,9 +105,17 @@ where
                 let result = match pool {
                     PoolLookup::Found(pool) => {
                         let f = fence.clone();
-                        flotilla_telemetry::origin::within(batch.span, &id.to_string(), async {
-                            step(row, pool, f).await.map_err(Some)
-                        })
+                        let origin = row.origin.as_ref().map(|o| Origin {
+                            trace_headers: o.trace_headers.clone(),
+                            correlation_id: CorrelationId::parse(&o.correlation_id)
+                                .unwrap_or_default(),
+                        });
+                        flotilla_telemetry::origin::within(
+                            batch.span,
+                            &id.to_string(),
+                            origin,
+                            async { step(row, pool, f).await.map_err(Some) },
+                        )
                         .await
                     }
                     PoolLookup::Missing => Ok(Step::Retrying(
@@ -117,7 +139,7 @@ where
     };
     let (results, ()) = tokio::join!(
         steps,
-        leases.renew_until(db, batch.claim.owner, renewing.clone())
+        leases.renew_until(renew_conn, batch.claim.owner, renewing.clone())
     );
     for (id, held, result) in results {
         match result {

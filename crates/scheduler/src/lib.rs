@@ -103,15 +103,13 @@ impl Scheduler {
         );
         if let Some(bus) = bus {
             // The command only says "look now": it wakes the loop early.
-            // It also remembers each instance's trace and correlation id,
-            // so the loop's work on it continues the caller's trace.
-            loops.spawn(flotilla_bus::consumer::wake_on_with(
+            // The loop continues each instance's trace from its row.
+            loops.spawn(flotilla_bus::consumer::wake_on(
                 bus.clone(),
                 "scheduler",
                 flotilla_bus::subjects::PROVISION,
                 wake,
                 loops.shutdown().clone(),
-                remember_origins,
             ));
             loops.spawn(flotilla_bus::consumer::wake_on(
                 bus,
@@ -170,17 +168,6 @@ pub(crate) fn report_pool_failure(
             )
         }
         FailureOutcome::StillPaused => {}
-    }
-}
-
-/// Remembers the origin of every instance a `CMD.provision` names.
-fn remember_origins(d: &flotilla_bus::Delivery) {
-    use prost::Message;
-    if let Ok(cmd) = flotilla_proto::v1::ProvisionCommand::decode(d.payload.clone()) {
-        let origin = flotilla_telemetry::origin::Origin::current(&d.headers);
-        for id in cmd.instance_ids {
-            flotilla_telemetry::origin::remember(id, origin.clone());
-        }
     }
 }
 

@@ -105,13 +105,11 @@ async fn request_named(env: &Env, prefix: &str, n: usize) -> Vec<InstanceId> {
 }
 
 async fn rows(env: &Env) -> Vec<InstanceRow> {
-    sqlx::query_as(
-        "SELECT id, pool, name, provider, provider_machine_id, state, desired_state, version,
-                attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned,
-                force_terminate, needs_attention, labels, idempotency_key, lease_owner,
-                lease_until, created_at, updated_at, worker_idle, suspect_since, stuck_recoveries
-         FROM instances ORDER BY id",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        flotilla_store::instance_columns!(),
+        " FROM instances ORDER BY id"
+    ))
     .fetch_all(&env.db.pool)
     .await
     .unwrap()
@@ -959,8 +957,8 @@ async fn a_backlog_larger_than_a_batch_drains_without_waiting_for_ticks() {
     let running = tokio::spawn(s.run(None, stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let booted = rows(&env)
-            .await
+        let all = rows(&env).await;
+        let booted = all
             .iter()
             .filter(|r| r.state == InstanceState::Booting)
             .count();
@@ -969,8 +967,17 @@ async fn a_backlog_larger_than_a_batch_drains_without_waiting_for_ticks() {
         }
         assert!(
             Instant::now() < deadline,
-            "only {booted} of {} instances booting: the backlog waited for a tick",
-            ids.len()
+            "only {booted} of {} instances booting: the backlog waited for a tick; the others: {:?}",
+            ids.len(),
+            all.iter()
+                .filter(|r| r.state != InstanceState::Booting)
+                .map(|r| (
+                    r.state,
+                    r.attempts,
+                    r.last_error.clone(),
+                    r.lease_owner.clone()
+                ))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

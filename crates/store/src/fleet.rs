@@ -84,11 +84,12 @@ pub async fn fleet_request_terminate(
 ) -> Result<()> {
     sqlx::query(
         "UPDATE instances SET desired_state = 'terminated', force_terminate = force_terminate OR $2,
-             next_attempt_at = now(), version = version + 1, updated_at = now()
+             next_attempt_at = now(), version = version + 1, updated_at = now(), origin = $3
          WHERE id = ANY($1)",
     )
     .bind(ids)
     .bind(force)
+    .bind(sqlx::types::Json(crate::instance::RowOrigin::of(ctx)))
     .execute(&mut *conn)
     .await?;
     action_log_request(conn, ctx, ids, Request::Terminate { force }, reason).await

@@ -32,7 +32,7 @@ macro_rules! instance_columns {
         "id, pool, name, provider, provider_machine_id, state, desired_state, \
     version, attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned, \
     force_terminate, needs_attention, labels, idempotency_key, lease_owner, lease_until, \
-    created_at, updated_at, worker_idle, suspect_since, stuck_recoveries"
+    created_at, updated_at, worker_idle, suspect_since, stuck_recoveries, origin"
     };
 }
 
@@ -69,6 +69,27 @@ pub struct InstanceRow {
     pub suspect_since: Option<DateTime<Utc>>,
     /// Times the watchdog found this instance stuck in its current state.
     pub stuck_recoveries: i32,
+    /// The trace and correlation id of the last request about it.
+    pub origin: Option<Json<RowOrigin>>,
+}
+
+/// The trace context and correlation id of a request, as stored on the
+/// rows it asked for: loops continue that trace from the row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowOrigin {
+    /// `traceparent` / `tracestate` of the request's span.
+    pub trace_headers: Vec<(String, String)>,
+    pub correlation_id: String,
+}
+
+impl RowOrigin {
+    /// The origin of what `ctx` writes.
+    pub fn of(ctx: &WriteCtx) -> RowOrigin {
+        RowOrigin {
+            trace_headers: ctx.trace_headers.clone(),
+            correlation_id: ctx.correlation_id.as_str().to_owned(),
+        }
+    }
 }
 
 impl InstanceRow {
@@ -168,8 +189,8 @@ pub async fn instance_insert_requested(
         new.iter().map(|n| Json(&n.labels)).collect();
     let keys: Vec<Option<&str>> = new.iter().map(|n| n.idempotency_key.as_deref()).collect();
     let tokens: Vec<Option<&[u8]>> = new.iter().map(|n| n.worker_token_hash.as_deref()).collect();
-    let rows: Vec<InstanceRow> = sqlx::query_as(concat!("INSERT INTO instances (id, pool, name, provider, state, labels, idempotency_key, worker_token_hash)
-         SELECT id, pool, name, provider, 'requested', labels, key, token
+    let rows: Vec<InstanceRow> = sqlx::query_as(concat!("INSERT INTO instances (id, pool, name, provider, state, labels, idempotency_key, worker_token_hash, origin)
+         SELECT id, pool, name, provider, 'requested', labels, key, token, $8
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::bytea[])
            AS t(id, pool, name, provider, labels, key, token)
          RETURNING ", instance_columns!()))
@@ -180,6 +201,7 @@ pub async fn instance_insert_requested(
     .bind(&labels)
     .bind(&keys)
     .bind(&tokens)
+    .bind(Json(RowOrigin::of(ctx)))
     .fetch_all(&mut *tx)
     .await?;
 
@@ -375,7 +397,7 @@ pub async fn instance_claim_due(pool: &PgPool, q: &ClaimQuery<'_>) -> Result<Vec
 /// and returns the ids it extended. A lease that expired is not renewed
 /// (another replica may have claimed the row): its holder has lost it.
 pub async fn instance_renew_leases(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     ids: &[InstanceId],
     owner: &str,
     lease: Duration,
@@ -389,7 +411,7 @@ pub async fn instance_renew_leases(
     .bind(&ids)
     .bind(owner)
     .bind(lease.as_secs_f64())
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(renewed.into_iter().map(InstanceId).collect())
 }

@@ -613,3 +613,35 @@ fn policy(base: Duration, attention_after: u32) -> flotilla_core::backoff::Error
         attention_after,
     }
 }
+
+#[tokio::test]
+async fn each_request_leaves_its_trace_and_correlation_id_on_the_rows_it_asked_for() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let traceparent = (
+        "traceparent".to_owned(),
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+    );
+    let ctx = WriteCtx::new("api:ops")
+        .with_correlation(flotilla_core::CorrelationId::parse("req-provision-7").unwrap())
+        .with_trace_headers(vec![traceparent.clone()]);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let rows = instance_insert_requested(&mut conn, &ctx, &new_instances("p", 2))
+        .await
+        .unwrap();
+    for r in &rows {
+        let o = &r.origin.as_ref().expect("an origin").0;
+        assert_eq!(o.correlation_id, "req-provision-7");
+        assert_eq!(o.trace_headers, vec![traceparent.clone()]);
+    }
+    // A later request about the instance is where its next work comes from.
+    let ctx = WriteCtx::new("api:ops")
+        .with_correlation(flotilla_core::CorrelationId::parse("req-terminate-8").unwrap());
+    flotilla_store::fleet::fleet_request_terminate(&mut conn, &ctx, &[rows[0].id.0], false, "done")
+        .await
+        .unwrap();
+    let now = instance_get(&mut conn, rows[0].id).await.unwrap().unwrap();
+    assert_eq!(now.origin.unwrap().0.correlation_id, "req-terminate-8");
+    let other = instance_get(&mut conn, rows[1].id).await.unwrap().unwrap();
+    assert_eq!(other.origin.unwrap().0.correlation_id, "req-provision-7");
+}

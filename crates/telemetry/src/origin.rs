@@ -4,17 +4,12 @@
 //! Why it exists: a `CMD.*` message only wakes a reconcile loop, and the
 //! loop then claims rows from the database. Without help the loop's spans
 //! would start a new trace and its action logs a new correlation id, so the
-//! chain api → NATS → consumer → provider-adapter would break at the claim.
-//! The consumer therefore [`remember`]s, per item (an instance id), the
-//! context it received; the loop runs each item [`within`] that context.
-//! The memory is per process and bounded: an item claimed by another
-//! replica, or after a restart, simply starts its own trace — convergence
-//! never depends on it.
+//! chain api → provider-adapter would break at the claim. The request's
+//! context is therefore stored on each instance row it writes (`origin`),
+//! and the loop runs each row's step [`within`] that context — whichever
+//! replica claims it, after a restart too.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use flotilla_core::CorrelationId;
 use flotilla_core::ids::CORRELATION_HEADER;
@@ -22,16 +17,10 @@ use tracing::Instrument;
 
 use crate::propagation::{current_trace_headers, set_parent_from_headers};
 
-/// Most items remembered at once; the oldest are forgotten first.
-const MAX_ITEMS: usize = 50_000;
-/// How long an origin is kept: longer than a provisioning or termination
-/// with its retries normally takes, short enough to bound memory.
-const TTL: Duration = Duration::from_secs(15 * 60);
-
-/// The context a command arrived with.
+/// The context a request came with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
-    /// `traceparent`/`tracestate` of the span that received the command.
+    /// `traceparent`/`tracestate` of the request's span.
     pub trace_headers: Vec<(String, String)>,
     pub correlation_id: CorrelationId,
 }
@@ -52,55 +41,6 @@ impl Origin {
     }
 }
 
-struct Entry {
-    at: Instant,
-    origin: Origin,
-}
-
-fn registry() -> &'static Mutex<HashMap<String, Entry>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<String, Entry>>> = OnceLock::new();
-    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-/// Remembers where the work on `item` came from.
-pub fn remember(item: impl Into<String>, origin: Origin) {
-    let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= MAX_ITEMS {
-        let now = Instant::now();
-        map.retain(|_, e| now.duration_since(e.at) < TTL);
-        if map.len() >= MAX_ITEMS {
-            // Still full of fresh entries (a burst): forget the oldest half.
-            let mut ages: Vec<Instant> = map.values().map(|e| e.at).collect();
-            ages.sort_unstable();
-            let cut = ages[ages.len() / 2];
-            map.retain(|_, e| e.at > cut);
-        }
-    }
-    map.insert(
-        item.into(),
-        Entry {
-            at: Instant::now(),
-            origin,
-        },
-    );
-}
-
-/// The origin of `item`, if this process received one recently.
-pub fn lookup(item: &str) -> Option<Origin> {
-    let map = registry().lock().unwrap_or_else(|p| p.into_inner());
-    map.get(item)
-        .filter(|e| e.at.elapsed() < TTL)
-        .map(|e| e.origin.clone())
-}
-
-/// Forgets `item` (its work is done).
-pub fn forget(item: &str) {
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(item);
-}
-
 tokio::task_local! {
     static CORRELATION: CorrelationId;
 }
@@ -111,10 +51,15 @@ pub fn correlation() -> Option<CorrelationId> {
 }
 
 /// Runs `fut` for `item` under a span named `name` that continues the
-/// item's origin trace (a new trace when none is known), with the origin's
-/// correlation id recorded on the span and readable through [`correlation`].
-pub async fn within<F: Future>(name: &'static str, item: &str, fut: F) -> F::Output {
-    let origin = lookup(item);
+/// item's `origin` trace (a new trace when none is known), with the
+/// origin's correlation id recorded on the span and readable through
+/// [`correlation`].
+pub async fn within<F: Future>(
+    name: &'static str,
+    item: &str,
+    origin: Option<Origin>,
+    fut: F,
+) -> F::Output {
     let cid = origin
         .as_ref()
         .map(|o| o.correlation_id.clone())
@@ -136,21 +81,16 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn work_runs_with_the_remembered_correlation_id_or_a_fresh_one() {
+    async fn work_runs_with_its_origins_correlation_id_or_a_fresh_one() {
         let cid = CorrelationId::parse("req-origin-1").expect("valid");
-        remember(
-            "item-a",
-            Origin {
-                trace_headers: vec![],
-                correlation_id: cid.clone(),
-            },
-        );
-        let seen = within("test", "item-a", async { correlation() }).await;
+        let origin = Origin {
+            trace_headers: vec![],
+            correlation_id: cid.clone(),
+        };
+        let seen = within("test", "item-a", Some(origin), async { correlation() }).await;
         assert_eq!(seen, Some(cid));
-        let other = within("test", "item-unknown", async { correlation() }).await;
+        let other = within("test", "item-unknown", None, async { correlation() }).await;
         assert!(other.is_some_and(|c| c.as_str() != "req-origin-1"));
         assert_eq!(correlation(), None, "only inside `within`");
-        forget("item-a");
-        assert_eq!(lookup("item-a"), None);
     }
 }

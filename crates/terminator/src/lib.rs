@@ -62,15 +62,13 @@ impl Terminator {
         );
         if let Some(bus) = bus {
             // The command only says "look now": it wakes the loop early.
-            // It also remembers each instance's trace and correlation id,
-            // so the loop's work on it continues the caller's trace.
-            loops.spawn(flotilla_bus::consumer::wake_on_with(
+            // The loop continues each instance's trace from its row.
+            loops.spawn(flotilla_bus::consumer::wake_on(
                 bus,
                 "terminator",
                 flotilla_bus::subjects::TERMINATE,
                 wake,
                 loops.shutdown().clone(),
-                remember_origins,
             ));
         }
     }
@@ -95,17 +93,6 @@ impl Terminator {
         self.register(&mut loops, bus);
         loops.run(grace).await;
         flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
-    }
-}
-
-/// Remembers the origin of every instance a `CMD.terminate` names.
-fn remember_origins(d: &flotilla_bus::Delivery) {
-    use prost::Message;
-    if let Ok(cmd) = flotilla_proto::v1::TerminateCommand::decode(d.payload.clone()) {
-        let origin = flotilla_telemetry::origin::Origin::current(&d.headers);
-        for id in cmd.instance_ids {
-            flotilla_telemetry::origin::remember(id, origin.clone());
-        }
     }
 }
 
