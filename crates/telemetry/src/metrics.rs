@@ -68,6 +68,16 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_loop_backlog",
         "Items waiting for a loop (due work), by loop; sampled by the loop itself or, for the instance loops, by the watchdog.",
     ),
+    (
+        Kind::Gauge,
+        "flotilla_loop_last_run_timestamp_seconds",
+        "Unix time at which a loop last finished an activation, by loop: a loop that stopped running stops moving it.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_lease_lost_total",
+        "Fence checks that found a step's lease lost (the replica paused, partitioned or slow): the step stopped without writing or calling a provider.",
+    ),
     // gRPC servers.
     (
         Kind::Counter,
