@@ -105,6 +105,10 @@ fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The scheduler's and terminator's lease: a replica paused for longer
+/// has lost its claims when it resumes.
+pub const LEASE_SECONDS: u64 = 5;
+
 /// Everything a scenario talks to; dropped in [`Cluster::shutdown`].
 pub struct Cluster {
     pub pg: PrivatePostgres,
@@ -253,7 +257,9 @@ impl Cluster {
                     ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
                     ("WORKER_API_URL", api_url.clone()),
                     ("SCHEDULER_TICK_MS", "300".into()),
-                    ("SCHEDULER_LEASE_SECONDS", "20".into()),
+                    // Short, as in production: renewed while a step runs,
+                    // so a paused or killed replica's rows move on soon.
+                    ("SCHEDULER_LEASE_SECONDS", LEASE_SECONDS.to_string()),
                     // Attempts are not to run out through ~10 % faults: an
                     // acknowledged Provision must end with a machine.
                     ("PROVISION_MAX_ATTEMPTS", "1000".into()),
@@ -270,7 +276,7 @@ impl Cluster {
                 env: with(&[
                     ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
                     ("TERMINATOR_TICK_MS", "300".into()),
-                    ("TERMINATOR_LEASE_SECONDS", "20".into()),
+                    ("TERMINATOR_LEASE_SECONDS", LEASE_SECONDS.to_string()),
                     ("TERMINATOR_POLL_MS", "200".into()),
                     ("DRAIN_TIMEOUT_SECONDS", "1".into()),
                     ("STOP_GRACE_SECONDS", "1".into()),

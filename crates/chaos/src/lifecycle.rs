@@ -7,7 +7,11 @@
 //! 3. scale the pool up by its desired capacity, then down to zero;
 //! 4. provision 20 more and `kill -9` every scheduler right after the
 //!    answer, so the new instances are carried out by restarted replicas;
-//! 5. terminate the whole pool.
+//! 5. provision 20 more and `SIGSTOP` a scheduler in the middle of its
+//!    creates for three leases, then `SIGCONT` it: its claims were taken
+//!    over, and it must create no second machine and overwrite nothing;
+//! 6. terminate the whole pool, with a terminator paused the same way
+//!    between its stops and deletes.
 //!
 //! It ends when every instance is `terminated` and the provider holds no
 //! machine and no volume, with no duplicate seen at any sample — or fails
@@ -237,7 +241,28 @@ async fn phases(
         started.elapsed(),
     ));
 
-    // 5. Terminate everything.
+    // 5. Twenty more with a scheduler paused (SIGSTOP, not killed) in the
+    // middle of its creates for three leases, then resumed: it has lost its
+    // claims, so it must create no second machine and overwrite nothing.
+    let started = Instant::now();
+    let third = provision(cluster, &recorder, "lifecycle-3").await?;
+    let paused_for = Duration::from_secs(3 * crate::cluster::LEASE_SECONDS);
+    cluster.supervisor.pause("scheduler-1", true);
+    tokio::time::sleep(paused_for).await;
+    cluster.supervisor.pause("scheduler-1", false);
+    ledger.provisioned.extend(third.iter().copied());
+    let ids: BTreeSet<Uuid> = third.iter().copied().collect();
+    wait_until(cluster, duplicates, "the third 20 have machines", |db| {
+        with_machine(db, &ids) == ids.len()
+    })
+    .await?;
+    report.phases.push((
+        "provision 20 through a scheduler paused for three leases".into(),
+        started.elapsed(),
+    ));
+
+    // 6. Terminate everything, with a terminator paused in the middle of
+    // its stops and deletes for three leases.
     let started = Instant::now();
     terminate(
         cluster,
@@ -248,6 +273,9 @@ async fn phases(
         },
     )
     .await?;
+    cluster.supervisor.pause("terminator-1", true);
+    tokio::time::sleep(paused_for).await;
+    cluster.supervisor.pause("terminator-1", false);
     ledger.terminated.extend(ledger.provisioned.iter().copied());
     wait_until(cluster, duplicates, "every instance terminated", |db| {
         db.instances.iter().all(|i| i.state == "terminated")

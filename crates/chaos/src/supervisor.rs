@@ -126,6 +126,29 @@ impl Supervisor {
         true
     }
 
+    /// Sends `SIGSTOP` (`pause`) or `SIGCONT` to `name`: a replica that is
+    /// paused rather than killed keeps its connections and its claims, and
+    /// resumes as if no time had passed. Returns whether a process got it.
+    pub fn pause(&self, name: &str, pause: bool) -> bool {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let slots = self.lock();
+        let Some(pid) = slots
+            .iter()
+            .find(|s| s.spec.name == name)
+            .and_then(|s| s.child.as_ref())
+            .and_then(|c| c.id())
+        else {
+            return false;
+        };
+        let signal = if pause {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(Pid::from_raw(pid as i32), signal).is_ok()
+    }
+
     /// Whether every service is running right now.
     pub fn all_up(&self) -> bool {
         self.lock().iter_mut().all(|s| match s.child.as_mut() {
