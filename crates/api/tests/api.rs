@@ -3,6 +3,11 @@
 //! authentication of both APIs, listing, history, the event watch, pools,
 //! and boot phases reported by workers.
 
+#[path = "fuzz.rs"]
+mod fuzz;
+#[path = "shutdown.rs"]
+mod shutdown;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -1,6 +1,13 @@
 //! The Fly Machines client against the simulated cloud (same API): the full
 //! machine and volume lifecycle, every refusal, and the guard layer.
 
+#[path = "docker.rs"]
+mod docker;
+#[path = "local.rs"]
+mod local;
+#[path = "scaleway.rs"]
+mod scaleway;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

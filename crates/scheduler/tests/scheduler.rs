@@ -2,6 +2,9 @@
 //! provider-adapter in front of the simulated cloud: provisioning, crashes
 //! at every step boundary, failed starts, restarts, boot deadlines, capacity.
 
+#[path = "shutdown.rs"]
+mod shutdown;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //! drains. Every assertion about "gone" is checked against the simulator's
 //! own truth.
 
+#[path = "shutdown.rs"]
+mod shutdown;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //! machines, orphan machines and volumes, dry run, two replicas, and
 //! stuck-state recovery.
 
+#[path = "shutdown.rs"]
+mod shutdown;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
