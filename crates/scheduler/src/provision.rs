@@ -110,7 +110,7 @@ impl Scheduler {
     pub async fn provision_once(&self) -> ActivationStatus {
         let batch = Batch {
             claim: ClaimQuery {
-                states: &[InstanceState::Requested, InstanceState::Provisioning],
+                states: InstanceState::PROVISION_PHASES,
                 desired: None,
                 pool: None,
                 owner: &self.owner,

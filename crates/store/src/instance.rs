@@ -630,7 +630,7 @@ pub async fn instance_claim_overdue_boot(
     Ok(sqlx::query_as(concat!(
         "WITH due AS (
              SELECT i.id AS due_id FROM instances i JOIN pools p ON p.name = i.pool
-             WHERE i.state IN ('booting', 'installing', 'starting')
+             WHERE i.state = ANY($7)
                AND (i.lease_until IS NULL OR i.lease_until < now())
                AND i.state_entered_at + make_interval(secs => CASE i.state
                      WHEN 'booting' THEN COALESCE(p.booting_timeout_seconds, $1)
@@ -653,6 +653,7 @@ pub async fn instance_claim_overdue_boot(
     .bind(limit)
     .bind(owner)
     .bind(lease.as_secs_f64())
+    .bind(InstanceState::strs(InstanceState::BOOT_PHASES))
     .fetch_all(pool)
     .await?)
 }
