@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::subjects;
 use flotilla_core::{DesiredState, InstanceId, InstanceState, check_transition};
 use flotilla_proto::v1;
 use prost::Message;
@@ -120,10 +121,6 @@ pub struct Transition<'a> {
     pub reason: Option<&'a str>,
 }
 
-fn event_subject(state: InstanceState) -> String {
-    format!("EVT.instance.{}", state.as_str())
-}
-
 fn instance_event(
     row: &InstanceRow,
     from: Option<InstanceState>,
@@ -206,7 +203,7 @@ pub async fn instance_insert_requested(
             .copied()
             .ok_or_else(|| StoreError::Corrupt(format!("no action log for {}", row.id)))?;
         let event = instance_event(row, None, log_id, at, ctx, None);
-        events.push((event_subject(row.state), event.encode_to_vec()));
+        events.push((subjects::instance_event(row.state), event.encode_to_vec()));
     }
     outbox_insert_many(&mut tx, ctx, &events).await?;
     tx.commit().await?;
@@ -258,7 +255,7 @@ pub async fn instance_transition(
     outbox_insert_many(
         &mut tx,
         ctx,
-        &[(event_subject(row.state), event.encode_to_vec())],
+        &[(subjects::instance_event(row.state), event.encode_to_vec())],
     )
     .await?;
     tx.commit().await?;
