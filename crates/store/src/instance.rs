@@ -210,6 +210,57 @@ pub async fn instance_insert_requested(
     Ok(rows)
 }
 
+/// Most instance ids in one `CMD.provision` (the contract's limit).
+pub const IDS_PER_PROVISION_COMMAND: usize = 1000;
+
+/// Inserts instances in state `requested` (as [`instance_insert_requested`])
+/// together with the `CMD.provision` commands that ask the scheduler for
+/// them, in one (nested) transaction: every writer of new instances (the
+/// api, pool capacity, the watchdog's replacements) commits both or
+/// neither. The commands name the instances pool by pool, in their order,
+/// at most [`IDS_PER_PROVISION_COMMAND`] each.
+pub async fn instance_insert_with_provision(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    new: &[NewInstance],
+) -> Result<Vec<InstanceRow>> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = conn.begin().await?;
+    let rows = instance_insert_requested(&mut tx, ctx, new).await?;
+    outbox_insert_many(&mut tx, ctx, &provision_commands(new)).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// `(CMD.provision, ProvisionCommand)` outbox messages for `new`.
+fn provision_commands(new: &[NewInstance]) -> Vec<(String, Vec<u8>)> {
+    let mut by_pool: Vec<(&str, Vec<String>)> = Vec::new();
+    for n in new {
+        let i = match by_pool.iter().position(|(pool, _)| *pool == n.pool) {
+            Some(i) => i,
+            None => {
+                by_pool.push((&n.pool, Vec::new()));
+                by_pool.len() - 1
+            }
+        };
+        by_pool[i].1.push(n.id.to_string());
+    }
+    by_pool
+        .iter()
+        .flat_map(|(pool, ids)| {
+            ids.chunks(IDS_PER_PROVISION_COMMAND).map(|chunk| {
+                let cmd = v1::ProvisionCommand {
+                    instance_ids: chunk.to_vec(),
+                    pool: (*pool).to_owned(),
+                };
+                (subjects::PROVISION.to_owned(), cmd.encode_to_vec())
+            })
+        })
+        .collect()
+}
+
 /// Applies one transition if the table allows it and the row is still at
 /// `expected_version` in state `from`. Writes the action log and the event
 /// in the same transaction. Resets the step's attempt bookkeeping.
