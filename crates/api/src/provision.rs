@@ -15,14 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use flotilla_bus::subjects::PROVISION;
 use flotilla_core::InstanceId;
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_store::fleet::fleet_names_in_use;
 use flotilla_store::idempotency::{IdempotencyRecord, idempotency_get, idempotency_put};
-use flotilla_store::instance::{NewInstance, instance_insert_requested};
-use flotilla_store::outbox::outbox_insert_many;
+use flotilla_store::instance::{NewInstance, instance_insert_with_provision};
 use flotilla_store::pool::pool_get;
 use flotilla_store::{StoreError, WriteCtx};
 use prost::Message;
@@ -37,8 +35,6 @@ use crate::validate;
 
 /// Idempotency scope of Provision keys.
 pub const SCOPE: &str = "provision";
-/// Most instance ids in one `CMD.provision` (the contract's limit).
-pub const IDS_PER_COMMAND: usize = 1000;
 /// Random suffix length of generated names: 36^8 makes a clash with a live
 /// name in the same pool practically impossible, and the unique index
 /// catches the rest.
@@ -296,19 +292,7 @@ async fn write(
     hash: &[u8],
 ) -> Result<v1::ProvisionResponse, WriteError> {
     let mut tx = state.pool.begin().await?;
-    let rows = instance_insert_requested(&mut tx, ctx, new).await?;
-    let pool = new.first().map(|n| n.pool.clone()).unwrap_or_default();
-    let commands: Vec<(String, Vec<u8>)> = new
-        .chunks(IDS_PER_COMMAND)
-        .map(|chunk| {
-            let cmd = v1::ProvisionCommand {
-                instance_ids: chunk.iter().map(|n| n.id.to_string()).collect(),
-                pool: pool.clone(),
-            };
-            (PROVISION.to_owned(), cmd.encode_to_vec())
-        })
-        .collect();
-    outbox_insert_many(&mut tx, ctx, &commands).await?;
+    let rows = instance_insert_with_provision(&mut tx, ctx, new).await?;
 
     let position: HashMap<InstanceId, usize> =
         new.iter().enumerate().map(|(i, n)| (n.id, i)).collect();

@@ -16,7 +16,7 @@ use flotilla_core::config::NatsArgs;
 
 use crate::BusError;
 use crate::error::nats_error;
-use crate::subjects::{Namespace, headers};
+use crate::subjects::{self, Namespace, headers};
 
 /// Stream settings; the defaults suit production, tests shorten them.
 #[derive(Debug, Clone)]
@@ -157,7 +157,7 @@ impl Bus {
             },
             stream::Config {
                 name: self.ns.stream(EVT),
-                subjects: vec![self.ns.subject("EVT.>")],
+                subjects: vec![self.ns.subject(subjects::EVENTS)],
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 duplicate_window: self.config.duplicate_window,

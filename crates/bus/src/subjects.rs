@@ -2,19 +2,11 @@
 //! namespace, when set, is prepended on the wire so installations and tests
 //! can share a NATS server.
 
-use flotilla_core::InstanceState;
-
-pub const PROVISION: &str = "CMD.provision";
-pub const TERMINATE: &str = "CMD.terminate";
-pub const RECONCILE: &str = "CMD.reconcile";
-
-/// `EVT.instance.<state>`.
-pub fn instance_event(state: InstanceState) -> String {
-    format!("EVT.instance.{}", state.as_str())
-}
-
-/// Every instance event.
-pub const INSTANCE_EVENTS: &str = "EVT.instance.>";
+/// The logical subjects are defined in `flotilla_core` (the store writes
+/// them too) and used from here.
+pub use flotilla_core::subjects::{
+    EVENTS, INSTANCE_EVENTS, PROVISION, RECONCILE, TERMINATE, instance_event,
+};
 
 /// Header names.
 pub mod headers {
@@ -81,6 +73,9 @@ mod tests {
         assert_eq!(ns.stream("CMD"), "t42_CMD");
         assert_eq!(ns.subject(PROVISION), "t42.CMD.provision");
         assert_eq!(ns.logical("t42.CMD.provision"), PROVISION);
+        let ready = instance_event(flotilla_core::InstanceState::Ready);
+        assert_eq!(ns.subject(&ready), "t42.EVT.instance.ready");
+        assert_eq!(ns.subject(EVENTS), "t42.EVT.>");
         let none = Namespace::default();
         assert_eq!(none.stream("EVT"), "EVT");
         assert_eq!(none.subject(PROVISION), PROVISION);

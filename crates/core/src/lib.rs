@@ -2,8 +2,9 @@
 //!
 //! This crate has no I/O. It owns the instance state machine (the one
 //! transition table), the identifiers that tie provider resources back to
-//! rows, the closed set of error classes every layer speaks, the retry
-//! policy, and the configuration every binary shares.
+//! rows (ids and the provider ownership tags), the closed set of error classes every layer speaks, the retry
+//! policy, the logical subject names, and the configuration every binary
+//! shares.
 
 pub mod backoff;
 pub mod config;
@@ -11,6 +12,8 @@ pub mod error;
 pub mod health;
 pub mod ids;
 pub mod state;
+pub mod subjects;
+pub mod tags;
 
 pub use error::{Classify, ErrorClass, ProviderError};
 pub use ids::{CorrelationId, InstanceId};

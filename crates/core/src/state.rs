@@ -122,8 +122,16 @@ impl InstanceState {
     /// booting or serving.
     pub const LIVE: &'static [InstanceState] = &[Booting, Installing, Starting, Ready];
 
+    /// States the provisioning loop owns: wanted, not yet booting.
+    pub const PROVISION_PHASES: &'static [InstanceState] = &[Requested, Provisioning];
+
     /// Boot phases, each bounded by a per-pool deadline.
     pub const BOOT_PHASES: &'static [InstanceState] = &[Booting, Installing, Starting];
+
+    /// States whose machine should be running at the provider: a listing
+    /// that does not show it makes the instance suspected lost.
+    pub const MACHINE_RUNNING: &'static [InstanceState] =
+        &[Booting, Installing, Starting, Ready, Draining];
 
     /// States in which the instance is on its way out; the terminator owns them.
     pub const TEARDOWN: &'static [InstanceState] = &[Draining, Stopping, Stopped, Deleting];
@@ -142,6 +150,11 @@ impl InstanceState {
         Stopping,
         Deleting,
     ];
+
+    /// Transitional states the watchdog recovers when they outlast their
+    /// timeout; the boot phases have per-pool deadlines of their own.
+    pub const STUCK_WATCHED: &'static [InstanceState] =
+        &[Provisioning, Draining, Stopping, Deleting];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -362,6 +375,22 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    #[test]
+    fn every_transitional_state_has_exactly_one_timeout() {
+        // A transitional state in neither group would wait forever; one in
+        // both would be recovered by two loops.
+        for s in InstanceState::TRANSITIONAL {
+            let boot = InstanceState::BOOT_PHASES.contains(s);
+            let stuck = InstanceState::STUCK_WATCHED.contains(s);
+            assert!(
+                boot != stuck,
+                "{s}: boot deadline {boot}, stuck timeout {stuck}"
+            );
+        }
+        let covered = InstanceState::BOOT_PHASES.len() + InstanceState::STUCK_WATCHED.len();
+        assert_eq!(covered, InstanceState::TRANSITIONAL.len());
     }
 
     #[test]

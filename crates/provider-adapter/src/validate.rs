@@ -143,7 +143,7 @@ pub fn tags(tags: &HashMap<String, String>) -> Result<(), Status> {
         return Err(invalid_field("tags", format!("more than {MAX_TAGS} tags")));
     }
     for (k, v) in tags {
-        if k.starts_with("flotilla_") {
+        if k.starts_with(flotilla_core::tags::RESERVED_PREFIX) {
             return Err(invalid_field(
                 "tags",
                 format!("{k:?}: flotilla_* keys are set by the adapter"),

@@ -1,24 +1,11 @@
-//! The one way Flotilla builds HTTP clients: rustls over `ring` (the crypto
-//! library sqlx and async-nats already link), installed once per process.
+//! Provider HTTP calls: the shared client setup
+//! (`flotilla_telemetry::http_client`), and one classification of every
+//! failure into a `ProviderError`.
 
-use std::sync::Once;
 use std::time::Duration;
 
-static CRYPTO: Once = Once::new();
-
-/// A client builder with TLS ready, request and connect timeouts set, and
-/// no proxy from the environment (provider traffic goes direct).
-pub fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
-    CRYPTO.call_once(|| {
-        // Fails only when another provider was installed first, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5).min(timeout))
-        .no_proxy()
-        .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
-}
+/// The client setup is shared with the scheduler's health checks.
+pub use flotilla_telemetry::http_client::client_builder;
 
 use flotilla_core::ProviderError;
 use reqwest::StatusCode;

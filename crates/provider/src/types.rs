@@ -7,14 +7,8 @@ use chrono::{DateTime, Utc};
 use flotilla_core::InstanceId;
 use serde::{Deserialize, Serialize};
 
-/// Provider metadata key holding the instance id: the ownership tag the
-/// orphan scan uses to tie a machine back to its row.
-pub const TAG_INSTANCE: &str = "flotilla_instance_id";
-/// Provider metadata key holding the pool name.
-pub const TAG_POOL: &str = "flotilla_pool";
-/// Provider metadata key holding the control plane id, so two Flotilla
-/// installations sharing an account never touch each other's machines.
-pub const TAG_CONTROL_PLANE: &str = "flotilla_control_plane";
+/// The ownership tags are shared with the services that read listings.
+pub use flotilla_core::tags::{TAG_CONTROL_PLANE, TAG_INSTANCE, TAG_POOL};
 
 /// Every documented machine state, mapped exactly from each provider's
 /// spelling; `Unknown` keeps an undocumented one from being guessed at.

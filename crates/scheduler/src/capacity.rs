@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
-use flotilla_store::instance::{NewInstance, instance_insert_requested, instance_set_desired};
+use flotilla_store::instance::{NewInstance, instance_insert_with_provision, instance_set_desired};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::{PoolRow, pool_list};
 use flotilla_store::pool_pause::{ProbeSettled, pool_settle_probe};
@@ -184,18 +184,7 @@ impl Scheduler {
                     worker_token_hash: None,
                 })
                 .collect();
-            let rows = instance_insert_requested(&mut tx, &ctx, &new).await?;
-            let cmd = v1::ProvisionCommand {
-                instance_ids: rows.iter().map(|r| r.id.to_string()).collect(),
-                pool: pool.name.clone(),
-            };
-            outbox_insert(
-                &mut tx,
-                &ctx,
-                flotilla_bus::subjects::PROVISION,
-                &cmd.encode_to_vec(),
-            )
-            .await?;
+            instance_insert_with_provision(&mut tx, &ctx, &new).await?;
             tracing::info!(pool = %pool.name, n, paused, "scaling up");
             n
         } else if counted > desired {

@@ -62,7 +62,7 @@ const CACHE_SWEEP_AT: usize = 4096;
 impl HealthChecker {
     pub fn new(timeout: Duration, ttl: Duration) -> HealthChecker {
         HealthChecker {
-            client: flotilla_provider::http::client_builder(timeout)
+            client: flotilla_telemetry::http_client::client_builder(timeout)
                 .build()
                 .expect("a reqwest client with rustls builds"),
             ttl,

@@ -110,7 +110,7 @@ impl Scheduler {
     pub async fn provision_once(&self) -> ActivationStatus {
         let batch = Batch {
             claim: ClaimQuery {
-                states: &[InstanceState::Requested, InstanceState::Provisioning],
+                states: InstanceState::PROVISION_PHASES,
                 desired: None,
                 pool: None,
                 owner: &self.owner,
@@ -398,12 +398,12 @@ impl Scheduler {
                 .into_inner();
             if let Some(v) = page.volumes.into_iter().find(|v| {
                 v.tags
-                    .get(flotilla_provider::TAG_INSTANCE)
+                    .get(flotilla_core::tags::TAG_INSTANCE)
                     .map(String::as_str)
                     == Some(&want)
                     // A Scaleway server's root volume carries the instance
                     // tag too; it is never the data volume.
-                    && !v.tags.contains_key("flotilla_volume_role")
+                    && !v.tags.contains_key(flotilla_core::tags::TAG_VOLUME_ROLE)
                     && v.state != v1::VolumeState::Destroying as i32
                     && v.state != v1::VolumeState::Destroyed as i32
             }) {

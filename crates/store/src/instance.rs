@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::subjects;
 use flotilla_core::{DesiredState, InstanceId, InstanceState, check_transition};
 use flotilla_proto::v1;
 use prost::Message;
@@ -141,10 +142,6 @@ pub struct Transition<'a> {
     pub reason: Option<&'a str>,
 }
 
-fn event_subject(state: InstanceState) -> String {
-    format!("EVT.instance.{}", state.as_str())
-}
-
 fn instance_event(
     row: &InstanceRow,
     from: Option<InstanceState>,
@@ -228,11 +225,62 @@ pub async fn instance_insert_requested(
             .copied()
             .ok_or_else(|| StoreError::Corrupt(format!("no action log for {}", row.id)))?;
         let event = instance_event(row, None, log_id, at, ctx, None);
-        events.push((event_subject(row.state), event.encode_to_vec()));
+        events.push((subjects::instance_event(row.state), event.encode_to_vec()));
     }
     outbox_insert_many(&mut tx, ctx, &events).await?;
     tx.commit().await?;
     Ok(rows)
+}
+
+/// Most instance ids in one `CMD.provision` (the contract's limit).
+pub const IDS_PER_PROVISION_COMMAND: usize = 1000;
+
+/// Inserts instances in state `requested` (as [`instance_insert_requested`])
+/// together with the `CMD.provision` commands that ask the scheduler for
+/// them, in one (nested) transaction: every writer of new instances (the
+/// api, pool capacity, the watchdog's replacements) commits both or
+/// neither. The commands name the instances pool by pool, in their order,
+/// at most [`IDS_PER_PROVISION_COMMAND`] each.
+pub async fn instance_insert_with_provision(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    new: &[NewInstance],
+) -> Result<Vec<InstanceRow>> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = conn.begin().await?;
+    let rows = instance_insert_requested(&mut tx, ctx, new).await?;
+    outbox_insert_many(&mut tx, ctx, &provision_commands(new)).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// `(CMD.provision, ProvisionCommand)` outbox messages for `new`.
+fn provision_commands(new: &[NewInstance]) -> Vec<(String, Vec<u8>)> {
+    let mut by_pool: Vec<(&str, Vec<String>)> = Vec::new();
+    for n in new {
+        let i = match by_pool.iter().position(|(pool, _)| *pool == n.pool) {
+            Some(i) => i,
+            None => {
+                by_pool.push((&n.pool, Vec::new()));
+                by_pool.len() - 1
+            }
+        };
+        by_pool[i].1.push(n.id.to_string());
+    }
+    by_pool
+        .iter()
+        .flat_map(|(pool, ids)| {
+            ids.chunks(IDS_PER_PROVISION_COMMAND).map(|chunk| {
+                let cmd = v1::ProvisionCommand {
+                    instance_ids: chunk.to_vec(),
+                    pool: (*pool).to_owned(),
+                };
+                (subjects::PROVISION.to_owned(), cmd.encode_to_vec())
+            })
+        })
+        .collect()
 }
 
 /// Applies one transition if the table allows it and the row is still at
@@ -280,7 +328,7 @@ pub async fn instance_transition(
     outbox_insert_many(
         &mut tx,
         ctx,
-        &[(event_subject(row.state), event.encode_to_vec())],
+        &[(subjects::instance_event(row.state), event.encode_to_vec())],
     )
     .await?;
     tx.commit().await?;
@@ -652,7 +700,7 @@ pub async fn instance_claim_overdue_boot(
     Ok(sqlx::query_as(concat!(
         "WITH due AS (
              SELECT i.id AS due_id FROM instances i JOIN pools p ON p.name = i.pool
-             WHERE i.state IN ('booting', 'installing', 'starting')
+             WHERE i.state = ANY($7)
                AND (i.lease_until IS NULL OR i.lease_until < now())
                AND i.state_entered_at + make_interval(secs => CASE i.state
                      WHEN 'booting' THEN COALESCE(p.booting_timeout_seconds, $1)
@@ -675,6 +723,7 @@ pub async fn instance_claim_overdue_boot(
     .bind(limit)
     .bind(owner)
     .bind(lease.as_secs_f64())
+    .bind(InstanceState::strs(InstanceState::BOOT_PHASES))
     .fetch_all(pool)
     .await?)
 }

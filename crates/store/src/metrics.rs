@@ -3,6 +3,7 @@
 //! the estimated cost of orphan machines). One query each, so sampling a
 //! large fleet stays cheap.
 
+use flotilla_core::InstanceState;
 use sqlx::PgConnection;
 
 use crate::Result;
@@ -48,13 +49,15 @@ pub async fn metrics_price_by_instance_type(conn: &mut PgConnection) -> Result<V
 pub async fn metrics_loop_backlogs(conn: &mut PgConnection) -> Result<Vec<(&'static str, i64)>> {
     let (provision, boot, terminate): (i64, i64, i64) = sqlx::query_as(
         "SELECT
-             count(*) FILTER (WHERE state IN ('requested', 'provisioning')
+             count(*) FILTER (WHERE state = ANY($1)
                                 AND desired_state = 'running' AND next_attempt_at <= now()),
-             count(*) FILTER (WHERE state IN ('booting', 'installing', 'starting')
+             count(*) FILTER (WHERE state = ANY($2)
                                 AND desired_state = 'running'),
              count(*) FILTER (WHERE desired_state = 'terminated' AND next_attempt_at <= now())
          FROM instances WHERE state <> 'terminated'",
     )
+    .bind(InstanceState::strs(InstanceState::PROVISION_PHASES))
+    .bind(InstanceState::strs(InstanceState::BOOT_PHASES))
     .fetch_one(conn)
     .await?;
     Ok(vec![

@@ -267,13 +267,14 @@ pub async fn watchdog_live_with_machine(
          FROM instances i JOIN pools p ON p.name = i.pool
          WHERE p.provider = $1 AND p.region = $2
            AND i.provider_machine_id IS NOT NULL
-           AND i.state IN ('booting', 'installing', 'starting', 'ready', 'draining')
+           AND i.state = ANY($4)
            AND i.updated_at < $3
          ORDER BY i.pool, i.id",
     )
     .bind(provider)
     .bind(region)
     .bind(before)
+    .bind(InstanceState::strs(InstanceState::MACHINE_RUNNING))
     .fetch_all(conn)
     .await?)
 }
@@ -360,6 +361,19 @@ pub struct StuckTimeouts {
     pub deleting: Duration,
 }
 
+/// The timeout of each state of [`InstanceState::STUCK_WATCHED`], `$1` to
+/// `$4` as in [`StuckTimeouts`]'s order. A state without an arm would be
+/// NULL, never due: a test holds the arms to the group.
+macro_rules! stuck_timeout {
+    () => {
+        "CASE state
+                     WHEN 'provisioning' THEN $1
+                     WHEN 'draining' THEN $2
+                     WHEN 'stopping' THEN $3
+                     WHEN 'deleting' THEN $4 END"
+    };
+}
+
 /// Leases instances that stayed in a transitional state past its timeout,
 /// counting one more recovery for each. The k-th recovery of a state comes
 /// k + 1 timeouts after it was entered, so retries are spaced by the timeout.
@@ -374,12 +388,10 @@ pub async fn watchdog_claim_stuck(
         "WITH due AS (
              SELECT id AS due_id FROM instances
              WHERE (lease_until IS NULL OR lease_until < now())
-               AND state_entered_at + make_interval(secs => CASE state
-                     WHEN 'provisioning' THEN $1
-                     WHEN 'draining' THEN $2
-                     WHEN 'stopping' THEN $3
-                     WHEN 'deleting' THEN $4 END) * (stuck_recoveries + 1) < now()
-               AND state IN ('provisioning', 'draining', 'stopping', 'deleting')
+               AND state_entered_at + make_interval(secs => ",
+        stuck_timeout!(),
+        ") * (stuck_recoveries + 1) < now()
+               AND state = ANY($8)
              ORDER BY state_entered_at
              LIMIT $5
              FOR UPDATE SKIP LOCKED
@@ -398,6 +410,7 @@ pub async fn watchdog_claim_stuck(
     .bind(limit)
     .bind(owner)
     .bind(lease.as_secs_f64())
+    .bind(InstanceState::strs(InstanceState::STUCK_WATCHED))
     .fetch_all(pool)
     .await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id.0).collect();
@@ -450,4 +463,19 @@ pub async fn watchdog_force(conn: &mut PgConnection, id: InstanceId) -> Result<(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stuck_timeouts_have_an_arm_for_each_watched_state_and_no_other() {
+        let arms = stuck_timeout!().matches("WHEN '").count();
+        assert_eq!(arms, InstanceState::STUCK_WATCHED.len());
+        for s in InstanceState::STUCK_WATCHED {
+            let arm = format!("WHEN '{}' THEN", s.as_str());
+            assert!(stuck_timeout!().contains(&arm), "no timeout for {s}");
+        }
+    }
 }

@@ -8,8 +8,8 @@ use flotilla_core::{InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_store::instance::{
     ClaimQuery, ListFilter, NewInstance, Transition, instance_claim_due, instance_get,
-    instance_insert_requested, instance_list, instance_record_failure, instance_record_machine,
-    instance_release_owner, instance_transition,
+    instance_insert_requested, instance_insert_with_provision, instance_list,
+    instance_record_failure, instance_record_machine, instance_release_owner, instance_transition,
 };
 use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
@@ -488,6 +488,72 @@ async fn a_failure_keeps_the_state_counts_attempts_and_flags_after_the_threshold
         .await
         .unwrap();
     assert_eq!(row.provider_machine_id.as_deref(), Some("m-123"));
+}
+
+#[tokio::test]
+async fn new_instances_and_their_provision_commands_are_written_together_in_chunks_per_pool() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    make_pool(&db.pool, "q").await;
+    let mut new = new_instances("p", 1001);
+    new.extend(new_instances("q", 2));
+    let mut conn = db.pool.acquire().await.unwrap();
+    let rows = instance_insert_with_provision(&mut conn, &WriteCtx::new("test"), &new)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1003);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE subject = 'EVT.instance.requested'"
+        )
+        .await,
+        1003
+    );
+    let commands: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE subject = 'CMD.provision' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let commands: Vec<v1::ProvisionCommand> = commands
+        .iter()
+        .map(|p| v1::ProvisionCommand::decode(p.as_slice()).unwrap())
+        .collect();
+    let shape: Vec<(&str, usize)> = commands
+        .iter()
+        .map(|c| (c.pool.as_str(), c.instance_ids.len()))
+        .collect();
+    assert_eq!(shape, [("p", 1000), ("p", 1), ("q", 2)]);
+    let named: Vec<&String> = commands.iter().flat_map(|c| &c.instance_ids).collect();
+    let wanted: Vec<String> = new.iter().map(|n| n.id.to_string()).collect();
+    assert_eq!(named, wanted.iter().collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn new_instances_are_not_kept_when_their_provision_command_cannot_be_written() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    // The outbox refuses provision commands: the instance rows (and their
+    // events) written before it must go with it, even on a bare connection.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_provision() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'no provision commands'; END $$;
+         CREATE TRIGGER refuse_provision BEFORE INSERT ON outbox FOR EACH ROW
+         WHEN (NEW.subject = 'CMD.provision') EXECUTE FUNCTION refuse_provision();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let err =
+        instance_insert_with_provision(&mut conn, &WriteCtx::new("t"), &new_instances("p", 3))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("no provision commands"), "{err}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM instances").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
 }
 
 #[tokio::test]

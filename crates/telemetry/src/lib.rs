@@ -6,11 +6,14 @@
 //! recorder and its `/metrics` endpoint, the loop metrics every reconcile
 //! loop reports, the one gRPC server setup (health, reflection, request
 //! metrics, correlation ids), the origin (trace and
-//! correlation id) of work a loop picks up, and the shutdown signal.
+//! correlation id) of work a loop picks up, the shutdown signal, and (with
+//! the `http-client` feature) the one HTTP client setup.
 
 pub mod grpc;
 pub mod grpc_metrics;
 pub mod grpc_server;
+#[cfg(feature = "http-client")]
+pub mod http_client;
 pub mod loops;
 pub mod metrics;
 pub mod origin;

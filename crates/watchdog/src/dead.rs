@@ -26,7 +26,7 @@ use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState, ProviderE
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::instance::{
-    InstanceRow, NewInstance, Transition, instance_insert_requested, instance_release,
+    InstanceRow, NewInstance, Transition, instance_insert_with_provision, instance_release,
     instance_set_desired, instance_transition,
 };
 use flotilla_store::outbox::outbox_insert;
@@ -300,18 +300,7 @@ impl Watchdog {
                     idempotency_key: None,
                     worker_token_hash: None,
                 };
-                let created = instance_insert_requested(&mut tx, &ctx, &[new]).await?;
-                let cmd = v1::ProvisionCommand {
-                    instance_ids: created.iter().map(|r| r.id.to_string()).collect(),
-                    pool: moved.pool.clone(),
-                };
-                outbox_insert(
-                    &mut tx,
-                    &ctx,
-                    flotilla_bus::subjects::PROVISION,
-                    &cmd.encode_to_vec(),
-                )
-                .await?;
+                instance_insert_with_provision(&mut tx, &ctx, &[new]).await?;
             }
         }
         instance_release(&mut tx, moved.id, &self.owner).await?;

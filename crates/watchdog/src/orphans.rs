@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::tags::TAG_INSTANCE;
 use flotilla_core::{Classify, InstanceId, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
@@ -168,7 +169,7 @@ impl Watchdog {
             .iter()
             .filter_map(|m| {
                 m.tags
-                    .get(flotilla_provider_tag())
+                    .get(TAG_INSTANCE)
                     .and_then(|t| t.parse().ok())
                     .map(|id| (id, m))
             })
@@ -278,11 +279,7 @@ impl Watchdog {
             .collect();
         let owners: Vec<Uuid> = volumes
             .iter()
-            .filter_map(|v| {
-                v.tags
-                    .get(flotilla_provider_tag())
-                    .and_then(|t| t.parse().ok())
-            })
+            .filter_map(|v| v.tags.get(TAG_INSTANCE).and_then(|t| t.parse().ok()))
             .collect();
         let known: HashMap<Uuid, InstanceState> = watchdog_known(&mut conn, &owners)
             .await?
@@ -295,7 +292,7 @@ impl Watchdog {
             }
             let owner = v
                 .tags
-                .get(flotilla_provider_tag())
+                .get(TAG_INSTANCE)
                 .and_then(|t| t.parse::<Uuid>().ok());
             let owner_live = owner
                 .and_then(|o| known.get(&o))
@@ -337,10 +334,6 @@ impl Watchdog {
         }
         Ok(())
     }
-}
-
-fn flotilla_provider_tag() -> &'static str {
-    "flotilla_instance_id"
 }
 
 /// A scan step that could not complete.

@@ -38,7 +38,7 @@ pub const RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// detaches it).
 pub const TAG_MACHINE: &str = "flotilla_machine_id";
 /// Tag on a volume saying what it is for (`root`); data volumes have none.
-pub const TAG_ROLE: &str = "flotilla_volume_role";
+pub use flotilla_core::tags::TAG_VOLUME_ROLE as TAG_ROLE;
 pub const ROLE_ROOT: &str = "root";
 
 /// Reads `null` as the type's default: Scaleway sends `null` for empty
