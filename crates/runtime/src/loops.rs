@@ -214,6 +214,14 @@ impl Loops {
         flotilla_telemetry::shutdown::join_within_grace(&mut self.tasks, &self.shutdown, grace)
             .await
     }
+
+    /// [`Loops::run`], then gives back every lease `owner` still holds, so
+    /// another replica takes those rows at once instead of after the lease.
+    /// This is how every loop service stops.
+    pub async fn run_then_release(self, grace: Duration, db: &sqlx::PgPool, owner: &str) {
+        self.run(grace).await;
+        crate::service::release_leases(db, owner).await;
+    }
 }
 
 #[cfg(test)]

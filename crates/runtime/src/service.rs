@@ -90,8 +90,7 @@ impl Runtime {
             ));
         }
         tracing::info!(service = self.name, owner, "service running");
-        loops.run(self.grace).await;
-        release_leases(&self.db, owner).await;
+        loops.run_then_release(self.grace, &self.db, owner).await;
         if tokio::time::timeout(self.grace, self.relay).await.is_err() {
             tracing::warn!("outbox relay did not stop within the grace period");
         }

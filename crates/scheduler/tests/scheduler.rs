@@ -4,6 +4,8 @@
 
 #[path = "shutdown.rs"]
 mod shutdown;
+#[path = "wake.rs"]
+mod wake;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

@@ -91,8 +91,7 @@ impl Terminator {
     ) {
         let mut loops = Loops::new(shutdown);
         self.register(&mut loops, bus);
-        loops.run(grace).await;
-        flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
+        loops.run_then_release(grace, &self.db, &self.owner).await;
     }
 }
 

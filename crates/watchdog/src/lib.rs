@@ -101,8 +101,7 @@ impl Watchdog {
     pub async fn run_with_grace(self, shutdown: CancellationToken, grace: std::time::Duration) {
         let mut loops = Loops::new(shutdown);
         self.register(&mut loops);
-        loops.run(grace).await;
-        flotilla_runtime::service::release_leases(&self.db, &self.owner).await;
+        loops.run_then_release(grace, &self.db, &self.owner).await;
     }
 }
 
