@@ -370,7 +370,10 @@ mod tests {
         }
         assert!(Abandoned.is_terminal());
         assert!(Abandoned.exits().is_empty());
-        assert!(!Terminated.can_transition_to(Abandoned), "terminated is already done");
+        assert!(
+            !Terminated.can_transition_to(Abandoned),
+            "terminated is already done"
+        );
     }
 
     #[test]

@@ -108,17 +108,19 @@ impl Scheduler {
     async fn finish_deletion(&self, pool: &PoolRow) -> Result<bool, StoreError> {
         let mut conn = self.db.acquire().await?;
         let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
-        Ok(match pool_finish_deletion(&mut conn, &ctx, &pool.name).await? {
-            DeletionProgress::Deleted => {
-                tracing::warn!(pool = %pool.name, "last instance gone; pool deleted");
-                true
-            }
-            DeletionProgress::Waiting(live) => {
-                tracing::debug!(pool = %pool.name, live, "pool being deleted; waiting for its instances");
-                false
-            }
-            DeletionProgress::NotDeleting => false,
-        })
+        Ok(
+            match pool_finish_deletion(&mut conn, &ctx, &pool.name).await? {
+                DeletionProgress::Deleted => {
+                    tracing::warn!(pool = %pool.name, "last instance gone; pool deleted");
+                    true
+                }
+                DeletionProgress::Waiting(live) => {
+                    tracing::debug!(pool = %pool.name, live, "pool being deleted; waiting for its instances");
+                    false
+                }
+                DeletionProgress::NotDeleting => false,
+            },
+        )
     }
 
     /// Resumes a paused pool whose probe reached `ready` (and wakes its

@@ -187,9 +187,9 @@ async fn lock_pools_taking_instances(conn: &mut PgConnection, pools: &[&str]) ->
         match found.iter().find(|(n, _)| n == name) {
             None => return Err(StoreError::NotFound(format!("pool {name}"))),
             Some((_, true)) => {
-                return Err(StoreError::Refused(
-                    crate::pool_delete::deleting_refusal(name),
-                ));
+                return Err(StoreError::Refused(crate::pool_delete::deleting_refusal(
+                    name,
+                )));
             }
             Some((_, false)) => {}
         }

@@ -115,11 +115,13 @@ pub async fn pool_delete(
 ) -> Result<PoolDeletion> {
     let mut tx = conn.begin().await?;
     // Instances first, then the pool: see the module's design notes.
-    sqlx::query("SELECT id FROM instances WHERE pool = $1 AND state <> ALL($2) ORDER BY id FOR UPDATE")
-        .bind(name)
-        .bind(InstanceState::strs(InstanceState::TERMINAL))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "SELECT id FROM instances WHERE pool = $1 AND state <> ALL($2) ORDER BY id FOR UPDATE",
+    )
+    .bind(name)
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
+    .execute(&mut *tx)
+    .await?;
     let pool = lock_pool(&mut tx, name)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("pool {name}")))?;

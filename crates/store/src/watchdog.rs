@@ -372,7 +372,9 @@ pub async fn watchdog_known_volumes(
 /// that held abandoned instances when it was deleted (their machines may
 /// still be there, with no pool left to name the place). The pool only
 /// names the call's rate limit and breaker at the adapter.
-pub async fn watchdog_scan_targets(conn: &mut PgConnection) -> Result<Vec<(String, String, String)>> {
+pub async fn watchdog_scan_targets(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, String, String)>> {
     Ok(sqlx::query_as(
         "SELECT DISTINCT ON (provider, region) provider, region, name FROM (
              SELECT provider, region, name, 0 AS rank FROM pools

@@ -12,11 +12,11 @@ use flotilla_store::instance::{
     instance_record_failure, instance_record_machine, instance_release_owner,
     instance_renew_leases, instance_transition,
 };
+use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
 use flotilla_store::pool_delete::{
     DeletionProgress, PoolDeletion, pool_delete, pool_deletions_of, pool_finish_deletion,
 };
 use flotilla_store::watchdog::watchdog_scan_targets;
-use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
 use flotilla_test_utils::TestDb;
 use prost::Message;
@@ -776,9 +776,14 @@ async fn abandon_ends_a_claimed_instance_once_takes_its_lease_and_fences_the_hol
     assert!(row.version > held.version);
 
     // The holder cannot renew its lease, and its write is refused.
-    let renewed = instance_renew_leases(&mut conn, &[held.id], "scheduler-1", Duration::from_secs(60))
-        .await
-        .unwrap();
+    let renewed = instance_renew_leases(
+        &mut conn,
+        &[held.id],
+        "scheduler-1",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert!(renewed.is_empty(), "the lease is gone");
     let err = instance_transition(
         &mut conn,
@@ -811,7 +816,10 @@ async fn abandon_ends_a_claimed_instance_once_takes_its_lease_and_fences_the_hol
         )
         .await
         .unwrap_err();
-        assert!(matches!(err, StoreError::IllegalTransition(_)), "{to}: {err}");
+        assert!(
+            matches!(err, StoreError::IllegalTransition(_)),
+            "{to}: {err}"
+        );
     }
     // No loop claims it: claims name states that are not terminal.
     let states = not_terminal();
@@ -854,7 +862,10 @@ async fn abandon_ends_a_claimed_instance_once_takes_its_lease_and_fences_the_hol
         .await
         .unwrap();
     assert!(matches!(again, Abandon::AlreadyTerminal(ref r) if r.version == row.version));
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, logs);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM action_logs").await,
+        logs
+    );
     let err = instance_abandon(&mut conn, &ops, InstanceId::new(), "typo")
         .await
         .unwrap_err();
@@ -871,24 +882,32 @@ async fn a_pool_deletion_waits_for_an_uncommitted_insert_and_counts_its_instance
     // A writer of new instances (Provision, capacity, a replacement) is
     // in the middle of its transaction.
     let mut writer = db.pool.begin().await.unwrap();
-    instance_insert_requested(&mut writer, &WriteCtx::new("api:ci"), &new_instances("p", 2))
-        .await
-        .unwrap();
+    instance_insert_requested(
+        &mut writer,
+        &WriteCtx::new("api:ci"),
+        &new_instances("p", 2),
+    )
+    .await
+    .unwrap();
     let pool = db.pool.clone();
     let deletion = tokio::spawn(async move {
         let mut conn = pool.acquire().await.unwrap();
         pool_delete(&mut conn, &WriteCtx::new("api:ops"), "p", false, "done").await
     });
     // The deletion waits for the writer's lock on the pool row.
-    wait_until(Duration::from_secs(10), "the deletion waits on a lock", || async {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM pg_stat_activity
+    wait_until(
+        Duration::from_secs(10),
+        "the deletion waits on a lock",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .await
-            >= 1
-    })
+            )
+            .await
+                >= 1
+        },
+    )
     .await;
     writer.commit().await.unwrap();
     let err = deletion.await.unwrap().unwrap_err();
@@ -897,7 +916,10 @@ async fn a_pool_deletion_waits_for_an_uncommitted_insert_and_counts_its_instance
         "{err}"
     );
     assert_eq!(count(&db.pool, "SELECT count(*) FROM pools").await, 1);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM pool_deletions").await, 0);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pool_deletions").await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -911,18 +933,28 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
     let outbox = count(&db.pool, "SELECT count(*) FROM outbox").await;
 
     // Not without force, and the refusal changes nothing.
-    let err = pool_delete(&mut conn, &ops, "p", false, "moving").await.unwrap_err();
+    let err = pool_delete(&mut conn, &ops, "p", false, "moving")
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, StoreError::Refused(ref why) if why.contains("2 live instances") && why.contains("--force")),
         "{err}"
     );
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, outbox);
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM instances WHERE desired_state = 'running'").await,
+        count(
+            &db.pool,
+            "SELECT count(*) FROM instances WHERE desired_state = 'running'"
+        )
+        .await,
         2
     );
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM pools WHERE deleting_since IS NULL").await,
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pools WHERE deleting_since IS NULL"
+        )
+        .await,
         1
     );
 
@@ -930,7 +962,9 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
         pool,
         live,
         requested,
-    } = pool_delete(&mut conn, &ops, "p", true, "moving to fr-par").await.unwrap()
+    } = pool_delete(&mut conn, &ops, "p", true, "moving to fr-par")
+        .await
+        .unwrap()
     else {
         panic!("deleted with live instances");
     };
@@ -940,11 +974,19 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
     ids.sort();
     assert_eq!(requested, ids);
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM instances WHERE desired_state = 'terminated'").await,
+        count(
+            &db.pool,
+            "SELECT count(*) FROM instances WHERE desired_state = 'terminated'"
+        )
+        .await,
         2
     );
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM outbox WHERE subject = 'CMD.terminate'").await,
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE subject = 'CMD.terminate'"
+        )
+        .await,
         1
     );
     assert_eq!(
@@ -958,9 +1000,13 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
     );
 
     // No new instances, whoever writes them.
-    let err = instance_insert_with_provision(&mut conn, &WriteCtx::new("scheduler"), &new_instances("p", 1))
-        .await
-        .unwrap_err();
+    let err = instance_insert_with_provision(
+        &mut conn,
+        &WriteCtx::new("scheduler"),
+        &new_instances("p", 1),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, StoreError::Refused(ref why) if why.contains("being deleted")),
         "{err}"
@@ -968,18 +1014,26 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
     assert_eq!(count(&db.pool, "SELECT count(*) FROM instances").await, 2);
 
     // Asked again: how far it is, nothing asked twice.
-    let PoolDeletion::Deleting { live, requested, .. } =
-        pool_delete(&mut conn, &ops, "p", false, "again").await.unwrap()
+    let PoolDeletion::Deleting {
+        live, requested, ..
+    } = pool_delete(&mut conn, &ops, "p", false, "again")
+        .await
+        .unwrap()
     else {
         panic!("deleted with live instances");
     };
     assert_eq!((live, requested.len()), (2, 0));
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM pool_deletions").await, 1);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pool_deletions").await,
+        1
+    );
 
     // The row stays while an instance still needs it for its teardown.
     let scheduler = WriteCtx::new("scheduler");
     assert_eq!(
-        pool_finish_deletion(&mut conn, &scheduler, "p").await.unwrap(),
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
         DeletionProgress::Waiting(2)
     );
     let cancelled = instance_get(&mut conn, rows[0].id).await.unwrap().unwrap();
@@ -1001,11 +1055,15 @@ async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_e
         .await
         .unwrap();
     assert_eq!(
-        pool_finish_deletion(&mut conn, &scheduler, "p").await.unwrap(),
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
         DeletionProgress::Deleted
     );
     assert_eq!(
-        pool_finish_deletion(&mut conn, &scheduler, "p").await.unwrap(),
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
         DeletionProgress::NotDeleting
     );
     assert_eq!(count(&db.pool, "SELECT count(*) FROM pools").await, 0);
@@ -1045,7 +1103,9 @@ async fn a_pool_without_live_instances_is_deleted_at_once_and_then_unknown() {
     let mut conn = db.pool.acquire().await.unwrap();
     let ops = WriteCtx::new("api:ops");
     assert!(matches!(
-        pool_delete(&mut conn, &ops, "p", false, "unused").await.unwrap(),
+        pool_delete(&mut conn, &ops, "p", false, "unused")
+            .await
+            .unwrap(),
         PoolDeletion::Deleted
     ));
     let r = &pool_deletions_of(&mut conn, "p").await.unwrap()[0];
@@ -1055,7 +1115,9 @@ async fn a_pool_without_live_instances_is_deleted_at_once_and_then_unknown() {
         watchdog_scan_targets(&mut conn).await.unwrap().is_empty(),
         "nothing of it can be left at the provider"
     );
-    let err = pool_delete(&mut conn, &ops, "p", true, "again").await.unwrap_err();
+    let err = pool_delete(&mut conn, &ops, "p", true, "again")
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
     let err = instance_insert_requested(&mut conn, &ops, &new_instances("p", 1))
         .await
