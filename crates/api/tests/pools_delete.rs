@@ -319,7 +319,7 @@ async fn abandon_of_an_instance_stuck_in_deleting_records_who_and_why_and_warns_
         .await
         .expect("terminate")
         .into_inner();
-    assert_eq!(t.unchanged_ids, [id.clone()]);
+    assert_eq!(t.unchanged_ids, std::slice::from_ref(&id));
     assert_eq!(api.history(&id).await.len(), rows);
 }
 

@@ -511,7 +511,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let out = pools_table(&[deleting.clone()], now);
+        let out = pools_table(std::slice::from_ref(&deleting), now);
         assert!(out.contains("deleting 30s"), "{out}");
         assert_eq!(pool_json(&deleting)["deleting"], true);
     }
