@@ -22,6 +22,7 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::NotFound(what) => Status::not_found(format!("not found: {what}")),
         StoreError::Conflict(why) => Status::aborted(format!("changed concurrently: {why}")),
         StoreError::IllegalTransition(t) => Status::failed_precondition(t.to_string()),
+        StoreError::Refused(why) => Status::failed_precondition(why),
         StoreError::Duplicate(constraint) => Status::already_exists(match constraint.as_str() {
             "pools_pkey" => "pool: a pool with this name already exists",
             "instances_pool_name_live" => {
@@ -55,6 +56,10 @@ mod tests {
         let cases = [
             (StoreError::NotFound("pool x".into()), Code::NotFound),
             (StoreError::Conflict("version".into()), Code::Aborted),
+            (
+                StoreError::Refused("pool p is being deleted".into()),
+                Code::FailedPrecondition,
+            ),
             (
                 StoreError::Duplicate("pools_pkey".into()),
                 Code::AlreadyExists,

@@ -341,6 +341,16 @@ impl FleetService for FleetApi {
         };
 
         let mut tx = self.begin().await?;
+        // A pool being deleted keeps no capacity and takes no instances:
+        // changing it would promise what will not happen.
+        if let Some(pool) = pool_get(&mut tx, &req.name).await.map_err(store_status)?
+            && pool.deleting_since.is_some()
+        {
+            return Err(Status::failed_precondition(format!(
+                "pool {} is being deleted; it can no longer be changed",
+                req.name
+            )));
+        }
         let updated = pool_update(&mut tx, &req.name, &update, expected_version)
             .await
             .map_err(store_status)?;
@@ -414,6 +424,24 @@ impl FleetService for FleetApi {
             .map_err(store_status)?
             .ok_or_else(|| pool_not_found(name))?;
         Ok(Response::new(row.to_proto()))
+    }
+
+    async fn delete_pool(
+        &self,
+        request: Request<v1::DeletePoolRequest>,
+    ) -> Result<Response<v1::DeletePoolResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = crate::lifecycle::delete_pool(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn abandon_instance(
+        &self,
+        request: Request<v1::AbandonInstanceRequest>,
+    ) -> Result<Response<v1::AbandonInstanceResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = crate::lifecycle::abandon(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn list_pools(

@@ -1,24 +1,38 @@
 //! `Terminate` and `Drain`: resolve a selector (ids, a pool, labels) to
-//! instances and record what is wanted; the terminator does the work.
+//! instances and record what is wanted; the terminator does the work. And
+//! the two ways out that end a life without the loops: `AbandonInstance`
+//! and `DeletePool`.
 //!
-//! Design notes: both only write intent — the desired state (and `force`),
-//! or the cordon — with an audit row carrying the caller and the reason,
-//! and (for terminate) a `CMD.terminate` in the same transaction. Unknown
-//! ids are reported and nothing is written for them; instances already
-//! terminated or already on their way are reported unchanged, so retries
-//! and broad selectors cause no error storm.
+//! Design notes: terminate and drain only write intent — the desired state
+//! (and `force`), or the cordon — with an audit row carrying the caller and
+//! the reason, and (for terminate) a `CMD.terminate` in the same
+//! transaction. Unknown ids are reported and nothing is written for them;
+//! instances already terminal or already on their way are reported
+//! unchanged, so retries and broad selectors cause no error storm.
+//!
+//! Abandon is for an instance whose provider is gone for good: a step
+//! there can never finish, and `terminate --force` still needs the
+//! provider. It writes `abandoned` (terminal) without any provider call;
+//! since the machine may still exist, the answer says so, and which
+//! machine, and that the orphan scan deletes it if it carries Flotilla's
+//! tags. Pool deletion is `flotilla_store::pool_delete`'s; this layer only
+//! validates and answers.
 
 use std::collections::BTreeMap;
 
-use flotilla_core::{DesiredState, InstanceState};
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
+use flotilla_store::StoreError;
 use flotilla_store::WriteCtx;
 use flotilla_store::fleet::{
     Selected, fleet_cordon, fleet_request_terminate, fleet_select, fleet_select_ids,
 };
+use flotilla_store::instance::{Abandon, InstanceRow, instance_abandon};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::pool_get;
+use flotilla_store::pool_delete::{PoolDeletion, pool_delete};
+use flotilla_store::volume::volume_ids_left;
 use prost::Message;
 use tonic::Status;
 use uuid::Uuid;
@@ -139,7 +153,7 @@ pub async fn terminate(
     let resolved = resolve(state, req.selector.as_ref()).await?;
     let (accepted, unchanged): (Vec<&Selected>, Vec<&Selected>) =
         resolved.found.iter().partition(|s| {
-            s.state != InstanceState::Terminated
+            !s.state.is_terminal()
                 && (s.desired_state == DesiredState::Running || (req.force && !s.force_terminate))
         });
     let ids: Vec<Uuid> = accepted.iter().map(|s| s.id).collect();
@@ -186,7 +200,7 @@ pub async fn drain(
     let (accepted, unchanged): (Vec<&Selected>, Vec<&Selected>) = resolved
         .found
         .iter()
-        .partition(|s| s.state != InstanceState::Terminated && !s.cordoned);
+        .partition(|s| !s.state.is_terminal() && !s.cordoned);
     let ids: Vec<Uuid> = accepted.iter().map(|s| s.id).collect();
     if !ids.is_empty() {
         let mut tx = state
@@ -203,5 +217,139 @@ pub async fn drain(
         accepted_ids: ids.iter().map(Uuid::to_string).collect(),
         unchanged_ids: unchanged.iter().map(|s| s.id.to_string()).collect(),
         unknown_ids: resolved.unknown,
+    })
+}
+
+/// What may be left at the provider of an abandoned instance (`row`, now
+/// or earlier abandoned from `from`), with its volumes `volumes`: the
+/// warning every answer to an abandon carries. Empty for a `terminated`
+/// instance, of which the provider confirmed nothing is left.
+pub fn abandon_warning(
+    row: &InstanceRow,
+    from: Option<InstanceState>,
+    volumes: &[String],
+) -> String {
+    if row.state == InstanceState::Terminated {
+        return String::new();
+    }
+    let id = row.id;
+    let provider = &row.provider;
+    let mut out = match (row.provider_machine_id.as_deref(), from) {
+        (None, Some(InstanceState::Requested)) => {
+            return format!(
+                "no provider call was ever made for instance {id}: nothing of it exists at {provider}"
+            );
+        }
+        (Some(machine), _) => format!(
+            "machine {machine} of instance {id} may still exist at {provider} (and cost money): \
+             abandoning made no provider call, and Flotilla will make none for this instance \
+             again. If the machine carries Flotilla's tags (instance id {id}), the orphan scan \
+             deletes it when it lists it one orphan grace period (ORPHAN_GRACE_SECONDS) after \
+             now or later; if it does not, delete it at the provider yourself."
+        ),
+        (None, _) => format!(
+            "no machine was recorded for instance {id}, but a create may have reached \
+             {provider}: a machine it made carries Flotilla's tags (instance id {id}), and the \
+             orphan scan deletes it when it lists it one orphan grace period \
+             (ORPHAN_GRACE_SECONDS) after now or later."
+        ),
+    };
+    if !volumes.is_empty() {
+        out.push_str(&format!(
+            " Its volumes may still exist too, and are deleted the same way: {}.",
+            volumes.join(", ")
+        ));
+    }
+    out
+}
+
+/// `AbandonInstance`: see the module docs.
+pub async fn abandon(
+    state: &ApiState,
+    ctx: WriteCtx,
+    req: v1::AbandonInstanceRequest,
+) -> Result<v1::AbandonInstanceResponse, Status> {
+    let id: InstanceId = validate::instance_id("id", &req.id)?;
+    if req.reason.trim().is_empty() {
+        return Err(invalid_field(
+            "reason",
+            "is required: say why the instance is given up (it is kept in its history)",
+        ));
+    }
+    let why = reason(&req.reason, "")?;
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| store_status(e.into()))?;
+    let (row, from) = match instance_abandon(&mut conn, &ctx, id, &why).await {
+        Ok(Abandon::Abandoned { row, from }) => (row, Some(from)),
+        Ok(Abandon::AlreadyTerminal(row)) => (row, None),
+        Err(StoreError::NotFound(_)) => {
+            return Err(Status::not_found(format!("instance {id} does not exist")));
+        }
+        Err(e) => return Err(store_status(e)),
+    };
+    let volumes = volume_ids_left(&mut conn, id).await.map_err(store_status)?;
+    let warning = abandon_warning(&row, from, &volumes);
+    match from {
+        Some(from) => tracing::warn!(
+            instance_id = %id, %from, actor = %ctx.actor, reason = %why,
+            machine_id = row.provider_machine_id.as_deref().unwrap_or(""),
+            "instance abandoned by an operator; its machine may still exist"
+        ),
+        None => {
+            tracing::info!(instance_id = %id, state = %row.state, "abandon of an instance that was terminal already")
+        }
+    }
+    Ok(v1::AbandonInstanceResponse {
+        instance: Some(row.to_proto()),
+        abandoned: from.is_some(),
+        from_state: from.map_or(v1::InstanceState::Unspecified, v1::InstanceState::from) as i32,
+        warning,
+    })
+}
+
+/// `DeletePool`: see `flotilla_store::pool_delete`.
+pub async fn delete_pool(
+    state: &ApiState,
+    ctx: WriteCtx,
+    req: v1::DeletePoolRequest,
+) -> Result<v1::DeletePoolResponse, Status> {
+    validate::name("name", &req.name)?;
+    let why = reason(&req.reason, "pool deleted")?;
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| store_status(e.into()))?;
+    let deletion = match pool_delete(&mut conn, &ctx, &req.name, req.force, &why).await {
+        Ok(d) => d,
+        Err(StoreError::NotFound(_)) => return Err(pool_not_found(&req.name)),
+        Err(e) => return Err(store_status(e)),
+    };
+    Ok(match deletion {
+        PoolDeletion::Deleted => {
+            tracing::warn!(pool = %req.name, actor = %ctx.actor, reason = %why, "pool deleted");
+            v1::DeletePoolResponse {
+                deleted: true,
+                pool: None,
+                live_instances: 0,
+                terminating_ids: Vec::new(),
+            }
+        }
+        PoolDeletion::Deleting {
+            pool,
+            live,
+            requested,
+        } => {
+            tracing::warn!(pool = %req.name, actor = %ctx.actor, reason = %why, live, requested = requested.len(), "pool being deleted; its instances are terminating");
+            v1::DeletePoolResponse {
+                deleted: false,
+                pool: Some(pool.to_proto()),
+                live_instances: u32::try_from(live).unwrap_or(u32::MAX),
+                terminating_ids: requested.iter().map(Uuid::to_string).collect(),
+            }
+        }
     })
 }

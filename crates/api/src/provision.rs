@@ -22,6 +22,7 @@ use flotilla_store::fleet::fleet_names_in_use;
 use flotilla_store::idempotency::{IdempotencyRecord, idempotency_get, idempotency_put};
 use flotilla_store::instance::{NewInstance, instance_insert_with_provision};
 use flotilla_store::pool::pool_get;
+use flotilla_store::pool_delete::deleting_refusal;
 use flotilla_store::{StoreError, WriteCtx};
 use prost::Message;
 use rand::Rng;
@@ -169,6 +170,11 @@ pub async fn provision(
         .await
         .map_err(store_status)?
         .ok_or_else(|| pool_not_found(&checked.pool))?;
+    // Checked again under the pool's lock when the rows are written, which
+    // is what decides a race with the deletion.
+    if pool.deleting_since.is_some() {
+        return Err(Status::failed_precondition(deleting_refusal(&pool.name)));
+    }
     let names = match &checked.naming {
         Naming::Given(names) => {
             if let Err(taken) = check_names_free(&mut conn, &pool.name, names).await {
@@ -218,6 +224,8 @@ pub async fn provision(
                 return Ok(answer);
             }
             Err(match lost {
+                // Deleted since it was read.
+                WriteError::Store(StoreError::NotFound(_)) => pool_not_found(&pool.name),
                 WriteError::Store(e) => store_status(e),
                 WriteError::KeyTaken => {
                     Status::aborted("idempotency_key: taken concurrently; retry")

@@ -5,6 +5,8 @@
 
 #[path = "fuzz.rs"]
 mod fuzz;
+#[path = "pools_delete.rs"]
+mod pools_delete;
 #[path = "shutdown.rs"]
 mod shutdown;
 

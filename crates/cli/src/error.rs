@@ -23,7 +23,8 @@ pub mod exit {
     /// failed, or the wait timed out.
     pub const INCOMPLETE: u8 = 6;
     /// The change conflicts with the current state (exists already,
-    /// changed concurrently, not allowed in this state).
+    /// changed concurrently, not allowed in this state: deleting a pool
+    /// with live instances, provisioning into a pool being deleted).
     pub const CONFLICT: u8 = 7;
     /// Anything else (an internal error at the api, an unexpected answer).
     pub const OTHER: u8 = 1;
@@ -39,7 +40,8 @@ Exit codes:
   4  missing, wrong or insufficient API token
   5  no such instance or pool
   6  accepted, but not every instance reached the goal (failed or timed out)
-  7  conflict with the current state (already exists, changed concurrently)";
+  7  conflict with the current state (already exists, changed concurrently,
+     a pool that still has live instances or is being deleted)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -164,6 +166,10 @@ mod tests {
             (Status::not_found("pool x does not exist"), exit::NOT_FOUND),
             (Status::already_exists("pool: exists"), exit::CONFLICT),
             (Status::aborted("changed concurrently"), exit::CONFLICT),
+            (
+                Status::failed_precondition("pool gpu has 3 live instances"),
+                exit::CONFLICT,
+            ),
             (Status::internal("internal error"), exit::OTHER),
         ];
         for (status, code) in cases {

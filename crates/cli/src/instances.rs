@@ -1,4 +1,5 @@
-//! The instance commands: provision, list, get, watch, terminate, drain.
+//! The instance commands: provision, list, get, watch, terminate, drain,
+//! abandon.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -418,4 +419,66 @@ pub async fn drain(api: &Api, a: DrainArgs) -> Result<(), CliError> {
         &answer.unknown_ids,
         a.output,
     )
+}
+
+#[derive(Debug, Args)]
+pub struct AbandonArgs {
+    /// Instance id.
+    pub id: String,
+    /// Why the instance is given up (required; kept in its history with
+    /// who did it).
+    #[arg(long, required = true)]
+    pub reason: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// What `abandon` tells the user on stderr: what happened, and the api's
+/// warning about what may be left at the provider.
+pub fn abandon_notes(answer: &v1::AbandonInstanceResponse) -> Vec<String> {
+    let id = answer.instance.as_ref().map_or("", |i| i.id.as_str());
+    let mut notes = Vec::new();
+    if answer.abandoned {
+        notes.push(format!(
+            "instance {id} abandoned (was {}): Flotilla will not act on it again",
+            output::state_name(answer.from_state)
+        ));
+    } else {
+        let state = answer
+            .instance
+            .as_ref()
+            .map_or_else(|| "terminal".to_owned(), |i| output::state_name(i.state));
+        notes.push(format!(
+            "instance {id} was {state} already; nothing was changed"
+        ));
+    }
+    if !answer.warning.is_empty() {
+        notes.push(format!("warning: {}", answer.warning));
+    }
+    notes
+}
+
+pub async fn abandon(api: &Api, a: AbandonArgs) -> Result<(), CliError> {
+    let answer = api
+        .client()
+        .abandon_instance(api.request(v1::AbandonInstanceRequest {
+            id: a.id,
+            reason: a.reason,
+        }))
+        .await
+        .map_err(|s| api.error(s))?
+        .into_inner();
+    for note in abandon_notes(&answer) {
+        eprintln!("{note}");
+    }
+    match a.output {
+        Output::Json => print_json(&json!({
+            "instance": answer.instance.as_ref().map(output::instance_json),
+            "abandoned": answer.abandoned,
+            "from_state": if answer.from_state == 0 { Value::Null } else { Value::String(output::state_name(answer.from_state)) },
+            "warning": answer.warning,
+        })),
+        out => print_instances(answer.instance.as_slice(), out),
+    }
+    Ok(())
 }

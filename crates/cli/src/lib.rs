@@ -27,7 +27,7 @@ use crate::client::Api;
 #[command(
     name = "flotilla",
     version,
-    about = "Flotilla command line: provision, list, watch, terminate and drain instances; manage pools",
+    about = "Flotilla command line: provision, list, watch, terminate, drain and abandon instances; manage pools",
     after_help = error::EXIT_CODES_HELP
 )]
 pub struct Cli {
@@ -83,7 +83,11 @@ pub enum Command {
     Terminate(instances::TerminateArgs),
     /// Cordon and drain instances without terminating them.
     Drain(instances::DrainArgs),
-    /// List, show, create and resize pools.
+    /// Give an instance up without any provider call, for one whose provider
+    /// is gone for good; its machine may be left (the orphan scan deletes it
+    /// if it carries Flotilla's tags).
+    Abandon(instances::AbandonArgs),
+    /// List, show, create, resize and delete pools.
     #[command(subcommand)]
     Pools(pools::PoolsCommand),
 }
@@ -111,6 +115,7 @@ impl Cli {
             Command::Watch(a) => instances::watch(&api, a).await,
             Command::Terminate(a) => instances::terminate(&api, a).await,
             Command::Drain(a) => instances::drain(&api, a).await,
+            Command::Abandon(a) => instances::abandon(&api, a).await,
             Command::Pools(c) => pools::run(&api, c).await,
         }
     }
@@ -161,12 +166,44 @@ mod tests {
         assert!(parse(&["provision", "--pool", "p", "--count", "1", "--name", "a"]).is_err());
         assert!(parse(&["provision", "--pool", "p", "--name", "a,b"]).is_ok());
         assert!(parse(&["list", "--state", "ready,worker_dead"]).is_ok());
+        assert!(parse(&["list", "--state", "abandoned"]).is_ok());
         let err = parse(&["list", "--state", "nope"]).expect_err("unknown state");
         assert!(
             err.to_string().contains("worker_dead"),
             "lists the states: {err}"
         );
         assert_eq!(err.exit_code(), i32::from(exit::INVALID));
+    }
+
+    #[test]
+    fn abandon_needs_an_id_and_a_reason_and_pools_delete_a_name() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+        };
+        let err = parse(&["abandon", "id1"]).expect_err("no reason");
+        assert!(err.to_string().contains("--reason"), "{err}");
+        assert_eq!(err.exit_code(), i32::from(exit::INVALID));
+        assert!(parse(&["abandon", "--reason", "provider gone"]).is_err());
+        match parse(&["abandon", "id1", "--reason", "fly app deleted"]).map(|c| c.command) {
+            Ok(Command::Abandon(a)) => {
+                assert_eq!(a.id, "id1");
+                assert_eq!(a.reason, "fly app deleted");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["pools", "delete"]).is_err());
+        for (args, force) in [
+            (&["pools", "delete", "gpu"][..], false),
+            (&["pools", "delete", "gpu", "--force"][..], true),
+        ] {
+            match parse(args).map(|c| c.command) {
+                Ok(Command::Pools(pools::PoolsCommand::Delete(d))) => {
+                    assert_eq!(d.name, "gpu");
+                    assert_eq!(d.force, force);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -191,9 +191,66 @@ pub fn instance_details(i: &v1::Instance, now: DateTime<Utc>) -> String {
         ("last error", or_dash(&i.last_error)),
         ("needs attention", i.needs_attention.to_string()),
     ];
-    rows.iter()
+    let mut out: String = rows
+        .iter()
         .map(|(k, v)| format!("{:<16} {v}\n", format!("{k}:")))
-        .collect()
+        .collect();
+    if let Some(note) = instance_note(i) {
+        out.push_str(&format!("\n{note}\n"));
+    }
+    out
+}
+
+/// What to tell a person about an instance beyond its fields: that an
+/// abandoned one may have left its machine, or that a step keeps failing
+/// and what the ways out are.
+pub fn instance_note(i: &v1::Instance) -> Option<String> {
+    match state_of(i) {
+        Some(InstanceState::Abandoned) => Some(format!(
+            "note: abandoned by an operator without any provider call; machine {} may still \
+             exist (the orphan scan deletes it if it carries Flotilla's tags)",
+            or_dash(&i.provider_machine_id)
+        )),
+        Some(s) if i.needs_attention && !s.is_terminal() => {
+            Some(attention_hint(std::slice::from_ref(i)))
+        }
+        _ => None,
+    }
+}
+
+/// The ways out for instances whose current step keeps failing (flagged
+/// `needs_attention`): Flotilla retries it, but it may never succeed — a
+/// provider that is gone for good, a stop that never settles.
+pub fn attention_hint(instances: &[v1::Instance]) -> String {
+    let mut out = String::from(
+        "needs attention: the current step keeps failing and may never succeed; Flotilla \
+         keeps retrying it:",
+    );
+    for i in instances {
+        let error = if i.last_error.is_empty() {
+            "no error recorded"
+        } else {
+            i.last_error.as_str()
+        };
+        out.push_str(&format!(
+            "\n  {}  {} after {} failed attempt{}: {error}",
+            i.id,
+            state_name(i.state),
+            i.attempts,
+            if i.attempts == 1 { "" } else { "s" }
+        ));
+    }
+    let id = match instances {
+        [one] => one.id.as_str(),
+        _ => "ID",
+    };
+    out.push_str(&format!(
+        "\nhint: if a stop or drain never settles, `flotilla terminate --force {id}` skips it; \
+         if its provider is gone for good (nothing there can ever succeed), give it up with \
+         `flotilla abandon {id} --reason \"...\"` (no provider call; its machine may be left, and \
+         the orphan scan deletes it if it carries Flotilla's tags)"
+    ));
+    out
 }
 
 fn from_name(v: i32) -> String {
@@ -342,8 +399,14 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
     out
 }
 
-/// "active", or "paused" with how long ago.
+/// "active", "deleting" or "paused", with how long ago.
 fn pool_status(p: &v1::Pool, now: DateTime<Utc>) -> String {
+    if let Some(at) = p.deleting_since.as_ref() {
+        return match since(Some(at), now) {
+            Some(s) => format!("deleting {}", age(s)),
+            None => "deleting".to_owned(),
+        };
+    }
     match p.paused_at.as_ref() {
         None => "active".to_owned(),
         Some(at) => match since(Some(at), now) {
@@ -378,6 +441,8 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "paused_reason": p.paused_reason,
         "pause_probe_after": rfc3339(p.pause_probe_after.as_ref()),
         "pause_probe_instance_id": p.pause_probe_instance_id,
+        "deleting": p.deleting_since.is_some(),
+        "deleting_since": rfc3339(p.deleting_since.as_ref()),
     })
 }
 
@@ -433,6 +498,62 @@ mod tests {
         assert!(out.contains("flotilla pools resume gpu"), "{out}");
         assert!(!out.contains("pool cpu is paused"), "{out}");
         assert_eq!(pool_json(&paused)["paused"], true);
+    }
+
+    #[test]
+    fn a_deleting_pool_says_so_and_since_when() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let deleting = v1::Pool {
+            name: "gpu".into(),
+            deleting_since: Some(prost_types::Timestamp {
+                seconds: now.timestamp() - 30,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let out = pools_table(std::slice::from_ref(&deleting), now);
+        assert!(out.contains("deleting 30s"), "{out}");
+        assert_eq!(pool_json(&deleting)["deleting"], true);
+    }
+
+    #[test]
+    fn an_instance_failing_forever_names_the_ways_out() {
+        let stuck = v1::Instance {
+            id: "0196-stuck".into(),
+            state: v1::InstanceState::Deleting as i32,
+            needs_attention: true,
+            attempts: 12,
+            last_error: "unavailable: app not found".into(),
+            ..Default::default()
+        };
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let out = instance_details(&stuck, now);
+        assert!(out.contains("may never succeed"), "{out}");
+        assert!(
+            out.contains("deleting after 12 failed attempts: unavailable: app not found"),
+            "{out}"
+        );
+        assert!(
+            out.contains("flotilla terminate --force 0196-stuck"),
+            "{out}"
+        );
+        assert!(
+            out.contains("flotilla abandon 0196-stuck --reason"),
+            "{out}"
+        );
+        let fine = v1::Instance {
+            needs_attention: false,
+            ..stuck.clone()
+        };
+        assert!(instance_note(&fine).is_none());
+        let abandoned = v1::Instance {
+            state: v1::InstanceState::Abandoned as i32,
+            provider_machine_id: "m-1".into(),
+            ..stuck
+        };
+        let note = instance_note(&abandoned).expect("a note");
+        assert!(note.contains("machine m-1 may still exist"), "{note}");
+        assert!(!note.contains("terminate --force"), "{note}");
     }
 
     #[test]

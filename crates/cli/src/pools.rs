@@ -1,4 +1,4 @@
-//! The pool commands: list, get, create, set, pause, resume.
+//! The pool commands: list, get, create, set, pause, resume, delete.
 
 use clap::{Args, Subcommand};
 use flotilla_proto::v1;
@@ -43,6 +43,46 @@ pub enum PoolsCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Delete a pool. Refused while it has live instances, unless --force:
+    /// then they are terminated and the pool is deleted once they are gone.
+    /// Its name can then be used for a new pool.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    pub name: String,
+    /// Delete even though the pool has live instances: their termination
+    /// is requested (drained, as `flotilla terminate --pool`), the pool takes
+    /// no new instances, and it is deleted once none is left.
+    #[arg(long)]
+    pub force: bool,
+    /// Recorded with the deletion and in each terminated instance's history.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// What `pools delete` says about the api's answer (stderr), beyond the pool.
+pub fn delete_notes(name: &str, answer: &v1::DeletePoolResponse) -> Vec<String> {
+    if answer.deleted {
+        return vec![format!(
+            "pool {name} deleted (it had no live instances); its name can be used again"
+        )];
+    }
+    let n = answer.live_instances;
+    let mut notes = vec![format!(
+        "pool {name} is being deleted: {n} instance{} still live, {} asked to terminate now; \
+         it takes no new instances and is deleted once none is left",
+        if n == 1 { " is" } else { "s are" },
+        answer.terminating_ids.len()
+    )];
+    notes.push(format!(
+        "follow it with `flotilla list --pool {name}`; an instance whose teardown can never \
+         finish (its provider gone for good) is given up with `flotilla abandon ID --reason ...`"
+    ));
+    notes
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +241,43 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
         PoolsCommand::Pause { name, output } => {
             let pool = set_paused(api, name, true).await?;
             print_pools(&[pool], output);
+        }
+        PoolsCommand::Delete(a) => {
+            let answer = api
+                .client()
+                .delete_pool(api.request(v1::DeletePoolRequest {
+                    name: a.name.clone(),
+                    force: a.force,
+                    reason: a.reason,
+                }))
+                .await
+                .map_err(|s| api.error(s))?
+                .into_inner();
+            for note in delete_notes(&a.name, &answer) {
+                eprintln!("{note}");
+            }
+            match a.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "name": a.name,
+                        "deleted": answer.deleted,
+                        "live_instances": answer.live_instances,
+                        "terminating_ids": answer.terminating_ids,
+                        "pool": answer.pool.as_ref().map(output::pool_json),
+                    }))
+                    .unwrap_or_default()
+                ),
+                Output::Ids => answer
+                    .terminating_ids
+                    .iter()
+                    .for_each(|id| println!("{id}")),
+                Output::Table => {
+                    if let Some(pool) = &answer.pool {
+                        print_pools(std::slice::from_ref(pool), Output::Table);
+                    }
+                }
+            }
         }
     }
     Ok(())

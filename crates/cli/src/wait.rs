@@ -7,7 +7,12 @@
 //! as soon as the goal is no longer reachable from its state in the
 //! transition table (`startup_failed` may still be retried; `worker_dead`
 //! may not), so the CLI never gives up on something the control plane is
-//! still retrying, and never waits on something it has given up.
+//! still retrying, and never waits on something it has given up. An
+//! instance whose step keeps failing (`needs_attention`) is still waited
+//! for, but the user is told at once, and again if the wait times out,
+//! that the step may never succeed and what the ways out are (`terminate
+//! --force`, `abandon`). An abandoned instance will never be `terminated`:
+//! it is reported as such, with what may be left of it.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -18,7 +23,7 @@ use flotilla_proto::v1;
 
 use crate::client::Api;
 use crate::error::CliError;
-use crate::output::{state_name, state_of};
+use crate::output::{attention_hint, state_name, state_of};
 
 const POLL: Duration = Duration::from_millis(500);
 const BAR_WIDTH: usize = 24;
@@ -47,6 +52,8 @@ pub struct Tally {
     pub failed: Vec<v1::Instance>,
     /// Instances still on their way, by state.
     pub pending: BTreeMap<String, usize>,
+    /// Pending instances whose current step keeps failing.
+    pub attention: Vec<v1::Instance>,
     pub missing: usize,
 }
 
@@ -67,7 +74,12 @@ impl Tally {
                 {
                     tally.failed.push(i.clone())
                 }
-                _ => *tally.pending.entry(state_name(i.state)).or_default() += 1,
+                _ => {
+                    *tally.pending.entry(state_name(i.state)).or_default() += 1;
+                    if i.needs_attention {
+                        tally.attention.push(i.clone());
+                    }
+                }
             }
         }
         tally
@@ -83,6 +95,9 @@ impl Tally {
             parts.push(format!("{} failed", self.failed.len()));
         }
         parts.extend(self.pending.iter().map(|(s, n)| format!("{n} {s}")));
+        if !self.attention.is_empty() {
+            parts.push(format!("{} need attention", self.attention.len()));
+        }
         parts.join(", ")
     }
 }
@@ -170,10 +185,21 @@ pub async fn wait_for(
 ) -> Result<Vec<v1::Instance>, CliError> {
     let deadline = Instant::now() + timeout;
     let mut progress = Progress::new();
+    let mut told: HashSet<String> = HashSet::new();
     loop {
         let seen = fetch(api, pool).await?;
         let tally = Tally::of(ids, &seen, goal);
         progress.show(&tally, ids.len(), goal);
+        let new: Vec<v1::Instance> = tally
+            .attention
+            .iter()
+            .filter(|i| told.insert(i.id.clone()))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            progress.end();
+            eprintln!("{}", attention_hint(&new));
+        }
         let ours: Vec<v1::Instance> = ids
             .iter()
             .filter_map(|id| seen.iter().find(|i| &i.id == id).cloned())
@@ -191,24 +217,59 @@ pub async fn wait_for(
         }
         if Instant::now() >= deadline {
             progress.end();
-            return Err(CliError::Incomplete(format!(
-                "timed out after {}s: {}\nhint: the instances are still being worked on; \
-                 follow them with `flotilla list` or `flotilla watch`, or wait longer with --wait-timeout",
-                timeout.as_secs(),
-                tally.summary(ids.len(), goal)
+            return Err(CliError::Incomplete(timeout_report(
+                &tally,
+                ids.len(),
+                goal,
+                timeout,
             )));
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-fn failure_report(tally: &Tally, total: usize, goal: InstanceState) -> String {
+/// The error of a wait that timed out: where things stand, and for steps
+/// that keep failing, that they may never succeed and the ways out.
+pub fn timeout_report(
+    tally: &Tally,
+    total: usize,
+    goal: InstanceState,
+    timeout: Duration,
+) -> String {
+    let mut out = format!(
+        "timed out after {}s: {}",
+        timeout.as_secs(),
+        tally.summary(total, goal)
+    );
+    if !tally.attention.is_empty() {
+        out.push('\n');
+        out.push_str(&attention_hint(&tally.attention));
+    }
+    out.push_str(
+        "\nhint: the instances are still being worked on; follow them with `flotilla list` or \
+         `flotilla watch`, or wait longer with --wait-timeout",
+    );
+    out
+}
+
+pub fn failure_report(tally: &Tally, total: usize, goal: InstanceState) -> String {
     let mut out = format!(
         "{} of {total} instances will not reach {goal}:",
         tally.failed.len()
     );
     for i in &tally.failed {
-        let why = if i.last_error.is_empty() {
+        let why = if state_of(i) == Some(InstanceState::Abandoned) {
+            format!(
+                "abandoned by an operator without any provider call; machine {} may still \
+                 exist (see `flotilla get {}`)",
+                if i.provider_machine_id.is_empty() {
+                    "-"
+                } else {
+                    &i.provider_machine_id
+                },
+                i.id
+            )
+        } else if i.last_error.is_empty() {
             "no error recorded; see `flotilla get ID` for its history".to_owned()
         } else {
             i.last_error.clone()
@@ -249,11 +310,48 @@ mod tests {
     }
 
     #[test]
-    fn everything_can_still_be_terminated() {
+    fn everything_but_an_abandoned_instance_can_still_be_terminated() {
         for s in InstanceState::ALL {
-            assert!(can_reach(s, InstanceState::Terminated), "{s}");
+            assert_eq!(
+                can_reach(s, InstanceState::Terminated),
+                s != InstanceState::Abandoned,
+                "{s}"
+            );
         }
         assert!(!can_reach(InstanceState::WorkerDead, InstanceState::Ready));
         assert!(can_reach(InstanceState::Requested, InstanceState::Ready));
+    }
+
+    #[test]
+    fn a_teardown_that_keeps_failing_is_still_waited_for_but_its_way_out_is_named() {
+        let ids: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let mut stuck = inst("a", v1::InstanceState::Deleting);
+        stuck.needs_attention = true;
+        stuck.attempts = 9;
+        stuck.last_error = "unavailable: provider gone".into();
+        let seen = [stuck, inst("b", v1::InstanceState::Terminated)];
+        let t = Tally::of(&ids, &seen, InstanceState::Terminated);
+        assert_eq!(t.done, 1);
+        assert!(t.failed.is_empty(), "still retried by the control plane");
+        assert_eq!(t.attention.len(), 1);
+        assert!(!t.finished());
+        let report = timeout_report(&t, 2, InstanceState::Terminated, Duration::from_secs(30));
+        assert!(report.contains("1 need attention"), "{report}");
+        assert!(report.contains("may never succeed"), "{report}");
+        assert!(report.contains("unavailable: provider gone"), "{report}");
+        assert!(report.contains("flotilla abandon a --reason"), "{report}");
+        assert!(report.contains("flotilla terminate --force a"), "{report}");
+    }
+
+    #[test]
+    fn an_abandoned_instance_will_not_be_terminated_and_says_what_may_be_left() {
+        let ids = vec!["a".to_owned()];
+        let mut gone = inst("a", v1::InstanceState::Abandoned);
+        gone.provider_machine_id = "m-7".into();
+        let t = Tally::of(&ids, &[gone], InstanceState::Terminated);
+        assert_eq!(t.failed.len(), 1);
+        assert!(t.finished());
+        let report = failure_report(&t, 1, InstanceState::Terminated);
+        assert!(report.contains("machine m-7 may still exist"), "{report}");
     }
 }

@@ -12,6 +12,15 @@
 //! not a transition: the row stays in its state and only its attempt
 //! bookkeeping changes, which keeps "state only says what is true" — an
 //! instance is `provisioning` for as long as nothing proved otherwise.
+//!
+//! Two states are terminal. `terminated` is entered only where nothing can
+//! remain at the provider (it never called the provider, or the provider
+//! confirmed the machine and volumes gone). `abandoned` is an operator's
+//! act for an instance whose provider is gone for good: it is entered from
+//! any state that is not terminal without a provider call, so it claims
+//! nothing about the provider — the machine may still exist, and the orphan
+//! scan treats a tagged machine of an abandoned instance as an orphan. No
+//! loop group contains it, so no loop ever claims it again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,6 +62,12 @@ pub enum InstanceState {
     WorkerDead,
     /// The machine vanished at the provider while the instance was live.
     Lost,
+    /// An operator gave the instance up (its provider is gone for good):
+    /// Flotilla no longer acts on it and made no provider call to get here,
+    /// so its machine and volumes may still exist. Terminal. Whatever of it
+    /// is left at the provider and carries Flotilla's tags is an orphan to
+    /// the orphan scan.
+    Abandoned,
 }
 
 use InstanceState::*;
@@ -60,9 +75,15 @@ use InstanceState::*;
 /// The one table of allowed transitions. A state absent from the left column
 /// has no exits.
 const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
+    // `Abandoned` ends every row: an operator's way out of any state that
+    // is not terminal (`AbandonInstance`), never a step a loop takes.
+    //
     // Nothing exists at the provider yet, so cancelling needs no cleanup.
-    (Requested, &[Provisioning, Terminated]),
-    (Provisioning, &[Booting, ProvisioningFailed, Deleting, Lost]),
+    (Requested, &[Provisioning, Terminated, Abandoned]),
+    (
+        Provisioning,
+        &[Booting, ProvisioningFailed, Deleting, Lost, Abandoned],
+    ),
     // A worker may skip phases it does not have (no install step, say).
     (
         Booting,
@@ -74,30 +95,45 @@ const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
             Stopping,
             Deleting,
             Lost,
+            Abandoned,
         ],
     ),
     (
         Installing,
-        &[Starting, Ready, StartupFailed, Stopping, Deleting, Lost],
+        &[
+            Starting,
+            Ready,
+            StartupFailed,
+            Stopping,
+            Deleting,
+            Lost,
+            Abandoned,
+        ],
     ),
-    (Starting, &[Ready, StartupFailed, Stopping, Deleting, Lost]),
-    (Ready, &[Draining, Stopping, Deleting, WorkerDead, Lost]),
+    (
+        Starting,
+        &[Ready, StartupFailed, Stopping, Deleting, Lost, Abandoned],
+    ),
+    (
+        Ready,
+        &[Draining, Stopping, Deleting, WorkerDead, Lost, Abandoned],
+    ),
     // `Deleting` straight from draining/stopping is the forced path.
-    (Draining, &[Stopping, Deleting, Lost]),
-    (Stopping, &[Stopped, Deleting, Lost]),
-    (Stopped, &[Deleting]),
-    (Deleting, &[Terminated]),
-    (ProvisioningFailed, &[Deleting]),
+    (Draining, &[Stopping, Deleting, Lost, Abandoned]),
+    (Stopping, &[Stopped, Deleting, Lost, Abandoned]),
+    (Stopped, &[Deleting, Abandoned]),
+    (Deleting, &[Terminated, Abandoned]),
+    (ProvisioningFailed, &[Deleting, Abandoned]),
     // A startup failure is retried by restarting the machine, or cleaned up.
-    (StartupFailed, &[Booting, Stopping, Deleting]),
-    (WorkerDead, &[Stopping, Deleting]),
+    (StartupFailed, &[Booting, Stopping, Deleting, Abandoned]),
+    (WorkerDead, &[Stopping, Deleting, Abandoned]),
     // The machine is gone, but volumes may not be: deleting sweeps them.
-    (Lost, &[Deleting]),
+    (Lost, &[Deleting, Abandoned]),
 ];
 
 impl InstanceState {
     /// Every state, in lifecycle order.
-    pub const ALL: [InstanceState; 15] = [
+    pub const ALL: [InstanceState; 16] = [
         Requested,
         Provisioning,
         Booting,
@@ -113,10 +149,12 @@ impl InstanceState {
         StartupFailed,
         WorkerDead,
         Lost,
+        Abandoned,
     ];
 
-    /// States with no exit.
-    pub const TERMINAL: &'static [InstanceState] = &[Terminated];
+    /// States with no exit. `terminated` says the provider confirmed
+    /// everything gone; `abandoned` says nothing about the provider.
+    pub const TERMINAL: &'static [InstanceState] = &[Terminated, Abandoned];
 
     /// States that count towards a pool's capacity: a machine exists and is
     /// booting or serving.
@@ -173,6 +211,7 @@ impl InstanceState {
             StartupFailed => "startup_failed",
             WorkerDead => "worker_dead",
             Lost => "lost",
+            Abandoned => "abandoned",
         }
     }
 
@@ -313,12 +352,45 @@ mod tests {
     }
 
     #[test]
-    fn every_state_can_reach_terminated() {
-        for s in InstanceState::ALL {
+    fn every_state_but_the_terminal_ones_can_reach_terminated() {
+        for s in InstanceState::ALL.into_iter().filter(|s| !s.is_terminal()) {
             assert!(
                 reachable_from(s).contains(&Terminated),
                 "{s} cannot reach terminated"
             );
+        }
+    }
+
+    #[test]
+    fn every_state_that_is_not_terminal_can_be_abandoned_and_abandoned_is_final() {
+        // The operator's way out exists everywhere a loop might be stuck,
+        // and once taken nothing can undo it.
+        for s in InstanceState::ALL {
+            assert_eq!(s.can_transition_to(Abandoned), !s.is_terminal(), "{s}");
+        }
+        assert!(Abandoned.is_terminal());
+        assert!(Abandoned.exits().is_empty());
+        assert!(
+            !Terminated.can_transition_to(Abandoned),
+            "terminated is already done"
+        );
+    }
+
+    #[test]
+    fn no_loop_group_contains_a_terminal_state() {
+        // Loops claim rows by these groups: a terminal row in one would be
+        // claimed, and an abandoned one acted on again.
+        for group in [
+            InstanceState::LIVE,
+            InstanceState::PROVISION_PHASES,
+            InstanceState::BOOT_PHASES,
+            InstanceState::MACHINE_RUNNING,
+            InstanceState::TEARDOWN,
+            InstanceState::FAILED,
+            InstanceState::TRANSITIONAL,
+            InstanceState::STUCK_WATCHED,
+        ] {
+            assert!(group.iter().all(|s| !s.is_terminal()), "{group:?}");
         }
     }
 
@@ -419,19 +491,20 @@ mod tests {
 
     proptest! {
         /// Random walks that only take listed exits always can end at
-        /// `terminated` within the number of states (no cycles trap an instance).
+        /// `terminated` within the number of states (no cycles trap an
+        /// instance), unless an operator abandoned it.
         #[test]
         fn random_legal_walks_stay_finishable(choices in prop::collection::vec(any::<prop::sample::Index>(), 1..64)) {
             let mut state = Requested;
             for ix in choices {
                 let exits = state.exits();
                 if exits.is_empty() {
-                    prop_assert_eq!(state, Terminated);
+                    prop_assert!(state.is_terminal());
                     break;
                 }
                 state = exits[ix.index(exits.len())];
             }
-            prop_assert!(reachable_from(state).contains(&Terminated));
+            prop_assert!(state == Abandoned || reachable_from(state).contains(&Terminated));
         }
     }
 }

@@ -24,6 +24,7 @@ impl From<InstanceState> for v1::InstanceState {
             S::StartupFailed => P::StartupFailed,
             S::WorkerDead => P::WorkerDead,
             S::Lost => P::Lost,
+            S::Abandoned => P::Abandoned,
         }
     }
 }
@@ -63,6 +64,7 @@ impl TryFrom<v1::InstanceState> for InstanceState {
             P::StartupFailed => S::StartupFailed,
             P::WorkerDead => S::WorkerDead,
             P::Lost => S::Lost,
+            P::Abandoned => S::Abandoned,
         })
     }
 }

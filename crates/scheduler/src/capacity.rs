@@ -19,6 +19,11 @@
 //! one instance is requested — the probe. Scale-down is never held. Each
 //! activation also settles paused pools' probes (a ready probe resumes its
 //! pool) and reports `flotilla_pools_paused`.
+//!
+//! A pool being deleted (see `flotilla_store::pool_delete`) keeps no
+//! capacity: its instances were asked to terminate when the deletion was
+//! accepted, and the activation deletes its row once the last of them is
+//! terminal.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +32,7 @@ use flotilla_proto::v1;
 use flotilla_store::instance::{NewInstance, instance_insert_with_provision, instance_set_desired};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::{PoolRow, pool_list};
+use flotilla_store::pool_delete::{DeletionProgress, pool_finish_deletion};
 use flotilla_store::pool_pause::{ProbeSettled, pool_settle_probe};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::loops::ActivationStatus;
@@ -75,6 +81,14 @@ impl Scheduler {
         metrics::gauge!("flotilla_pools_paused").set(paused as f64);
         for pool in pools {
             status.found += 1;
+            if pool.deleting_since.is_some() {
+                match self.finish_deletion(&pool).await {
+                    Ok(true) => status.acted += 1,
+                    Ok(false) => status.already_done += 1,
+                    Err(e) => status.error(e.class(), &pool.name, e),
+                }
+                continue;
+            }
             if pool.pause_probe_instance.is_some()
                 && let Err(e) = self.settle_probe(&pool).await
             {
@@ -87,6 +101,26 @@ impl Scheduler {
             }
         }
         status
+    }
+
+    /// Deletes a deleting pool once its last instance is terminal; returns
+    /// whether it did.
+    async fn finish_deletion(&self, pool: &PoolRow) -> Result<bool, StoreError> {
+        let mut conn = self.db.acquire().await?;
+        let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
+        Ok(
+            match pool_finish_deletion(&mut conn, &ctx, &pool.name).await? {
+                DeletionProgress::Deleted => {
+                    tracing::warn!(pool = %pool.name, "last instance gone; pool deleted");
+                    true
+                }
+                DeletionProgress::Waiting(live) => {
+                    tracing::debug!(pool = %pool.name, live, "pool being deleted; waiting for its instances");
+                    false
+                }
+                DeletionProgress::NotDeleting => false,
+            },
+        )
     }
 
     /// Resumes a paused pool whose probe reached `ready` (and wakes its
@@ -149,18 +183,24 @@ impl Scheduler {
         .await?;
         let desired = i64::from(pool.desired_capacity);
         let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
-        // Read under the lock: the pause may have changed since the list.
-        let (paused, probe_due, waiting): (bool, bool, i64) = sqlx::query_as(
+        // Read under the lock: the pause may have changed since the list,
+        // and the pool may have become deleting (no capacity kept then).
+        let (paused, probe_due, waiting, deleting): (bool, bool, i64, bool) = sqlx::query_as(
             "SELECT p.paused_at IS NOT NULL,
                     COALESCE(p.pause_probe_after <= now() AND p.pause_probe_instance IS NULL, false),
                     (SELECT count(*) FROM instances i
                       WHERE i.pool = p.name AND i.state = 'requested'
-                        AND i.desired_state = 'running')
+                        AND i.desired_state = 'running'),
+                    p.deleting_since IS NOT NULL
              FROM pools p WHERE p.name = $1",
         )
         .bind(&pool.name)
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or((false, false, 0, true));
+        if deleting {
+            return Ok(0);
+        }
         let step = if !paused {
             MAX_STEP
         } else if probe_due && waiting == 0 {

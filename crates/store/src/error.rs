@@ -16,6 +16,12 @@ pub enum StoreError {
     /// A unique constraint refused the row.
     #[error("duplicate: {0}")]
     Duplicate(String),
+    /// What the write names refuses it for now and asking again will not
+    /// help until an operator changes it (new instances for a pool that is
+    /// being deleted, deleting a pool that has live instances). Nothing
+    /// was written. The text says why and what to do.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A row holds a value the code does not understand (a newer schema?).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -34,6 +40,7 @@ impl Classify for StoreError {
             StoreError::NotFound(_)
             | StoreError::IllegalTransition(_)
             | StoreError::Duplicate(_)
+            | StoreError::Refused(_)
             | StoreError::Corrupt(_)
             | StoreError::Database(_) => ErrorClass::Permanent,
         }

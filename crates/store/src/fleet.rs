@@ -54,7 +54,8 @@ pub async fn fleet_select_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<V
     .await?)
 }
 
-/// Non-terminated instances of a pool (or of every pool) carrying every label.
+/// Instances of a pool (or of every pool) carrying every label, in states
+/// that are not terminal.
 pub async fn fleet_select(
     conn: &mut PgConnection,
     pool: Option<&str>,
@@ -63,12 +64,13 @@ pub async fn fleet_select(
 ) -> Result<Vec<Selected>> {
     Ok(sqlx::query_as(
         "SELECT id, state, desired_state, force_terminate, cordoned FROM instances
-         WHERE ($1::text IS NULL OR pool = $1) AND labels @> $2 AND state <> 'terminated'
+         WHERE ($1::text IS NULL OR pool = $1) AND labels @> $2 AND state <> ALL($4)
          ORDER BY id LIMIT $3",
     )
     .bind(pool)
     .bind(sqlx::types::Json(labels))
     .bind(limit)
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
     .fetch_all(conn)
     .await?)
 }

@@ -167,8 +167,39 @@ fn instance_event(
     }
 }
 
+/// Locks the pools that new instances join (`FOR KEY SHARE`, the lock the
+/// foreign key it replaces took) until the caller's transaction ends, and
+/// refuses a pool that does not exist ([`StoreError::NotFound`]) or is
+/// being deleted ([`StoreError::Refused`]). A deletion waits for the lock,
+/// so it sees these instances (see [`crate::pool_delete`]).
+async fn lock_pools_taking_instances(conn: &mut PgConnection, pools: &[&str]) -> Result<()> {
+    let mut names = pools.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    let found: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT name, deleting_since IS NOT NULL FROM pools
+         WHERE name = ANY($1) ORDER BY name FOR KEY SHARE",
+    )
+    .bind(&names)
+    .fetch_all(conn)
+    .await?;
+    for name in names {
+        match found.iter().find(|(n, _)| n == name) {
+            None => return Err(StoreError::NotFound(format!("pool {name}"))),
+            Some((_, true)) => {
+                return Err(StoreError::Refused(crate::pool_delete::deleting_refusal(
+                    name,
+                )));
+            }
+            Some((_, false)) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Inserts instances in state `requested`, each with its action log and
-/// `EVT.instance.requested` event, in one (nested) transaction.
+/// `EVT.instance.requested` event, in one (nested) transaction. Refused for
+/// a pool that does not exist or is being deleted.
 pub async fn instance_insert_requested(
     conn: &mut PgConnection,
     ctx: &WriteCtx,
@@ -180,6 +211,7 @@ pub async fn instance_insert_requested(
     let mut tx = conn.begin().await?;
     let ids: Vec<Uuid> = new.iter().map(|n| n.id.0).collect();
     let pools: Vec<&str> = new.iter().map(|n| n.pool.as_str()).collect();
+    lock_pools_taking_instances(&mut tx, &pools).await?;
     let names: Vec<&str> = new.iter().map(|n| n.name.as_str()).collect();
     let providers: Vec<&str> = new.iter().map(|n| n.provider.as_str()).collect();
     let labels: Vec<Json<&BTreeMap<String, String>>> =
@@ -333,6 +365,79 @@ pub async fn instance_transition(
     .await?;
     tx.commit().await?;
     Ok(row)
+}
+
+/// What [`instance_abandon`] did.
+#[derive(Debug, Clone)]
+pub enum Abandon {
+    /// The instance was given up from state `from`.
+    Abandoned {
+        row: Box<InstanceRow>,
+        from: InstanceState,
+    },
+    /// It was terminal already (`terminated`, or abandoned before):
+    /// nothing was written.
+    AlreadyTerminal(Box<InstanceRow>),
+}
+
+/// Gives an instance up for good, from any state that is not terminal and
+/// without any provider call: it becomes `abandoned` through the
+/// transition table, with its action log (who, `reason`, and the last
+/// error it was stuck on) and event. It also has its lease taken away, so
+/// a step still holding one fails its next renewal and calls no provider,
+/// while its version bump refuses that step's writes; its desired state
+/// becomes `terminated`, so an agent still running there is told to stop;
+/// and its operator flag is cleared: nothing is left to retry. No loop
+/// claims an abandoned instance (no loop group has it), and the table has
+/// no exit from it. [`StoreError::NotFound`] for an unknown id.
+pub async fn instance_abandon(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    id: InstanceId,
+    reason: &str,
+) -> Result<Abandon> {
+    let mut tx = conn.begin().await?;
+    let row: Option<InstanceRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM instances WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::NotFound(format!("instance {id}")));
+    };
+    if row.state.is_terminal() {
+        return Ok(Abandon::AlreadyTerminal(Box::new(row)));
+    }
+    instance_transition(
+        &mut tx,
+        ctx,
+        &Transition {
+            id,
+            from: row.state,
+            to: InstanceState::Abandoned,
+            expected_version: row.version,
+            error: row.last_error.as_deref(),
+            reason: Some(reason),
+        },
+    )
+    .await?;
+    let abandoned: InstanceRow = sqlx::query_as(concat!(
+        "UPDATE instances SET desired_state = 'terminated', lease_owner = NULL, lease_until = NULL,
+             needs_attention = false, suspect_since = NULL, missing_since = NULL, updated_at = now()
+         WHERE id = $1 RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Abandon::Abandoned {
+        row: Box::new(abandoned),
+        from: row.state,
+    })
 }
 
 /// Why a conditional write matched nothing.
@@ -567,13 +672,15 @@ pub async fn instance_clear_attention(conn: &mut PgConnection, id: InstanceId) -
         == 1)
 }
 
-/// Counts of instances by pool and state (for metrics and capacity).
+/// Counts of instances by pool and state (for metrics and capacity), of
+/// the states that are not terminal.
 pub async fn instance_count_by_pool_state(
     conn: &mut PgConnection,
 ) -> Result<Vec<(String, InstanceState, i64)>> {
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT pool, state, count(*) FROM instances WHERE state <> 'terminated' GROUP BY 1, 2",
+        "SELECT pool, state, count(*) FROM instances WHERE state <> ALL($1) GROUP BY 1, 2",
     )
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
     .fetch_all(conn)
     .await?;
     rows.into_iter()

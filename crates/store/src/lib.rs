@@ -15,6 +15,7 @@ pub mod instance;
 pub mod metrics;
 pub mod outbox;
 pub mod pool;
+pub mod pool_delete;
 pub mod pool_pause;
 pub mod volume;
 pub mod watchdog;

@@ -8,15 +8,17 @@ use sqlx::PgConnection;
 
 use crate::Result;
 
-/// `(pool, state, count)` of every instance not yet terminated (terminated
-/// rows accumulate forever and are not fleet state).
+/// `(pool, state, count)` of every instance in a state that is not
+/// terminal (terminated and abandoned rows accumulate forever and are not
+/// fleet state).
 pub async fn metrics_instances_by_pool_state(
     conn: &mut PgConnection,
 ) -> Result<Vec<(String, String, i64)>> {
     Ok(sqlx::query_as(
         "SELECT pool, state, count(*) FROM instances
-         WHERE state <> 'terminated' GROUP BY pool, state ORDER BY pool, state",
+         WHERE state <> ALL($1) GROUP BY pool, state ORDER BY pool, state",
     )
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
     .fetch_all(conn)
     .await?)
 }
@@ -54,10 +56,11 @@ pub async fn metrics_loop_backlogs(conn: &mut PgConnection) -> Result<Vec<(&'sta
              count(*) FILTER (WHERE state = ANY($2)
                                 AND desired_state = 'running'),
              count(*) FILTER (WHERE desired_state = 'terminated' AND next_attempt_at <= now())
-         FROM instances WHERE state <> 'terminated'",
+         FROM instances WHERE state <> ALL($3)",
     )
     .bind(InstanceState::strs(InstanceState::PROVISION_PHASES))
     .bind(InstanceState::strs(InstanceState::BOOT_PHASES))
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
     .fetch_one(conn)
     .await?;
     Ok(vec![

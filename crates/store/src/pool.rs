@@ -1,5 +1,5 @@
 //! Pools: groups of identical workers with a desired capacity and per-pool
-//! timeouts.
+//! timeouts. Deleting one is [`crate::pool_delete`].
 
 use std::collections::BTreeMap;
 
@@ -17,7 +17,7 @@ macro_rules! pool_columns {
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
-    pause_probe_instance"
+    pause_probe_instance, deleting_since"
     };
 }
 
@@ -51,6 +51,9 @@ pub struct PoolRow {
     pub pause_probe_after: Option<DateTime<Utc>>,
     /// The probe instance under way.
     pub pause_probe_instance: Option<uuid::Uuid>,
+    /// Set while the pool is being deleted: no new instances, no capacity
+    /// kept; see [`crate::pool_delete`].
+    pub deleting_since: Option<DateTime<Utc>>,
 }
 
 impl PoolRow {
@@ -91,6 +94,7 @@ impl PoolRow {
                 .pause_probe_instance
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
+            deleting_since: self.deleting_since.map(to_timestamp),
         }
     }
 }

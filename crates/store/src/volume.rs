@@ -104,3 +104,16 @@ pub async fn volume_of_instance(
     .fetch_optional(conn)
     .await?)
 }
+
+/// Provider ids of an instance's volumes not known to be deleted: what may
+/// be left of it at the provider besides its machine.
+pub async fn volume_ids_left(conn: &mut PgConnection, instance: InstanceId) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT provider_volume_id FROM instance_volumes
+         WHERE instance_id = $1 AND provider_volume_id IS NOT NULL AND state <> 'deleted'
+         ORDER BY created_at",
+    )
+    .bind(instance.0)
+    .fetch_all(conn)
+    .await?)
+}

@@ -337,17 +337,52 @@ pub async fn watchdog_log_held(
     .await
 }
 
-/// Volumes the database tracks for instances, by provider volume id.
+/// A volume the database tracks for an instance, for the orphan scan.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KnownVolume {
+    pub provider_volume_id: String,
+    /// Its instance's state.
+    #[sqlx(try_from = "String")]
+    pub state: InstanceState,
+    /// Since when its instance is in that state.
+    pub state_entered_at: DateTime<Utc>,
+    /// Deleted with its instance (else kept on purpose, never an orphan).
+    pub delete_on_terminate: bool,
+}
+
+/// Volumes the database tracks for instances (not deleted), of these
+/// provider volume ids.
 pub async fn watchdog_known_volumes(
     conn: &mut PgConnection,
     ids: &[String],
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<KnownVolume>> {
     Ok(sqlx::query_as(
-        "SELECT v.provider_volume_id, i.state FROM instance_volumes v
+        "SELECT v.provider_volume_id, i.state, i.state_entered_at, v.delete_on_terminate
+         FROM instance_volumes v
          JOIN instances i ON i.id = v.instance_id
          WHERE v.provider_volume_id = ANY($1) AND v.state <> 'deleted'",
     )
     .bind(ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Where the orphan scan lists machines and volumes: one `(provider,
+/// region, pool)` per provider and region of a pool, and of a deleted pool
+/// that held abandoned instances when it was deleted (their machines may
+/// still be there, with no pool left to name the place). The pool only
+/// names the call's rate limit and breaker at the adapter.
+pub async fn watchdog_scan_targets(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT ON (provider, region) provider, region, name FROM (
+             SELECT provider, region, name, 0 AS rank FROM pools
+             UNION ALL
+             SELECT provider, region, pool, 1 FROM pool_deletions WHERE abandoned_instances > 0
+         ) t
+         ORDER BY provider, region, rank, name",
+    )
     .fetch_all(conn)
     .await?)
 }

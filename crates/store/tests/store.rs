@@ -4,14 +4,19 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use flotilla_core::{InstanceId, InstanceState};
+use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_store::instance::{
-    ClaimQuery, ListFilter, NewInstance, Transition, instance_claim_due, instance_get,
-    instance_insert_requested, instance_insert_with_provision, instance_list,
-    instance_record_failure, instance_record_machine, instance_release_owner, instance_transition,
+    Abandon, ClaimQuery, ListFilter, NewInstance, Transition, instance_abandon, instance_claim_due,
+    instance_get, instance_insert_requested, instance_insert_with_provision, instance_list,
+    instance_record_failure, instance_record_machine, instance_release_owner,
+    instance_renew_leases, instance_transition,
 };
 use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
+use flotilla_store::pool_delete::{
+    DeletionProgress, PoolDeletion, pool_delete, pool_deletions_of, pool_finish_deletion,
+};
+use flotilla_store::watchdog::watchdog_scan_targets;
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
 use flotilla_test_utils::TestDb;
 use prost::Message;
@@ -77,6 +82,7 @@ async fn migrated_schema_has_every_table_and_refuses_unknown_states() {
             "instance_volumes",
             "instances",
             "outbox",
+            "pool_deletions",
             "pool_events",
             "pool_failures",
             "pools"
@@ -710,4 +716,411 @@ async fn each_request_leaves_its_trace_and_correlation_id_on_the_rows_it_asked_f
     assert_eq!(now.origin.unwrap().0.correlation_id, "req-terminate-8");
     let other = instance_get(&mut conn, rows[1].id).await.unwrap().unwrap();
     assert_eq!(other.origin.unwrap().0.correlation_id, "req-provision-7");
+}
+
+// ---- Abandoning instances and deleting pools ----
+
+/// Polls `cond` until it holds, failing after `within`.
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn not_terminal() -> Vec<InstanceState> {
+    InstanceState::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal())
+        .collect()
+}
+
+#[tokio::test]
+async fn abandon_ends_a_claimed_instance_once_takes_its_lease_and_fences_the_holder() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 1).await;
+    // A replica holds the row (its claim bumped the version: the fence).
+    let held = instance_claim_due(
+        &db.pool,
+        &ClaimQuery {
+            states: &[InstanceState::Requested],
+            desired: None,
+            pool: None,
+            owner: "scheduler-1",
+            lease: Duration::from_secs(60),
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap()
+    .remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ops = WriteCtx::new("api:ops");
+    let Abandon::Abandoned { row, from } =
+        instance_abandon(&mut conn, &ops, held.id, "provider account closed")
+            .await
+            .unwrap()
+    else {
+        panic!("not abandoned");
+    };
+    assert_eq!(from, InstanceState::Requested);
+    assert_eq!(row.state, InstanceState::Abandoned);
+    assert_eq!(row.desired_state, DesiredState::Terminated);
+    assert!(row.lease_owner.is_none() && row.lease_until.is_none());
+    assert!(row.version > held.version);
+
+    // The holder cannot renew its lease, and its write is refused.
+    let renewed = instance_renew_leases(
+        &mut conn,
+        &[held.id],
+        "scheduler-1",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(renewed.is_empty(), "the lease is gone");
+    let err = instance_transition(
+        &mut conn,
+        &WriteCtx::new("scheduler"),
+        &Transition {
+            id: held.id,
+            from: InstanceState::Requested,
+            to: InstanceState::Provisioning,
+            expected_version: held.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    // And nothing leaves `abandoned` through the table.
+    for to in InstanceState::ALL {
+        let err = instance_transition(
+            &mut conn,
+            &WriteCtx::new("terminator"),
+            &Transition {
+                id: held.id,
+                from: InstanceState::Abandoned,
+                to,
+                expected_version: row.version,
+                error: None,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, StoreError::IllegalTransition(_)),
+            "{to}: {err}"
+        );
+    }
+    // No loop claims it: claims name states that are not terminal.
+    let states = not_terminal();
+    let claimed = instance_claim_due(
+        &db.pool,
+        &ClaimQuery {
+            states: &states,
+            desired: None,
+            pool: None,
+            owner: "anyone",
+            lease: Duration::from_secs(60),
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(claimed.is_empty());
+
+    // Who and why are in the history, with its event.
+    let history = action_log::action_log_for_instance(&mut conn, held.id.0)
+        .await
+        .unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(last.from_state.as_deref(), Some("requested"));
+    assert_eq!(last.to_state.as_deref(), Some("abandoned"));
+    assert_eq!(last.actor, "api:ops");
+    assert_eq!(last.reason.as_deref(), Some("provider account closed"));
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE subject = 'EVT.instance.abandoned'"
+        )
+        .await,
+        1
+    );
+
+    // Once: a second abandon writes nothing.
+    let logs = count(&db.pool, "SELECT count(*) FROM action_logs").await;
+    let again = instance_abandon(&mut conn, &ops, held.id, "again")
+        .await
+        .unwrap();
+    assert!(matches!(again, Abandon::AlreadyTerminal(ref r) if r.version == row.version));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM action_logs").await,
+        logs
+    );
+    let err = instance_abandon(&mut conn, &ops, InstanceId::new(), "typo")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+
+    // Its name is free again, as a terminated instance's is.
+    insert(&db.pool, "p", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_deletion_waits_for_an_uncommitted_insert_and_counts_its_instances() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    // A writer of new instances (Provision, capacity, a replacement) is
+    // in the middle of its transaction.
+    let mut writer = db.pool.begin().await.unwrap();
+    instance_insert_requested(
+        &mut writer,
+        &WriteCtx::new("api:ci"),
+        &new_instances("p", 2),
+    )
+    .await
+    .unwrap();
+    let pool = db.pool.clone();
+    let deletion = tokio::spawn(async move {
+        let mut conn = pool.acquire().await.unwrap();
+        pool_delete(&mut conn, &WriteCtx::new("api:ops"), "p", false, "done").await
+    });
+    // The deletion waits for the writer's lock on the pool row.
+    wait_until(
+        Duration::from_secs(10),
+        "the deletion waits on a lock",
+        || async {
+            count(
+                &db.pool,
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                >= 1
+        },
+    )
+    .await;
+    writer.commit().await.unwrap();
+    let err = deletion.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, StoreError::Refused(ref why) if why.contains("2 live instances")),
+        "{err}"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM pools").await, 1);
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pool_deletions").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_forced_pool_deletion_terminates_live_instances_refuses_new_ones_and_ends_with_the_last()
+{
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 2).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ops = WriteCtx::new("api:ops");
+    let outbox = count(&db.pool, "SELECT count(*) FROM outbox").await;
+
+    // Not without force, and the refusal changes nothing.
+    let err = pool_delete(&mut conn, &ops, "p", false, "moving")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Refused(ref why) if why.contains("2 live instances") && why.contains("--force")),
+        "{err}"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, outbox);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM instances WHERE desired_state = 'running'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM pools WHERE deleting_since IS NULL"
+        )
+        .await,
+        1
+    );
+
+    let PoolDeletion::Deleting {
+        pool,
+        live,
+        requested,
+    } = pool_delete(&mut conn, &ops, "p", true, "moving to fr-par")
+        .await
+        .unwrap()
+    else {
+        panic!("deleted with live instances");
+    };
+    assert!(pool.deleting_since.is_some());
+    assert_eq!(live, 2);
+    let mut ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id.0).collect();
+    ids.sort();
+    assert_eq!(requested, ids);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM instances WHERE desired_state = 'terminated'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE subject = 'CMD.terminate'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM action_logs WHERE action = 'terminate_requested'
+               AND reason = 'pool p is being deleted: moving to fr-par' AND actor = 'api:ops'"
+        )
+        .await,
+        2
+    );
+
+    // No new instances, whoever writes them.
+    let err = instance_insert_with_provision(
+        &mut conn,
+        &WriteCtx::new("scheduler"),
+        &new_instances("p", 1),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Refused(ref why) if why.contains("being deleted")),
+        "{err}"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM instances").await, 2);
+
+    // Asked again: how far it is, nothing asked twice.
+    let PoolDeletion::Deleting {
+        live, requested, ..
+    } = pool_delete(&mut conn, &ops, "p", false, "again")
+        .await
+        .unwrap()
+    else {
+        panic!("deleted with live instances");
+    };
+    assert_eq!((live, requested.len()), (2, 0));
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM pool_deletions").await,
+        1
+    );
+
+    // The row stays while an instance still needs it for its teardown.
+    let scheduler = WriteCtx::new("scheduler");
+    assert_eq!(
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
+        DeletionProgress::Waiting(2)
+    );
+    let cancelled = instance_get(&mut conn, rows[0].id).await.unwrap().unwrap();
+    instance_transition(
+        &mut conn,
+        &scheduler,
+        &Transition {
+            id: cancelled.id,
+            from: InstanceState::Requested,
+            to: InstanceState::Terminated,
+            expected_version: cancelled.version,
+            error: None,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+    instance_abandon(&mut conn, &ops, rows[1].id, "provider gone")
+        .await
+        .unwrap();
+    assert_eq!(
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
+        DeletionProgress::Deleted
+    );
+    assert_eq!(
+        pool_finish_deletion(&mut conn, &scheduler, "p")
+            .await
+            .unwrap(),
+        DeletionProgress::NotDeleting
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM pools").await, 0);
+
+    // Who asked, when, why, and what it left.
+    let records = pool_deletions_of(&mut conn, "p").await.unwrap();
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.actor, "api:ops");
+    assert!(r.forced);
+    assert_eq!(r.reason.as_deref(), Some("moving to fr-par"));
+    assert_eq!(r.live_instances, 2);
+    assert!(r.deleted_at.is_some_and(|at| at >= r.requested_at));
+    assert_eq!(r.abandoned_instances, Some(1));
+    // The abandoned instance's machine may be there still: the orphan scan
+    // goes on listing where the pool's machines lived.
+    assert_eq!(
+        watchdog_scan_targets(&mut conn).await.unwrap(),
+        [("sim".to_owned(), "ams".to_owned(), "p".to_owned())]
+    );
+
+    // The name is free; the new pool starts without the old one's
+    // failures, and the old instances' names do not block it.
+    make_pool(&db.pool, "p").await;
+    insert(&db.pool, "p", 2).await;
+    assert_eq!(
+        watchdog_scan_targets(&mut conn).await.unwrap().len(),
+        1,
+        "one listing per provider and region"
+    );
+}
+
+#[tokio::test]
+async fn a_pool_without_live_instances_is_deleted_at_once_and_then_unknown() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ops = WriteCtx::new("api:ops");
+    assert!(matches!(
+        pool_delete(&mut conn, &ops, "p", false, "unused")
+            .await
+            .unwrap(),
+        PoolDeletion::Deleted
+    ));
+    let r = &pool_deletions_of(&mut conn, "p").await.unwrap()[0];
+    assert!(!r.forced && r.live_instances == 0 && r.deleted_at.is_some());
+    assert_eq!(r.abandoned_instances, Some(0));
+    assert!(
+        watchdog_scan_targets(&mut conn).await.unwrap().is_empty(),
+        "nothing of it can be left at the provider"
+    );
+    let err = pool_delete(&mut conn, &ops, "p", true, "again")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    let err = instance_insert_requested(&mut conn, &ops, &new_instances("p", 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
 }

@@ -197,7 +197,10 @@ impl Terminator {
             S::Stopping if force => self.move_to(conn, &row, S::Deleting, Some("forced")).await,
             S::Stopping => self.stop(conn, row, pool, fence).await,
             S::Deleting => self.delete(conn, row, pool, fence).await,
-            S::Requested | S::Terminated => {
+            // Not taken down here (the claim never returns them): a
+            // requested one is the scheduler's to cancel, an abandoned one
+            // no loop's to touch.
+            S::Requested | S::Terminated | S::Abandoned => {
                 instance_release(conn, row.id, &self.owner).await?;
                 Ok(Next::Done(Outcome::Waiting))
             }

@@ -286,7 +286,10 @@ impl Watchdog {
             )
             .await?;
             let managed = moved.labels.0.get(MANAGED.0).map(String::as_str) == Some(MANAGED.1);
-            if !managed {
+            // An instance already asked to go away (scaled down, its pool
+            // being deleted) is not replaced.
+            let wanted = row.desired_state == DesiredState::Running;
+            if !managed && wanted {
                 // Capacity replaces what it manages; an explicitly requested
                 // instance is replaced here, with the same labels.
                 let mut labels: BTreeMap<String, String> = moved.labels.0.clone();

@@ -3,10 +3,18 @@
 //! Design notes: one paginated listing of machines (and of volumes) per
 //! scan, never a GET per instance. Provider → database: a machine carrying
 //! Flotilla's tag whose instance the database does not have, has as
-//! terminated, or records with another machine, is an orphan once older
-//! than `ORPHAN_GRACE_SECONDS` (younger ones may be mid-provisioning) and
-//! is deleted; one whose instance is still provisioning without a machine
-//! id is adopted. The database side of this direction is read after the
+//! terminal (terminated, or abandoned by an operator), or records with
+//! another machine, is an orphan once older than `ORPHAN_GRACE_SECONDS`
+//! (younger ones may be mid-provisioning) and is deleted; one whose
+//! instance is still provisioning without a machine id is adopted. For a
+//! machine of an abandoned instance the grace also counts from the
+//! abandonment: the operator gave the instance up believing its provider
+//! gone, so a machine still listed is only deleted by a scan a grace period
+//! later that lists it again, never on the listing of the moment the
+//! operator acted. Its volumes likewise, tracked ones included (unless kept
+//! on purpose, `delete_on_terminate` false). Listings cover the providers
+//! and regions of the pools, and of deleted pools that held abandoned
+//! instances. The database side of this direction is read after the
 //! listing, so a machine created and recorded while the listing ran is
 //! owned, not an orphan. Database → provider: an instance that should have
 //! a running machine, recorded before the listing started, whose machine
@@ -23,7 +31,8 @@ use flotilla_proto::v1;
 use flotilla_store::StoreError;
 use flotilla_store::instance::instance_record_machine;
 use flotilla_store::watchdog::{
-    watchdog_known, watchdog_known_volumes, watchdog_live_with_machine,
+    Known, KnownVolume, watchdog_known, watchdog_known_volumes, watchdog_live_with_machine,
+    watchdog_scan_targets,
 };
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
@@ -59,25 +68,32 @@ fn age(created: Option<&prost_types::Timestamp>) -> Option<chrono::Duration> {
 }
 
 impl Watchdog {
+    fn grace(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.tuning.orphan_grace()).unwrap_or_default()
+    }
+
     fn grace_passed(&self, created: Option<&prost_types::Timestamp>) -> bool {
-        let grace = chrono::Duration::from_std(self.tuning.orphan_grace()).unwrap_or_default();
         // Unknown age: never delete on a guess.
-        age(created).is_some_and(|a| a >= grace)
+        age(created).is_some_and(|a| a >= self.grace())
+    }
+
+    /// Whether a resource of an instance in `state` since `since` has waited
+    /// out the grace since it was abandoned (true for any other state).
+    fn abandoned_long_enough(&self, state: InstanceState, since: DateTime<Utc>) -> bool {
+        state != InstanceState::Abandoned || Utc::now() - since >= self.grace()
     }
 
     #[tracing::instrument(skip_all, name = "watchdog.orphans")]
     pub async fn orphans_once(&self) -> (ActivationStatus, OrphanReport) {
         let mut status = ActivationStatus::default();
         let mut report = OrphanReport::default();
-        let targets: Vec<(String, String, String)> = match sqlx::query_as(
-            "SELECT DISTINCT ON (provider, region) provider, region, name FROM pools ORDER BY provider, region, name",
-        )
-        .fetch_all(&self.db)
-        .await
-        {
+        let targets = match self.db.acquire().await {
+            Ok(mut conn) => watchdog_scan_targets(&mut conn).await,
+            Err(e) => Err(StoreError::from(e)),
+        };
+        let targets = match targets {
             Ok(t) => t,
             Err(e) => {
-                let e = StoreError::from(e);
                 status.error(e.class(), "pools", e);
                 return (status, report);
             }
@@ -175,7 +191,7 @@ impl Watchdog {
             })
             .collect();
         let ids: Vec<Uuid> = tagged.iter().map(|(id, _)| *id).collect();
-        let known: HashMap<Uuid, flotilla_store::watchdog::Known> = watchdog_known(&mut conn, &ids)
+        let known: HashMap<Uuid, Known> = watchdog_known(&mut conn, &ids)
             .await?
             .into_iter()
             .map(|k| (k.id, k))
@@ -184,7 +200,7 @@ impl Watchdog {
             let owner = known.get(id);
             let orphan = match owner {
                 None => true,
-                Some(k) if k.state == InstanceState::Terminated => true,
+                Some(k) if k.state.is_terminal() => true,
                 Some(k) => k
                     .provider_machine_id
                     .as_deref()
@@ -206,7 +222,10 @@ impl Watchdog {
                 }
                 continue;
             }
-            if !orphan || !self.grace_passed(m.created_at.as_ref()) {
+            if !orphan
+                || !self.grace_passed(m.created_at.as_ref())
+                || owner.is_some_and(|k| !self.abandoned_long_enough(k.state, k.state_entered_at))
+            {
                 continue;
             }
             report.orphan_machines.push(m.id.clone());
@@ -273,31 +292,42 @@ impl Watchdog {
             token = page.next_page_token;
         }
         let ids: Vec<String> = volumes.iter().map(|v| v.id.clone()).collect();
-        let tracked: HashMap<String, String> = watchdog_known_volumes(&mut conn, &ids)
+        let tracked: HashMap<String, KnownVolume> = watchdog_known_volumes(&mut conn, &ids)
             .await?
             .into_iter()
+            .map(|k| (k.provider_volume_id.clone(), k))
             .collect();
         let owners: Vec<Uuid> = volumes
             .iter()
             .filter_map(|v| v.tags.get(TAG_INSTANCE).and_then(|t| t.parse().ok()))
             .collect();
-        let known: HashMap<Uuid, InstanceState> = watchdog_known(&mut conn, &owners)
+        let known: HashMap<Uuid, Known> = watchdog_known(&mut conn, &owners)
             .await?
             .into_iter()
-            .map(|k| (k.id, k.state))
+            .map(|k| (k.id, k))
             .collect();
         for v in volumes {
-            if v.state == v1::VolumeState::Destroyed as i32 || tracked.contains_key(&v.id) {
+            if v.state == v1::VolumeState::Destroyed as i32 {
                 continue;
+            }
+            // A tracked volume is its instance's to delete, unless that
+            // instance was abandoned: then nothing else ever will.
+            if let Some(t) = tracked.get(&v.id) {
+                let abandoned = t.state == InstanceState::Abandoned && t.delete_on_terminate;
+                if !abandoned || !self.abandoned_long_enough(t.state, t.state_entered_at) {
+                    continue;
+                }
             }
             let owner = v
                 .tags
                 .get(TAG_INSTANCE)
-                .and_then(|t| t.parse::<Uuid>().ok());
-            let owner_live = owner
-                .and_then(|o| known.get(&o))
-                .is_some_and(|s| *s != InstanceState::Terminated);
-            if owner_live || !self.grace_passed(v.created_at.as_ref()) {
+                .and_then(|t| t.parse::<Uuid>().ok())
+                .and_then(|o| known.get(&o));
+            let owner_live = owner.is_some_and(|k| !k.state.is_terminal());
+            if owner_live
+                || !self.grace_passed(v.created_at.as_ref())
+                || owner.is_some_and(|k| !self.abandoned_long_enough(k.state, k.state_entered_at))
+            {
                 continue;
             }
             report.orphan_volumes.push(v.id.clone());

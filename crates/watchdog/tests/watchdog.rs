@@ -1,8 +1,10 @@
 //! The watchdog on a real PostgreSQL against the simulated cloud behind a
 //! real provider-adapter: dead and paused workers, the storm guard, lost
-//! machines, orphan machines and volumes, dry run, two replicas, and
-//! stuck-state recovery.
+//! machines, orphan machines and volumes (those of abandoned instances
+//! too), dry run, two replicas, and stuck-state recovery.
 
+#[path = "abandon.rs"]
+mod abandon;
 #[path = "shutdown.rs"]
 mod shutdown;
 
