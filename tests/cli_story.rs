@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{TestDb, TestNats, eventually_blocking};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -42,11 +42,24 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// A free port below the kernel's ephemeral range: one the kernel never
+/// hands out by itself (to a `bind` to port 0 or an outgoing connection),
+/// so no socket of the other tests, in this process or another, takes it
+/// in the minutes between this choice and the quickstart's bind (the
+/// build runs in between).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    for _ in 0..1000 {
+        let port = from + (uuid::Uuid::new_v4().as_u128() % u128::from(to - from)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to}");
 }
 
 /// The first of `n` consecutive free ports (the script numbers its
@@ -122,6 +135,22 @@ struct Stack {
 impl Stack {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// The last lines of each service's log (in the data dir, which is
+    /// gone once the test ends).
+    fn service_logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(dir) = std::fs::read_dir(self.data_dir.join("logs")) else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            out += &format!("--- {}\n{tail}\n", entry.path().display());
+        }
+        out
     }
 
     fn remember_pids(&mut self) {
@@ -227,18 +256,16 @@ fn field<'a>(i: &'a Value, key: &str) -> &'a str {
     i[key].as_str().unwrap_or_default()
 }
 
-/// Polls `check` every half second; on timeout fails with `what` and the
-/// quickstart's output.
+/// Polls `check` every half second (each check runs the CLI); on timeout
+/// fails with `what` and the quickstart's output.
 fn wait_until(stack: &Stack, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n--- quickstart output\n{}",
-            stack.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    eventually_blocking(what, within, Duration::from_millis(500), || {
+        if check() {
+            Ok(())
+        } else {
+            Err(format!("--- quickstart output\n{}", stack.log()))
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,18 +307,24 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     };
 
     // Cold, this includes a full build of the workspace's binaries.
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while !stack.log().contains("[quickstart] ready") {
-        if let Ok(Some(status)) = stack.script.try_wait() {
-            panic!("quickstart exited with {status}:\n{}", stack.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "quickstart not ready:\n{}",
-            stack.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_blocking(
+        "the quickstart ready",
+        Duration::from_secs(1800),
+        Duration::from_millis(200),
+        || {
+            let log = stack.log();
+            if log.contains("[quickstart] ready") {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = stack.script.try_wait() {
+                panic!(
+                    "quickstart exited with {status}:\n{log}\n{}",
+                    stack.service_logs()
+                );
+            }
+            Err(log)
+        },
+    );
     stack.remember_pids();
     println!(
         "quickstart (build included) ready after {:.1?}",
@@ -370,9 +403,19 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     let mut watch = cli
         .command(&["watch", "--pool", "demo", "-o", "json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("watch");
+    // It says so on stderr once its stream is open (the api subscribed).
+    let (watching_tx, watching) = mpsc::channel::<()>();
+    let watch_err = watch.stderr.take().expect("watch stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(watch_err).lines().map_while(Result::ok) {
+            if line.starts_with("watching instance events") {
+                let _ = watching_tx.send(());
+            }
+        }
+    });
     let (events_tx, events) = mpsc::channel::<Value>();
     let watch_out = watch.stdout.take().expect("watch stdout");
     std::thread::spawn(move || {
@@ -384,7 +427,9 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    watching
+        .recv_timeout(flotilla_test_utils::DEADLINE)
+        .expect("watch opened its stream");
 
     let victim = fleet[0].clone();
     let victim_id = field(&victim, "id").to_owned();
@@ -422,7 +467,7 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
 
     // watch saw it live: the victim leave ready, the replacement reach it.
     let mut seen: Vec<Value> = Vec::new();
-    let watch_deadline = Instant::now() + Duration::from_secs(10);
+    let watch_deadline = Instant::now() + flotilla_test_utils::DEADLINE;
     let saw = |seen: &[Value], id: &str, to: &str| {
         seen.iter()
             .any(|e| field(e, "instance_id") == id && field(e, "to_state") == to)
@@ -525,18 +570,16 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     stack.remember_pids();
     let script_pid = Pid::from_raw(stack.script.id() as i32);
     kill(script_pid, Signal::SIGINT).expect("Ctrl-C");
-    let stop_deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = stack.script.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < stop_deadline,
-            "quickstart did not stop:\n{}",
-            stack.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = eventually_blocking(
+        "the quickstart to stop",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || match stack.script.try_wait().expect("wait") {
+            Some(status) => Ok(status),
+            None => Err(stack.log()),
+        },
+    );
+
     assert_eq!(status.code(), Some(130), "{}", stack.log());
     for (what, pid) in &stack.seen_pids {
         assert!(!runs(*pid, what), "{what} ({pid}) still runs after Ctrl-C");

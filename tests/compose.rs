@@ -305,15 +305,10 @@ fn cli_binary() -> PathBuf {
 /// Polls `done` until it holds, or fails after `limit` with `what` and
 /// what `status` says then.
 fn wait(what: &str, limit: Duration, done: impl Fn() -> bool, status: impl Fn() -> String) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < limit,
-            "{what}: not done after {limit:?}; {}",
-            status()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // Every half second: each look runs docker-compose or the CLI.
+    flotilla_test_utils::eventually_blocking(what, limit, Duration::from_millis(500), || {
+        if done() { Ok(()) } else { Err(status()) }
+    })
 }
 
 const SERVICES_WITH_HEALTH: &[&str] = &[

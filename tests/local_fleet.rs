@@ -99,27 +99,23 @@ async fn states(db: &TestDb) -> Vec<(String, String, Option<String>, Option<Stri
 /// instance, from, to, reason, error
 type HistoryRow = (String, String, String, Option<String>, Option<String>);
 
-async fn wait_until<F, Fut>(db: &TestDb, what: &str, within: Duration, mut f: F)
+async fn wait_until<F, Fut>(db: &TestDb, what: &str, within: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    while !f().await {
-        if Instant::now() >= deadline {
-            let history: Vec<HistoryRow> = sqlx::query_as(
-                "SELECT instance_id::text, coalesce(from_state, '-'), coalesce(to_state, action), reason, error
-                 FROM action_logs ORDER BY id",
-            )
-            .fetch_all(&db.pool)
-            .await
-            .unwrap_or_default();
-            panic!(
-                "timed out waiting for {what}; instances: {:#?}; history: {history:#?}",
-                states(db).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if !flotilla_test_utils::wait::holds_within(within, f).await {
+        let history: Vec<HistoryRow> = sqlx::query_as(
+            "SELECT instance_id::text, coalesce(from_state, '-'), coalesce(to_state, action), reason, error
+             FROM action_logs ORDER BY id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_default();
+        panic!(
+            "timed out waiting for {what}; instances: {:#?}; history: {history:#?}",
+            states(db).await
+        );
     }
 }
 
@@ -268,7 +264,7 @@ async fn real_agents_boot_to_ready_and_a_killed_one_is_replaced_while_a_paused_o
     wait_until(
         &db,
         "the killed agent declared dead",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || async {
             let s = states(&db).await;
             s.iter().any(|r| r.0 == victim && r.1 != "ready")

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_api::{ApiToken, Limits};
@@ -21,7 +20,7 @@ use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, eventually_ok};
 use flotilla_watchdog::{Watchdog, WatchdogTuning};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Request;
@@ -206,19 +205,15 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         })
         .await
         .expect("stray machine");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok("3 instances booting", DEADLINE, || async {
         let booting: i64 =
             sqlx::query_scalar("SELECT count(*) FROM instances WHERE state = 'booting'")
                 .fetch_one(&db.pool)
                 .await
                 .expect("count");
-        if booting == 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{booting} of 3 booting");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if booting == 3 { Ok(()) } else { Err(booting) }
+    })
+    .await;
     // Two workers were heard from 3 s ago, so there are heartbeat ages.
     sqlx::query(
         "UPDATE instances SET state = 'ready', last_heartbeat = now() - interval '3 seconds'
@@ -227,7 +222,7 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
     .execute(&db.pool)
     .await
     .expect("ready");
-    let text = loop {
+    let text = eventually_ok("the fleet's gauges scraped", DEADLINE, || async {
         let text = scrape(metrics_addr).await;
         let booting = sample(
             &text,
@@ -236,14 +231,14 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         let ready = sample(&text, r#"flotilla_instances{pool="metered",state="ready"}"#);
         let cost = sample(&text, "flotilla_watchdog_orphan_cost_per_hour");
         if booting == Some(1.0) && ready == Some(2.0) && cost == Some(2.5) {
-            break text;
+            Ok(text)
+        } else {
+            Err(format!(
+                "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}:\n{text}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
 
     for series in [
         r#"flotilla_grpc_server_requests_total{service="api",method="flotilla.v1.FleetService/Provision",code="OK"}"#,

@@ -17,7 +17,7 @@ use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorTuning};
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, eventually_ok};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -139,15 +139,17 @@ async fn two_hundred_provisioned_instances_reach_ready_and_are_terminated_leavin
     assert_eq!(ids.len(), 200);
 
     // Every instance boots: one started machine each at the provider.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&db, "booting").await < 200 {
-        assert!(
-            Instant::now() < deadline,
-            "booting: {}",
-            count(&db, "booting").await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(
+        "200 instances booting",
+        Duration::from_secs(120),
+        || async {
+            match count(&db, "booting").await {
+                200.. => Ok(()),
+                n => Err(format!("{n} booting")),
+            }
+        },
+    )
+    .await;
     let to_booting = requested.elapsed();
     println!("200 instances: Provision accepted -> all booting in {to_booting:?}");
     let machines = stack.sim.sim().machines();
@@ -242,15 +244,17 @@ async fn two_hundred_provisioned_instances_reach_ready_and_are_terminated_leavin
         .expect("terminate")
         .into_inner();
     assert_eq!(t.accepted_ids.len(), 200);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&db, "terminated").await < 200 {
-        assert!(
-            Instant::now() < deadline,
-            "terminated: {}",
-            count(&db, "terminated").await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_ok(
+        "200 instances terminated",
+        Duration::from_secs(120),
+        || async {
+            match count(&db, "terminated").await {
+                200.. => Ok(()),
+                n => Err(format!("{n} terminated")),
+            }
+        },
+    )
+    .await;
     let left = stack
         .sim
         .sim()
@@ -332,28 +336,28 @@ async fn a_desired_capacity_change_wakes_the_scheduler_and_no_command_is_left_in
             ))
             .await
             .expect("update");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while count(&db, "booting").await < i64::from(desired) {
-            assert!(
-                Instant::now() < deadline,
-                "desired {desired} did not wake the capacity loop: {} booting",
-                count(&db, "booting").await
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually_ok(
+            &format!("desired {desired} to wake the capacity loop"),
+            DEADLINE,
+            || async {
+                match count(&db, "booting").await {
+                    n if n >= i64::from(desired) => Ok(()),
+                    n => Err(format!("{n} booting")),
+                }
+            },
+        )
+        .await;
     }
     // Every command sent (CMD.reconcile, CMD.provision) was consumed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting = commands_waiting(&bus).await;
-        if waiting == 0 {
-            break;
+    eventually_ok("every command consumed", DEADLINE, || async {
+        match commands_waiting(&bus).await {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} commands left in CMD with nobody consuming them"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{waiting} commands left in CMD with nobody consuming them"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+
     stop.cancel();
 }

@@ -4,11 +4,10 @@
 //! provider-adapter and the adapter's HTTP call to the (simulated) cloud,
 //! with the caller's correlation id on every span and in every action log.
 //!
-//! Spans go to an in-process exporter installed as the global subscriber
-//! (this file is its own test binary, so nothing else shares it).
+//! Spans go to an in-process exporter, the subscriber of every thread of
+//! this test's own runtime (and of none of the other tests in the binary).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_api::{ApiToken, Limits};
@@ -19,7 +18,7 @@ use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorTuning};
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, eventually_ok};
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -95,19 +94,17 @@ async fn wait_span(
     what: &str,
     pred: impl Fn(&SpanData) -> bool,
 ) -> (Vec<SpanData>, SpanData) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok(&format!("a {what} span"), DEADLINE, || async {
         let spans = exporter.get_finished_spans().expect("spans");
-        if let Some(s) = spans.iter().find(|s| pred(s)).cloned() {
-            return (spans, s);
+        match spans.iter().find(|s| pred(s)).cloned() {
+            Some(s) => Ok((spans, s)),
+            None => Err(format!(
+                "have: {:?}",
+                spans.iter().map(|s| s.name.clone()).collect::<Vec<_>>()
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} span; have: {:?}",
-            spans.iter().map(|s| s.name.clone()).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Asserts that the adapter's `rpc` span for `cid` descends from the api's
@@ -121,8 +118,8 @@ async fn assert_chain(
     cid: &str,
 ) {
     // A parent ends after its children: wait until the whole chain is in.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (spans, http) = loop {
+    let what = format!("an HTTP call under {rpc} reaching {api_rpc}");
+    let (spans, http) = eventually_ok(&what, DEADLINE, || async {
         let spans = exporter.get_finished_spans().expect("spans");
         let http = spans
             .iter()
@@ -136,16 +133,15 @@ async fn assert_chain(
         if let Some(http) = &http
             && ancestry(&spans, http).last().map(|s| s.name.as_ref()) == Some(api_rpc)
         {
-            break (spans, http.clone());
+            return Ok((spans, http.clone()));
         }
-        assert!(
-            Instant::now() < deadline,
-            "no HTTP call under {rpc} reaching {api_rpc}; closest: {}",
+        Err(format!(
+            "closest: {}",
             http.map(|h| describe(&ancestry(&spans, &h)))
                 .unwrap_or_else(|| "none".into())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        ))
+    })
+    .await;
     let chain = ancestry(&spans, &http);
     let names = describe(&chain);
     let trace_id = http.span_context.trace_id();
@@ -199,20 +195,44 @@ async fn assert_chain(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provision_and_terminate_each_make_one_trace_from_the_api_to_the_provider_http_call() {
+/// A runtime of two workers on whose every thread (workers, blocking pool,
+/// and the thread that blocks on it) `dispatch` is the default subscriber:
+/// the spans of everything this test spawns go to it, while the other tests
+/// of the binary, on their own runtimes, keep theirs.
+fn traced_runtime(dispatch: &tracing::Dispatch) -> tokio::runtime::Runtime {
+    let for_threads = dispatch.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            // Kept for the thread's life: it ends with the runtime.
+            std::mem::forget(tracing::dispatcher::set_default(&for_threads));
+        })
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn provision_and_terminate_each_make_one_trace_from_the_api_to_the_provider_http_call() {
+    // The propagator is process-wide; W3C trace context is what every
+    // service installs in production, so the other tests lose nothing.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    tracing::subscriber::set_global_default(
+    let dispatch = tracing::Dispatch::new(
         tracing_subscriber::registry()
             .with(tracing_subscriber::EnvFilter::new("info"))
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("e2e"))),
-    )
-    .expect("the only subscriber of this test binary");
+    );
+    let runtime = traced_runtime(&dispatch);
+    let _main = tracing::dispatcher::set_default(&dispatch);
+    runtime.block_on(trace_one_provision_and_terminate(exporter));
+    drop(provider);
+}
 
+async fn trace_one_provision_and_terminate(exporter: InMemorySpanExporter) {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;
     let stack = provider_stack(instant(), &[]).await;
@@ -311,19 +331,20 @@ async fn provision_and_terminate_each_make_one_trace_from_the_api_to_the_provide
 
     // The action log says who did each step on whose behalf, and the
     // EVT.instance.booting event continues the trace.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok("the instance booting", DEADLINE, || async {
         let state: String = sqlx::query_scalar("SELECT state FROM instances WHERE id = $1")
             .bind(id)
             .fetch_one(&db.pool)
             .await
             .expect("state");
         if state == "booting" {
-            break;
+            Ok(())
+        } else {
+            Err(state)
         }
-        assert!(Instant::now() < deadline, "still {state}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+
     let logs: Vec<(String, String)> = sqlx::query_as(
         "SELECT to_state, correlation_id FROM action_logs WHERE instance_id = $1 ORDER BY id",
     )
@@ -389,5 +410,4 @@ async fn provision_and_terminate_each_make_one_trace_from_the_api_to_the_provide
     .await;
 
     stop.cancel();
-    drop(provider);
 }

@@ -11,7 +11,9 @@ use flotilla_core::config::{LogFormat, TelemetryArgs};
 use flotilla_proto::v1;
 use flotilla_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use flotilla_telemetry::CancellationToken;
+use flotilla_test_utils::{DEADLINE, eventually};
 use tokio::task::JoinHandle;
+
 use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status};
@@ -226,11 +228,11 @@ impl Api {
 
     /// Waits until `done` holds for the recorded calls.
     async fn wait_for(&self, what: &str, done: impl Fn(&[Call]) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done(&self.fake.calls()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(what, DEADLINE, || {
+            let held = done(&self.fake.calls());
+            async move { held }
+        })
+        .await
     }
 
     async fn wait_for_heartbeats(&self, n: usize) {
@@ -425,8 +427,7 @@ async fn an_unauthenticated_answer_ends_the_agent_as_rejected_after_one_attempt(
     };
     assert_eq!(call.code, Code::Unauthenticated);
     assert_eq!(err.exit_code(), 2);
-    // Give a retry loop the time to show itself.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The agent has returned: a retry would have been made before its end.
     assert_eq!(api.fake.calls().len(), 1);
 }
 
@@ -442,8 +443,8 @@ async fn permission_denied_on_a_heartbeat_ends_the_agent_as_rejected_without_ret
         .await
         .expect_err("rejected");
     assert!(matches!(&err, AgentError::Rejected(c) if c.fault == Fault::Rejected));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The one in flight when the error was switched on may have succeeded.
+    // The agent has returned, so any retry was made before its end. The one
+    // in flight when the error was switched on may have succeeded.
     assert!(api.fake.heartbeats().len() <= before + 2);
 }
 
@@ -518,8 +519,17 @@ async fn a_busy_agent_outlives_the_dead_man_time_and_exits_once_idle() {
 
     // The api stops answering: each call ends by the agent's own timeout.
     api.fake.answer(|a| a.hang = true);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let hung = Instant::now();
+    // The sign it outlived its dead-man time (1 s): a heartbeat it sent
+    // well after that much time without an answer.
+    api.wait_for("a heartbeat past the dead-man time", |calls| {
+        calls
+            .iter()
+            .any(|c| c.kind == Kind::Heartbeat && c.at >= hung + Duration::from_millis(1500))
+    })
+    .await;
     assert!(!agent.task.is_finished(), "a busy agent exited");
+
     assert!(
         agent
             .status

@@ -12,7 +12,9 @@ use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
 use flotilla_store::WriteCtx;
 use flotilla_store::outbox::outbox_insert;
 use flotilla_telemetry::CancellationToken;
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{
+    DEADLINE, TestDb, TestNats, connections_closed, eventually, eventually_some,
+};
 use sha2::{Digest, Sha256};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
@@ -53,7 +55,7 @@ async fn cancelled_it_ends_watch_streams_stops_relaying_and_returns_within_its_g
         "--api-tokens",
         &tokens,
         "--database-url",
-        &db.url,
+        &db.url_as("stopped-api"),
         "--nats-url",
         &nats.url,
         "--nats-namespace",
@@ -66,16 +68,12 @@ async fn cancelled_it_ends_watch_streams_stops_relaying_and_returns_within_its_g
     let stop = CancellationToken::new();
     let service = tokio::spawn(flotilla_api::run(args, stop.clone()));
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut fleet = loop {
-        match FleetServiceClient::connect(format!("http://{listen}")).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "api never came up: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let mut fleet = eventually_some("the api to come up", DEADLINE, || async {
+        FleetServiceClient::connect(format!("http://{listen}"))
+            .await
+            .ok()
+    })
+    .await;
     fleet
         .create_pool(authed(v1::CreatePoolRequest {
             pool: Some(v1::Pool {
@@ -110,14 +108,10 @@ async fn cancelled_it_ends_watch_streams_stops_relaying_and_returns_within_its_g
             .expect("stream open");
         assert!(event.is_some(), "an event, not the end");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while unsent(&db).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the relay sends what is committed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the relay to send what is committed", DEADLINE, || async {
+        unsent(&db).await == 0
+    })
+    .await;
 
     let cancelled = Instant::now();
     stop.cancel();
@@ -137,12 +131,13 @@ async fn cancelled_it_ends_watch_streams_stops_relaying_and_returns_within_its_g
     println!("api stopped {:?} after cancel", cancelled.elapsed());
 
     // The relay claims nothing any more: a row committed now stays unsent,
-    // for the next replica's relay.
+    // for the next replica's relay. Once the stopped api holds no
+    // connection, nothing of it can claim the row later either.
     let mut conn = db.pool.acquire().await.expect("conn");
     outbox_insert(&mut conn, &WriteCtx::new("test"), "CMD.provision", b"x")
         .await
         .expect("row");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    connections_closed(&db.pool, "stopped-api").await;
     assert_eq!(unsent(&db).await, 1, "the stopped relay left the row alone");
 
     // And no new call is accepted.

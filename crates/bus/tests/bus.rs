@@ -19,7 +19,7 @@ use flotilla_store::WriteCtx;
 use flotilla_store::instance::{NewInstance, instance_insert_requested};
 use flotilla_store::outbox::{outbox_claim_unsent, outbox_insert, outbox_try_lock_relay};
 use flotilla_store::pool::{NewPool, pool_create};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, eventually};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -237,16 +237,24 @@ async fn the_relay_wakes_on_commit_without_waiting_for_its_poll() {
         let stop = stop.clone();
         async move { relay.run(stop).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay is listening once its connection has run its LISTEN.
+    eventually("the relay to LISTEN", DEADLINE, || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%flotilla_outbox%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
     outbox_rows(&db, 1).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while stream_len(&bus, EVT).await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "relay did not wake on NOTIFY"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Well short of the hour's poll: only the NOTIFY can wake it this soon.
+    eventually("the relay to wake on NOTIFY", DEADLINE, || async {
+        stream_len(&bus, EVT).await > 0
+    })
+    .await;
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -297,9 +305,12 @@ async fn trace_context_and_correlation_id_travel_from_the_outbox_to_the_handler(
     assert_eq!(d.header("traceparent"), Some(traceparent));
     assert_eq!(d.header(headers::CORRELATION), Some("req-9"));
     assert_eq!(d.msg_id(), Some(msg_id.to_string().as_str()));
-    // Work-queue retention: an acked command is gone.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(stream_len(&bus, CMD).await, 0);
+    // Work-queue retention: an acked command is gone (once the server has
+    // processed the ack).
+    eventually("the acked command gone", DEADLINE, || async {
+        stream_len(&bus, CMD).await == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -375,8 +386,10 @@ async fn a_poison_message_is_dead_lettered_without_blocking_the_rest() {
     assert_eq!((stats.acked, stats.dead_lettered), (5, 1));
     assert_eq!(good.load(Ordering::SeqCst), 5);
     assert_eq!(stream_len(&bus, DLQ).await, 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(stream_len(&bus, CMD).await, 0);
+    eventually("the queue emptied", DEADLINE, || async {
+        stream_len(&bus, CMD).await == 0
+    })
+    .await;
 
     let dead = bus
         .jetstream()
@@ -430,10 +443,8 @@ async fn a_message_that_keeps_failing_is_dead_lettered_at_max_deliver() {
     }
     assert_eq!(dead, 1);
     assert_eq!(stream_len(&bus, DLQ).await, 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        stream_len(&bus, CMD).await,
-        0,
-        "nothing left stuck in the queue"
-    );
+    eventually("nothing left stuck in the queue", DEADLINE, || async {
+        stream_len(&bus, CMD).await == 0
+    })
+    .await;
 }

@@ -19,6 +19,7 @@ use flotilla_provider::{
     VolumeSpec, VolumeState,
 };
 use flotilla_sim_provider::{ErrorRates, Faults, Operation, SimConfig, SimHandle};
+use flotilla_test_utils::{DEADLINE, eventually, eventually_some};
 
 const APP: &str = "fleet";
 
@@ -64,17 +65,21 @@ fn fly(sim: &SimHandle, timeout: Duration) -> FlyProvider {
 /// Deletes a volume, riding out Fly's 412 while it is still bound to a
 /// machine being destroyed (or just destroyed), within a deadline.
 async fn delete_volume_when_released(fly: &FlyProvider, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match fly.delete_volume(id).await {
-            Ok(()) => return,
-            Err(ProviderError::FailedPrecondition(m)) if Instant::now() < deadline => {
-                assert!(m.contains("bound to machine"), "{m}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually_some(
+        &format!("volume {id} released and deleted"),
+        DEADLINE,
+        || async {
+            match fly.delete_volume(id).await {
+                Ok(()) => Some(()),
+                Err(ProviderError::FailedPrecondition(m)) => {
+                    assert!(m.contains("bound to machine"), "{m}");
+                    None
+                }
+                Err(e) => panic!("volume {id} not deleted: {e}"),
             }
-            Err(e) => panic!("volume {id} not deleted: {e}"),
-        }
-    }
+        },
+    )
+    .await
 }
 
 fn volume_spec(instance_id: InstanceId) -> VolumeSpec {
@@ -136,9 +141,19 @@ async fn a_machine_goes_through_its_whole_lifecycle_and_is_then_gone() {
         .await
         .unwrap();
     // Destroyed shows briefly, then the machine is gone (404).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = fly.get_machine(&m.id).await.unwrap_err();
-    assert!(matches!(err, ProviderError::NotFound(_)), "{err}");
+    eventually("the destroyed machine gone (404)", DEADLINE, || async {
+        match fly.get_machine(&m.id).await {
+            Ok(still) => {
+                assert_eq!(still.state, MachineState::Destroyed);
+                false
+            }
+            Err(ProviderError::NotFound(_)) => true,
+            // Polled faster than Fly's per-machine read limit: not a look.
+            Err(ProviderError::ResourceExhausted { .. }) => false,
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await;
     let err = fly.delete_machine(&m.id, false).await.unwrap_err();
     assert!(matches!(err, ProviderError::NotFound(_)), "{err}");
 }
@@ -392,12 +407,19 @@ async fn the_breaker_stops_calls_to_a_failing_provider_and_resumes_after_it_reco
     );
 
     // The provider recovers; after the reset timeout one probe closes it.
+    // Until then every call is refused at the breaker (none reaches the
+    // provider, as the count below shows).
     sim.sim().set_faults(fast()).unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    guarded
-        .list_machines(&PageRequest::default())
-        .await
-        .unwrap();
+    eventually("a probe after the reset timeout", DEADLINE, || async {
+        match guarded.list_machines(&PageRequest::default()).await {
+            Ok(_) => true,
+            Err(e) => {
+                assert!(e.to_string().contains("circuit open"), "{e}");
+                false
+            }
+        }
+    })
+    .await;
     assert_eq!(guarded.breaker_state(), BreakerState::Closed);
     assert_eq!(sim.sim().stats().total(Operation::List), reached + 1);
 }
@@ -543,13 +565,18 @@ async fn a_start_survives_reads_that_are_rate_limited_in_passing() {
         },
     );
     sim.sim().set_faults(limited).unwrap();
+    // Once a read has been refused, the reads recover.
     let healer = {
         let sim = sim.sim().clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            eventually("a refused read", DEADLINE, || async {
+                sim.stats().count(Operation::Get, 429) + sim.stats().count(Operation::Get, 503) > 0
+            })
+            .await;
             sim.update_faults(|f| f.error_rate.clear()).unwrap();
         })
     };
+
     let started = fly.start_machine(&m.id).await.unwrap();
     assert_eq!(started.state, MachineState::Started);
     healer.await.unwrap();

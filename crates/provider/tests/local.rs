@@ -112,12 +112,33 @@ fn is_alive(pid: u32) -> bool {
     alive && !zombie
 }
 
+/// Whether `sig` is pending for `pid`: sent, not ignored (an ignored
+/// signal is discarded when sent), and not yet acted on.
+fn signal_pending(pid: u32, sig: Signal) -> bool {
+    let bit = 1u64 << (sig as i32 - 1);
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & bit != 0))
+}
+
+/// Alive, and no signal that would end it on its way: a signal sent to it
+/// before this look has either been discarded (ignored), or is pending,
+/// or has ended it. A check that needs no wait for "nothing happened".
+fn alive_and_unsignalled(pid: u32) -> bool {
+    is_alive(pid) && !signal_pending(pid, Signal::SIGTERM) && !signal_pending(pid, Signal::SIGKILL)
+}
+
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < SETTLE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    flotilla_test_utils::eventually(what, SETTLE, || {
+        let held = check();
+        async move { held }
+    })
+    .await
 }
 
 /// Waits for a script to write a line to `path` and returns it.
@@ -266,16 +287,22 @@ async fn a_process_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let grandchild: u32 = read_line(&child_file).await.parse().unwrap();
     h.pids.push(grandchild);
 
-    let grace = Duration::from_millis(800);
+    // A grace long enough that the looks below come inside it on a busy
+    // machine.
+    let grace = Duration::from_secs(2);
     let asked = Instant::now();
     let stopping = provider.stop_machine(&machine.id, grace).await.unwrap();
     assert_eq!(stopping.state, MachineState::Stopping);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The SIGTERM was sent before stop_machine returned: by now it was
+    // discarded (ignored), is pending, or has killed.
+    assert!(
+        alive_and_unsignalled(pid) && alive_and_unsignalled(grandchild),
+        "SIGTERM was ignored"
+    );
     assert_eq!(
         provider.get_machine(&machine.id).await.unwrap().state,
         MachineState::Stopping
     );
-    assert!(is_alive(pid) && is_alive(grandchild), "SIGTERM was ignored");
 
     let stopped = provider
         .wait_machine(&machine.id, MachineState::Stopped, SETTLE)
@@ -433,8 +460,12 @@ async fn a_dead_or_recycled_pid_in_bookkeeping_is_not_reported_as_running() {
     assert_eq!(stopped.state, MachineState::Stopped);
     second.delete_machine(&ids[1], true).await.unwrap();
     second.delete_machine(&ids[0], false).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(is_alive(decoy_pid), "the unrelated process was signalled");
+    // Any signal was sent before the calls returned.
+    assert!(
+        alive_and_unsignalled(decoy_pid),
+        "the unrelated process was signalled"
+    );
+
     decoy.kill().unwrap();
     decoy.wait().unwrap();
 }

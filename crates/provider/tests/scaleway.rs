@@ -322,6 +322,8 @@ async fn gate(State(fake): State<Fake>, req: Request, next: Next) -> Response {
         (limited, w.flags.failing, w.flags.slow)
     };
     if let Some(d) = slow {
+        // Not a wait for a condition: the fake API's own slowness, which
+        // the provider's request timeout is tested against.
         tokio::time::sleep(d).await;
     }
     if limited {
@@ -923,6 +925,8 @@ where
                 | ProviderError::Unavailable(_)),
             ) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%what, error = %e, "retrying");
+                // The poll of a deadline loop, spaced as the provider asked
+                // (Retry-After), as a reconcile loop's next tick would be.
                 tokio::time::sleep(e.retry_after().unwrap_or(Duration::from_millis(50))).await;
             }
             other => return other,

@@ -12,7 +12,7 @@ use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_store::instance::{ClaimQuery, InstanceRow, NewInstance, instance_insert_requested};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_store::{PgPool, StoreError, WriteCtx};
-use flotilla_test_utils::TestDb;
+use flotilla_test_utils::{DEADLINE, TestDb, eventually};
 
 async fn make_pool(db: &PgPool, name: &str) {
     let mut conn = db.acquire().await.unwrap();
@@ -177,6 +177,8 @@ async fn steps_run_at_most_the_batch_concurrency_at_once_and_a_full_batch_asks_f
             let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
             p.fetch_max(in_flight, Ordering::SeqCst);
             tokio::task::yield_now().await;
+            // Not a wait for a condition: the step's own work, which holds
+            // its slot while the driver starts the others.
             tokio::time::sleep(Duration::from_millis(5)).await;
             n.fetch_sub(1, Ordering::SeqCst);
             Ok(Step::Advanced)
@@ -220,18 +222,27 @@ mod leases {
         make_pool(&db.pool, "p").await;
         insert(&db.pool, "p", 1).await;
         let other = db.pool.clone();
-        let status = reconcile(&db.pool, short("r1"), |_, _, fence| {
+        let status = reconcile(&db.pool, short("r1"), |claimed, _, fence| {
             let other = other.clone();
             async move {
-                // Three leases long; another replica keeps trying to claim.
-                let until = tokio::time::Instant::now() + Duration::from_millis(2700);
-                while tokio::time::Instant::now() < until {
+                // The step works until its lease was renewed past three
+                // lease lengths after the claim, by the database's
+                // clock; another replica keeps trying to claim meanwhile.
+                let claimed_until = claimed.lease_until.expect("claimed with a lease");
+                eventually("the lease renewed past three leases", DEADLINE, || async {
                     let taken = instance_claim_due(&other, &short("r2").claim)
                         .await
                         .unwrap();
                     assert!(taken.is_empty(), "claimed while its holder was working");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                    sqlx::query_scalar::<_, bool>(
+                        "SELECT lease_until >= $1 + interval '1800 milliseconds' FROM instances",
+                    )
+                    .bind(claimed_until)
+                    .fetch_one(&other)
+                    .await
+                    .unwrap()
+                })
+                .await;
                 assert!(fence.held(), "renewed all along");
                 Ok(Step::Advanced)
             }
@@ -260,14 +271,7 @@ mod leases {
                     .await
                     .unwrap();
                 assert_eq!(taken.len(), 1);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                while fence.held() {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "the fence never fell"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                eventually("the fence to fall", DEADLINE, || async { !fence.held() }).await;
                 // A write it had in flight is refused by the claim's version.
                 let mut conn = other.acquire().await.unwrap();
                 let write = instance_transition(
@@ -363,29 +367,28 @@ mod health {
                 .unwrap()
                 .connect_lazy(),
         );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         // Serving first (the health server may need a moment to bind)...
-        loop {
-            match client
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
-                Ok(a) if a.get_ref().status == ServingStatus::Serving as i32 => break,
-                _ => {}
+        eventually("serving", DEADLINE, || {
+            let mut client = client.clone();
+            async move {
+                matches!(
+                    client
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await,
+                    Ok(a) if a.get_ref().status == ServingStatus::Serving as i32
+                )
             }
-            assert!(tokio::time::Instant::now() < deadline, "never serving");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
         // ...then not serving once the hung loop passed its floor.
-        while status_of(&mut client, "").await != ServingStatus::NotServing {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a stall was never noticed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the stall noticed", DEADLINE, || {
+            let mut client = client.clone();
+            async move { status_of(&mut client, "").await == ServingStatus::NotServing }
+        })
+        .await;
+
         assert_eq!(
             status_of(&mut client, "flotilla.loop.hangs").await,
             ServingStatus::NotServing

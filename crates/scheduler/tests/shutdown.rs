@@ -16,7 +16,7 @@ use flotilla_store::instance::{NewInstance, instance_insert_requested};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, connections_closed, eventually_ok};
 
 type Snapshot = Vec<(uuid::Uuid, String, i64, Option<String>)>;
 
@@ -73,7 +73,7 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
         "--provider-adapter-url",
         &adapter_url,
         "--database-url",
-        &db.url,
+        &db.url_as("stopped-scheduler"),
         "--nats-url",
         &nats.url,
         "--nats-namespace",
@@ -92,18 +92,18 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
     let service = tokio::spawn(flotilla_scheduler::run(args, stop.clone()));
 
     // Wait until every instance is claimed, its intent committed.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_ok("every instance claimed", DEADLINE, || async {
         let rows = snapshot(&db).await;
         if rows
             .iter()
             .all(|(_, state, _, owner)| state == "provisioning" && owner.is_some())
         {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        assert!(Instant::now() < deadline, "not all claimed: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     let cancelled = Instant::now();
     stop.cancel();
@@ -119,8 +119,9 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
         after.iter().all(|(_, _, _, owner)| owner.is_none()),
         "every lease given back: {after:?}"
     );
-    // Nothing of the stopped replica acts any more.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Nothing of the stopped replica acts any more: once it holds no
+    // connection, nothing of it can write.
+    connections_closed(&db.pool, "stopped-scheduler").await;
     assert_eq!(snapshot(&db).await, after, "no write after run returned");
 
     // The next replica takes over at once (the leases would hold it off
@@ -148,18 +149,16 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
     };
     let stop_next = CancellationToken::new();
     let next_task = tokio::spawn(next.run(None, stop_next.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok("the next replica to finish", DEADLINE, || async {
         let rows = snapshot(&db).await;
         if rows.iter().all(|(_, state, _, _)| state == "booting") {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the next replica did not finish: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+
     let live = sim
         .sim()
         .machines()

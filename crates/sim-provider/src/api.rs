@@ -78,6 +78,7 @@ async fn guarded_machine(
     machine: Option<(String, String)>,
     work: impl Future<Output = Result<Response, ApiError>>,
 ) -> Response {
+    let _in_flight = sim.call_started();
     let admitted = match admit(sim, op, headers).await {
         Ok(()) => match &machine {
             Some((app, id)) => sim.rate_limit(app, id, op),

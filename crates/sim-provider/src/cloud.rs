@@ -139,6 +139,23 @@ struct Inner {
     buckets: Mutex<HashMap<(String, String, Operation), Bucket>>,
     record_requests: std::sync::atomic::AtomicBool,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// API calls received and not answered yet (a sign tests wait for).
+    in_flight: std::sync::atomic::AtomicU64,
+    /// Delayed steps not applied yet, by machine id (a sign tests read).
+    scheduled: Mutex<HashMap<String, usize>>,
+}
+
+/// Counts one API call in flight until dropped (answered, or abandoned by
+/// its client).
+pub(crate) struct InFlight(Sim);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .inner
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A token bucket: `tokens` left at `at`.
@@ -488,6 +505,8 @@ impl Sim {
                 buckets: Mutex::new(HashMap::new()),
                 record_requests: std::sync::atomic::AtomicBool::new(config.record_requests),
                 requests: Mutex::new(Vec::new()),
+                in_flight: std::sync::atomic::AtomicU64::new(0),
+                scheduled: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -768,6 +787,36 @@ impl Sim {
             "organization": { "name": "Simulated", "slug": "personal" },
             "status": "deployed",
         }))
+    }
+
+    /// API calls received and not answered yet: a test waits for one to be
+    /// in flight before it interrupts whoever made it.
+    pub fn in_flight(&self) -> u64 {
+        self.inner
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Delayed steps of machine `id` not applied yet: zero means nothing
+    /// more happens to it by itself, so a test can say "nothing happened"
+    /// without waiting for it not to.
+    pub fn steps_scheduled(&self, id: &str) -> usize {
+        self.scheduled().get(id).copied().unwrap_or(0)
+    }
+
+    fn scheduled(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.inner
+            .scheduled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a call in flight until the guard drops.
+    pub(crate) fn call_started(&self) -> InFlight {
+        self.inner
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(self.clone())
     }
 
     pub(crate) fn record(&self, op: Operation, status: u16) {
@@ -1154,12 +1203,18 @@ impl Sim {
 
     fn spawn_timer(&self, runtime: &Handle, pending: Pending) {
         let sim = self.clone();
+        *self.scheduled().entry(pending.id.clone()).or_default() += 1;
         runtime.spawn(async move {
             tokio::time::sleep(pending.delay).await;
             let faults = sim.current_faults();
             let mut world = sim.world();
             let next = world.apply(&pending, &faults);
             sim.run_steps(&mut world, &faults, next);
+            // Counted down once its follow-up (if any) is scheduled, so the
+            // count never dips to zero between the two.
+            if let Some(n) = sim.scheduled().get_mut(&pending.id) {
+                *n = n.saturating_sub(1);
+            }
         });
     }
 }

@@ -8,6 +8,7 @@ use flotilla_sim_provider::{
     ErrorRates, Faults, Machine, MachineState, Operation, SimConfig, SimHandle, Volume,
     VolumeState, start,
 };
+use flotilla_test_utils::{DEADLINE, eventually, eventually_ok, eventually_some};
 use futures::StreamExt;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -126,15 +127,17 @@ impl Fly {
     /// Polls the truth until the machine is in `state`, for transitions no
     /// API call can wait on (a machine that fails instead of starting).
     async fn eventually_state(&self, id: &str, state: MachineState) {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.state_of(id).await != state {
-            assert!(
-                Instant::now() < deadline,
-                "machine {id} never reached {state}, is {}",
-                self.state_of(id).await
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually_ok(
+            &format!("machine {id} to reach {state}"),
+            DEADLINE,
+            || async {
+                match self.state_of(id).await {
+                    now if now == state => Ok(()),
+                    now => Err(now),
+                }
+            },
+        )
+        .await
     }
 }
 
@@ -145,7 +148,14 @@ async fn error_of(response: Response) -> String {
 
 #[tokio::test]
 async fn a_machine_goes_from_created_to_started_to_stopped_to_destroyed_and_then_is_not_found() {
-    let fly = Fly::start(fast_faults()).await;
+    // A linger of a second, so the look at the lingering machine comes
+    // inside it on a busy machine.
+    let fly = Fly::start(Faults {
+        destroyed_linger_ms: 1000,
+        ..fast_faults()
+    })
+    .await;
+
     let response = fly
         .create(json!({
             "name": "w1",
@@ -205,8 +215,18 @@ async fn a_machine_goes_from_created_to_started_to_stopped_to_destroyed_and_then
     let listed: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
     assert!(listed.is_empty(), "destroyed machines are not listed");
 
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let gone = fly.get(&format!("/machines/{id}")).await;
+    // After the linger the machine answers 404. (Polled faster than Fly's
+    // per-machine limit on reads allows: a 429 is a look that did not
+    // count.)
+    let gone = eventually_some("the destroyed machine gone", DEADLINE, || async {
+        let r = fly.get(&format!("/machines/{id}")).await;
+        match r.status().as_u16() {
+            200 | 429 => None,
+            _ => Some(r),
+        }
+    })
+    .await;
+
     assert_eq!(gone.status(), 404);
     assert_eq!(error_of(gone).await, "machine not found");
     assert_eq!(fly.state_of(&id).await, MachineState::Destroyed);
@@ -223,7 +243,11 @@ async fn deleting_a_started_machine_is_refused_and_the_machine_keeps_running() {
         error_of(delete).await,
         "failed_precondition: unable to destroy machine, not currently stopped, suspended or failed"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        fly.sim.sim().steps_scheduled(&machine.id),
+        0,
+        "a refused delete schedules nothing"
+    );
     assert_eq!(fly.state_of(&machine.id).await, MachineState::Started);
     let listed: Vec<Machine> = fly.get("/machines").await.json().await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -231,8 +255,10 @@ async fn deleting_a_started_machine_is_refused_and_the_machine_keeps_running() {
 
 #[tokio::test]
 async fn starting_a_machine_that_is_still_stopping_is_refused_until_the_stop_settles() {
+    // A stop of 1.5 s: the early start comes inside it on a busy machine.
     let fly = Fly::start(Faults {
-        stop_delay_ms: 300,
+        stop_delay_ms: 1500,
+
         ..fast_faults()
     })
     .await;
@@ -380,17 +406,11 @@ async fn a_bound_volume_cannot_be_deleted_until_its_machine_is_fully_destroyed()
     // estimate; the knob is `volume_release_delay_ms`, 100 ms here).
     let still_bound = fly.delete(&format!("/volumes/{}", volume.id)).await;
     assert_eq!(still_bound.status(), 412);
-    let deleted = loop {
+    let deleted = eventually_some("the volume released", DEADLINE, || async {
         let answer = fly.delete(&format!("/volumes/{}", volume.id)).await;
-        if answer.status() != 412 {
-            break answer;
-        }
-        assert!(
-            destroyed_at.elapsed() < Duration::from_secs(3),
-            "never released"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+        (answer.status() != 412).then_some(answer)
+    })
+    .await;
     assert!(destroyed_at.elapsed() >= Duration::from_millis(90));
     assert_eq!(deleted.status(), 200);
     let deleted: Volume = deleted.json().await.unwrap();
@@ -502,7 +522,11 @@ async fn a_start_that_fails_answers_200_but_the_machine_never_runs() {
         .json()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(
+        fly.sim.sim().steps_scheduled(&idle.id),
+        0,
+        "skip_launch schedules no start"
+    );
     assert_eq!(fly.state_of(&idle.id).await, MachineState::Created);
     let start = fly
         .post(&format!("/machines/{}/start", idle.id), json!({}))
@@ -907,25 +931,24 @@ async fn an_unknown_app_is_a_404_for_the_app_and_apps_are_added_and_deleted_expl
 async fn transient_states_show_under_their_fault_before_started() {
     // Fly's machine states page: replacing, updating and restarting are
     // transient states a client may see.
+    // A transient state of two seconds: long enough that polling sees it
+    // on a busy machine.
     let fly = Fly::start(Faults {
         transient_state_rate: 1.0,
-        transient_state_ms: 300,
+        transient_state_ms: 2000,
         ..fast_faults()
     })
     .await;
     let machine = fly.create_machine().await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let seen = loop {
-        let state = fly.state_of(&machine.id).await;
-        if matches!(
-            state,
-            MachineState::Replacing | MachineState::Updating | MachineState::Restarting
-        ) {
-            break state;
+    let seen = eventually_ok("a transient state", DEADLINE, || async {
+        match fly.state_of(&machine.id).await {
+            state @ (MachineState::Replacing
+            | MachineState::Updating
+            | MachineState::Restarting) => Ok(state),
+            state => Err(state),
         }
-        assert!(Instant::now() < deadline, "no transient state, is {state}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    })
+    .await;
     let shown: Machine = fly
         .get(&format!("/machines/{}", machine.id))
         .await
@@ -1059,14 +1082,15 @@ async fn listings_lie_under_the_listing_fault_while_get_stays_truthful() {
     assert_eq!(listed().await, shown, "the same ones on every call");
     all_get().await;
 
-    // A listing 300 ms behind: the machines above show once they are old
-    // enough, one created now does not.
-    lie(Listing::Stale { lag_ms: 300 });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while listed().await != ids {
-        assert!(Instant::now() < deadline, "the old machines never showed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // A listing 2 s behind (long enough that a busy machine still lists
+    // before the young machine comes of age): the machines above show once
+    // they are old enough, one created now does not.
+    lie(Listing::Stale { lag_ms: 2000 });
+    eventually("the old machines listed", DEADLINE, || async {
+        listed().await == ids
+    })
+    .await;
+
     let young = fly.create_machine().await.id;
     assert_eq!(listed().await, ids, "the young machine is not listed yet");
     assert_eq!(fly.get(&format!("/machines/{young}")).await.status(), 200);

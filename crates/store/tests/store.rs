@@ -18,7 +18,7 @@ use flotilla_store::pool_delete::{
 };
 use flotilla_store::watchdog::watchdog_scan_targets;
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
-use flotilla_test_utils::TestDb;
+use flotilla_test_utils::{TestDb, run_out_leases};
 use prost::Message;
 use sqlx::{Acquire, PgPool};
 
@@ -441,11 +441,14 @@ async fn claims_skip_rows_not_yet_due_and_take_over_expired_leases() {
             .unwrap()
         }
     };
-    let a = claim("a", Duration::from_millis(200)).await;
+    let a = claim("a", Duration::from_secs(60)).await;
     assert_eq!(a.iter().map(|r| r.id).collect::<Vec<_>>(), vec![rows[1].id]);
     assert!(claim("b", Duration::from_secs(60)).await.is_empty());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // a's lease runs out (its time passes in the database: lease_until
+    // moves to the past), and b takes the row over.
+    run_out_leases(&db.pool, "a").await;
     let b = claim("b", Duration::from_secs(60)).await;
+
     assert_eq!(b.iter().map(|r| r.id).collect::<Vec<_>>(), vec![rows[1].id]);
     // Shutdown gives leases back.
     assert_eq!(instance_release_owner(&mut conn, "b").await.unwrap(), 1);

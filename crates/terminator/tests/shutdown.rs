@@ -16,7 +16,9 @@ use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorArgs};
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances};
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{
+    DEADLINE, TestDb, TestNats, connections_closed, eventually, eventually_ok,
+};
 use tonic::transport::Channel;
 
 /// `n` ready instances, each with a started machine at the provider,
@@ -45,7 +47,7 @@ fn args(adapter_url: &str, db: &TestDb, nats: &TestNats) -> TerminatorArgs {
         "--provider-adapter-url",
         adapter_url,
         "--database-url",
-        &db.url,
+        &db.url_as("stopped-terminator"),
         "--nats-url",
         &nats.url,
         "--nats-namespace",
@@ -99,17 +101,21 @@ async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_a
         args(&adapter_url, &db, &nats),
         stop.clone(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_ok("every instance claimed", DEADLINE, || async {
         let rows = snapshot(&db).await;
         if rows.iter().all(|(_, _, _, owner)| owner.is_some()) {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        assert!(Instant::now() < deadline, "not all claimed: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Let the claimed steps reach their (slow) provider calls.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    // Wait until the claimed steps are in their (slow) provider calls: the
+    // simulator is answering one.
+    eventually("a provider call in flight", DEADLINE, || async {
+        sim.sim().in_flight() > 0
+    })
+    .await;
 
     let cancelled = Instant::now();
     stop.cancel();
@@ -129,7 +135,8 @@ async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_a
         after.iter().all(|(_, state, _, _)| state != "terminated"),
         "nothing claimed terminated before the provider confirmed: {after:?}"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the stopped replica holds no connection, nothing of it can write.
+    connections_closed(&db.pool, "stopped-terminator").await;
     assert_eq!(snapshot(&db).await, after, "no write after run returned");
 
     // The next replica takes over at once (the leases would hold it off
@@ -145,18 +152,16 @@ async fn cancelled_mid_termination_it_returns_in_its_grace_releases_its_leases_a
     };
     let stop_next = CancellationToken::new();
     let next_task = tokio::spawn(next.run(None, stop_next.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok("the next replica to finish", DEADLINE, || async {
         let rows = snapshot(&db).await;
         if rows.iter().all(|(_, state, _, _)| state == "terminated") {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the next replica did not finish: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+
     let live = sim
         .sim()
         .machines()

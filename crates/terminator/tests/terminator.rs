@@ -6,8 +6,7 @@
 #[path = "shutdown.rs"]
 mod shutdown;
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
@@ -17,9 +16,11 @@ use flotilla_store::instance::{InstanceRow, instance_get, instance_set_desired};
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
 use flotilla_terminator::{Terminator, TerminatorTuning};
-use flotilla_test_utils::TestDb;
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances, step, target};
 use flotilla_test_utils::stack::{ProviderStack, documented, provider_stack};
+use flotilla_test_utils::{
+    DEADLINE, TestDb, age_instances, eventually, eventually_ok, leases_run_out,
+};
 
 struct Env {
     db: TestDb,
@@ -47,7 +48,10 @@ async fn env(faults: Faults, drain_timeout: Option<i32>) -> Env {
     Env { db, stack }
 }
 
+/// The tuning flags as a binary takes them; a flag given again (a test's
+/// own) overrides the default before it.
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Tuning {
     #[command(flatten)]
     t: TerminatorTuning,
@@ -68,8 +72,10 @@ fn terminator_with(env: &Env, owner: &str, extra: &[&str]) -> Terminator {
         "20",
         "--terminate-retry-max-ms",
         "200",
+        // No step outlives it, however busy the machine; the test of a
+        // killed replica's leases running out asks for a short one.
         "--terminator-lease-seconds",
-        "1",
+        "60",
         "--provider-wait-seconds",
         "1",
         "--stop-grace-seconds",
@@ -144,17 +150,17 @@ fn left_at_provider(env: &Env) -> (usize, usize) {
 }
 
 /// Runs activations until every instance is terminated (or the deadline).
-async fn terminate_all(t: &Terminator, env: &Env, n: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while count_state(env, InstanceState::Terminated).await < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} terminated",
-            count_state(env, InstanceState::Terminated).await
-        );
-        t.terminate_once().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn terminate_all(t: &Terminator, env: &Env, n: usize) {
+    eventually_ok(&format!("{n} instances terminated"), DEADLINE, || async {
+        match count_state(env, InstanceState::Terminated).await {
+            done if done >= n => Ok(()),
+            done => {
+                t.terminate_once().await;
+                Err(format!("only {done} of {n} terminated"))
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +169,7 @@ async fn a_ready_worker_is_cordoned_drained_stopped_and_deleted_with_its_volume(
     let ids = ready(&env, 1, true).await;
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
-    terminate_all(&t, &env, 1, Duration::from_secs(10)).await;
+    terminate_all(&t, &env, 1).await;
     let row = get(&env, ids[0]).await;
     assert!(row.cordoned);
     assert_eq!(left_at_provider(&env), (0, 0));
@@ -216,7 +222,7 @@ async fn a_refused_delete_of_a_running_machine_is_retried_without_stopping_the_l
     assert!(refused.attempts >= 1);
     assert!(refused.last_error.unwrap().contains("412"));
     // The refusal did not stop the others.
-    terminate_all(&t, &env, 4, Duration::from_secs(10)).await;
+    terminate_all(&t, &env, 4).await;
     assert_eq!(left_at_provider(&env), (0, 0));
 }
 
@@ -266,11 +272,17 @@ async fn five_hundred_instances_scale_down_through_faults_and_leave_nothing_behi
     let t = terminator(&env, "t1");
     let stop = CancellationToken::new();
     let runner = tokio::spawn(t.clone().run(None, stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while count_state(&env, InstanceState::Terminated).await < 500 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_ok(
+        "500 instances terminated",
+        Duration::from_secs(240),
+        || async {
+            match count_state(&env, InstanceState::Terminated).await {
+                500 => Ok(()),
+                done => Err(format!("{done} terminated")),
+            }
+        },
+    )
+    .await;
     stop.cancel();
     runner.await.unwrap();
     assert_eq!(
@@ -326,22 +338,23 @@ async fn a_terminator_killed_mid_sequence_and_restarted_finishes_every_instance(
     .await;
     let ids = ready(&env, 40, true).await;
     terminate(&env, &ids, false).await;
-    let first = terminator(&env, "first");
+    // A short lease: this test is about a killed replica's leases running
+    // out on their own.
+    let first = terminator_with(&env, "first", &["--terminator-lease-seconds", "1"]);
     let task = tokio::spawn(first.run(None, CancellationToken::new()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count_state(&env, InstanceState::Terminated).await < 5 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("5 instances terminated", DEADLINE, || async {
+        count_state(&env, InstanceState::Terminated).await >= 5
+    })
+    .await;
     task.abort();
     let _ = task.await;
     assert!(
         count_state(&env, InstanceState::Terminated).await < 40,
         "killed mid-sequence"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    leases_run_out(&env.db.pool, "first").await;
     let second = terminator(&env, "second");
-    terminate_all(&second, &env, 40, Duration::from_secs(30)).await;
+    terminate_all(&second, &env, 40).await;
     assert_eq!(left_at_provider(&env), (0, 0));
     // Deletes repeated after the crash met "already gone", never an error
     // that stuck: nobody is flagged and each instance terminated once.
@@ -362,7 +375,9 @@ async fn a_terminator_killed_mid_sequence_and_restarted_finishes_every_instance(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_an_idle_report_and_ends_at_its_deadline_without_one() {
-    let env = env(documented(), Some(2)).await;
+    // A drain deadline of ten minutes, which the silent worker's row is
+    // aged past once the idle one is gone (no race with a short deadline).
+    let env = env(documented(), Some(600)).await;
     let ids = ready(&env, 2, false).await;
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
@@ -378,27 +393,34 @@ async fn drain_waits_for_an_idle_report_and_ends_at_its_deadline_without_one() {
         .execute(&env.db.pool)
         .await
         .unwrap();
-    let started = Instant::now();
-    let mut outcomes: HashMap<InstanceId, Duration> = HashMap::new();
-    while outcomes.len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(10));
+    eventually("the idle worker terminated", DEADLINE, || async {
         t.terminate_once().await;
-        for id in &ids {
-            if get(&env, *id).await.state == InstanceState::Terminated {
-                outcomes.entry(*id).or_insert(started.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        outcomes[&ids[0]] < outcomes[&ids[1]] && outcomes[&ids[0]] < Duration::from_secs(2),
-        "idle worker: {:?}",
-        outcomes[&ids[0]]
+        get(&env, ids[0]).await.state == InstanceState::Terminated
+    })
+    .await;
+    assert_eq!(
+        get(&env, ids[1]).await.state,
+        InstanceState::Draining,
+        "the silent worker waits for its drain deadline"
     );
-    assert!(
-        outcomes[&ids[1]] >= Duration::from_millis(1500),
-        "silent worker waits out the deadline: {:?}",
-        outcomes[&ids[1]]
+    age_instances(&env.db.pool, &[ids[1].0], Duration::from_secs(601)).await;
+    eventually("the silent worker terminated", DEADLINE, || async {
+        t.terminate_once().await;
+        get(&env, ids[1]).await.state == InstanceState::Terminated
+    })
+    .await;
+    let why: Vec<(sqlx::types::Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT instance_id, reason FROM action_logs WHERE to_state = 'stopping' ORDER BY id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        why,
+        [
+            (ids[0].0, Some("worker idle".to_owned())),
+            (ids[1].0, Some("drain deadline passed".to_owned()))
+        ]
     );
 }
 
@@ -425,7 +447,7 @@ async fn force_takes_over_a_stop_that_never_settles() {
     t.terminate_once().await;
     assert_eq!(get(&env, ids[0]).await.state, InstanceState::Stopping);
     terminate(&env, &ids, true).await;
-    terminate_all(&t, &env, 1, Duration::from_secs(15)).await;
+    terminate_all(&t, &env, 1).await;
     assert_eq!(left_at_provider(&env), (0, 0));
 }
 
@@ -446,14 +468,18 @@ async fn a_volume_still_bound_is_retried_without_deleting_its_gone_machine_again
     terminate(&env, &ids, false).await;
     // Flagged for an operator after one failed attempt.
     let t = terminator_with(&env, "t1", &["--terminate-alert-after-attempts", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut flagged = false;
-    while get(&env, ids[0]).await.state != InstanceState::Terminated {
-        assert!(Instant::now() < deadline, "not terminated");
+    let flagged = std::cell::Cell::new(false);
+    eventually("the instance terminated", DEADLINE, || async {
+        if get(&env, ids[0]).await.state == InstanceState::Terminated {
+            return true;
+        }
         t.terminate_once().await;
-        flagged |= get(&env, ids[0]).await.needs_attention;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        flagged.set(flagged.get() | get(&env, ids[0]).await.needs_attention);
+        false
+    })
+    .await;
+    let flagged = flagged.get();
+
     let stats = env.stack.sim.sim().stats();
     assert!(
         stats.count(Operation::VolumeDelete, 412) >= 1,
@@ -487,7 +513,7 @@ async fn a_normal_scale_down_waits_for_a_slow_stop_with_the_machines_version() {
     let ids = ready(&env, 2, true).await;
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
-    terminate_all(&t, &env, 2, Duration::from_secs(15)).await;
+    terminate_all(&t, &env, 2).await;
     assert_eq!(left_at_provider(&env), (0, 0));
     let stats = env.stack.sim.sim().stats();
     assert_eq!(stats.count(Operation::Wait, 400), 0, "{stats:?}");
@@ -506,7 +532,7 @@ async fn a_forced_terminate_of_a_ready_worker_skips_the_drain_and_its_history_sa
     let ids = ready(&env, 1, false).await;
     terminate(&env, &ids, true).await;
     let t = terminator(&env, "t1");
-    terminate_all(&t, &env, 1, Duration::from_secs(10)).await;
+    terminate_all(&t, &env, 1).await;
     let history: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT from_state, to_state, reason FROM action_logs WHERE instance_id = $1 ORDER BY id",
     )

@@ -5,10 +5,21 @@
 //! The servers default to the loopback ones `.ci/run` starts; override with
 //! `FLOTILLA_TEST_DATABASE_URL` (a URL to an admin database) and
 //! `FLOTILLA_TEST_NATS_URL`.
+//!
+//! Tests keep time themselves: [`wait`] polls a condition with a deadline,
+//! [`clock`] ages rows past a deadline instead of sleeping through it.
 
+pub mod clock;
 pub mod fleet;
 pub mod python_client;
 pub mod stack;
+pub mod wait;
+
+pub use clock::{age_instances, run_out_leases};
+pub use wait::{
+    DEADLINE, connections_closed, eventually, eventually_blocking, eventually_ok, eventually_some,
+    lease_run_out, leases_run_out,
+};
 
 use std::time::Duration;
 
@@ -81,6 +92,13 @@ impl TestDb {
             .expect("connect test database");
         flotilla_store::migrate(&pool).await.expect("migrate");
         TestDb { pool, url, name }
+    }
+
+    /// The database's URL for a service under test, its connections named
+    /// `app` (PostgreSQL's `application_name`), so the test can see when
+    /// that service holds none any more ([`wait::connections_closed`]).
+    pub fn url_as(&self, app: &str) -> String {
+        format!("{}?application_name={app}", self.url)
     }
 }
 

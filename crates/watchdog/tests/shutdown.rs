@@ -13,7 +13,7 @@ use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances};
 use flotilla_test_utils::stack::{instant, provider_stack};
-use flotilla_test_utils::{TestDb, TestNats};
+use flotilla_test_utils::{DEADLINE, TestDb, TestNats, connections_closed, eventually_ok};
 use flotilla_watchdog::{Watchdog, WatchdogArgs};
 use tonic::transport::Channel;
 
@@ -46,7 +46,7 @@ fn args(adapter_url: &str, db: &TestDb, nats: &TestNats) -> WatchdogArgs {
         "--provider-adapter-url",
         adapter_url,
         "--database-url",
-        &db.url,
+        &db.url_as("stopped-watchdog"),
         "--nats-url",
         &nats.url,
         "--nats-namespace",
@@ -98,15 +98,15 @@ async fn cancelled_while_confirming_silent_workers_it_returns_in_its_grace_and_r
         args(&adapter_url, &db, &nats),
         stop.clone(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_ok("every instance claimed", DEADLINE, || async {
         let rows = snapshot(&db).await;
         if rows.iter().all(|(_, _, _, owner)| owner.is_some()) {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        assert!(Instant::now() < deadline, "not all claimed: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     let cancelled = Instant::now();
     stop.cancel();
@@ -126,7 +126,8 @@ async fn cancelled_while_confirming_silent_workers_it_returns_in_its_grace_and_r
         after.iter().all(|(_, state, _, _)| state == "ready"),
         "nothing declared without the provider's answer: {after:?}"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the stopped replica holds no connection, nothing of it can write.
+    connections_closed(&db.pool, "stopped-watchdog").await;
     assert_eq!(snapshot(&db).await, after, "no write after run returned");
 
     // The next replica claims them at once (the leases would hold it off
