@@ -13,14 +13,14 @@ mod common;
 mod auth;
 #[path = "fuzz.rs"]
 mod fuzz;
-#[path = "pools_delete.rs"]
-mod pools_delete;
 #[path = "grpc_surface.rs"]
 mod grpc_surface;
 #[path = "instances.rs"]
 mod instances;
 #[path = "pools.rs"]
 mod pools;
+#[path = "pools_delete.rs"]
+mod pools_delete;
 #[path = "provision.rs"]
 mod provision;
 #[path = "shutdown.rs"]

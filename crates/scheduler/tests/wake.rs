@@ -16,9 +16,12 @@ use flotilla_store::pool::pool_set_desired_capacity;
 use flotilla_telemetry::CancellationToken;
 use flotilla_test_utils::TestNats;
 use flotilla_test_utils::stack::instant;
+use flotilla_test_utils::wait::eventually;
 use prost::Message;
 
 use super::{env, rows, scheduler, tuning};
+
+const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_command_wakes_the_capacity_loop_before_its_tick() {
@@ -47,7 +50,7 @@ async fn a_reconcile_command_wakes_the_capacity_loop_before_its_tick() {
     let running = tokio::spawn(loops.run(Duration::from_secs(5)));
     // Each loop runs once at start; after that the capacity loop waits an
     // hour for its next tick, so a fill can only come from the wake-up.
-    until("the capacity loop's first pass", || {
+    eventually("the capacity loop's first pass", WAIT, || {
         let statuses = statuses.clone();
         async move {
             statuses
@@ -77,29 +80,13 @@ async fn a_reconcile_command_wakes_the_capacity_loop_before_its_tick() {
     .unwrap();
     tx.commit().await.unwrap();
 
-    until(
+    eventually(
         "the pool filled to 3 by the wake-up, an hour before its tick",
+        WAIT,
         || async { rows(&env).await.len() == 3 },
     )
     .await;
     stop.cancel();
     running.await.unwrap();
     relaying.await.unwrap();
-}
-
-/// Polls `check` until it holds, failing after 30 s with `what`.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        // A poll interval, not a wait for something to happen.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
