@@ -28,6 +28,22 @@ pub mod exit {
     pub const CONFLICT: u8 = 7;
     /// Anything else (an internal error at the api, an unexpected answer).
     pub const OTHER: u8 = 1;
+
+    /// Every code with the words the README's exit-code paragraph uses for
+    /// it (checked by a test, so the README cannot drift from the code).
+    pub const TABLE: &[(u8, &str)] = &[
+        (0, "success"),
+        (OTHER, "unexpected"),
+        (INVALID, "invalid arguments"),
+        (UNREACHABLE, "api unreachable"),
+        (AUTH, "missing or wrong token"),
+        (NOT_FOUND, "no such instance or"),
+        (
+            INCOMPLETE,
+            "accepted but not every instance reached the goal",
+        ),
+        (CONFLICT, "conflict with the current state"),
+    ];
 }
 
 /// The text `--help` shows about exit codes.
@@ -51,6 +67,13 @@ pub enum CliError {
          --api-url / FLOTILLA_API_URL at yours"
     )]
     Unreachable { url: String, detail: String },
+    /// No answer within the request timeout: the api is hung or overloaded.
+    #[error(
+        "the Flotilla api at {url} did not answer in time ({detail})\n\
+         hint: it may be hung or overloaded; raise --request-timeout \
+         (FLOTILLA_REQUEST_TIMEOUT_SECONDS) if its calls are just slow"
+    )]
+    TimedOut { url: String, detail: String },
     #[error(
         "the api refused the API token ({detail})\n\
          hint: pass --token or set FLOTILLA_API_TOKEN to a token whose sha256 is in the api's \
@@ -92,9 +115,14 @@ impl CliError {
                     message
                 },
             },
-            Code::DeadlineExceeded => CliError::Unreachable {
+            // tonic's client-side timeout answers CANCELLED "Timeout expired".
+            Code::DeadlineExceeded => CliError::TimedOut {
                 url: url.to_owned(),
-                detail: format!("no answer in time ({message})"),
+                detail: message,
+            },
+            Code::Cancelled if message.contains("Timeout expired") => CliError::TimedOut {
+                url: url.to_owned(),
+                detail: message,
             },
             Code::Unauthenticated => CliError::Unauthenticated { detail: message },
             Code::PermissionDenied => CliError::PermissionDenied(message),
@@ -118,7 +146,7 @@ impl CliError {
 
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Unreachable { .. } => exit::UNREACHABLE,
+            CliError::Unreachable { .. } | CliError::TimedOut { .. } => exit::UNREACHABLE,
             CliError::Unauthenticated { .. }
             | CliError::MissingToken
             | CliError::PermissionDenied(_) => exit::AUTH,
@@ -157,6 +185,8 @@ mod tests {
         let cases = [
             (Status::unavailable("down"), exit::UNREACHABLE),
             (Status::deadline_exceeded("slow"), exit::UNREACHABLE),
+            (Status::cancelled("Timeout expired"), exit::UNREACHABLE),
+            (Status::cancelled("the caller went away"), exit::OTHER),
             (Status::unauthenticated("bad token"), exit::AUTH),
             (Status::permission_denied("no"), exit::AUTH),
             (
@@ -193,12 +223,40 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_and_help_list_the_exit_code_table() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("Exit codes, for scripts:")
+            .expect("README exit codes");
+        let paragraph: String = readme[start..]
+            .split("\n\n")
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for (code, words) in exit::TABLE {
+            assert!(
+                paragraph.contains(&format!("{code} {words}")),
+                "README says `{code} {words}`: {paragraph}"
+            );
+            assert!(
+                EXIT_CODES_HELP.contains(&format!("\n  {code}  ")),
+                "--help lists {code}"
+            );
+        }
+    }
+
+    #[test]
     fn messages_say_what_to_do() {
         let e = CliError::from_status("http://x", &Status::unauthenticated("missing or invalid"));
         assert!(e.to_string().contains("FLOTILLA_API_TOKEN"), "{e}");
         let e = CliError::from_status("http://x:1", &Status::unavailable(""));
         assert!(e.to_string().contains("http://x:1"), "{e}");
         assert!(e.to_string().contains("quickstart"), "{e}");
+        let e = CliError::from_status("http://x", &Status::cancelled("Timeout expired"));
+        assert!(e.to_string().contains("--request-timeout"), "{e}");
+        assert!(e.to_string().contains("did not answer in time"), "{e}");
         let e = CliError::from_status("http://x", &Status::invalid_argument("count: must be 1"));
         assert!(e.to_string().contains("count: must be 1"), "{e}");
     }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::client::Api;
 use crate::error::CliError;
+use crate::follow::follow;
 use crate::output::{self, Output};
 use crate::parse_label;
 use crate::wait::wait_for;
@@ -226,8 +227,10 @@ pub struct WatchArgs {
     /// Only these instances (repeat, or comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub id: Vec<String>,
-    /// Replay from this event stream sequence (each JSON event carries its
-    /// `stream_sequence`); 0 means new events only.
+    /// Replay from this event stream sequence (the SEQ column; each JSON
+    /// event carries its `stream_sequence`); 0 means new events only. A lost
+    /// stream (the api restarting) is reopened with backoff from the
+    /// sequence after the last event shown.
     #[arg(long, default_value_t = 0)]
     pub from_sequence: u64,
     /// `table` prints one line per event, `json` one object per line.
@@ -236,33 +239,33 @@ pub struct WatchArgs {
 }
 
 pub async fn watch(api: &Api, a: WatchArgs) -> Result<(), CliError> {
-    let mut stream = api
-        .client()
-        .watch_events(api.stream_request(v1::WatchEventsRequest {
-            start_sequence: a.from_sequence,
-            pool: a.pool.unwrap_or_default(),
-            instance_ids: a.id,
-        }))
-        .await
-        .map_err(|s| api.error(s))?
-        .into_inner();
+    let pool = a.pool.unwrap_or_default();
+    let ids = a.id;
+    let output = a.output;
     eprintln!("watching instance events (Ctrl-C to stop)");
-    loop {
-        match stream.message().await {
-            Ok(Some(event)) => match a.output {
-                Output::Json => println!("{}", output::event_json(&event)),
-                Output::Ids => println!("{}", event.instance_id),
-                Output::Table => println!("{}", output::event_line(&event)),
-            },
-            Ok(None) => {
-                return Err(CliError::Unreachable {
-                    url: api.url().to_owned(),
-                    detail: "the api ended the event stream (is it shutting down?)".into(),
-                });
-            }
-            Err(status) => return Err(api.error(status)),
-        }
+    if output == Output::Table {
+        println!("{}", output::EVENT_HEADER);
     }
+    let stopped = follow(
+        a.from_sequence,
+        |start_sequence| {
+            let mut client = api.client();
+            let request = api.stream_request(v1::WatchEventsRequest {
+                start_sequence,
+                pool: pool.clone(),
+                instance_ids: ids.clone(),
+            });
+            async move { Ok(client.watch_events(request).await?.into_inner()) }
+        },
+        |event| match output {
+            Output::Json => println!("{}", output::event_json(event)),
+            Output::Ids => println!("{}", event.instance_id),
+            Output::Table => println!("{}", output::event_line(event)),
+        },
+        |notice| eprintln!("{notice}"),
+    )
+    .await;
+    Err(api.error(stopped.0))
 }
 
 /// Which instances a terminate or drain is about.

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod error;
+pub mod follow;
 pub mod instances;
 pub mod output;
 pub mod pools;
@@ -77,7 +78,7 @@ pub enum Command {
     List(instances::ListArgs),
     /// Show one instance and its history (the audit log).
     Get(instances::GetArgs),
-    /// Stream instance events live (Ctrl-C to stop).
+    /// Stream instance events live, reconnecting when the api restarts (Ctrl-C to stop).
     Watch(instances::WatchArgs),
     /// Take instances down: cordon, drain, stop, delete machine and volumes.
     Terminate(instances::TerminateArgs),

@@ -325,13 +325,19 @@ pub fn event_json(e: &v1::InstanceEvent) -> Value {
     })
 }
 
-/// One event as one line: when, which instance, from → to, who, why.
+/// The heading of `watch`'s lines (see [`event_line`]).
+pub const EVENT_HEADER: &str =
+    "    SEQ  AT                        INSTANCE  POOL  FROM -> TO  ACTOR";
+
+/// One event as one line: its stream sequence (to resume from), when, which
+/// instance, from → to, who, why.
 pub fn event_line(e: &v1::InstanceEvent) -> String {
     let at = time(e.at.as_ref()).map_or("-".into(), |t| {
         t.to_rfc3339_opts(SecondsFormat::Millis, true)
     });
     let mut line = format!(
-        "{at}  {}  {}  {:>19} -> {:<19} {}",
+        "{:>7}  {at}  {}  {}  {:>19} -> {:<19} {}",
+        e.stream_sequence,
         e.instance_id,
         e.pool,
         from_name(e.from_state),
