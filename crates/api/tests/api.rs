@@ -5,6 +5,8 @@
 
 #[path = "fuzz.rs"]
 mod fuzz;
+#[path = "security.rs"]
+mod security;
 #[path = "shutdown.rs"]
 mod shutdown;
 
@@ -58,15 +60,13 @@ async fn start_with(limits: Limits) -> Api {
 }
 
 /// An api whose CreatePool checks pools against `provider`.
-async fn start_checked(
-    provider: flotilla_proto::v1::provider_client::ProviderClient<Channel>,
-) -> Api {
+async fn start_checked(provider: flotilla_proto::client::AdapterClient) -> Api {
     start_full(Limits::default(), Some(provider)).await
 }
 
 async fn start_full(
     limits: Limits,
-    provider: Option<flotilla_proto::v1::provider_client::ProviderClient<Channel>>,
+    provider: Option<flotilla_proto::client::AdapterClient>,
 ) -> Api {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;

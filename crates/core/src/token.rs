@@ -133,9 +133,11 @@ mod tests {
 
     #[test]
     fn entries_parse_with_an_optional_extra_part() {
-        let (t, extra) = HashedToken::parse(&format!(" ci:{HASH} ")).expect("parse");
+        let entry = format!(" ci:{HASH} ");
+        let (t, extra) = HashedToken::parse(&entry).expect("parse");
         assert_eq!((t.name(), extra), ("ci", None));
-        let (t, extra) = HashedToken::parse(&format!("dash:{HASH}:read")).expect("parse");
+        let entry = format!("dash:{HASH}:read");
+        let (t, extra) = HashedToken::parse(&entry).expect("parse");
         assert_eq!((t.name(), extra), ("dash", Some("read")));
         assert!(t.matches(&token_hash("test")));
         for bad in ["ci".to_owned(), format!(":{HASH}"), "ci:abc".into()] {
