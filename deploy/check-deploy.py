@@ -25,7 +25,7 @@ import yaml
 
 # The services built from this repository's image, as compose names them.
 FLOTILLA_SERVICES = {"api", "scheduler", "terminator", "watchdog", "provider-adapter"}
-PROVIDER_CLIENTS = {"scheduler", "terminator", "watchdog"}
+PROVIDER_CLIENTS = {"api", "scheduler", "terminator", "watchdog"}
 CREDENTIALS_SECRET = "flotilla-provider-credentials"
 
 
@@ -88,6 +88,28 @@ def check_compose(path):
     adapter = (services.get("provider-adapter") or {}).get("environment") or {}
     if "flotilla-sim" not in str(adapter.get("SIM_API_BASE_URL", "")):
         bad("provider-adapter does not use the flotilla-sim service")
+    # Every gRPC endpoint is TLS, and the adapter serves token holders only.
+    api_env = (services.get("api") or {}).get("environment") or {}
+    for svc, env, keys in (
+        ("api", api_env, ("API_TLS_CERT", "API_TLS_KEY")),
+        ("provider-adapter", adapter, (
+            "PROVIDER_ADAPTER_TLS_CERT", "PROVIDER_ADAPTER_TLS_KEY", "PROVIDER_ADAPTER_TOKENS_FILE")),
+    ):
+        for key in keys:
+            if not env.get(key):
+                bad(f"{svc} has no {key}: its gRPC port would be plaintext or anonymous")
+    for name in PROVIDER_CLIENTS:
+        svc = services.get(name) or {}
+        env = svc.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) for e in env)
+        if not str(env.get("PROVIDER_ADAPTER_URL", "")).startswith("https://"):
+            bad(f"{name} reaches the provider-adapter without TLS")
+        if not env.get("PROVIDER_ADAPTER_TOKEN_FILE") and not env.get("PROVIDER_ADAPTER_TOKEN"):
+            bad(f"{name} has no service token for the provider-adapter")
+    sched = (services.get("scheduler") or {}).get("environment") or {}
+    if not str(sched.get("WORKER_API_URL", "")).startswith("https://"):
+        bad("workers are told a plaintext WORKER_API_URL")
     nats = services.get("nats", {})
     if "--jetstream" not in (nats.get("command") or []) and "-js" not in (nats.get("command") or []):
         bad("nats runs without JetStream")
@@ -118,11 +140,26 @@ def check_k8s(path, overlay):
     for c in configs:
         if c["metadata"]["name"].startswith("flotilla-config"):
             grace = int(c.get("data", {}).get("SHUTDOWN_GRACE_SECONDS", grace))
+    shared = {}
+    for c in configs:
+        if c["metadata"]["name"].startswith("flotilla-config"):
+            shared = c.get("data", {})
+    for key in ("PROVIDER_ADAPTER_URL", "WORKER_API_URL"):
+        if not str(shared.get(key, "")).startswith("https://"):
+            bad(f"flotilla-config {key} is not https://")
+    tls_env = {
+        "api": ("API_TLS_CERT", "API_TLS_KEY"),
+        "provider-adapter": (
+            "PROVIDER_ADAPTER_TLS_CERT", "PROVIDER_ADAPTER_TLS_KEY", "PROVIDER_ADAPTER_TOKENS_FILE"),
+    }
     for name in sorted(FLOTILLA_SERVICES):
         dep = deployments.get(name)
         if dep is None:
             bad(f"no Deployment {name}")
             continue
+        for key in tls_env.get(name, ()):
+            if not any(key in env_names(c) for c in containers(dep)[1]):
+                bad(f"{name}: no {key}: its gRPC port would be plaintext or anonymous")
         pod, ctrs = containers(dep)
         labels = dep["spec"]["template"]["metadata"].get("labels", {})
         tgp = pod.get("terminationGracePeriodSeconds", 30)
@@ -188,7 +225,16 @@ def check_k8s(path, overlay):
                     bad("provider-adapter's gRPC port is open to pods other than its clients")
     if overlay:
         names = {d["metadata"]["name"] for d in docs}
-        for secret in ("flotilla-database", "flotilla-api-tokens", CREDENTIALS_SECRET):
+        for secret in (
+            "flotilla-database",
+            "flotilla-api-tokens",
+            CREDENTIALS_SECRET,
+            "flotilla-api-tls",
+            "flotilla-provider-adapter-tls",
+            "flotilla-ca",
+            "flotilla-service-token",
+            "flotilla-service-tokens",
+        ):
             if not any(n == secret or n.startswith(secret + "-") for n in names):
                 bad(f"overlay does not define the Secret {secret}")
     return bad.exit()
@@ -288,8 +334,10 @@ def check_binaries(dockerfile, crates, compose, rendered):
             for c in containers(d)[1]:
                 if c.get("image", "").split(":")[0].endswith("flotilla") and c.get("args"):
                     commands.append((f"{path} {d['metadata']['name']}", c["args"][0]))
+    # The runtime base's own shell runs deploy/gen-certs.sh (compose `certs`).
+    system = {"sh"}
     for where, cmd in commands:
-        if cmd not in image:
+        if cmd not in image and cmd not in system:
             bad(f"{where} runs {cmd!r}, which the image does not contain")
     return bad.exit()
 

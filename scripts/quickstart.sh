@@ -33,7 +33,14 @@
 #   QUICKSTART_STOP_TIMEOUT    seconds to wait for the fleet to terminate on stop (60)
 # Any service variable (docs/configuration.md) set in the environment wins
 # over the demo tuning below (fast heartbeats, short drains).
+#
+# Security: every service listens on 127.0.0.1 only and speaks plaintext
+# gRPC there (loopback never leaves this machine; agents and the CLI refuse
+# plaintext to any other address). The provider-adapter still requires a
+# service token from its callers. Every file written here is owner-only
+# (umask 077): the API token, the service token and the env file.
 set -euo pipefail
+umask 077
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cmd=${1:-start}
@@ -235,11 +242,17 @@ for b in "${SERVICES[@]}" agent flotilla; do
 done
 ln -sf "$BIN/flotilla" "$DATA_DIR/bin/flotilla"
 
-if [ ! -s "$DATA_DIR/token" ]; then
-  (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DATA_DIR/token")
-fi
+for f in token service-token; do
+  if [ ! -s "$DATA_DIR/$f" ]; then
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DATA_DIR/$f"
+  fi
+done
+# Files of an earlier quickstart may predate the umask.
+chmod 600 "$DATA_DIR/token" "$DATA_DIR/service-token"
+chmod 700 "$DATA_DIR"
 TOKEN=$(cat "$DATA_DIR/token")
 token_hash=$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)
+service_hash=$(printf %s "$(cat "$DATA_DIR/service-token")" | sha256sum | cut -d' ' -f1)
 
 if [ "$("${PG_ADMIN[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'")" != 1 ]; then
   log "creating database $DB_NAME"
@@ -257,6 +270,9 @@ export NATS_NAMESPACE=$NATS_NS
 export NO_COLOR=1
 export SHUTDOWN_GRACE_SECONDS=${SHUTDOWN_GRACE_SECONDS:-5}
 export PROVIDER_ADAPTER_URL=http://127.0.0.1:$ADAPTER_PORT
+# The adapter serves only holders of the service token; its callers read it
+# from the file (never from the command line, where ps would show it).
+export PROVIDER_ADAPTER_TOKEN_FILE=$DATA_DIR/service-token
 export WORKER_HEARTBEAT_INTERVAL_MS=${WORKER_HEARTBEAT_INTERVAL_MS:-1000}
 export WORKER_HEARTBEAT_TIMEOUT_SECONDS=${WORKER_HEARTBEAT_TIMEOUT_SECONDS:-4}
 export WATCHDOG_TICK_MS=${WATCHDOG_TICK_MS:-500}
@@ -291,6 +307,7 @@ wait_listening() { # name port
 started=1
 log "starting services (logs in $LOGS)"
 start_service provider-adapter PROVIDER_ADAPTER_LISTEN="127.0.0.1:$ADAPTER_PORT" \
+  PROVIDER_ADAPTER_TOKENS="quickstart:$service_hash" \
   LOCAL_PROVIDER_ENABLED=true LOCAL_STATE_DIR="$LOCAL"
 wait_listening provider-adapter "$ADAPTER_PORT"
 # The api applies the migrations before it listens, so the others start on
@@ -304,6 +321,7 @@ for name in scheduler terminator watchdog; do
   wait_listening "$name" "$(metrics_port "$name")"
 done
 
+rm -f "$DATA_DIR/env" # recreated owner-only (umask 077): it holds the token
 cat >"$DATA_DIR/env" <<EOF
 # Source this file to use the CLI against the quickstart: . $DATA_DIR/env
 export FLOTILLA_API_URL=$API_URL
@@ -324,7 +342,7 @@ flotilla list --pool "$POOL"
   echo
   echo "Flotilla is running. Ctrl-C here stops everything (or: $0 stop)."
   echo
-  echo "  gRPC api        $API_URL  (token in $DATA_DIR/token)"
+  echo "  gRPC api        $API_URL  (plaintext, loopback only; token in $DATA_DIR/token)"
   for s in "${SERVICES[@]}"; do
     printf '  metrics         http://127.0.0.1:%s/metrics  (%s)\n' "$(metrics_port "$s")" "$s"
   done

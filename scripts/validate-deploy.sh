@@ -110,6 +110,12 @@ log "docker-compose.yml"
 compose_valid docker-compose.yml
 "$PY" "$CHECKS" compose docker-compose.yml
 
+# The example overlay's TLS Secrets come from files deploy/gen-certs.sh makes
+# (git-ignored); a fresh clone has none yet.
+for overlay in deploy/k8s/overlays/*/; do
+    [ -s "${overlay}certs/ca.pem" ] || sh deploy/gen-certs.sh "${overlay}certs" >/dev/null
+done
+
 rendered=()
 for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
     dir=${dir%/}
@@ -179,6 +185,11 @@ must_fail "compose service with a misspelled key (helthcheck)" compose_valid "$N
 broken docker-compose.yml "$N/no-wait.yml" 's/condition: service_completed_successfully/condition: service_started/'
 must_fail "compose services not waiting for the migration" "$PY" "$CHECKS" compose "$N/no-wait.yml"
 
+broken docker-compose.yml "$N/plain-api.yml" 's/^      API_TLS_CERT: .*$//'
+must_fail "compose api without TLS" "$PY" "$CHECKS" compose "$N/plain-api.yml"
+broken docker-compose.yml "$N/plain-adapter.yml" 's#PROVIDER_ADAPTER_URL: https://#PROVIDER_ADAPTER_URL: http://#'
+must_fail "compose services calling the adapter in plaintext" "$PY" "$CHECKS" compose "$N/plain-adapter.yml"
+
 broken "$overlay" "$N/typo-k8s.yaml" '0,/ readinessProbe:$/s// readinesProbe:/'
 must_fail "Deployment with a misspelled field (readinesProbe)" k8s_valid "$N/typo-k8s.yaml"
 broken "$overlay" "$N/type-k8s.yaml" '0,/^  replicas: [0-9]*$/s//  replicas: two/'
@@ -186,6 +197,8 @@ must_fail "Deployment with replicas: two" k8s_valid "$N/type-k8s.yaml"
 mkdir -p "$N/kustomize"
 printf 'resources:\n  - no-such-file.yaml\n' >"$N/kustomize/kustomization.yaml"
 must_fail "kustomization with a missing resource" "$KUBECTL" kustomize "$N/kustomize"
+broken "$overlay" "$N/plain-k8s.yaml" 's/name: PROVIDER_ADAPTER_TLS_CERT$/name: PROVIDER_ADAPTER_TLS_CERT_OFF/'
+must_fail "a provider-adapter Deployment without TLS" "$PY" "$CHECKS" k8s "$N/plain-k8s.yaml" --overlay
 broken "$overlay" "$N/creds.yaml" 's/name: flotilla-database-/name: flotilla-provider-credentials-/'
 must_fail "a Deployment other than provider-adapter reading the credentials" \
     "$PY" "$CHECKS" k8s "$N/creds.yaml" --overlay

@@ -55,6 +55,8 @@ struct Compose {
     ports: Vec<(&'static str, u16)>,
     /// The group owning the Docker socket, given to the adapter.
     docker_gid: String,
+    /// The CA the `certs` service made, which the CLI verifies the api with.
+    ca: std::sync::Mutex<String>,
 }
 
 impl Compose {
@@ -85,6 +87,7 @@ impl Compose {
             root: repo_root(),
             ports,
             docker_gid,
+            ca: std::sync::Mutex::default(),
         }
     }
 
@@ -209,14 +212,24 @@ impl Compose {
         left
     }
 
-    /// The `flotilla` CLI of this build against the published api port.
+    /// The `flotilla` CLI of this build against the published api port,
+    /// over TLS, trusting the CA of the project's `certs` step.
     fn cli(&self, args: &[&str]) -> Output {
+        let ca = {
+            let mut ca = self.ca.lock().unwrap_or_else(|p| p.into_inner());
+            if ca.is_empty() {
+                let out = self.run(&["exec", "-T", "api", "cat", "/etc/flotilla/tls/ca.pem"]);
+                *ca = String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            ca.clone()
+        };
         Command::new(cli_binary())
             .args(args)
             .env(
                 "FLOTILLA_API_URL",
-                format!("http://127.0.0.1:{}", self.port("FLOTILLA_API_PORT")),
+                format!("https://127.0.0.1:{}", self.port("FLOTILLA_API_PORT")),
             )
+            .env("FLOTILLA_API_CA", &ca)
             .env("FLOTILLA_API_TOKEN", TOKEN)
             .output()
             .expect("the CLI runs")

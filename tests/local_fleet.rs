@@ -2,7 +2,12 @@
 //! processes, which register, report their boot phases and heartbeat over
 //! the worker API. Killing one makes the watchdog declare it dead, replace
 //! it and have the terminator remove it; pausing one (SIGSTOP) past the
-//! timeout and resuming it before confirmation replaces nothing.
+//! timeout and resuming it before confirmation replaces nothing. The
+//! `secrets` module runs a fleet over TLS and scans what it wrote for
+//! every secret it used.
+
+#[path = "secrets.rs"]
+mod secrets;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +17,6 @@ use flotilla_api::{ApiToken, Limits};
 use flotilla_e2e::{TestApi, start_api};
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
-use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_provider_adapter::{AdapterArgs, registry};
 use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
@@ -145,12 +149,12 @@ async fn real_agents_boot_to_ready_and_a_killed_one_is_replaced_while_a_paused_o
     let adapter_addr = listener.local_addr().expect("addr");
     tokio::spawn(flotilla_provider_adapter::serve(
         std::sync::Arc::new(registry(&args).expect("registry")),
+        flotilla_test_utils::stack::test_access(),
         listener,
         stop.clone(),
     ));
-    let provider = ProviderClient::connect(format!("http://{adapter_addr}"))
-        .await
-        .expect("adapter");
+    let provider =
+        flotilla_test_utils::stack::connect_adapter(&format!("http://{adapter_addr}")).await;
 
     let TestApi {
         addr: api_addr,

@@ -14,8 +14,9 @@ use flotilla_core::{CorrelationId, InstanceId};
 use flotilla_proto::v1;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_telemetry::grpc::outgoing;
+use flotilla_telemetry::tls::ClientTls;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
@@ -95,9 +96,13 @@ impl std::fmt::Debug for WorkerApi {
 }
 
 impl WorkerApi {
-    /// Must be called inside a Tokio runtime (the channel's worker is spawned).
+    /// Must be called inside a Tokio runtime (the channel's worker is
+    /// spawned). `tls` decides how `url` may be reached: TLS for
+    /// `https://`, plaintext only to loopback unless allowed, since the
+    /// worker token is in every call's headers.
     pub fn new(
         url: &str,
+        tls: &ClientTls,
         timeout: Duration,
         instance_id: InstanceId,
         token: &Secret,
@@ -115,8 +120,9 @@ impl WorkerApi {
                 )
             })?;
         bearer.set_sensitive(true);
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| AgentError::Config(format!("FLOTILLA_API_URL {url:?}: {e}")))?
+        let endpoint = tls
+            .endpoint(url)
+            .map_err(|e| AgentError::Config(e.to_string()))?
             .connect_timeout(timeout)
             .timeout(timeout);
         Ok(WorkerApi {
@@ -219,6 +225,7 @@ mod tests {
         let token: Secret = "bad\ntoken".parse().expect("infallible");
         let err = WorkerApi::new(
             "http://127.0.0.1:1",
+            &tls(),
             Duration::from_secs(1),
             InstanceId::new(),
             &token,
@@ -234,8 +241,29 @@ mod tests {
         let ok: Secret = "t".parse().expect("infallible");
         let id = InstanceId::new();
         let timeout = Duration::from_secs(1);
-        assert!(WorkerApi::new("http://127.0.0.1:1", timeout, id, &empty).is_err());
-        assert!(WorkerApi::new("not a url", timeout, id, &ok).is_err());
-        assert!(WorkerApi::new("http://127.0.0.1:1", timeout, id, &ok).is_ok());
+        let tls = tls();
+        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, id, &empty).is_err());
+        assert!(WorkerApi::new("not a url", &tls, timeout, id, &ok).is_err());
+        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, id, &ok).is_ok());
+    }
+
+    fn tls() -> ClientTls {
+        ClientTls::new(
+            "FLOTILLA_API_URL",
+            "FLOTILLA_API_CA",
+            "AGENT_ALLOW_PLAINTEXT",
+        )
+    }
+
+    #[tokio::test]
+    async fn the_worker_token_is_not_sent_in_plaintext_beyond_loopback_unless_allowed() {
+        let ok: Secret = "t".parse().expect("infallible");
+        let (id, timeout) = (InstanceId::new(), Duration::from_secs(1));
+        let err = WorkerApi::new("http://api.example.com:50051", &tls(), timeout, id, &ok)
+            .expect_err("refused");
+        assert!(err.to_string().contains("AGENT_ALLOW_PLAINTEXT"), "{err}");
+        let allowed = tls().allow_plaintext(true);
+        assert!(WorkerApi::new("http://api.example.com:50051", &allowed, timeout, id, &ok).is_ok());
+        assert!(WorkerApi::new("https://api.example.com:50051", &tls(), timeout, id, &ok).is_ok());
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use flotilla_core::InstanceId;
 use flotilla_core::config::{Secret, TelemetryArgs};
+use flotilla_telemetry::tls::{ClientTls, TlsError};
 
 /// Heartbeat period when neither the api nor the configuration names one.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(5000);
@@ -34,6 +35,22 @@ pub struct AgentArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub api_url: String,
+    /// CA bundle trusted for an `https://` FLOTILLA_API_URL: the PEM itself
+    /// (as the scheduler passes it from WORKER_API_CA) or a PEM file;
+    /// unset, the system's roots.
+    #[arg(long, env = "FLOTILLA_API_CA")]
+    pub api_ca: Option<String>,
+    /// Allow an `http://` FLOTILLA_API_URL to an address other than
+    /// loopback: the worker token then crosses the network in plaintext.
+    #[arg(
+        long,
+        env = "AGENT_ALLOW_PLAINTEXT",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub allow_plaintext: bool,
     /// Milliseconds between heartbeats when the api names no interval
     /// (a non-zero interval from the api always wins); 0 means 5000.
     #[arg(long, env = "AGENT_HEARTBEAT_INTERVAL_MS", default_value_t = 0)]
@@ -86,6 +103,18 @@ impl AgentArgs {
 
     pub fn start_time(&self) -> Duration {
         Duration::from_secs(self.start_seconds)
+    }
+
+    /// How the api is reached: its CA, and whether plaintext beyond
+    /// loopback is allowed. An error names the setting.
+    pub fn tls(&self) -> Result<ClientTls, TlsError> {
+        Ok(ClientTls::new(
+            "FLOTILLA_API_URL",
+            "FLOTILLA_API_CA",
+            "AGENT_ALLOW_PLAINTEXT",
+        )
+        .with_ca(self.api_ca.as_deref())?
+        .allow_plaintext(self.allow_plaintext))
     }
 
     /// At least 1 ms: a zero timeout would fail every call.

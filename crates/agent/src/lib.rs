@@ -122,8 +122,10 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<ExitRea
 impl Agent {
     /// Must be called inside a Tokio runtime. Fails only on unusable settings.
     pub fn new(args: &AgentArgs) -> Result<Agent, AgentError> {
+        let tls = args.tls().map_err(|e| AgentError::Config(e.to_string()))?;
         let api = WorkerApi::new(
             &args.api_url,
+            &tls,
             args.request_timeout(),
             args.instance_id,
             &args.worker_token,

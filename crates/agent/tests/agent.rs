@@ -248,6 +248,8 @@ fn args(url: &str, instance_id: InstanceId) -> AgentArgs {
         instance_id,
         worker_token: TOKEN.parse().expect("infallible"),
         api_url: url.to_owned(),
+        api_ca: None,
+        allow_plaintext: false,
         // Long, so a test only sees 50 ms heartbeats when the api's answer is used.
         heartbeat_interval_ms: 10_000,
         dead_man_seconds: 1,

@@ -1,85 +1,135 @@
-//! Who is calling. The fleet API accepts configured API tokens, checked by
-//! an interceptor before any handler runs; the worker API accepts the token
-//! issued for one instance, and only for that instance.
+//! Who is calling, and what they may do. The fleet API accepts configured
+//! API tokens, each with a scope (read-only or admin), checked by
+//! [`FleetAuth`] around the service before any handler runs; the worker
+//! API accepts the token issued for one instance, and only for that
+//! instance.
 //!
 //! Design notes: tokens are never stored, only their SHA-256, so a leaked
-//! configuration or database does not leak credentials. Hashes are compared
-//! in constant time (`subtle`) and every configured API token is compared
-//! on every call, so response timing does not tell an attacker how much of a
-//! guess was right. A failed check returns before the handler runs (fleet)
-//! or before its first write (worker): a refused call writes nothing.
+//! configuration or database does not leak credentials
+//! (`flotilla_core::token`: constant-time, every token compared on every
+//! call). What a scope allows is one table here, by method name:
+//! [`READ_ONLY_METHODS`] may be called with a read-only token, everything
+//! else needs admin, so a new RPC is admin-only until someone decides
+//! otherwise; the tests check the table against the service descriptor,
+//! so a new RPC fails them until it is classified. The check is a tower
+//! wrapper rather than a tonic interceptor because only the wrapper sees
+//! the method's path. A failed check returns before the handler runs
+//! (fleet) or before its first write (worker): a refused call writes
+//! nothing.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use flotilla_core::InstanceId;
+use flotilla_core::token::{HashedToken, find_token};
 use flotilla_store::worker::{WorkerView, worker_get, worker_token_hash_exists};
-use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::{Request, Status};
+
+pub use flotilla_core::token::token_hash;
 
 use crate::error::store_status;
 
-/// The SHA-256 of a token, as configured and as stored.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The [`READ_ONLY_METHODS`]: dashboards, humans on call.
+    Read,
+    /// Every method.
+    Admin,
 }
 
-/// One accepted API token: a name for the audit log and the token's hash.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiToken {
-    name: String,
-    hash: [u8; 32],
-}
-
-impl std::fmt::Debug for ApiToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiToken")
-            .field("name", &self.name)
-            .finish()
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
     }
+}
+
+/// FleetService methods a read-only token may call: each reads and
+/// changes nothing. Every other method needs an admin token.
+pub const READ_ONLY_METHODS: &[&str] = &[
+    "GetInstance",
+    "ListInstances",
+    "GetInstanceHistory",
+    "WatchEvents",
+    "GetPool",
+    "ListPools",
+];
+
+/// FleetService methods that change something: admin tokens only. Listed
+/// (not just "the rest") so that the tests can require every method of
+/// the service descriptor to be in exactly one of the two lists.
+pub const ADMIN_METHODS: &[&str] = &[
+    "Provision",
+    "Terminate",
+    "Drain",
+    "CreatePool",
+    "UpdatePool",
+];
+
+/// The scope `method` needs. Unknown methods need admin.
+pub fn required_scope(method: &str) -> Scope {
+    if READ_ONLY_METHODS.contains(&method) {
+        Scope::Read
+    } else {
+        Scope::Admin
+    }
+}
+
+/// One accepted API token: a name for the audit log, its hash and its scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    token: HashedToken,
+    scope: Scope,
 }
 
 impl ApiToken {
-    /// Parses one `name:sha256hex` entry of `API_TOKENS`.
+    /// Parses one `name:sha256hex[:admin|read]` entry of `API_TOKENS`;
+    /// without a scope the token is admin (as every token was before
+    /// scopes existed).
     pub fn parse(entry: &str) -> Result<ApiToken, String> {
-        let (name, hex_hash) = entry
-            .trim()
-            .split_once(':')
-            .ok_or("expected name:sha256hex")?;
-        let name_ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !name_ok {
-            return Err(format!(
-                "token name {name:?}: 1-64 letters, digits, '-', '_' or '.'"
-            ));
-        }
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| {
-            format!(
-                "token {name}: the hash must be 64 hex digits (printf %s \"$TOKEN\" | sha256sum)"
-            )
-        })?;
-        Ok(ApiToken {
-            name: name.to_owned(),
-            hash,
-        })
+        let (token, extra) = HashedToken::parse(entry)?;
+        let scope = match extra.map(str::trim) {
+            None | Some("admin") => Scope::Admin,
+            Some("read") => Scope::Read,
+            Some(other) => {
+                return Err(format!(
+                    "token {}: scope {other:?} is neither admin nor read",
+                    token.name()
+                ));
+            }
+        };
+        Ok(ApiToken { token, scope })
     }
 
-    /// An accepted token given in plain text (tests, tools); only its hash is kept.
+    /// An admin token given in plain text (tests, tools); only its hash is kept.
     pub fn from_plain(name: &str, token: &str) -> ApiToken {
+        ApiToken::scoped(name, token, Scope::Admin)
+    }
+
+    /// A token of `scope` given in plain text; only its hash is kept.
+    pub fn scoped(name: &str, token: &str, scope: Scope) -> ApiToken {
         ApiToken {
-            name: name.to_owned(),
-            hash: token_hash(token),
+            token: HashedToken::from_plain(name, token),
+            scope,
         }
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.token.name()
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
     }
 }
 
@@ -88,6 +138,7 @@ impl ApiToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub token_name: String,
+    pub scope: Scope,
 }
 
 impl Caller {
@@ -99,8 +150,11 @@ impl Caller {
 
 /// The token of `authorization: Bearer <token>`, if the header has one.
 pub fn bearer(md: &MetadataMap) -> Option<&str> {
-    let value = md.get("authorization")?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
+    bearer_value(md.get("authorization")?.to_str().ok()?)
+}
+
+fn bearer_value(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
@@ -109,43 +163,86 @@ fn unauthenticated() -> Status {
     Status::unauthenticated("missing or invalid API token")
 }
 
-/// FleetService interceptor: the API token. (The correlation id was made
-/// sure of by the server's layer before any interceptor runs.)
+/// Who presents `authorization` (the header's value) and whether they may
+/// call `method`: UNAUTHENTICATED for no or an unknown token,
+/// PERMISSION_DENIED for a token whose scope does not cover the method.
+pub fn authorize(
+    tokens: &[ApiToken],
+    authorization: Option<&str>,
+    method: &str,
+) -> Result<Caller, Status> {
+    let presented = authorization
+        .and_then(bearer_value)
+        .ok_or_else(unauthenticated)?;
+    let token = find_token(tokens, |t| &t.token, presented).ok_or_else(unauthenticated)?;
+    if token.scope == Scope::Read && required_scope(method) == Scope::Admin {
+        return Err(Status::permission_denied(format!(
+            "the API token {:?} is read-only; {method} needs an admin token",
+            token.name()
+        )));
+    }
+    Ok(Caller {
+        token_name: token.name().to_owned(),
+        scope: token.scope,
+    })
+}
+
+/// Wraps the FleetService: authenticates and authorizes every call by its
+/// method (the last segment of the path) before it reaches the service.
+/// (The correlation id was made sure of by the server's layer first.)
 #[derive(Debug, Clone)]
-pub struct FleetAuth {
+pub struct FleetAuth<S> {
+    inner: S,
     tokens: Arc<[ApiToken]>,
 }
 
-impl FleetAuth {
-    pub fn new(tokens: Arc<[ApiToken]>) -> Self {
-        FleetAuth { tokens }
-    }
-
-    fn caller(&self, md: &MetadataMap) -> Option<Caller> {
-        let hash = token_hash(bearer(md)?);
-        let mut found = None;
-        // No early exit: the time taken does not depend on which token matched.
-        for t in self.tokens.iter() {
-            if bool::from(t.hash.ct_eq(&hash)) && found.is_none() {
-                found = Some(t);
-            }
-        }
-        found.map(|t| Caller {
-            token_name: t.name.clone(),
-        })
+impl<S> FleetAuth<S> {
+    pub fn new(inner: S, tokens: Arc<[ApiToken]>) -> Self {
+        FleetAuth { inner, tokens }
     }
 }
 
-impl tonic::service::Interceptor for FleetAuth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let caller = self.caller(req.metadata()).ok_or_else(unauthenticated)?;
-        req.extensions_mut().insert(caller);
-        Ok(req)
+impl<S: NamedService> NamedService for FleetAuth<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for FleetAuth<S>
+where
+    S: tower_service::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+        let authorization = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match authorize(&self.tokens, authorization, method) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(req))
+            }
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
     }
 }
 
 /// The caller [`FleetAuth`] authenticated. A request that reached a handler
-/// without one was not served through the interceptor: refused, not trusted.
+/// without one was not served through it: refused, not trusted.
 pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     req.extensions()
         .get::<Caller>()
@@ -188,41 +285,24 @@ pub async fn authenticate_worker(
 
 #[cfg(test)]
 mod tests {
-    use tonic::metadata::MetadataValue;
-    use tonic::service::Interceptor;
-
     use super::*;
 
-    fn request(auth: Option<&'static str>) -> Request<()> {
-        let mut req = Request::new(());
-        if let Some(v) = auth {
-            req.metadata_mut()
-                .insert("authorization", MetadataValue::from_static(v));
-        }
-        req
-    }
-
-    #[test]
-    fn the_hash_of_a_token_matches_sha256sum() {
-        // printf %s test | sha256sum
-        assert_eq!(
-            hex::encode(token_hash("test")),
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-        );
+    fn tokens() -> Arc<[ApiToken]> {
+        vec![
+            ApiToken::from_plain("ci", "s3cret"),
+            ApiToken::from_plain("ops", "other"),
+            ApiToken::scoped("dash", "look", Scope::Read),
+        ]
+        .into()
     }
 
     #[test]
     fn a_configured_token_names_the_caller_and_others_are_refused() {
-        let tokens: Arc<[ApiToken]> = vec![
-            ApiToken::from_plain("ci", "s3cret"),
-            ApiToken::from_plain("ops", "other"),
-        ]
-        .into();
-        let mut auth = FleetAuth::new(tokens);
-        let ok = auth.call(request(Some("Bearer other"))).expect("accepted");
-        assert_eq!(caller(&ok).expect("caller").actor(), "api:ops");
-        let ok = auth.call(request(Some("bearer s3cret"))).expect("accepted");
-        assert_eq!(caller(&ok).expect("caller").token_name, "ci");
+        let tokens = tokens();
+        let ok = authorize(&tokens, Some("Bearer other"), "Provision").expect("accepted");
+        assert_eq!(ok.actor(), "api:ops");
+        let ok = authorize(&tokens, Some("bearer s3cret"), "Provision").expect("accepted");
+        assert_eq!(ok.token_name, "ci");
         for bad in [
             None,
             Some("Bearer wrong"),
@@ -230,13 +310,62 @@ mod tests {
             Some("Basic s3cret"),
             Some("s3cret"),
         ] {
-            let err = auth.call(request(bad)).expect_err("refused");
+            let err = authorize(&tokens, bad, "ListPools").expect_err("refused");
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
     }
 
     #[test]
-    fn a_request_that_skipped_the_interceptor_has_no_caller() {
+    fn a_read_only_token_reads_and_is_denied_everything_else() {
+        let tokens = tokens();
+        for m in READ_ONLY_METHODS {
+            let c = authorize(&tokens, Some("Bearer look"), m).expect("reads");
+            assert_eq!((c.token_name.as_str(), c.scope), ("dash", Scope::Read));
+        }
+        for m in ADMIN_METHODS.iter().chain(&["SomethingNew"]) {
+            let err = authorize(&tokens, Some("Bearer look"), m).expect_err("denied");
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{m}");
+            assert!(
+                err.message().contains("dash") && err.message().contains(m),
+                "{err:?}"
+            );
+            authorize(&tokens, Some("Bearer s3cret"), m).expect("admin may");
+        }
+    }
+
+    #[test]
+    fn entries_take_an_optional_scope_and_default_to_admin() {
+        let hash = flotilla_core::token::token_hash_hex("test");
+        assert_eq!(
+            ApiToken::parse(&format!("ci:{hash}"))
+                .expect("parse")
+                .scope(),
+            Scope::Admin
+        );
+        assert_eq!(
+            ApiToken::parse(&format!("ci:{hash}:admin"))
+                .expect("parse")
+                .scope(),
+            Scope::Admin
+        );
+        assert_eq!(
+            ApiToken::parse(&format!("d:{hash}:read"))
+                .expect("parse")
+                .scope(),
+            Scope::Read
+        );
+        assert!(ApiToken::parse(&format!("d:{hash}:write")).is_err());
+    }
+
+    #[test]
+    fn no_method_is_in_both_lists() {
+        for m in READ_ONLY_METHODS {
+            assert!(!ADMIN_METHODS.contains(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_request_that_skipped_the_wrapper_has_no_caller() {
         assert_eq!(
             caller(&Request::new(())).expect_err("no caller").code(),
             tonic::Code::Unauthenticated

@@ -1,10 +1,13 @@
-//! The api's settings: where it listens, which API tokens it accepts, and
+//! The api's settings: where it listens (and with which certificate),
+//! which API tokens it accepts, how it reaches the provider-adapter, and
 //! the limits and intervals it hands out.
 
 use std::time::Duration;
 
 use clap::Parser;
-use flotilla_core::config::{DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::config::{
+    AdapterClientArgs, DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+};
 
 use crate::auth::ApiToken;
 
@@ -18,9 +21,27 @@ pub struct ApiArgs {
     /// Address the gRPC FleetService and WorkerService listen on.
     #[arg(long, env = "API_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Accepted API tokens, comma-separated `name:sha256hex` pairs. Only the
-    /// SHA-256 of each token is configured, never the token; make one with
-    /// `printf %s "$TOKEN" | sha256sum`. The name is recorded as the actor
+    /// TLS certificate (chain) of the gRPC listener: a PEM file, or the PEM
+    /// itself. With API_TLS_KEY the api speaks only TLS; unset, plaintext
+    /// (fit for loopback only: agents and the CLI refuse to send a token in
+    /// plaintext to any other address).
+    #[arg(long, env = "API_TLS_CERT")]
+    pub api_tls_cert: Option<String>,
+    /// Private key of API_TLS_CERT: a PEM file (mode 0600), or the PEM itself.
+    #[arg(long, env = "API_TLS_KEY", hide_env_values = true)]
+    pub api_tls_key: Option<String>,
+    /// Address of a plaintext listener answering gRPC health only
+    /// (`grpc.health.v1`), for probes that cannot speak TLS (the kubelet's
+    /// gRPC probe); empty: none. Health carries no secret and needs no token.
+    #[arg(long, env = "API_HEALTH_LISTEN", default_value = "")]
+    pub api_health_listen: String,
+    /// Accepted API tokens, comma-separated `name:sha256hex[:scope]`
+    /// entries; scope `admin` (the default) may call everything, `read`
+    /// only GetInstance, ListInstances, GetInstanceHistory, WatchEvents,
+    /// GetPool and ListPools. Several may be valid at once (rotation: add
+    /// the new one, move callers, remove the old). Only the SHA-256 of each
+    /// token is configured, never the token; make one with `printf %s
+    /// "$TOKEN" | sha256sum`. The name is recorded as the actor
     /// (`api:<name>`) of every change made with the token.
     #[arg(
         long,
@@ -45,6 +66,8 @@ pub struct ApiArgs {
     /// checked by the api's own rules only (logged once at startup).
     #[arg(long, env = "PROVIDER_ADAPTER_URL")]
     pub provider_adapter_url: Option<String>,
+    #[command(flatten)]
+    pub adapter: AdapterClientArgs,
     /// Apply the database migrations and exit without serving: the
     /// migration step of a deployment (a Kubernetes Job, a compose service).
     /// Needs only the database settings.
@@ -87,6 +110,16 @@ impl Default for Limits {
 }
 
 impl ApiArgs {
+    /// The listener's TLS, or `None` for plaintext; an error names the setting.
+    pub fn tls(
+        &self,
+    ) -> Result<Option<tonic::transport::ServerTlsConfig>, flotilla_telemetry::tls::TlsError> {
+        flotilla_telemetry::tls::server_tls(
+            ("API_TLS_CERT", self.api_tls_cert.as_deref()),
+            ("API_TLS_KEY", self.api_tls_key.as_deref()),
+        )
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             max_provision_count: self.api_max_provision_count,
@@ -116,10 +149,17 @@ mod tests {
 
     #[test]
     fn tokens_are_comma_separated_name_hash_pairs() {
-        let list = format!("ci:{HASH},ops:{}", HASH.to_uppercase());
+        let list = format!(
+            "ci:{HASH},ops:{}:admin,dash:{HASH}:read",
+            HASH.to_uppercase()
+        );
         let args = ApiArgs::try_parse_from(["api", "--api-tokens", &list]).expect("parse");
-        let names: Vec<_> = args.api_tokens.iter().map(|t| t.name()).collect();
-        assert_eq!(names, ["ci", "ops"]);
+        let names: Vec<_> = args
+            .api_tokens
+            .iter()
+            .map(|t| (t.name(), t.scope().as_str()))
+            .collect();
+        assert_eq!(names, [("ci", "admin"), ("ops", "admin"), ("dash", "read")]);
     }
 
     #[test]
@@ -138,6 +178,7 @@ mod tests {
             "ci:abc".to_owned(),
             format!("c i:{HASH}"),
             format!("ci:{}", &HASH[..62]),
+            format!("ci:{HASH}:root"),
         ] {
             let parsed = ApiArgs::try_parse_from(["api", "--api-tokens", &bad]);
             assert!(parsed.is_err(), "{bad} was accepted");

@@ -1,15 +1,15 @@
 //! The public `FleetService`: instances and pools as platform teams and the
-//! CLI see them. Callers were authenticated by [`crate::auth::FleetAuth`]
-//! before any handler here runs; each handler validates its input before
-//! its first read or write.
+//! CLI see them. Callers were authenticated, and their scope checked, by
+//! [`crate::auth::FleetAuth`] before any handler here runs; each handler
+//! validates its input before its first read or write.
 
 use flotilla_bus::subjects::{PROVISION, RECONCILE};
 use flotilla_core::InstanceState;
+use flotilla_proto::client::AdapterClient;
 use flotilla_proto::convert::state_from_wire;
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_server::FleetService;
-use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_store::WriteCtx;
 use flotilla_store::action_log::action_log_for_instance;
 use flotilla_store::instance::{ListFilter, instance_get, instance_list};
@@ -23,7 +23,6 @@ use flotilla_telemetry::propagation::current_trace_headers;
 use prost::Message;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres, Transaction};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::error::{pool_not_found, store_status};
@@ -86,7 +85,7 @@ fn write_ctx<T>(req: &Request<T>) -> Result<WriteCtx, Status> {
 /// the call (UNAVAILABLE, retry), because a pool that was never checked
 /// would only fail later, at its first create.
 async fn check_with_adapter(
-    provider: &ProviderClient<Channel>,
+    provider: &AdapterClient,
     new: &NewPool,
     cid: &flotilla_core::CorrelationId,
 ) -> Result<(), Status> {

@@ -21,16 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_bus::{Bus, OutboxRelay};
+use flotilla_proto::client::AdapterClient;
 use flotilla_proto::v1::fleet_service_server::FleetServiceServer;
-use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc_server::GrpcServer;
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
+use tonic::transport::ServerTlsConfig;
 
-pub use auth::{ApiToken, Caller, FleetAuth};
+pub use auth::{ApiToken, Caller, FleetAuth, Scope};
 pub use config::{ApiArgs, Limits};
 pub use fleet::FleetApi;
 pub use worker::WorkerApi;
@@ -48,24 +48,44 @@ pub struct ApiState {
     pub limits: Limits,
     /// The provider-adapter pools are checked against when they are
     /// created; `None`: the api's own rules only.
-    pub provider: Option<ProviderClient<Channel>>,
+    pub provider: Option<AdapterClient>,
+}
+
+/// How the api's listener is secured: TLS when a certificate is given,
+/// and an optional plaintext listener that answers health only.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub tls: Option<ServerTlsConfig>,
+    pub health: Option<TcpListener>,
 }
 
 /// Serves FleetService and WorkerService (with health and reflection) on
-/// `listener` until `shutdown`; health turns NOT_SERVING first so load
-/// balancers drain, and open watch streams end.
+/// `listener`, in plaintext, until `shutdown`; health turns NOT_SERVING
+/// first so load balancers drain, and open watch streams end.
 pub async fn serve(
     state: ApiState,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let fleet = FleetServiceServer::with_interceptor(
-        FleetApi::new(state.clone(), shutdown.clone()),
-        FleetAuth::new(state.tokens.clone()),
+    serve_with(state, listener, Listeners::default(), shutdown).await
+}
+
+/// [`serve`], with TLS and a health-only listener when `extra` has them.
+pub async fn serve_with(
+    state: ApiState,
+    listener: TcpListener,
+    extra: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let fleet = FleetAuth::new(
+        FleetServiceServer::new(FleetApi::new(state.clone(), shutdown.clone())),
+        state.tokens.clone(),
     );
     let worker = WorkerServiceServer::new(WorkerApi::new(state));
     let server = GrpcServer::new("api", flotilla_proto::v1::FILE_DESCRIPTOR_SET)
         .timeout(CALL_TIMEOUT)
+        .tls(extra.tls)
+        .health_listener(extra.health)
         .add_service(fleet)
         .add_service(worker);
     let reporter = server.health();
@@ -104,6 +124,31 @@ pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<(
         "API_TOKENS is empty, so every FleetService call would be refused: \
          set at least one name:sha256hex (printf %s \"$TOKEN\" | sha256sum)"
     );
+    // Settings first: a bad certificate or adapter setting stops the api
+    // before it connects to anything.
+    let tls = args.tls()?;
+    if tls.is_none() {
+        tracing::warn!(
+            "API_TLS_CERT/API_TLS_KEY are not set: the api serves plaintext, fit for loopback only"
+        );
+    }
+    let provider = match args
+        .provider_adapter_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        Some(url) => Some(flotilla_runtime::service::provider_client(
+            url,
+            &args.adapter,
+        )?),
+        None => {
+            tracing::warn!(
+                "PROVIDER_ADAPTER_URL is not set: new pools are checked by the api's own \
+                 rules only, not against the provider-adapter"
+            );
+            None
+        }
+    };
     let pool = flotilla_store::connect(&args.database).await?;
     flotilla_store::migrate(&pool).await?;
     let bus = Bus::connect(&args.nats).await?;
@@ -122,25 +167,11 @@ pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<(
     });
 
     let listener = TcpListener::bind(&args.listen).await?;
-    let grace = args.shutdown.grace();
-    let provider = match args
-        .provider_adapter_url
-        .as_deref()
-        .filter(|u| !u.is_empty())
-    {
-        Some(url) => Some(ProviderClient::new(
-            tonic::transport::Endpoint::from_shared(url.to_owned())?
-                .connect_timeout(Duration::from_secs(5))
-                .connect_lazy(),
-        )),
-        None => {
-            tracing::warn!(
-                "PROVIDER_ADAPTER_URL is not set: new pools are checked by the api's own \
-                 rules only, not against the provider-adapter"
-            );
-            None
-        }
+    let health = match args.api_health_listen.as_str() {
+        "" => None,
+        addr => Some(TcpListener::bind(addr).await?),
     };
+    let grace = args.shutdown.grace();
     let state = ApiState {
         pool,
         bus,
@@ -149,7 +180,7 @@ pub async fn run(args: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<(
         provider,
     };
     let served = tokio::select! {
-        served = serve(state, listener, stop.clone()) => served,
+        served = serve_with(state, listener, Listeners { tls, health }, stop.clone()) => served,
         _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "calls still open after the grace period; stopping anyway");
             Ok(())

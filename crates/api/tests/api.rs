@@ -23,6 +23,8 @@ mod pools;
 mod pools_delete;
 #[path = "provision.rs"]
 mod provision;
+#[path = "security.rs"]
+mod security;
 #[path = "shutdown.rs"]
 mod shutdown;
 #[path = "terminate.rs"]

@@ -49,15 +49,13 @@ pub async fn start_with(limits: Limits) -> Api {
 }
 
 /// An api whose CreatePool checks pools against `provider`.
-pub async fn start_checked(
-    provider: flotilla_proto::v1::provider_client::ProviderClient<Channel>,
-) -> Api {
+pub async fn start_checked(provider: flotilla_proto::client::AdapterClient) -> Api {
     start_full(Limits::default(), Some(provider)).await
 }
 
 pub async fn start_full(
     limits: Limits,
-    provider: Option<flotilla_proto::v1::provider_client::ProviderClient<Channel>>,
+    provider: Option<flotilla_proto::client::AdapterClient>,
 ) -> Api {
     let db = TestDb::new().await;
     let nats = TestNats::new().await;

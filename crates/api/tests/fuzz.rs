@@ -10,13 +10,15 @@
 //!
 //! `FLOTILLA_FUZZ_REQUESTS` sets the number of requests (the full
 //! value is 100000; the default is the CI size) and `FLOTILLA_FUZZ_SEED`
-//! replays a run; the seed is printed at the start.
+//! replays a run; the seed is printed at the start. The same run goes over
+//! TLS too (`FLOTILLA_FUZZ_TLS_REQUESTS`, 1,000 by default), as agents and
+//! the CLI reach a production api.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use flotilla_api::{ApiState, ApiToken, Limits, serve};
+use flotilla_api::{ApiState, ApiToken, Limits, Listeners, serve_with};
 use flotilla_bus::Bus;
 use flotilla_bus::streams::BusConfig;
 use flotilla_bus::subjects::Namespace;
@@ -34,6 +36,8 @@ use tonic::{Code, Request, Status};
 const TOKEN: &str = "fuzz-token";
 /// Requests when `FLOTILLA_FUZZ_REQUESTS` is unset: what CI runs.
 const CI_REQUESTS: u64 = 5_000;
+/// Requests over TLS when `FLOTILLA_FUZZ_TLS_REQUESTS` is unset.
+const CI_TLS_REQUESTS: u64 = 1_000;
 
 /// Tables the FleetService writes.
 const TABLES: &[&str] = &[
@@ -301,11 +305,28 @@ async fn random_requests_never_crash_the_api_and_refusals_write_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(CI_REQUESTS);
+    fuzz(total, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_over_tls_never_crash_the_api_and_refusals_write_nothing() {
+    let total: u64 = std::env::var("FLOTILLA_FUZZ_TLS_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CI_TLS_REQUESTS);
+    fuzz(total, Some(crate::security::Pki::new(false))).await;
+}
+
+/// `total` random requests, over TLS when `pki` is given.
+async fn fuzz(total: u64, pki: Option<crate::security::Pki>) {
     let seed: u64 = std::env::var("FLOTILLA_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(rand::random);
-    eprintln!("fuzz: {total} requests, FLOTILLA_FUZZ_SEED={seed}");
+    eprintln!(
+        "fuzz: {total} requests{}, FLOTILLA_FUZZ_SEED={seed}",
+        if pki.is_some() { " over TLS" } else { "" }
+    );
     let mut rng = StdRng::seed_from_u64(seed);
 
     let db = TestDb::new().await;
@@ -321,7 +342,7 @@ async fn random_requests_never_crash_the_api_and_refusals_write_nothing() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
-    let server = tokio::spawn(serve(
+    let server = tokio::spawn(serve_with(
         ApiState {
             pool: db.pool.clone(),
             bus,
@@ -334,6 +355,10 @@ async fn random_requests_never_crash_the_api_and_refusals_write_nothing() {
             provider: None,
         },
         listener,
+        Listeners {
+            tls: pki.as_ref().map(|p| p.server()),
+            health: None,
+        },
         stop.clone(),
     ));
     struct StopOnDrop(CancellationToken);
@@ -343,8 +368,14 @@ async fn random_requests_never_crash_the_api_and_refusals_write_nothing() {
         }
     }
     let _guard = StopOnDrop(stop.clone());
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
+    let endpoint = match &pki {
+        None => Channel::from_shared(format!("http://{addr}")).expect("uri"),
+        Some(p) => p
+            .client()
+            .endpoint(&format!("https://127.0.0.1:{}", addr.port()))
+            .expect("TLS endpoint"),
+    };
+    let channel = endpoint
         .timeout(Duration::from_secs(30))
         .connect()
         .await

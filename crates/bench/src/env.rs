@@ -15,7 +15,7 @@ use flotilla_api::{ApiState, ApiToken, Limits};
 use flotilla_bus::streams::BusConfig;
 use flotilla_bus::subjects::Namespace;
 use flotilla_bus::{Bus, OutboxRelay};
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::{AdapterClient, ServiceToken, adapter_client};
 use flotilla_provider_adapter::AdapterArgs;
 use flotilla_sim_provider::{Faults, SimConfig, SimHandle};
 use flotilla_store::PgPool;
@@ -234,7 +234,7 @@ pub fn instant() -> Faults {
 pub struct ProviderSide {
     pub sim: SimHandle,
     pub addr: std::net::SocketAddr,
-    pub client: ProviderClient<Channel>,
+    pub client: AdapterClient,
     stop: CancellationToken,
 }
 
@@ -251,10 +251,16 @@ impl ProviderSide {
         let stop = CancellationToken::new();
         tokio::spawn(flotilla_provider_adapter::serve(
             Arc::new(flotilla_provider_adapter::registry(&args)?),
+            flotilla_provider_adapter::Access::tokens(vec![
+                flotilla_core::token::HashedToken::from_plain("bench", SERVICE_TOKEN),
+            ]),
             listener,
             stop.clone(),
         ));
-        let client = ProviderClient::connect(format!("http://{addr}")).await?;
+        let client = adapter_client(
+            channel(addr).await?,
+            ServiceToken::new(SERVICE_TOKEN).map_err(anyhow::Error::msg)?,
+        );
         Ok(ProviderSide {
             sim,
             addr,
@@ -345,7 +351,7 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
 /// The in-process scheduler with its default tuning except `flags`.
 pub fn scheduler(
     db: PgPool,
-    provider: ProviderClient<Channel>,
+    provider: AdapterClient,
     api: std::net::SocketAddr,
     flags: &[&str],
 ) -> anyhow::Result<flotilla_scheduler::Scheduler> {
@@ -461,8 +467,20 @@ pub fn common_env(db: &BenchDb, nats: &BenchNats) -> Vec<(&'static str, String)>
         ("DATABASE_URL", db.url.clone()),
         ("NATS_URL", nats.url.clone()),
         ("NATS_NAMESPACE", nats.namespace.clone()),
+        // The adapter accepts it, its callers send it.
+        (
+            "PROVIDER_ADAPTER_TOKENS",
+            format!(
+                "bench:{}",
+                flotilla_core::token::token_hash_hex(SERVICE_TOKEN)
+            ),
+        ),
+        ("PROVIDER_ADAPTER_TOKEN", SERVICE_TOKEN.into()),
     ]
 }
+
+/// The service token of the bench's adapters (in-process and spawned).
+pub const SERVICE_TOKEN: &str = "bench-service-token";
 
 /// Polls `f` every `every` until it returns true or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, every: Duration, mut f: F) -> anyhow::Result<()>

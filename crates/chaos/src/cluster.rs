@@ -37,6 +37,8 @@ pub const SERVICE_BINARIES: &[(&str, &str)] = &[
 
 pub const API_TOKEN: &str = "chaos-token";
 pub const SIM_TOKEN: &str = "sim-token";
+/// The service token between the adapter and its callers.
+pub const SERVICE_TOKEN: &str = "chaos-service-token";
 pub const SIM_APP: &str = "flotilla";
 pub const POOL: &str = "chaos";
 
@@ -181,6 +183,15 @@ impl Cluster {
             ("SHUTDOWN_GRACE_SECONDS", "2".into()),
             ("LOG_LEVEL", config.log_level.clone()),
             ("LOG_FORMAT", "json".into()),
+            // The adapter serves callers holding this service token only.
+            (
+                "PROVIDER_ADAPTER_TOKENS",
+                format!(
+                    "chaos:{}",
+                    hex::encode(Sha256::digest(SERVICE_TOKEN.as_bytes()))
+                ),
+            ),
+            ("PROVIDER_ADAPTER_TOKEN", SERVICE_TOKEN.into()),
         ]);
         // Each process gets one node as its seed (NATS_URL takes one URL),
         // spread over the cluster, so whichever node dies some services lose

@@ -1,11 +1,13 @@
-//! The connection to the api: one channel, the bearer token on every call,
-//! and every failure turned into a [`CliError`] that says what to do.
+//! The connection to the api: one channel (TLS for `https://`, plaintext
+//! only to loopback unless allowed), the bearer token on every call, and
+//! every failure turned into a [`CliError`] that says what to do.
 
 use std::time::Duration;
 
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_telemetry::tls::ClientTls;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::error::{CliError, error_chain};
@@ -42,6 +44,7 @@ impl Api {
     /// reported as such even when the api is down too.
     pub async fn connect(
         url: &str,
+        tls: &ClientTls,
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Api, CliError> {
@@ -54,8 +57,9 @@ impl Api {
             })?;
         bearer.set_sensitive(true);
         let url = normalize_url(url);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| CliError::Invalid(format!("api-url: {url:?} is not a URL: {e}")))?
+        let endpoint = tls
+            .endpoint(&url)
+            .map_err(|e| CliError::Invalid(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT);
         let channel = endpoint
             .connect()

@@ -42,7 +42,9 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connection")]
 pub struct Connection {
-    /// gRPC address of the Flotilla api (`host:port` means http://host:port).
+    /// gRPC address of the Flotilla api: `https://host:port` (TLS) or
+    /// `http://host:port`, plaintext, which is refused beyond loopback
+    /// unless FLOTILLA_ALLOW_PLAINTEXT (`host:port` means http://host:port).
     #[arg(
         long,
         global = true,
@@ -59,6 +61,22 @@ pub struct Connection {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// CA bundle trusted for an `https://` api URL: a PEM file, or the PEM
+    /// itself; unset, the system's roots.
+    #[arg(long, global = true, env = "FLOTILLA_API_CA")]
+    pub api_ca: Option<String>,
+    /// Allow an `http://` api URL to an address other than loopback: the
+    /// API token then crosses the network in plaintext.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_ALLOW_PLAINTEXT",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub allow_plaintext: bool,
     /// Seconds one call to the api may take.
     #[arg(
         long,
@@ -103,8 +121,17 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 impl Cli {
     pub async fn run(self) -> Result<(), CliError> {
+        let tls = flotilla_telemetry::tls::ClientTls::new(
+            "FLOTILLA_API_URL",
+            "FLOTILLA_API_CA",
+            "FLOTILLA_ALLOW_PLAINTEXT",
+        )
+        .with_ca(self.conn.api_ca.as_deref())
+        .map_err(|e| CliError::Invalid(e.to_string()))?
+        .allow_plaintext(self.conn.allow_plaintext);
         let api = Api::connect(
             &self.conn.api_url,
+            &tls,
             self.conn.token.as_deref(),
             Duration::from_secs(self.conn.request_timeout.max(1)),
         )

@@ -6,6 +6,7 @@
 //! keeps it current), so there is one place that says what can be set.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -150,6 +151,43 @@ impl HealthArgs {
             self.grpc_health_addr.parse().map(Some)
         }
     }
+}
+
+/// How a service reaches the provider-adapter beyond its URL: the service
+/// token it authenticates with and whom it trusts for TLS. The adapter
+/// serves no anonymous call.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AdapterClientArgs {
+    /// Service token sent to the provider-adapter on every call
+    /// (`authorization: Bearer …`); its SHA-256 must be one of the
+    /// adapter's PROVIDER_ADAPTER_TOKENS. Prefer PROVIDER_ADAPTER_TOKEN_FILE.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub provider_adapter_token: Secret,
+    /// File holding the service token (e.g. a mounted Secret); when set it
+    /// wins over PROVIDER_ADAPTER_TOKEN. Surrounding whitespace is ignored.
+    #[arg(long, env = "PROVIDER_ADAPTER_TOKEN_FILE")]
+    pub provider_adapter_token_file: Option<PathBuf>,
+    /// CA bundle trusted for an `https://` PROVIDER_ADAPTER_URL: a PEM
+    /// file, or the PEM itself; unset, the system's roots.
+    #[arg(long, env = "PROVIDER_ADAPTER_CA")]
+    pub provider_adapter_ca: Option<String>,
+    /// Allow an `http://` PROVIDER_ADAPTER_URL to an address other than
+    /// loopback: the service token then crosses the network in plaintext.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_ALLOW_PLAINTEXT",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub provider_adapter_allow_plaintext: bool,
 }
 
 /// Shutdown behaviour shared by every service.

@@ -3,8 +3,8 @@
 //! This crate has no I/O. It owns the instance state machine (the one
 //! transition table), the identifiers that tie provider resources back to
 //! rows (ids and the provider ownership tags), the closed set of error classes every layer speaks, the retry
-//! policy, the logical subject names, and the configuration every binary
-//! shares.
+//! policy, the logical subject names, the configuration every binary
+//! shares, and how bearer tokens are hashed and compared.
 
 pub mod backoff;
 pub mod config;
@@ -14,6 +14,7 @@ pub mod ids;
 pub mod state;
 pub mod subjects;
 pub mod tags;
+pub mod token;
 
 pub use error::{Classify, ErrorClass, ProviderError};
 pub use ids::{CorrelationId, InstanceId};

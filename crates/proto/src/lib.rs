@@ -1,7 +1,8 @@
 //! Flotilla's contracts: the generated protobuf messages and tonic services
 //! of package `flotilla.v1` (fleet, worker and provider APIs, bus payloads),
 //! plus the one place where domain errors become gRPC statuses and back,
-//! and the codec the servers decode requests with.
+//! the codec the servers decode requests with, and the one client type of
+//! the provider-adapter (`client`).
 
 // Generated code follows prost/tonic conventions, not ours.
 #[allow(clippy::all, clippy::pedantic)]
@@ -15,6 +16,7 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
 }
 
+pub mod client;
 pub mod codec;
 pub mod convert;
 pub mod status;

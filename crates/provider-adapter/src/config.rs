@@ -1,11 +1,13 @@
-//! The adapter's settings: where it listens, which providers it holds
-//! credentials for, and how it protects them.
+//! The adapter's settings: where it listens (and with which certificate),
+//! whom it serves (service tokens), which providers it holds credentials
+//! for, and how it protects them.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
 use flotilla_core::config::{Secret, ShutdownArgs, TelemetryArgs};
+use flotilla_core::token::{HashedToken, split_token_list};
 use flotilla_provider::guard::GuardConfig;
 
 #[derive(Debug, Clone, Parser)]
@@ -22,6 +24,34 @@ pub struct AdapterArgs {
         default_value = "127.0.0.1:50061"
     )]
     pub listen: String,
+    /// Service tokens accepted from callers (scheduler, terminator,
+    /// watchdog, api): comma-separated `name:sha256hex` entries, hashes
+    /// only (`printf %s "$TOKEN" | sha256sum`). Several may be valid at
+    /// once, for rotation. A call without one of them is UNAUTHENTICATED.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_TOKENS",
+        value_delimiter = ',',
+        value_parser = parse_service_token
+    )]
+    pub provider_adapter_tokens: Vec<HashedToken>,
+    /// File of further service token entries (a mounted Secret): one
+    /// `name:sha256hex` per line or comma-separated, `#` comments allowed.
+    #[arg(long, env = "PROVIDER_ADAPTER_TOKENS_FILE")]
+    pub provider_adapter_tokens_file: Option<PathBuf>,
+    /// TLS certificate (chain) of the gRPC listener: a PEM file, or the
+    /// PEM itself. With PROVIDER_ADAPTER_TLS_KEY the adapter speaks only
+    /// TLS; unset, plaintext (fit for loopback only).
+    #[arg(long, env = "PROVIDER_ADAPTER_TLS_CERT")]
+    pub provider_adapter_tls_cert: Option<String>,
+    /// Private key of PROVIDER_ADAPTER_TLS_CERT: a PEM file (mode 0600),
+    /// or the PEM itself.
+    #[arg(long, env = "PROVIDER_ADAPTER_TLS_KEY", hide_env_values = true)]
+    pub provider_adapter_tls_key: Option<String>,
+    /// Address of a plaintext listener answering gRPC health only, for
+    /// probes that cannot speak TLS (the kubelet's gRPC probe); empty: none.
+    #[arg(long, env = "PROVIDER_ADAPTER_HEALTH_LISTEN", default_value = "")]
+    pub provider_adapter_health_listen: String,
     /// Written into every machine's tags; listings only return machines
     /// carrying it, so installations sharing an account stay apart.
     #[arg(long, env = "FLOTILLA_CONTROL_PLANE_ID", default_value = "flotilla")]
@@ -42,6 +72,64 @@ pub struct AdapterArgs {
     pub telemetry: TelemetryArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+}
+
+fn parse_service_token(entry: &str) -> Result<HashedToken, String> {
+    match HashedToken::parse(entry)? {
+        (token, None) => Ok(token),
+        (token, Some(_)) => Err(format!(
+            "service token {}: expected name:sha256hex (service tokens have no scope)",
+            token.name()
+        )),
+    }
+}
+
+impl AdapterArgs {
+    /// Every accepted service token: PROVIDER_ADAPTER_TOKENS and the
+    /// entries of PROVIDER_ADAPTER_TOKENS_FILE. Errors name the setting.
+    pub fn service_tokens(&self) -> anyhow::Result<Vec<HashedToken>> {
+        let mut tokens = self.provider_adapter_tokens.clone();
+        if let Some(path) = self
+            .provider_adapter_tokens_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "PROVIDER_ADAPTER_TOKENS_FILE: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            for entry in split_token_list(&text) {
+                tokens.push(parse_service_token(entry).map_err(|e| {
+                    anyhow::anyhow!("PROVIDER_ADAPTER_TOKENS_FILE {}: {e}", path.display())
+                })?);
+            }
+        }
+        anyhow::ensure!(
+            !tokens.is_empty(),
+            "PROVIDER_ADAPTER_TOKENS (or PROVIDER_ADAPTER_TOKENS_FILE) is empty, so every call \
+             would be refused: set at least one name:sha256hex (printf %s \"$TOKEN\" | sha256sum) \
+             and give the token to the callers as PROVIDER_ADAPTER_TOKEN"
+        );
+        Ok(tokens)
+    }
+
+    /// The listener's TLS, or `None` for plaintext.
+    pub fn tls(
+        &self,
+    ) -> Result<Option<tonic::transport::ServerTlsConfig>, flotilla_telemetry::tls::TlsError> {
+        flotilla_telemetry::tls::server_tls(
+            (
+                "PROVIDER_ADAPTER_TLS_CERT",
+                self.provider_adapter_tls_cert.as_deref(),
+            ),
+            (
+                "PROVIDER_ADAPTER_TLS_KEY",
+                self.provider_adapter_tls_key.as_deref(),
+            ),
+        )
+    }
 }
 
 /// Rate limits, retries, circuit breaker and timeouts of provider calls.
@@ -229,6 +317,40 @@ mod tests {
         let shown = format!("{args:?}");
         assert!(!shown.contains("fly-secret-123"));
         assert!(!shown.contains("scw-secret-456"));
+    }
+
+    #[test]
+    fn service_tokens_come_from_the_setting_and_the_file_and_none_is_refused() {
+        let hash = flotilla_core::token::token_hash_hex("test");
+        let none = AdapterArgs::try_parse_from(["provider-adapter"]).expect("parses");
+        let err = none.service_tokens().expect_err("refused");
+        assert!(err.to_string().contains("PROVIDER_ADAPTER_TOKENS"), "{err}");
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, format!("# rotated\nwatchdog:{hash}\n")).expect("write");
+        let args = AdapterArgs::try_parse_from([
+            "provider-adapter",
+            "--provider-adapter-tokens",
+            &format!("scheduler:{hash},api:{hash}"),
+            "--provider-adapter-tokens-file",
+            file.to_str().expect("utf-8"),
+        ])
+        .expect("parses");
+        let names: Vec<String> = args
+            .service_tokens()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert_eq!(names, ["scheduler", "api", "watchdog"]);
+        assert!(
+            AdapterArgs::try_parse_from([
+                "provider-adapter",
+                "--provider-adapter-tokens",
+                &format!("x:{hash}:read"),
+            ])
+            .is_err()
+        );
     }
 
     #[test]

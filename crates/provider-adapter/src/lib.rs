@@ -1,7 +1,9 @@
 //! The `provider-adapter` service: the only component that holds cloud
 //! credentials. It serves the gRPC `Provider` API over the providers it is
-//! configured for, each behind its rate limiter, retries and breaker.
+//! configured for, each behind its rate limiter, retries and breaker, to
+//! callers holding a service token only, over TLS when given a certificate.
 
+pub mod auth;
 pub mod config;
 pub mod service;
 pub mod validate;
@@ -9,6 +11,7 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_core::token::HashedToken;
 use flotilla_proto::v1::provider_server::ProviderServer;
 use flotilla_provider::docker::{DockerConfig, DockerProvider};
 use flotilla_provider::fly::{FlyConfig, FlyProvider};
@@ -18,7 +21,9 @@ use flotilla_provider::scaleway::{ScalewayConfig, ScalewayProvider};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc_server::GrpcServer;
 use tokio::net::TcpListener;
+use tonic::transport::ServerTlsConfig;
 
+pub use auth::ServiceAuth;
 pub use config::AdapterArgs;
 pub use service::ProviderService;
 
@@ -120,18 +125,45 @@ pub async fn check_accounts(registry: &Registry) -> anyhow::Result<()> {
 /// How often readiness is checked again while an account does not answer.
 const READINESS_RETRY: Duration = Duration::from_secs(10);
 
+/// Whom the adapter serves and how: the accepted service tokens, TLS when
+/// a certificate is given, and an optional plaintext health-only listener.
+#[derive(Debug)]
+pub struct Access {
+    pub tokens: Arc<[HashedToken]>,
+    pub tls: Option<ServerTlsConfig>,
+    pub health: Option<TcpListener>,
+}
+
+impl Access {
+    /// Plaintext, no health-only listener, callers holding one of `tokens`.
+    pub fn tokens(tokens: Vec<HashedToken>) -> Access {
+        Access {
+            tokens: tokens.into(),
+            tls: None,
+            health: None,
+        }
+    }
+}
+
 /// Serves the Provider API (with health and reflection) on `listener` until
-/// `shutdown`; health turns NOT_SERVING first so load balancers drain.
-/// Health says SERVING only once [`check_accounts`] passed; until then it
-/// is NOT_SERVING, the reason is logged, and the check is repeated.
+/// `shutdown`, to callers holding one of `access.tokens`; health turns
+/// NOT_SERVING first so load balancers drain. Health says SERVING only
+/// once [`check_accounts`] passed; until then it is NOT_SERVING, the
+/// reason is logged, and the check is repeated.
 pub async fn serve(
     registry: Arc<Registry>,
+    access: Access,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let service = ProviderServer::new(ProviderService::new(registry.clone()));
+    let service = ProviderServer::with_interceptor(
+        ProviderService::new(registry.clone()),
+        ServiceAuth::new(access.tokens),
+    );
     let server = GrpcServer::new("provider-adapter", flotilla_proto::v1::FILE_DESCRIPTOR_SET)
         .timeout(Duration::from_secs(120))
+        .tls(access.tls)
+        .health_listener(access.health)
         .add_service(service);
     let reporter = server.health();
     reporter
@@ -184,6 +216,14 @@ pub async fn check_providers(registry: &Registry) -> anyhow::Result<()> {
 
 /// Runs the service as the binary does: telemetry already initialised.
 pub async fn run(args: AdapterArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tokens = args.service_tokens()?;
+    let tls = args.tls()?;
+    if tls.is_none() {
+        tracing::warn!(
+            "PROVIDER_ADAPTER_TLS_CERT/PROVIDER_ADAPTER_TLS_KEY are not set: the adapter serves \
+             plaintext, fit for loopback only"
+        );
+    }
     let registry = Arc::new(registry(&args)?);
     tracing::info!(providers = ?registry.kinds(), "providers configured");
     check_providers(&registry).await?;
@@ -191,7 +231,16 @@ pub async fn run(args: AdapterArgs, shutdown: CancellationToken) -> anyhow::Resu
         flotilla_telemetry::metrics::serve(addr, shutdown.clone()).await?;
     }
     let listener = TcpListener::bind(&args.listen).await?;
-    serve(registry, listener, shutdown).await
+    let health = match args.provider_adapter_health_listen.as_str() {
+        "" => None,
+        addr => Some(TcpListener::bind(addr).await?),
+    };
+    let access = Access {
+        tokens: tokens.into(),
+        tls,
+        health,
+    };
+    serve(registry, access, listener, shutdown).await
 }
 
 #[cfg(test)]

@@ -6,18 +6,19 @@ use std::sync::Arc;
 
 use clap::Parser;
 use flotilla_core::InstanceId;
+use flotilla_proto::client::AdapterClient;
 use flotilla_proto::status::RETRY_AFTER_MS;
 use flotilla_proto::v1;
-use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_provider_adapter::{AdapterArgs, registry, serve};
 use flotilla_sim_provider::{ErrorRates, Faults, Operation, SimConfig, SimHandle};
 use flotilla_telemetry::CancellationToken;
+use flotilla_test_utils::stack::{connect_adapter, test_access};
 use tonic::Code;
 use tonic::transport::Channel;
 
 struct Stack {
     sim: SimHandle,
-    client: ProviderClient<Channel>,
+    client: AdapterClient,
     addr: std::net::SocketAddr,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -54,10 +55,8 @@ async fn stack() -> Stack {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(serve(registry, listener, stop.clone()));
-    let client = ProviderClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let server = tokio::spawn(serve(registry, test_access(), listener, stop.clone()));
+    let client = connect_adapter(&format!("http://{addr}")).await;
     Stack {
         sim,
         client,
@@ -409,7 +408,10 @@ mod reflection {
         let target = json!({"provider": "sim", "pool": "gpu", "region": "ams"});
         let Some(answer) = reflection_client(&json!({
             "target": s.addr.to_string(),
-            "metadata": [["x-correlation-id", "py-adapter-1"]],
+            "metadata": [
+                ["x-correlation-id", "py-adapter-1"],
+                ["authorization", format!("Bearer {}", flotilla_test_utils::stack::SERVICE_TOKEN)],
+            ],
             "calls": [
                 {"method": "flotilla.v1.Provider/ListMachines", "request": {"target": target}},
                 {"method": "flotilla.v1.Provider/GetMachine",
@@ -488,12 +490,19 @@ mod reflection {
             .unwrap();
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
+        let mut req = tonic::Request::new(RawMachineRef {
+            target: target(),
+            machine_id: b"m-\xff\xfe".to_vec(),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", flotilla_test_utils::stack::SERVICE_TOKEN)
+                .parse()
+                .unwrap(),
+        );
         let err = grpc
             .unary(
-                tonic::Request::new(RawMachineRef {
-                    target: target(),
-                    machine_id: b"m-\xff\xfe".to_vec(),
-                }),
+                req,
                 http::uri::PathAndQuery::from_static("/flotilla.v1.Provider/GetMachine"),
                 tonic_prost::ProstCodec::<RawMachineRef, v1::Machine>::default(),
             )

@@ -731,3 +731,86 @@ async fn a_corrupt_bookkeeping_file_stops_the_provider_from_opening() {
     let err = LocalProvider::open(h.config(CONTROL_PLANE)).err().unwrap();
     assert!(matches!(err, ProviderError::InvalidArgument(_)), "{err}");
 }
+
+#[tokio::test]
+async fn a_worker_token_reaches_its_process_but_only_its_hash_the_bookkeeping() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut h = Harness::new();
+    let out = h.path("token.out");
+    let mut spec = spec(&h.script("tok.sh", "echo \"$FLOTILLA_WORKER_TOKEN\" > \"$OUT\"\n"));
+    spec.env
+        .insert("FLOTILLA_WORKER_TOKEN".into(), "tok-plain-123".into());
+    spec.env.insert("OUT".into(), out.display().to_string());
+    let file = h.config(CONTROL_PLANE).state_dir.join("machines.json");
+    let id = {
+        let provider = h.open();
+        let m = provider.create_machine(&spec).await.unwrap();
+        h.track_if_running(provider.pid(&m.id));
+        assert_eq!(read_line(&out).await, "tok-plain-123");
+        provider
+            .wait_machine(&m.id, MachineState::Stopped, SETTLE)
+            .await
+            .unwrap();
+        m.id
+    };
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("tok-plain-123"), "{text}");
+    assert!(
+        text.contains(&flotilla_core::token::token_hash_hex("tok-plain-123")),
+        "{text}"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+
+    // A restarted adapter holds only the hash: it refuses to spawn the
+    // machine until a fresh token is applied, and says why without it.
+    let second = h.open();
+    let err = second.start_machine(&id).await.unwrap_err();
+    assert!(matches!(err, ProviderError::FailedPrecondition(_)), "{err}");
+    assert!(
+        err.to_string().contains("FLOTILLA_WORKER_TOKEN") && !err.to_string().contains("tok-"),
+        "{err}"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let mut env = spec.env.clone();
+    env.insert("FLOTILLA_WORKER_TOKEN".into(), "tok-fresh-456".into());
+    assert!(second.prepare_machine(&id, &env).await.unwrap());
+    let m = second.start_machine(&id).await.unwrap();
+    h.track_if_running(second.pid(&m.id));
+    assert_eq!(read_line(&out).await, "tok-fresh-456");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("tok-fresh-456"), "{text}");
+}
+
+#[tokio::test]
+async fn bookkeeping_with_plain_tokens_from_an_older_adapter_is_rewritten_with_hashes() {
+    let h = Harness::new();
+    drop(h.open());
+    let file = h.config(CONTROL_PLANE).state_dir.join("machines.json");
+    {
+        let provider = h.open();
+        let mut s = spec("sleep 30");
+        s.start = false;
+        s.env
+            .insert("FLOTILLA_WORKER_TOKEN".into(), "old-plain".into());
+        provider.create_machine(&s).await.unwrap();
+    }
+    // What an adapter before hashing wrote: the token itself.
+    let hashed = flotilla_core::token::token_hash_hex("old-plain");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(&format!("sha256:{hashed}"), "old-plain");
+    std::fs::write(&file, &text).unwrap();
+    assert!(
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("old-plain")
+    );
+    let _reopened = h.open();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("old-plain") && text.contains(&hashed),
+        "{text}"
+    );
+}

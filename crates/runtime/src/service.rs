@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flotilla_bus::{Bus, OutboxRelay};
-use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_core::config::{
+    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, Secret, ShutdownArgs, TelemetryArgs,
+};
+use flotilla_proto::client::{AdapterClient, ServiceToken, adapter_client};
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use crate::loops::{Loops, Statuses};
 
@@ -115,12 +116,51 @@ pub async fn release_leases(db: &PgPool, owner: &str) {
 }
 
 /// A client of the provider-adapter at `url`, connecting on first use (a
-/// service starts, and answers health, while the adapter is still down).
-pub fn provider_client(url: &str) -> anyhow::Result<ProviderClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+/// service starts, and answers health, while the adapter is still down):
+/// TLS for `https://` (trusting PROVIDER_ADAPTER_CA or the system roots),
+/// plaintext only to loopback unless PROVIDER_ADAPTER_ALLOW_PLAINTEXT, and
+/// the service token on every call. Fails at startup, naming the setting,
+/// when the token is missing or the TLS settings are unusable.
+pub fn provider_client(url: &str, args: &AdapterClientArgs) -> anyhow::Result<AdapterClient> {
+    let token = adapter_token(args)?;
+    let tls = flotilla_telemetry::tls::ClientTls::new(
+        "PROVIDER_ADAPTER_URL",
+        "PROVIDER_ADAPTER_CA",
+        "PROVIDER_ADAPTER_ALLOW_PLAINTEXT",
+    )
+    .with_ca(args.provider_adapter_ca.as_deref())?
+    .allow_plaintext(args.provider_adapter_allow_plaintext);
+    let channel = tls
+        .endpoint(url)?
         .connect_timeout(PROVIDER_CONNECT_TIMEOUT)
         .connect_lazy();
-    Ok(ProviderClient::new(channel))
+    let token = ServiceToken::new(token.expose())
+        .map_err(|e| anyhow::anyhow!("PROVIDER_ADAPTER_TOKEN: {e}"))?;
+    Ok(adapter_client(channel, token))
+}
+
+/// The service token: the file's when PROVIDER_ADAPTER_TOKEN_FILE is set,
+/// else PROVIDER_ADAPTER_TOKEN. Errors name the setting, never the value.
+pub fn adapter_token(args: &AdapterClientArgs) -> anyhow::Result<Secret> {
+    let token: String = match &args.provider_adapter_token_file {
+        Some(path) if !path.as_os_str().is_empty() => std::fs::read_to_string(path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "PROVIDER_ADAPTER_TOKEN_FILE: cannot read {}: {e}",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_owned(),
+        _ => args.provider_adapter_token.expose().trim().to_owned(),
+    };
+    anyhow::ensure!(
+        !token.is_empty(),
+        "PROVIDER_ADAPTER_TOKEN (or PROVIDER_ADAPTER_TOKEN_FILE) is empty: the provider-adapter \
+         refuses anonymous calls; set the service token whose SHA-256 is in its \
+         PROVIDER_ADAPTER_TOKENS"
+    );
+    Ok(token.parse::<Secret>()?)
 }
 
 /// gRPC health of a loop service: the overall service (`""`) is SERVING

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser};
 use flotilla_core::backoff::{ErrorPolicy, RetryPolicy};
-use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::config::{
+    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+};
 use flotilla_store::instance::BootDeadlines;
 use flotilla_store::pool_pause::PausePolicy;
 
@@ -22,6 +24,8 @@ pub struct SchedulerArgs {
         default_value = "http://127.0.0.1:50061"
     )]
     pub provider_adapter_url: String,
+    #[command(flatten)]
+    pub adapter: AdapterClientArgs,
     /// Address workers use to reach the api (passed to each machine as
     /// FLOTILLA_API_URL).
     #[arg(long, env = "WORKER_API_URL", default_value = "http://127.0.0.1:50051")]
@@ -136,6 +140,11 @@ pub struct SchedulerTuning {
     /// probe) before one probe instance may get a machine.
     #[arg(long, env = "POOL_PAUSE_COOLOFF_SECONDS", default_value_t = 300)]
     pub pool_pause_cooloff_seconds: u64,
+    /// CA bundle workers trust for an `https://` WORKER_API_URL (a PEM file,
+    /// or the PEM itself): passed, as PEM, to every machine as
+    /// FLOTILLA_API_CA. Unset: workers trust their system's roots.
+    #[arg(long, env = "WORKER_API_CA")]
+    pub worker_api_ca: Option<String>,
 }
 
 impl SchedulerTuning {

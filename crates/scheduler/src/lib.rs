@@ -17,14 +17,13 @@ pub mod provision;
 use std::sync::Arc;
 
 use flotilla_bus::Bus;
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::AdapterClient;
 use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
 pub use flotilla_telemetry::loops::replica_name;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 
 pub use config::{SchedulerArgs, SchedulerTuning};
 pub use provision::{CrashPoint, Stepped};
@@ -36,7 +35,7 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20
 #[derive(Clone)]
 pub struct Scheduler {
     pub db: PgPool,
-    pub provider: ProviderClient<Channel>,
+    pub provider: AdapterClient,
     pub tuning: SchedulerTuning,
     /// This replica's lease owner name.
     pub owner: String,
@@ -184,10 +183,16 @@ pub async fn run(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Re
         shutdown,
     )
     .await?;
+    let mut tuning = args.tuning.clone();
+    // Read once: machines get the PEM itself.
+    if let Some(ca) = tuning.worker_api_ca.as_deref().filter(|c| !c.is_empty()) {
+        tuning.worker_api_ca = Some(flotilla_telemetry::tls::pem_setting("WORKER_API_CA", ca)?);
+    }
+    warn_plaintext_workers(&args.worker_api_url);
     let scheduler = Scheduler {
         db: rt.db.clone(),
-        provider: provider_client(&args.provider_adapter_url)?,
-        tuning: args.tuning.clone(),
+        provider: provider_client(&args.provider_adapter_url, &args.adapter)?,
+        tuning,
         owner: replica_name("scheduler"),
         worker_api_url: args.worker_api_url.clone(),
         crash_after: None,
@@ -195,4 +200,24 @@ pub async fn run(args: SchedulerArgs, shutdown: CancellationToken) -> anyhow::Re
     let mut loops = rt.loops();
     scheduler.register(&mut loops, Some(rt.bus.clone()));
     rt.run(loops, &scheduler.owner).await
+}
+
+/// Agents refuse to send their token in plaintext beyond loopback, so an
+/// `http://` WORKER_API_URL to another host gives workers that never
+/// register: said once at startup rather than discovered as boot timeouts.
+fn warn_plaintext_workers(url: &str) {
+    let plain_remote = url
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| u.scheme_str() == Some("http"))
+        .and_then(|u| u.host().map(|h| !flotilla_telemetry::tls::is_loopback(h)))
+        .unwrap_or(false);
+    if plain_remote {
+        tracing::warn!(
+            url,
+            "WORKER_API_URL is plaintext to a non-loopback address: agents refuse it unless \
+             their AGENT_ALLOW_PLAINTEXT is true; serve the api with TLS and give workers an \
+             https:// URL (and WORKER_API_CA)"
+        );
+    }
 }

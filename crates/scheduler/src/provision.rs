@@ -455,12 +455,17 @@ impl Scheduler {
     /// What a worker needs to register: its instance id and token, and
     /// where the api is.
     fn worker_env(&self, row: &InstanceRow, token: String) -> HashMap<String, String> {
-        HashMap::from([
+        let mut env = HashMap::from([
             ("FLOTILLA_INSTANCE_ID".to_owned(), row.id.to_string()),
             ("FLOTILLA_WORKER_TOKEN".to_owned(), token),
             ("FLOTILLA_API_URL".to_owned(), self.worker_api_url.clone()),
             ("FLOTILLA_POOL".to_owned(), row.pool.clone()),
-        ])
+        ]);
+        // The CA is public; a worker has no file of it, so it travels as PEM.
+        if let Some(ca) = self.tuning.worker_api_ca.as_ref().filter(|c| !c.is_empty()) {
+            env.insert("FLOTILLA_API_CA".to_owned(), ca.clone());
+        }
+        env
     }
 
     /// (Re)applies the worker environment to an adopted machine; whether

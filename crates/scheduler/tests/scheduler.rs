@@ -1094,7 +1094,7 @@ type CallLog = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<Strin
 
 #[derive(Clone)]
 struct UserDataProvider {
-    next: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
+    next: flotilla_proto::client::AdapterClient,
     log: CallLog,
 }
 
@@ -1215,9 +1215,7 @@ async fn an_adopted_machine_gets_a_fresh_worker_token_before_its_start() {
             ))
             .serve_with_incoming(flotilla_telemetry::grpc::incoming(listener)),
     );
-    let client = flotilla_proto::v1::provider_client::ProviderClient::connect(url)
-        .await
-        .unwrap();
+    let client = flotilla_test_utils::stack::connect_adapter(&url).await;
     let ids = request(&env, 1).await;
     let mut s = scheduler(&env, "s1", None, tuning(&[]));
     s.provider = client;

@@ -72,6 +72,8 @@ async fn cancelled_mid_provisioning_it_returns_in_its_grace_releases_its_leases_
         "scheduler",
         "--provider-adapter-url",
         &adapter_url,
+        "--provider-adapter-token",
+        flotilla_test_utils::stack::SERVICE_TOKEN,
         "--database-url",
         &db.url_as("stopped-scheduler"),
         "--nats-url",

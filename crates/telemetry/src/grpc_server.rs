@@ -3,7 +3,9 @@
 //! reflection (v1 and v1alpha) that lists exactly the services served, a
 //! span per call continuing the caller's trace, request metrics, the
 //! server's call timeout, and the correlation id on every request and
-//! every response.
+//! every response; TLS when it is given a certificate, and health alone
+//! on a second, plaintext listener when asked (for probes that cannot
+//! speak TLS).
 //!
 //! Design notes: the correlation id is handled by a tower layer rather
 //! than by each service's interceptor, because only a layer sees the
@@ -64,6 +66,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     served: Vec<&'static str>,
     health: HealthReporter,
+    health_listener: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -100,6 +103,7 @@ impl GrpcServer {
             routes,
             served: Vec::new(),
             health,
+            health_listener: None,
         }
     }
 
@@ -117,6 +121,24 @@ impl GrpcServer {
         hook: impl FnOnce(Server) -> Result<Server, tonic::transport::Error> + Send + 'static,
     ) -> GrpcServer {
         self.transport = Some(Box::new(hook));
+        self
+    }
+
+    /// Serves TLS with `config` when it is given (see
+    /// [`crate::tls::server_tls`]); plaintext when `None`.
+    pub fn tls(self, config: Option<tonic::transport::ServerTlsConfig>) -> GrpcServer {
+        match config {
+            Some(config) => self.transport(move |s| s.tls_config(config)),
+            None => self,
+        }
+    }
+
+    /// Also answers gRPC health, and nothing else, in plaintext on
+    /// `listener`: the kubelet's gRPC probe and most health checkers
+    /// cannot speak TLS, and health tells only SERVING or NOT_SERVING.
+    /// It stops with the server.
+    pub fn health_listener(mut self, listener: Option<tokio::net::TcpListener>) -> GrpcServer {
+        self.health_listener = listener;
         self
     }
 
@@ -181,6 +203,7 @@ impl GrpcServer {
         let v1alpha = self.reflection_builder().build_v1alpha()?;
         self.routes.add_service(v1).add_service(v1alpha);
         let mut server = Server::builder();
+        let tls = self.transport.is_some();
         if let Some(hook) = self.transport.take() {
             server = hook(server)?;
         }
@@ -188,15 +211,37 @@ impl GrpcServer {
             server = self.label,
             addr = ?listener.local_addr().ok(),
             services = ?self.served,
+            tls,
             "gRPC serving"
         );
-        server
+        let stop = tokio_util::sync::CancellationToken::new();
+        let health_only = self.health_listener.take().map(|l| {
+            tracing::info!(server = self.label, addr = ?l.local_addr().ok(), "gRPC health serving (plaintext, health only)");
+            let svc = tonic_health::pb::health_server::HealthServer::new(
+                tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
+            );
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming(l), stop.cancelled_owned())
+                    .await
+            })
+        });
+        let served = server
             .trace_fn(server_span)
             .layer(GrpcMetricsLayer::new(self.label))
             .layer(CorrelationLayer::new(self.timeout))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(incoming(listener), signal)
-            .await?;
+            .await;
+        stop.cancel();
+        if let Some(task) = health_only
+            && let Ok(Err(e)) = task.await
+        {
+            tracing::warn!(server = self.label, error = %e, "health-only listener failed");
+        }
+        served?;
         Ok(())
     }
 }

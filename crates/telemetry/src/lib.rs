@@ -6,8 +6,9 @@
 //! recorder and its `/metrics` endpoint, the loop metrics every reconcile
 //! loop reports, the one gRPC server setup (health, reflection, request
 //! metrics, correlation ids), the origin (trace and
-//! correlation id) of work a loop picks up, the shutdown signal, and (with
-//! the `http-client` feature) the one HTTP client setup.
+//! correlation id) of work a loop picks up, the shutdown signal, TLS of
+//! every gRPC server and client (`tls`), and (with the `http-client`
+//! feature) the one HTTP client setup.
 
 pub mod grpc;
 pub mod grpc_metrics;
@@ -21,6 +22,7 @@ pub mod propagation;
 pub mod service;
 pub mod shutdown;
 mod subscriber;
+pub mod tls;
 
 pub use subscriber::{TelemetryError, TelemetryGuard, init};
 pub use tokio_util::sync::CancellationToken;

@@ -13,14 +13,13 @@ pub mod terminate;
 use std::sync::Arc;
 
 use flotilla_bus::Bus;
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::AdapterClient;
 use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::replica_name;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 
 pub use config::{TerminatorArgs, TerminatorTuning};
 pub use terminate::Outcome;
@@ -32,7 +31,7 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20
 #[derive(Clone)]
 pub struct Terminator {
     pub db: PgPool,
-    pub provider: ProviderClient<Channel>,
+    pub provider: AdapterClient,
     pub tuning: TerminatorTuning,
     pub owner: String,
 }
@@ -111,7 +110,7 @@ pub async fn run(args: TerminatorArgs, shutdown: CancellationToken) -> anyhow::R
     .await?;
     let terminator = Terminator {
         db: rt.db.clone(),
-        provider: provider_client(&args.provider_adapter_url)?,
+        provider: provider_client(&args.provider_adapter_url, &args.adapter)?,
         tuning: args.tuning.clone(),
         owner: replica_name("terminator"),
     };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flotilla_core::DesiredState;
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::AdapterClient;
 use flotilla_sim_provider::MachineState;
 use flotilla_store::instance::instance_set_desired;
 use flotilla_store::pool::{NewPool, pool_create};
@@ -19,11 +19,10 @@ use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{
     DEADLINE, TestDb, TestNats, connections_closed, eventually, eventually_ok,
 };
-use tonic::transport::Channel;
 
 /// `n` ready instances, each with a started machine at the provider,
 /// asked to terminate (forced: no drain to wait for).
-async fn ready_then_terminating(db: &TestDb, client: &ProviderClient<Channel>, n: usize) {
+async fn ready_then_terminating(db: &TestDb, client: &AdapterClient, n: usize) {
     let mut conn = db.pool.acquire().await.expect("conn");
     for r in ready_instances(&db.pool, client, n, &ReadySpec::default()).await {
         instance_set_desired(&mut conn, r.id, DesiredState::Terminated, true)
@@ -46,6 +45,8 @@ fn args(adapter_url: &str, db: &TestDb, nats: &TestNats) -> TerminatorArgs {
         "terminator",
         "--provider-adapter-url",
         adapter_url,
+        "--provider-adapter-token",
+        flotilla_test_utils::stack::SERVICE_TOKEN,
         "--database-url",
         &db.url_as("stopped-terminator"),
         "--nats-url",

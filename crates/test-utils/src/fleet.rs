@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use flotilla_core::{InstanceId, InstanceState};
+use flotilla_proto::client::AdapterClient;
 use flotilla_proto::v1;
-use flotilla_proto::v1::provider_client::ProviderClient;
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{
     InstanceRow, NewInstance, Transition, instance_insert_requested, instance_record_machine,
@@ -15,7 +15,6 @@ use flotilla_store::instance::{
 };
 use flotilla_store::volume::volume_record_created;
 use sqlx::{PgConnection, PgPool};
-use tonic::transport::Channel;
 
 /// Pool `gpu` on the simulated provider in region `ams`, as the tests'
 /// pools are created.
@@ -57,7 +56,7 @@ pub struct ReadySpec {
 /// (and its volume) at the provider, recorded on its row.
 pub async fn ready_instances(
     db: &PgPool,
-    client: &ProviderClient<Channel>,
+    client: &AdapterClient,
     n: usize,
     spec: &ReadySpec,
 ) -> Vec<InstanceRow> {

@@ -1,20 +1,45 @@
 //! A provider stack for tests: the simulated cloud with a real
-//! provider-adapter in front of it, served over gRPC on loopback.
+//! provider-adapter in front of it, served over gRPC on loopback, and the
+//! service token its callers authenticate with.
 
 use std::sync::Arc;
 
 use clap::Parser;
-use flotilla_proto::v1::provider_client::ProviderClient;
-use flotilla_provider_adapter::{AdapterArgs, registry, serve};
+use flotilla_core::token::HashedToken;
+use flotilla_proto::client::{AdapterClient, ServiceToken, adapter_client};
+use flotilla_provider_adapter::{Access, AdapterArgs, registry, serve};
 use flotilla_sim_provider::{Faults, SimConfig, SimHandle};
 use flotilla_telemetry::CancellationToken;
 use tonic::transport::Channel;
 
+/// The service token every test adapter accepts (name `tests`); a service
+/// run as its binary runs gets it as `--provider-adapter-token`.
+pub const SERVICE_TOKEN: &str = "service-token-for-tests";
+
+/// What a test adapter serves: callers holding [`SERVICE_TOKEN`], plaintext.
+pub fn test_access() -> Access {
+    Access::tokens(vec![HashedToken::from_plain("tests", SERVICE_TOKEN)])
+}
+
+/// A client of the adapter at `url` (plaintext) holding [`SERVICE_TOKEN`].
+pub async fn connect_adapter(url: &str) -> AdapterClient {
+    let channel = Channel::from_shared(url.to_owned())
+        .expect("adapter url")
+        .connect()
+        .await
+        .expect("adapter reachable");
+    adapter_client(
+        channel,
+        ServiceToken::new(SERVICE_TOKEN).expect("ascii token"),
+    )
+}
+
 pub struct ProviderStack {
     pub sim: SimHandle,
-    pub client: ProviderClient<Channel>,
+    pub client: AdapterClient,
     /// The adapter's gRPC address, for a service run as its binary runs
-    /// (`--provider-adapter-url`).
+    /// (`--provider-adapter-url`, with `--provider-adapter-token`
+    /// [`SERVICE_TOKEN`]).
     pub url: String,
     stop: CancellationToken,
 }
@@ -87,13 +112,12 @@ pub async fn provider_stack(faults: Faults, extra: &[&str]) -> ProviderStack {
     let stop = CancellationToken::new();
     tokio::spawn(serve(
         Arc::new(registry(&args).expect("registry")),
+        test_access(),
         listener,
         stop.clone(),
     ));
     let url = format!("http://{addr}");
-    let client = ProviderClient::connect(url.clone())
-        .await
-        .expect("adapter reachable");
+    let client = connect_adapter(&url).await;
     ProviderStack {
         sim,
         client,

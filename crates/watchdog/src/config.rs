@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use flotilla_core::config::{DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs};
+use flotilla_core::config::{
+    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -19,6 +21,8 @@ pub struct WatchdogArgs {
         default_value = "http://127.0.0.1:50061"
     )]
     pub provider_adapter_url: String,
+    #[command(flatten)]
+    pub adapter: AdapterClientArgs,
     #[command(flatten)]
     pub tuning: WatchdogTuning,
     #[command(flatten)]

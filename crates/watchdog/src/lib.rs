@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use flotilla_core::Classify;
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::AdapterClient;
 use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
@@ -28,7 +28,6 @@ use flotilla_store::metrics::{
 };
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::{ActivationStatus, replica_name};
-use tonic::transport::Channel;
 
 pub use config::{WatchdogArgs, WatchdogTuning};
 pub use orphans::OrphanReport;
@@ -40,7 +39,7 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20
 #[derive(Clone)]
 pub struct Watchdog {
     pub db: PgPool,
-    pub provider: ProviderClient<Channel>,
+    pub provider: AdapterClient,
     pub tuning: WatchdogTuning,
     pub owner: String,
 }
@@ -208,7 +207,7 @@ pub async fn run(args: WatchdogArgs, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let watchdog = Watchdog {
         db: rt.db.clone(),
-        provider: provider_client(&args.provider_adapter_url)?,
+        provider: provider_client(&args.provider_adapter_url, &args.adapter)?,
         tuning: args.tuning.clone(),
         owner: replica_name("watchdog"),
     };

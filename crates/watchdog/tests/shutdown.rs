@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use flotilla_proto::v1::provider_client::ProviderClient;
+use flotilla_proto::client::AdapterClient;
 
 use flotilla_store::pool::{NewPool, pool_create};
 use flotilla_telemetry::CancellationToken;
@@ -15,12 +15,11 @@ use flotilla_test_utils::fleet::{ReadySpec, ready_instances};
 use flotilla_test_utils::stack::{instant, provider_stack};
 use flotilla_test_utils::{DEADLINE, TestDb, TestNats, connections_closed, eventually_ok};
 use flotilla_watchdog::{Watchdog, WatchdogArgs};
-use tonic::transport::Channel;
 
 /// `n` ready instances with started machines, silent for an hour. Fewer
 /// than the storm guard's minimum, so the watchdog confirms each with the
 /// provider.
-async fn silent_ready(db: &TestDb, client: &ProviderClient<Channel>, n: usize) {
+async fn silent_ready(db: &TestDb, client: &AdapterClient, n: usize) {
     ready_instances(&db.pool, client, n, &ReadySpec::default()).await;
     sqlx::query(
         "UPDATE instances SET last_heartbeat = now() - interval '1 hour',
@@ -45,6 +44,8 @@ fn args(adapter_url: &str, db: &TestDb, nats: &TestNats) -> WatchdogArgs {
         "watchdog",
         "--provider-adapter-url",
         adapter_url,
+        "--provider-adapter-token",
+        flotilla_test_utils::stack::SERVICE_TOKEN,
         "--database-url",
         &db.url_as("stopped-watchdog"),
         "--nats-url",

@@ -886,7 +886,7 @@ async fn stuck_instances_are_retried_spaced_by_their_timeout_then_escalated_and_
 struct StateProxy {
     states: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
     on_list: ListHook,
-    client: flotilla_proto::v1::provider_client::ProviderClient<tonic::transport::Channel>,
+    client: flotilla_proto::client::AdapterClient,
     stop: flotilla_telemetry::CancellationToken,
 }
 
@@ -1019,13 +1019,11 @@ async fn state_proxy(env: &Env) -> StateProxy {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(flotilla_provider_adapter::serve(
         std::sync::Arc::new(flotilla_provider_adapter::registry(&args).unwrap()),
+        flotilla_test_utils::stack::test_access(),
         listener,
         stop.clone(),
     ));
-    let client =
-        flotilla_proto::v1::provider_client::ProviderClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    let client = flotilla_test_utils::stack::connect_adapter(&format!("http://{addr}")).await;
     StateProxy {
         states,
         on_list,

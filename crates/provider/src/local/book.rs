@@ -2,6 +2,14 @@
 //! volume, and `machines.json` / `volumes.json` under the state dir,
 //! replaced atomically after every change so a restarted adapter finds its
 //! processes again. A record is never trusted over the process it names.
+//!
+//! Secrets in a machine's environment (the worker token, and any variable
+//! named like a credential, see [`is_secret`]) are written to the files
+//! only as `sha256:<hex>`; their values live in this process's memory
+//! ([`Book::secrets`]) and in the environment of the process they were
+//! handed to. A restarted adapter therefore cannot spawn such a machine
+//! again until the scheduler applies a fresh token (`prepare_machine`),
+//! exactly as for a cloud machine whose token only its hash remembers.
 
 use super::*;
 
@@ -15,6 +23,64 @@ pub(super) struct Book {
     /// Machines whose spawn is under way outside the lock; a second start,
     /// a stop or a plain delete is refused meanwhile.
     pub(super) spawning: HashSet<String>,
+    /// The plain values of the secret variables of each machine's
+    /// environment, by machine id. Never written to disk.
+    pub(super) secrets: HashMap<String, BTreeMap<String, String>>,
+}
+
+/// How a secret's value is written in the bookkeeping: its hash only.
+pub(super) const HASHED: &str = "sha256:";
+
+/// Whether the variable `key` holds a credential that must not be kept in
+/// the clear: the worker token, and any `*_TOKEN`, `*_SECRET`,
+/// `*_PASSWORD` or `*_KEY`.
+pub(super) fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    ["_TOKEN", "_SECRET", "_PASSWORD", "_KEY"]
+        .iter()
+        .any(|s| key.ends_with(s))
+}
+
+/// Splits an environment into what may be written (secrets replaced by
+/// `sha256:<hex>`) and the secrets' plain values.
+pub(super) fn split_secrets(
+    env: &BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut stored = BTreeMap::new();
+    let mut secrets = BTreeMap::new();
+    for (k, v) in env {
+        if is_secret(k) {
+            stored.insert(
+                k.clone(),
+                format!("{HASHED}{}", flotilla_core::token::token_hash_hex(v)),
+            );
+            secrets.insert(k.clone(), v.clone());
+        } else {
+            stored.insert(k.clone(), v.clone());
+        }
+    }
+    (stored, secrets)
+}
+
+/// The environment to hand a process: the stored one with each hashed
+/// secret replaced by its plain value. `Err(key)`: a secret whose value
+/// this process does not hold (it restarted since it was given).
+pub(super) fn reveal(
+    stored: &BTreeMap<String, String>,
+    secrets: Option<&BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for (k, v) in stored {
+        if is_secret(k) && v.starts_with(HASHED) {
+            match secrets.and_then(|s| s.get(k)) {
+                Some(plain) => env.insert(k.clone(), plain.clone()),
+                None => return Err(k.clone()),
+            };
+        } else {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(env)
 }
 
 /// What the caller last asked of a machine; the observed state is derived
@@ -38,7 +104,8 @@ pub(super) struct MachineRecord {
     pub(super) instance_type: String,
     pub(super) tags: BTreeMap<String, String>,
     pub(super) command: Vec<String>,
-    /// `spec.env`, kept so a restarted adapter can start the machine again.
+    /// `spec.env`, kept so a restarted adapter can start the machine again;
+    /// secrets only as `sha256:<hex>` (see [`split_secrets`]).
     pub(super) env: BTreeMap<String, String>,
     pub(super) volume_ids: Vec<String>,
     pub(super) created_at: DateTime<Utc>,
@@ -218,13 +285,16 @@ pub(super) fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> ProviderResult<
 pub(super) async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let path = path.to_path_buf();
     let bytes = bytes.to_vec();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.persist(&path).map(drop).map_err(|e| e.error)
-    })
-    .await
-    .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || write_atomic_sync(&path, &bytes))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// [`write_atomic`] on the calling thread (at startup, before serving).
+pub(super) fn write_atomic_sync(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map(drop).map_err(|e| e.error)
 }

@@ -109,13 +109,45 @@ impl LocalProvider {
         };
         let machines: Option<MachinesFile> = load(&config.state_dir.join(MACHINES_FILE))?;
         let volumes: Option<VolumesFile> = load(&config.state_dir.join(VOLUMES_FILE))?;
+        // Bookkeeping written before secrets were hashed: the values move
+        // to memory and the file is rewritten at once with hashes only.
+        let mut secrets = HashMap::new();
+        let mut machines: BTreeMap<String, MachineRecord> = machines
+            .map(|f| f.machines)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect();
+        for rec in machines.values_mut() {
+            let plain: BTreeMap<String, String> = rec
+                .env
+                .iter()
+                .filter(|(k, v)| is_secret(k) && !v.starts_with(HASHED))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !plain.is_empty() {
+                let (stored, _) = split_secrets(&rec.env);
+                rec.env = stored;
+                secrets.insert(rec.id.clone(), plain);
+            }
+        }
+        if !secrets.is_empty() {
+            let path = config.state_dir.join(MACHINES_FILE);
+            let bytes = serde_json::to_vec_pretty(&MachinesFile {
+                version: BOOKKEEPING_VERSION,
+                machines: machines.values().cloned().collect(),
+            })
+            .map_err(|e| ProviderError::Unavailable(format!("encoding {MACHINES_FILE}: {e}")))?;
+            write_atomic_sync(&path, &bytes)
+                .map_err(|e| unavailable(format!("writing {}", path.display()), &e))?;
+            tracing::info!(
+                machines = secrets.len(),
+                "local provider: secrets in the bookkeeping replaced by their hashes"
+            );
+        }
         let book = Book {
-            machines: machines
-                .map(|f| f.machines)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| (m.id.clone(), m))
-                .collect(),
+            machines,
+            secrets,
             volumes: volumes
                 .map(|f| f.volumes)
                 .unwrap_or_default()
@@ -229,13 +261,25 @@ impl LocalProvider {
                     machine.state.as_str()
                 )));
             }
+            let env = book
+                .machines
+                .get(id)
+                .map(|r| reveal(&r.env, book.secrets.get(id)))
+                .transpose()
+                .map_err(|key| {
+                    ProviderError::FailedPrecondition(format!(
+                        "machine {id}: {key} is kept only as a hash and this adapter restarted \
+                         since it was given; apply the environment again (PrepareMachine) \
+                         before starting it"
+                    ))
+                })?;
             book.spawning.insert(id.to_owned());
-            book.machines.get(id).cloned()
+            book.machines.get(id).cloned().zip(env)
         };
-        let Some(record) = record else {
+        let Some((record, env)) = record else {
             return Err(machine_not_found(id));
         };
-        let spawned = match self.launch_plan(&record) {
+        let spawned = match self.launch_plan(&record, env) {
             Ok(plan) => launch(&plan).await,
             Err(e) => Err(e),
         };
@@ -288,16 +332,22 @@ impl LocalProvider {
         (result, observed)
     }
 
-    fn launch_plan(&self, record: &MachineRecord) -> ProviderResult<Launch> {
+    /// What to spawn for `record`, with `env` its revealed environment.
+    fn launch_plan(
+        &self,
+        record: &MachineRecord,
+        env: BTreeMap<String, String>,
+    ) -> ProviderResult<Launch> {
         let (program, args) = record
             .command
             .split_first()
             .ok_or_else(|| ProviderError::InvalidArgument("image: empty command".into()))?;
+        let spec_env = env;
         let mut env: BTreeMap<String, String> = INHERITED_ENV
             .iter()
             .filter_map(|key| std::env::var(key).ok().map(|v| ((*key).to_owned(), v)))
             .collect();
-        env.extend(record.env.clone());
+        env.extend(spec_env);
         // Ours last, so a spec cannot pose as another instance.
         env.insert(
             "FLOTILLA_INSTANCE_ID".into(),
@@ -377,6 +427,8 @@ impl MachineProvider for LocalProvider {
                     break id;
                 }
             };
+            let (stored_env, secrets) = split_secrets(&spec.env);
+            book.secrets.insert(id.clone(), secrets);
             book.machines.insert(
                 id.clone(),
                 MachineRecord {
@@ -387,7 +439,7 @@ impl MachineProvider for LocalProvider {
                     instance_type: spec.instance_type.clone(),
                     tags,
                     command,
-                    env: spec.env.clone(),
+                    env: stored_env,
                     volume_ids: spec.volume_ids.clone(),
                     created_at: Utc::now(),
                     desired: Desired::Created,
@@ -410,6 +462,39 @@ impl MachineProvider for LocalProvider {
 
     async fn start_machine(&self, id: &str) -> ProviderResult<Machine> {
         self.start(id).await
+    }
+
+    /// Replaces the environment of a machine that does not run: how a
+    /// restarted adapter, which kept only the hash of a machine's worker
+    /// token, is given a token to start it with.
+    async fn prepare_machine(
+        &self,
+        id: &str,
+        env: &BTreeMap<String, String>,
+    ) -> ProviderResult<bool> {
+        validate_env(env)?;
+        {
+            let mut book = self.book();
+            let (machine, _) = book
+                .observe(id, Utc::now())
+                .ok_or_else(|| machine_not_found(id))?;
+            if matches!(
+                machine.state,
+                MachineState::Starting | MachineState::Started | MachineState::Stopping
+            ) {
+                return Err(ProviderError::FailedPrecondition(format!(
+                    "machine {id} is {}: its environment is applied only while it does not run",
+                    machine.state.as_str()
+                )));
+            }
+            let (stored, secrets) = split_secrets(env);
+            if let Some(rec) = book.machines.get_mut(id) {
+                rec.env = stored;
+            }
+            book.secrets.insert(id.to_owned(), secrets);
+        }
+        self.persist().await?;
+        Ok(true)
     }
 
     async fn stop_machine(&self, id: &str, grace: Duration) -> ProviderResult<Machine> {
@@ -495,6 +580,7 @@ impl MachineProvider for LocalProvider {
                 )));
             }
             let child = book.children.remove(id);
+            book.secrets.remove(id);
             // After `observe`, a pid on the record means the process is ours and alive.
             match book.machines.remove(id) {
                 Some(MachineRecord {
