@@ -65,7 +65,9 @@ pub async fn db_snapshot(db: &PgPool) -> anyhow::Result<DbSnapshot> {
 
 /// Every transition into one of `states`, with the machine its row records.
 async fn transitions_to(db: &PgPool, states: &[&str]) -> anyhow::Result<Vec<DbTransition>> {
-    let rows: Vec<(Uuid, Option<String>, String, String, DateTime<Utc>)> = sqlx::query_as(
+    /// Instance, its recorded machine, to state, actor, when.
+    type Row = (Uuid, Option<String>, String, String, DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT a.instance_id, i.provider_machine_id, a.to_state, a.actor, a.at
          FROM action_logs a JOIN instances i ON i.id = a.instance_id
          WHERE a.to_state = ANY($1)",
