@@ -20,6 +20,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use crate::infra::{PrivateNats, PrivatePostgres, free_port};
 use crate::invariants::{self, Ledger, Violation};
+use crate::proxy::FaultProxy;
 use crate::run::ChaosConfig;
 use crate::storm::Fleet;
 use crate::supervisor::{ServiceSpec, Supervisor};
@@ -41,6 +42,10 @@ pub const SIM_TOKEN: &str = "sim-token";
 pub const SERVICE_TOKEN: &str = "chaos-service-token";
 pub const SIM_APP: &str = "flotilla";
 pub const POOL: &str = "chaos";
+/// A second pool, without volumes: its teardown has no volume whose
+/// binding to a live machine would refuse to let a wrong `terminated`
+/// through, so it shows what the terminator itself believes.
+pub const POOL_BARE: &str = "chaos-bare";
 
 /// Where cargo put this build's binaries: next to the running executable
 /// (`target/<profile>/` for a binary, its parent for a test in `deps/`).
@@ -111,6 +116,25 @@ fn env(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 /// has lost its claims when it resumes.
 pub const LEASE_SECONDS: u64 = 5;
 
+/// The links that run through a fault proxy, one per kind of dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Link {
+    /// scheduler-1 → PostgreSQL.
+    SchedulerPostgres,
+    /// provider-adapter → the simulated cloud.
+    AdapterProvider,
+    /// terminator-1 → NATS (its seed node).
+    TerminatorNats,
+}
+
+impl Link {
+    pub const ALL: [Link; 3] = [
+        Link::SchedulerPostgres,
+        Link::AdapterProvider,
+        Link::TerminatorNats,
+    ];
+}
+
 /// Everything a scenario talks to; dropped in [`Cluster::shutdown`].
 pub struct Cluster {
     pub pg: PrivatePostgres,
@@ -120,6 +144,8 @@ pub struct Cluster {
     pub fleet: Fleet,
     /// The harness's own read-only connections to the installation's database.
     pub db: PgPool,
+    /// The fault proxies, in [`Link::ALL`]'s order.
+    links: [FaultProxy; 3],
 }
 
 impl Cluster {
@@ -147,6 +173,15 @@ impl Cluster {
 
         let sim_addr = format!("127.0.0.1:{}", free_port()?);
         let sim_url = format!("http://{sim_addr}");
+        // One link of each kind runs through a fault proxy the chaos can
+        // partition; the other replicas keep their direct links.
+        let localhost = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let links = [
+            FaultProxy::start("scheduler-1 → PostgreSQL", localhost(pg.port)).await?,
+            FaultProxy::start("provider-adapter → cloud", sim_addr.parse()?).await?,
+            FaultProxy::start("terminator-1 → NATS", localhost(nats.client_port(0))).await?,
+        ];
+        let [pg_link, cloud_link, nats_link] = links.each_ref().map(FaultProxy::addr);
         supervisor.add(ServiceSpec {
             name: "flotilla-sim".into(),
             program: bin("flotilla-sim"),
@@ -217,7 +252,7 @@ impl Cluster {
             program: bin("provider-adapter"),
             env: with(&[
                 ("PROVIDER_ADAPTER_LISTEN", adapter_addr.clone()),
-                ("SIM_API_BASE_URL", sim_url.clone()),
+                ("SIM_API_BASE_URL", format!("http://{cloud_link}")),
                 ("SIM_API_TOKEN", SIM_TOKEN.into()),
                 ("SIM_APP_NAME", SIM_APP.into()),
                 ("PROVIDER_REQUEST_TIMEOUT_SECONDS", "5".into()),
@@ -239,62 +274,80 @@ impl Cluster {
         })?;
         let fleet = Fleet::new(&api_url, API_TOKEN)?;
         // The api migrates on start; the other services need the schema.
-        wait_for("the api and its pool", Duration::from_secs(60), || async {
-            match fleet
-                .create_pool(v1::Pool {
-                    name: POOL.into(),
-                    provider: "sim".into(),
-                    instance_type: "shared-cpu-1x".into(),
-                    region: "ams".into(),
-                    image: "registry/worker:1".into(),
-                    // No service creates volumes yet (the scheduler ignores
-                    // it today); asked for so the run covers them once one does.
-                    volume_size_gb: 1,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
-                Err(s) => Err(anyhow::anyhow!("{s}")),
-            }
-        })
-        .await?;
+        for (name, volume_size_gb) in [(POOL, 1), (POOL_BARE, 0)] {
+            let what = format!("the api and its pool {name}");
+            wait_for(&what, Duration::from_secs(60), || async {
+                match fleet
+                    .create_pool(v1::Pool {
+                        name: name.into(),
+                        provider: "sim".into(),
+                        instance_type: "shared-cpu-1x".into(),
+                        region: "ams".into(),
+                        image: "registry/worker:1".into(),
+                        volume_size_gb,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                    Err(s) => Err(anyhow::anyhow!("{s}")),
+                }
+            })
+            .await?;
+        }
         for n in 1..=2 {
+            let mut env = with(&[
+                ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
+                ("WORKER_API_URL", api_url.clone()),
+                ("SCHEDULER_TICK_MS", "300".into()),
+                // Short, as in production: renewed while a step runs,
+                // so a paused or killed replica's rows move on soon.
+                ("SCHEDULER_LEASE_SECONDS", LEASE_SECONDS.to_string()),
+                // Attempts are not to run out through ~10 % faults: an
+                // acknowledged Provision must end with a machine.
+                ("PROVISION_MAX_ATTEMPTS", "1000".into()),
+                ("PROVISION_RETRY_BASE_MS", "200".into()),
+                ("PROVISION_RETRY_MAX_MS", "2000".into()),
+                // Longer than the storm's lying listings last and lag, so
+                // a create whose answer was lost is found, not made again.
+                (
+                    "PROVISION_LISTING_SETTLE_SECONDS",
+                    (2 * config.fault_window.as_secs() + 2).to_string(),
+                ),
+                // Nothing plays the workers: instances stay `booting`.
+                ("RECOVERY_BOOTING_TIMEOUT_SECONDS", "86400".into()),
+            ]);
+            if n == 1 {
+                env.insert(
+                    "DATABASE_URL".into(),
+                    format!("postgres://postgres@{pg_link}/flotilla"),
+                );
+            }
             supervisor.add(ServiceSpec {
                 name: format!("scheduler-{n}"),
                 program: bin("scheduler"),
-                env: with(&[
-                    ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
-                    ("WORKER_API_URL", api_url.clone()),
-                    ("SCHEDULER_TICK_MS", "300".into()),
-                    // Short, as in production: renewed while a step runs,
-                    // so a paused or killed replica's rows move on soon.
-                    ("SCHEDULER_LEASE_SECONDS", LEASE_SECONDS.to_string()),
-                    // Attempts are not to run out through ~10 % faults: an
-                    // acknowledged Provision must end with a machine.
-                    ("PROVISION_MAX_ATTEMPTS", "1000".into()),
-                    ("PROVISION_RETRY_BASE_MS", "200".into()),
-                    ("PROVISION_RETRY_MAX_MS", "2000".into()),
-                    // Nothing plays the workers: instances stay `booting`.
-                    ("RECOVERY_BOOTING_TIMEOUT_SECONDS", "86400".into()),
-                ]),
+                env,
                 killable: true,
             })?;
+            let mut env = with(&[
+                ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
+                ("TERMINATOR_TICK_MS", "300".into()),
+                ("TERMINATOR_LEASE_SECONDS", LEASE_SECONDS.to_string()),
+                ("TERMINATOR_POLL_MS", "200".into()),
+                ("DRAIN_TIMEOUT_SECONDS", "1".into()),
+                ("STOP_GRACE_SECONDS", "1".into()),
+                ("PROVIDER_WAIT_SECONDS", "3".into()),
+                ("TERMINATE_RETRY_BASE_MS", "200".into()),
+                ("TERMINATE_RETRY_MAX_MS", "2000".into()),
+            ]);
+            if n == 1 {
+                env.insert("NATS_URL".into(), format!("nats://{nats_link}"));
+            }
             supervisor.add(ServiceSpec {
                 name: format!("terminator-{n}"),
                 program: bin("terminator"),
-                env: with(&[
-                    ("PROVIDER_ADAPTER_URL", adapter_url.clone()),
-                    ("TERMINATOR_TICK_MS", "300".into()),
-                    ("TERMINATOR_LEASE_SECONDS", LEASE_SECONDS.to_string()),
-                    ("TERMINATOR_POLL_MS", "200".into()),
-                    ("DRAIN_TIMEOUT_SECONDS", "1".into()),
-                    ("STOP_GRACE_SECONDS", "1".into()),
-                    ("PROVIDER_WAIT_SECONDS", "3".into()),
-                    ("TERMINATE_RETRY_BASE_MS", "200".into()),
-                    ("TERMINATE_RETRY_MAX_MS", "2000".into()),
-                ]),
+                env,
                 killable: true,
             })?;
             supervisor.add(ServiceSpec {
@@ -306,6 +359,9 @@ impl Cluster {
                     ("WATCHDOG_LEASE_SECONDS", "20".into()),
                     ("ORPHAN_SCAN_INTERVAL_SECONDS", "3".into()),
                     ("ORPHAN_GRACE_SECONDS", "10".into()),
+                    // Young enough that the storm's instances are judged
+                    // while the listings lie (the default is 30 s).
+                    ("WATCHDOG_LOST_MIN_AGE_SECONDS", "5".into()),
                     ("RECOVERY_PROVISIONING_TIMEOUT_SECONDS", "60".into()),
                     ("RECOVERY_STOPPING_TIMEOUT_SECONDS", "60".into()),
                     ("RECOVERY_DELETING_TIMEOUT_SECONDS", "60".into()),
@@ -327,7 +383,22 @@ impl Cluster {
             admin,
             fleet,
             db,
+            links,
         })
+    }
+
+    /// The fault proxy of `link`.
+    pub fn link(&self, link: Link) -> &FaultProxy {
+        let i = Link::ALL.iter().position(|l| *l == link).unwrap_or(0);
+        &self.links[i]
+    }
+
+    /// Connections each fault proxy carried so far, by its name.
+    pub fn link_connections(&self) -> BTreeMap<String, u64> {
+        self.links
+            .iter()
+            .map(|p| (p.name().to_owned(), p.connections()))
+            .collect()
     }
 
     /// Polls until every service is up and the checker finds nothing, or
@@ -360,6 +431,7 @@ impl Cluster {
     pub async fn shutdown(self) {
         self.db.close().await;
         self.supervisor.shutdown().await;
+        drop(self.links);
         drop(self.nats);
         drop(self.pg);
     }

@@ -54,6 +54,9 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `max_connections` of the private server.
+pub const MAX_CONNECTIONS: usize = 100;
+
 /// A PostgreSQL cluster in its own directory on its own port.
 pub struct PrivatePostgres {
     dir: PathBuf,
@@ -148,8 +151,10 @@ impl PrivatePostgres {
     pub async fn start_server(&mut self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.dir.join("postgres.log");
+        // Room for every service's pool (7 processes of at most 8) with a
+        // margin, and few enough that a holder fills the rest in a moment.
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections={MAX_CONNECTIONS}",
             self.port,
             path_str(&self.dir)?
         );
@@ -334,6 +339,11 @@ impl PrivateNats {
 
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The client port of node `i`.
+    pub fn client_port(&self, i: usize) -> u16 {
+        self.nodes[i].client_port
     }
 
     pub fn is_empty(&self) -> bool {

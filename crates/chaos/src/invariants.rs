@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use flotilla_core::InstanceState;
 use uuid::Uuid;
 
@@ -32,11 +33,37 @@ pub struct DbVolume {
     pub state: String,
 }
 
+/// One `action_logs` transition the checker judges against the provider's
+/// history (a verdict that an instance was gone, or its termination), with
+/// the machine its row records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbTransition {
+    pub instance: Uuid,
+    pub machine: Option<String>,
+    /// The state the transition moved the instance to.
+    pub to: String,
+    pub actor: String,
+    /// When it was written (the transaction's start, after the provider
+    /// call it rests on answered).
+    pub at: DateTime<Utc>,
+}
+
 /// The database side of one observation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DbSnapshot {
     pub instances: Vec<DbInstance>,
     pub volumes: Vec<DbVolume>,
+    /// Transitions to `lost` or `worker_dead`.
+    pub verdicts: Vec<DbTransition>,
+    /// Transitions to `terminated`.
+    pub terminations: Vec<DbTransition>,
+}
+
+/// A state a machine entered at the provider, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateAt {
+    pub state: String,
+    pub at: DateTime<Utc>,
 }
 
 /// A machine as the simulated cloud knows it (destroyed ones included).
@@ -47,12 +74,32 @@ pub struct ProviderMachine {
     pub state: String,
     /// The instance id tag in the machine's metadata, if any.
     pub instance_tag: Option<String>,
+    /// Every state it entered, oldest first.
+    pub history: Vec<StateAt>,
 }
+
+/// Fly's states of a machine whose worker runs, or is on its way back to
+/// running without anyone stopping it.
+const RUNNING: &[&str] = &["starting", "started", "restarting", "replacing", "updating"];
 
 impl ProviderMachine {
     /// Still costs money: anything but `destroyed`.
     pub fn is_live(&self) -> bool {
         self.state != "destroyed"
+    }
+
+    /// The state it was in at `at` (`None` before it existed).
+    pub fn state_at(&self, at: DateTime<Utc>) -> Option<&str> {
+        self.history
+            .iter()
+            .take_while(|c| c.at <= at)
+            .last()
+            .map(|c| c.state.as_str())
+    }
+
+    /// The state it was in at `at`, when that was a running one.
+    pub fn running_at(&self, at: DateTime<Utc>) -> Option<&str> {
+        self.state_at(at).filter(|s| RUNNING.contains(s))
     }
 }
 
@@ -105,6 +152,12 @@ pub enum Violation {
     Mismatch { instance: Uuid, detail: String },
     /// A row still on its way somewhere (requested, draining, …).
     NotConverged { instance: Uuid, state: String },
+    /// Declared gone (`lost`, `worker_dead`), and so replaced, while its
+    /// machine was running at the provider.
+    ReplacedAlive { instance: Uuid, detail: String },
+    /// Written `terminated` while its machine was not being deleted (a
+    /// leak until the orphan scan finds it, and a state that lied).
+    TerminatedUndeleted { instance: Uuid, detail: String },
 }
 
 impl Violation {
@@ -116,6 +169,8 @@ impl Violation {
             Violation::Duplicated { .. } => "duplicated",
             Violation::Mismatch { .. } => "mismatch",
             Violation::NotConverged { .. } => "not_converged",
+            Violation::ReplacedAlive { .. } => "replaced_alive",
+            Violation::TerminatedUndeleted { .. } => "terminated_undeleted",
         }
     }
 }
@@ -133,6 +188,12 @@ impl fmt::Display for Violation {
             }
             Violation::NotConverged { instance, state } => {
                 write!(f, "not converged: {instance} still {state}")
+            }
+            Violation::ReplacedAlive { instance, detail } => {
+                write!(f, "replaced alive: {instance}: {detail}")
+            }
+            Violation::TerminatedUndeleted { instance, detail } => {
+                write!(f, "terminated undeleted: {instance}: {detail}")
             }
         }
     }
@@ -269,6 +330,9 @@ pub fn check(db: &DbSnapshot, provider: &ProviderSnapshot, ledger: &Ledger) -> V
     // 0 duplicated.
     out.extend(duplicates(provider));
 
+    out.extend(replaced_alive(db, provider));
+    out.extend(terminated_undeleted(db, provider));
+
     // Database equals provider, and nothing is half-way.
     for row in &db.instances {
         match parse_state(&row.state) {
@@ -338,6 +402,77 @@ pub fn check(db: &DbSnapshot, provider: &ProviderSnapshot, ledger: &Ledger) -> V
     out
 }
 
+/// No instance replaced that was alive: every verdict that an instance was
+/// gone, against what its machine was at the provider at that moment. The
+/// machine is the one the row records, or, when it records none, any
+/// machine carrying the instance's tag. The chaos never stops or destroys
+/// a machine itself, so every machine Flotilla did not stop was running,
+/// and a verdict on it came from a signal that lied (a listing, a 404, a
+/// partition): exactly what ARCHITECTURE.md promise 7 forbids acting on.
+pub fn replaced_alive(db: &DbSnapshot, provider: &ProviderSnapshot) -> Vec<Violation> {
+    let machines: BTreeMap<&str, &ProviderMachine> = provider
+        .machines
+        .iter()
+        .map(|m| (m.id.as_str(), m))
+        .collect();
+    let mut out = Vec::new();
+    for v in &db.verdicts {
+        let tag = v.instance.to_string();
+        let candidates: Vec<&ProviderMachine> = match v.machine.as_deref() {
+            Some(id) => machines.get(id).copied().into_iter().collect(),
+            None => provider
+                .machines
+                .iter()
+                .filter(|m| m.instance_tag.as_deref() == Some(tag.as_str()))
+                .collect(),
+        };
+        for m in candidates {
+            if let Some(state) = m.running_at(v.at) {
+                out.push(Violation::ReplacedAlive {
+                    instance: v.instance,
+                    detail: format!(
+                        "declared {} by {} at {} while machine {} was {state}",
+                        v.to, v.actor, v.at, m.id
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `terminated` only after the provider confirmed the deletion
+/// (ARCHITECTURE.md, promise 5): every termination of an instance with a
+/// recorded machine, against what that machine was at the provider at that
+/// moment. Being destroyed (or unknown to the provider: never created
+/// there) is fine; anything else means the row said `terminated` over a
+/// machine left behind, which only the orphan scan would clean up later —
+/// so the end state alone cannot show it.
+pub fn terminated_undeleted(db: &DbSnapshot, provider: &ProviderSnapshot) -> Vec<Violation> {
+    let machines: BTreeMap<&str, &ProviderMachine> = provider
+        .machines
+        .iter()
+        .map(|m| (m.id.as_str(), m))
+        .collect();
+    let mut out = Vec::new();
+    for t in &db.terminations {
+        let Some(m) = t.machine.as_deref().and_then(|id| machines.get(id)) else {
+            continue;
+        };
+        match m.state_at(t.at) {
+            Some("destroying" | "destroyed") | None => {}
+            Some(state) => out.push(Violation::TerminatedUndeleted {
+                instance: t.instance,
+                detail: format!(
+                    "terminated by {} at {} while machine {} was {state}",
+                    t.actor, t.at, m.id
+                ),
+            }),
+        }
+    }
+    out
+}
+
 /// Violations counted by class, for reports.
 pub fn tally(violations: &[Violation]) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
@@ -366,6 +501,7 @@ mod tests {
             id: id.into(),
             state: state.into(),
             instance_tag: Some(owner.to_string()),
+            history: history(state),
         };
         let vol_name = |id: Uuid| {
             flotilla_provider::fly::volume_name("flotilla", flotilla_core::InstanceId(id))
@@ -376,6 +512,11 @@ mod tests {
                 row(ids[1], "ready", "running", "m2"),
                 row(ids[2], "terminated", "terminated", "m3"),
             ],
+            verdicts: Vec::new(),
+            terminations: vec![DbTransition {
+                to: "terminated".into(),
+                ..verdict(ids[2], "m3", t(60))
+            }],
             volumes: vec![
                 DbVolume {
                     instance_id: ids[1],
@@ -414,6 +555,41 @@ mod tests {
             unsure: BTreeSet::new(),
         };
         (db, provider, ledger)
+    }
+
+    /// The world's clock: the machines started at T0 + 1 s; a destroyed
+    /// one was destroyed at T0 + 60 s.
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("valid")
+    }
+
+    fn history(state: &str) -> Vec<StateAt> {
+        let at = |state: &str, secs| StateAt {
+            state: state.into(),
+            at: t(secs),
+        };
+        let mut h = vec![at("created", 0), at("starting", 0), at("started", 1)];
+        if state == "destroyed" {
+            h.extend([
+                at("stopping", 50),
+                at("stopped", 51),
+                at("destroying", 59),
+                at("destroyed", 60),
+            ]);
+        } else if state != "started" {
+            h.push(at(state, 50));
+        }
+        h
+    }
+
+    fn verdict(instance: Uuid, machine: &str, at: DateTime<Utc>) -> DbTransition {
+        DbTransition {
+            instance,
+            machine: Some(machine.into()),
+            to: "lost".into(),
+            actor: "watchdog".into(),
+            at,
+        }
     }
 
     fn classes(v: &[Violation]) -> Vec<&'static str> {
@@ -463,6 +639,7 @@ mod tests {
             id: "m9".into(),
             state: "started".into(),
             instance_tag: Some(Uuid::from_u128(9).to_string()),
+            history: history("started"),
         });
         assert_eq!(classes(&check(&db, &provider, &ledger)), ["leaked"]);
     }
@@ -483,6 +660,7 @@ mod tests {
             id: "m1b".into(),
             state: "started".into(),
             instance_tag: Some(owner.to_string()),
+            history: history("started"),
         });
         let found = check(&db, &provider, &ledger);
         // The second machine is also not the one the row records.
@@ -513,6 +691,77 @@ mod tests {
         db.instances[0].state = "terminated".into();
         db.instances[0].desired_state = "terminated".into();
         provider.machines[0].state = "destroyed".into();
+        assert_eq!(check(&db, &provider, &ledger), vec![]);
+    }
+
+    #[test]
+    fn a_verdict_on_a_machine_that_was_running_is_caught() {
+        // A false verdict planted on purpose: instance 3's machine was
+        // started from T0 + 1 s until its stop at T0 + 50 s.
+        let (mut db, provider, ledger) = world();
+        let id = db.instances[2].id;
+        db.verdicts.push(verdict(id, "m3", t(30)));
+        let found = check(&db, &provider, &ledger);
+        assert_eq!(classes(&found), ["replaced_alive"], "{found:?}");
+        assert!(found[0].to_string().contains("was started"), "{}", found[0]);
+    }
+
+    #[test]
+    fn a_verdict_after_the_machine_stopped_or_was_destroyed_is_no_violation() {
+        let (mut db, provider, ledger) = world();
+        let id = db.instances[2].id;
+        db.verdicts.push(verdict(id, "m3", t(51)));
+        db.verdicts.push(verdict(id, "m3", t(61)));
+        assert_eq!(check(&db, &provider, &ledger), vec![]);
+    }
+
+    #[test]
+    fn a_machine_on_its_way_back_to_running_counts_as_alive() {
+        let (mut db, mut provider, ledger) = world();
+        let id = db.instances[2].id;
+        provider.machines[2].history = [
+            ("created", 0),
+            ("started", 1),
+            ("stopped", 40),
+            ("restarting", 45),
+            ("started", 46),
+            ("destroyed", 60),
+        ]
+        .into_iter()
+        .map(|(state, secs)| StateAt {
+            state: state.into(),
+            at: t(secs),
+        })
+        .collect();
+        db.verdicts.push(verdict(id, "m3", t(41)));
+        assert_eq!(check(&db, &provider, &ledger), vec![]);
+        db.verdicts.push(verdict(id, "m3", t(45)));
+        assert_eq!(classes(&check(&db, &provider, &ledger)), ["replaced_alive"]);
+    }
+
+    #[test]
+    fn a_verdict_on_a_row_without_machine_is_judged_by_the_machines_tagged_for_it() {
+        let (mut db, provider, ledger) = world();
+        let id = db.instances[0].id;
+        db.verdicts.push(DbTransition {
+            machine: None,
+            ..verdict(id, "", t(10))
+        });
+        let found = check(&db, &provider, &ledger);
+        assert_eq!(classes(&found), ["replaced_alive"], "{found:?}");
+    }
+
+    #[test]
+    fn a_termination_written_while_its_machine_was_only_stopped_is_caught() {
+        // Instance 3's machine was stopped at T0 + 51 s and destroyed at
+        // T0 + 60 s; a `terminated` written in between left it behind.
+        let (mut db, provider, ledger) = world();
+        db.terminations[0].at = t(55);
+        let found = check(&db, &provider, &ledger);
+        assert_eq!(classes(&found), ["terminated_undeleted"], "{found:?}");
+        assert!(found[0].to_string().contains("was stopped"), "{}", found[0]);
+        // While the destroy ran, it is fine.
+        db.terminations[0].at = t(59);
         assert_eq!(check(&db, &provider, &ledger), vec![]);
     }
 

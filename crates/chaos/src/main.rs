@@ -30,6 +30,10 @@ struct Args {
     /// Calls in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Seconds each partition, lying-provider window and connection
+    /// exhaustion lasts.
+    #[arg(long, default_value_t = 10)]
+    fault_window: u64,
     /// Seconds to wait for convergence after the storm.
     #[arg(long, default_value_t = 600)]
     converge_timeout: u64,
@@ -61,10 +65,11 @@ async fn main() -> anyhow::Result<()> {
         fault_rate: args.fault_rate,
         terminate_percent: 50,
         concurrency: args.concurrency,
+        fault_window: Duration::from_secs(args.fault_window),
         converge_timeout: Duration::from_secs(args.converge_timeout),
         bin_dir,
         keep_dir: args.keep,
-        plant_leak: true,
+        plant_violations: true,
         log_level: args.log_level,
     };
     let report = run(config).await?;

@@ -173,7 +173,8 @@ where
 /// The shape of one storm.
 #[derive(Debug, Clone)]
 pub struct StormPlan {
-    pub pool: String,
+    /// Each Provision names one of these, at random.
+    pub pools: Vec<String>,
     /// Instances to ask for in total.
     pub instances: u64,
     /// Per cent of Provision calls matched by a Terminate call later.
@@ -236,8 +237,14 @@ pub async fn run(fleet: Fleet, plan: StormPlan, recorder: Arc<Recorder>) {
 async fn provision_some(fleet: &Fleet, recorder: &Recorder, plan: &StormPlan, count: u32) {
     recorder.with_stats(|s| s.provision_calls += 1);
     let key = Uuid::new_v4().to_string();
+    let pool = plan
+        .pools
+        .iter()
+        .choose(&mut rand::rng())
+        .cloned()
+        .unwrap_or_default();
     let req = v1::ProvisionRequest {
-        pool: plan.pool.clone(),
+        pool,
         count,
         idempotency_key: key,
         labels: [("chaos".to_owned(), "storm".to_owned())].into(),

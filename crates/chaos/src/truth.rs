@@ -6,16 +6,23 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use flotilla_provider::TAG_INSTANCE;
-use flotilla_sim_provider::{MachineTruth, Stats, VolumeTruth};
+use flotilla_sim_provider::{Faults, MachineTruth, Stats, VolumeTruth};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::invariants::{
-    DbInstance, DbSnapshot, DbVolume, ProviderMachine, ProviderSnapshot, ProviderVolume,
+    DbInstance, DbSnapshot, DbTransition, DbVolume, ProviderMachine, ProviderSnapshot,
+    ProviderVolume, StateAt,
 };
 
-/// Every instance and volume row.
+/// The states a verdict that an instance is gone moves it to.
+pub const VERDICT_STATES: &[&str] = &["lost", "worker_dead"];
+
+/// Every instance and volume row, every verdict that an instance was gone
+/// and every termination (whoever wrote them: the check must not trust the
+/// actor's name).
 pub async fn db_snapshot(db: &PgPool) -> anyhow::Result<DbSnapshot> {
     let rows: Vec<(Uuid, String, String, Option<String>)> =
         sqlx::query_as("SELECT id, state, desired_state, provider_machine_id FROM instances")
@@ -46,7 +53,56 @@ pub async fn db_snapshot(db: &PgPool) -> anyhow::Result<DbSnapshot> {
             state,
         })
         .collect();
-    Ok(DbSnapshot { instances, volumes })
+    let verdicts = transitions_to(db, VERDICT_STATES).await?;
+    let terminations = transitions_to(db, &["terminated"]).await?;
+    Ok(DbSnapshot {
+        instances,
+        volumes,
+        verdicts,
+        terminations,
+    })
+}
+
+/// Every transition into one of `states`, with the machine its row records.
+async fn transitions_to(db: &PgPool, states: &[&str]) -> anyhow::Result<Vec<DbTransition>> {
+    /// Instance, its recorded machine, to state, actor, when.
+    type Row = (Uuid, Option<String>, String, String, DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT a.instance_id, i.provider_machine_id, a.to_state, a.actor, a.at
+         FROM action_logs a JOIN instances i ON i.id = a.instance_id
+         WHERE a.to_state = ANY($1)",
+    )
+    .bind(states)
+    .fetch_all(db)
+    .await
+    .with_context(|| format!("reading transitions to {states:?} from action_logs"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(instance, machine, to, actor, at)| DbTransition {
+            instance,
+            machine,
+            to,
+            actor,
+            at,
+        })
+        .collect())
+}
+
+/// Writes a verdict the watchdog never gave: `instance` declared `lost`,
+/// as the watchdog's own transition would record it. The harness plants
+/// one after a run to show the check of "no instance replaced that was
+/// alive" reads the verdicts it judges (it must report this one).
+pub async fn plant_verdict(db: &PgPool, instance: Uuid, from: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO action_logs (instance_id, from_state, to_state, actor, correlation_id, reason)
+         VALUES ($1, $2, 'lost', 'watchdog', 'chaos-planted', 'planted by the chaos harness')",
+    )
+    .bind(instance)
+    .bind(from)
+    .execute(db)
+    .await
+    .context("planting a verdict")?;
+    Ok(())
 }
 
 /// A client of the sim's admin routes.
@@ -90,6 +146,14 @@ impl SimAdmin {
                     instance_tag: m.machine.config.metadata.get(TAG_INSTANCE).cloned(),
                     id: m.machine.id,
                     state: m.machine.state.as_str().to_owned(),
+                    history: m
+                        .history
+                        .into_iter()
+                        .map(|c| StateAt {
+                            state: c.state.as_str().to_owned(),
+                            at: c.at,
+                        })
+                        .collect(),
                 })
                 .collect(),
             volumes: volumes
@@ -109,6 +173,23 @@ impl SimAdmin {
 
     pub async fn stats(&self) -> anyhow::Result<Stats> {
         self.get("/_sim/stats").await
+    }
+
+    /// The fault set the sim applies now.
+    pub async fn faults(&self) -> anyhow::Result<Faults> {
+        self.get("/_sim/faults").await
+    }
+
+    /// Replaces the whole fault set, at once for every later call.
+    pub async fn set_faults(&self, faults: &Faults) -> anyhow::Result<()> {
+        let url = format!("{}/_sim/faults", self.base);
+        self.http
+            .put(&url)
+            .json(faults)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
     }
 
     /// Creates a machine behind Flotilla's back, tagged as if it were

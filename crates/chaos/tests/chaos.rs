@@ -1,7 +1,12 @@
 //! The chaos suite at the reduced size CI runs: every service as its own
 //! process, ~10 % injected provider faults, kill -9s, one NATS and one
-//! PostgreSQL restart; then 0 lost, 0 leaked, 0 duplicated and database
-//! equal to provider, and a leak planted on purpose must be reported.
+//! PostgreSQL restart, a partition of each of scheduler-1 ↔ PostgreSQL,
+//! provider-adapter ↔ cloud and terminator-1 ↔ NATS, a paused replica,
+//! lying listings, then lying 404s, and every PostgreSQL connection taken
+//! (4 s windows); then 0 lost, 0 leaked, 0 duplicated, no instance
+//! replaced that was alive, nothing terminated over a machine left behind,
+//! database equal to provider, and a leak and a false verdict planted on
+//! purpose must be reported.
 //! A second run does the same on a 3-node NATS cluster with one node killed
 //! mid-storm.
 //!
@@ -37,6 +42,10 @@ async fn a_storm_through_kills_and_restarts_loses_leaks_and_duplicates_nothing()
     assert!(
         report.storm.terminate_acked > 0,
         "the storm terminated nothing"
+    );
+    assert!(
+        report.links.values().all(|&n| n > 0),
+        "a fault proxy carried nothing, so its partition tested nothing: {report}"
     );
     assert!(report.passed(), "{report}");
 }

@@ -75,6 +75,12 @@ pub struct SchedulerTuning {
     /// Longest retry delay in milliseconds.
     #[arg(long, env = "PROVISION_RETRY_MAX_MS", default_value_t = 60_000)]
     pub provision_retry_max_ms: u64,
+    /// Seconds a provider's listing may lag behind a create. A retry that
+    /// finds no machine with the instance's tag, after an attempt that may
+    /// have created one, waits until that attempt is this old and asks the
+    /// listing again before creating another (Fly documents no figure).
+    #[arg(long, env = "PROVISION_LISTING_SETTLE_SECONDS", default_value_t = 10)]
+    pub provision_listing_settle_seconds: u64,
     /// Failed attempts of a provisioning or restart step after which the
     /// instance is flagged for an operator (it is still retried, up to
     /// PROVISION_MAX_ATTEMPTS).
@@ -161,6 +167,10 @@ impl SchedulerTuning {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.scheduler_lease_seconds.max(1))
+    }
+
+    pub fn listing_settle(&self) -> Duration {
+        Duration::from_secs(self.provision_listing_settle_seconds)
     }
 
     /// When a failed provisioning or restart step is tried again, and when

@@ -7,7 +7,9 @@
 //!   committed (`instance_prepare_create`); a row found in `provisioning`
 //!   without a machine id therefore may have a machine at the provider, so
 //!   every attempt after the first looks it up by its ownership tag and
-//!   adopts it instead of creating a second one;
+//!   adopts it instead of creating a second one; since listings lag behind
+//!   creates, a listing that shows nothing is believed only once the
+//!   create it may have missed is `PROVISION_LISTING_SETTLE_SECONDS` old;
 //! - the machine id is recorded the moment the create returns;
 //! - a start that fails — by error or by a machine that never shows
 //!   `started` — leaves the row in `provisioning` with `next_attempt_at` set
@@ -25,9 +27,9 @@ use flotilla_proto::v1;
 use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_runtime::{Fence, LeaseLost};
 use flotilla_store::instance::{
-    ClaimQuery, InstanceRow, Transition, instance_forget_machine, instance_get,
-    instance_prepare_create, instance_record_failure, instance_record_machine, instance_release,
-    instance_set_desired, instance_transition,
+    ClaimQuery, InstanceRow, Transition, instance_create_may_have_been_sent, instance_defer,
+    instance_forget_machine, instance_get, instance_prepare_create, instance_record_failure,
+    instance_record_machine, instance_release, instance_set_desired, instance_transition,
 };
 use flotilla_store::pool::PoolRow;
 use flotilla_store::pool_pause::{
@@ -76,7 +78,8 @@ pub enum Stepped {
     Retrying(ErrorClass, String),
     /// Gave up: `provisioning_failed`, handed to termination.
     Failed(String),
-    /// Not started: the pool is paused; the instance waits as `requested`.
+    /// Waits without counting an attempt: its pool is paused (it waits as
+    /// `requested`), or a create it may have sent is not listed yet.
     Held(String),
 }
 
@@ -224,6 +227,12 @@ impl Scheduler {
                         Err(e) => return self.fail(&mut conn, row, e).await,
                     }
                 };
+                if adopted.is_none()
+                    && !fresh
+                    && let Some(message) = self.listing_not_settled(&mut conn, &row).await?
+                {
+                    return Ok(Stepped::Held(message));
+                }
                 let id = match adopted {
                     Some(id) => {
                         tracing::info!(machine_id = %id, "adopting a machine an earlier attempt created");
@@ -414,6 +423,37 @@ impl Scheduler {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// Listings lag behind creates (Fly documents no consistency between
+    /// its list and get endpoints): a listing's silence proves no machine
+    /// only for creates older than `PROVISION_LISTING_SETTLE_SECONDS`. When
+    /// an earlier attempt may have sent a create and the row's last write
+    /// (at or after that create) is younger, the attempt is put off until
+    /// then — no attempt counted — and the listing asked again, instead of
+    /// a second machine created. `Some(reason)` when deferred.
+    async fn listing_not_settled(
+        &self,
+        conn: &mut PgConnection,
+        row: &InstanceRow,
+    ) -> Result<Option<String>, StepError> {
+        let settle = chrono::Duration::from_std(self.tuning.listing_settle())
+            .unwrap_or(chrono::Duration::zero());
+        let settled_at = row.updated_at + settle;
+        if settled_at <= chrono::Utc::now()
+            || !instance_create_may_have_been_sent(conn, row.id).await?
+        {
+            return Ok(None);
+        }
+        let message = format!(
+            "a create may have been sent (last write {}) and the listing shows no machine \
+             yet; asking it again at {settled_at} before creating another",
+            row.updated_at
+        );
+        instance_defer(conn, row.id, row.version, settled_at, &message).await?;
+        tracing::info!(instance_id = %row.id, %settled_at, "listing not settled; adoption deferred");
+        metrics::counter!("flotilla_scheduler_adoption_deferred_total").increment(1);
+        Ok(Some(message))
     }
 
     async fn find_machine(

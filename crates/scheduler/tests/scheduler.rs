@@ -14,7 +14,7 @@ use clap::Parser;
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_scheduler::{CrashPoint, Scheduler, SchedulerTuning};
-use flotilla_sim_provider::{ErrorRates, Faults, Operation};
+use flotilla_sim_provider::{ErrorRates, Faults, Listing, Operation};
 use flotilla_store::WriteCtx;
 use flotilla_store::instance::{
     InstanceRow, NewInstance, Transition, instance_get, instance_insert_requested,
@@ -294,6 +294,61 @@ async fn a_create_that_succeeds_but_errors_is_adopted_not_duplicated() {
         .unwrap();
     provision_all(&s, &env).await;
     assert_one_machine_each(&env, &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_was_lost_is_not_made_again_while_the_listing_lags_behind() {
+    // Fly documents no consistency between its list and get endpoints: a
+    // listing may not show a machine created moments ago.
+    let env = env(Faults {
+        create_succeeds_but_errors_rate: 1.0,
+        listing: Listing::Stale { lag_ms: 600_000 },
+        ..instant()
+    })
+    .await;
+    let ids = request(&env, 5).await;
+    let s = scheduler(
+        &env,
+        "s1",
+        None,
+        tuning(&["--provision-listing-settle-seconds", "2"]),
+    );
+    s.provision_once().await;
+    assert_eq!(machines_ever(&env), 5, "created, but answered 500");
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.create_succeeds_but_errors_rate = 0.0)
+        .unwrap();
+    // The retries find nothing listed and wait for the listing instead of
+    // creating again.
+    drive_until(
+        &s,
+        "every retry deferred (or a machine made again)",
+        || async {
+            machines_ever(&env) > 5
+                || rows(&env).await.iter().all(|r| {
+                    r.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("the listing shows no machine yet"))
+                })
+        },
+    )
+    .await;
+    assert_eq!(machines_ever(&env), 5, "no second machine while it lags");
+    assert!(
+        rows(&env).await.iter().all(|r| r.attempts == 1),
+        "not counted as attempts"
+    );
+    // The listing catches up: each machine is adopted.
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.listing = Listing::Normal)
+        .unwrap();
+    provision_all(&s, &env).await;
+    assert_one_machine_each(&env, &ids).await;
+    assert_eq!(machines_ever(&env), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

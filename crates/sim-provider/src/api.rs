@@ -195,7 +195,11 @@ async fn list_machines(
 async fn get_machine(State(sim): State<Sim>, path: ItemPath, headers: HeaderMap) -> Response {
     guarded_machine(&sim, Operation::Get, &headers, ids(&path), async {
         let Path((app, id)) = path?;
-        Ok(Json(sim.get_machine(&app, &id)?).into_response())
+        let machine = sim.get_machine(&app, &id)?;
+        if chance(sim.current_faults().get_not_found_rate) {
+            return Err(ApiError::machine_not_found());
+        }
+        Ok(Json(machine).into_response())
     })
     .await
 }
@@ -365,4 +369,75 @@ async fn destroy_volume(State(sim): State<Sim>, path: ItemPath, headers: HeaderM
         Ok(Json(sim.destroy_volume(&app, &id)?).into_response())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::MachineConfig;
+    use crate::{Faults, SimConfig};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lying_get_answers_404_for_a_machine_that_exists_while_listings_show_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let handle = crate::start(SimConfig {
+            faults: Faults {
+                get_not_found_rate: 1.0,
+                ..Faults::instant()
+            },
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let machine = handle
+            .sim()
+            .create_machine(
+                crate::DEFAULT_APP,
+                CreateMachineRequest {
+                    config: MachineConfig {
+                        image: Some("img".into()),
+                        ..MachineConfig::default()
+                    },
+                    ..CreateMachineRequest::default()
+                },
+            )
+            .unwrap();
+        let http = reqwest::Client::new();
+        let base = format!("{}/v1/apps/{}/machines", handle.url(), crate::DEFAULT_APP);
+        let get = || {
+            http.get(format!("{base}/{}", machine.id))
+                .bearer_auth(handle.token())
+                .send()
+        };
+        let answer = get().await.unwrap();
+        assert_eq!(answer.status(), 404);
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"], "machine not found", "the body of a real 404");
+        let listed: serde_json::Value = http
+            .get(&base)
+            .bearer_auth(handle.token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            listed[0]["id"],
+            machine.id.as_str(),
+            "listings tell the truth"
+        );
+        let truth = handle.sim().machine(&machine.id).unwrap();
+        assert_eq!(truth.machine.state, MachineState::Started);
+
+        handle
+            .sim()
+            .set_faults(Faults {
+                get_not_found_rate: 0.0,
+                ..Faults::instant()
+            })
+            .unwrap();
+        assert_eq!(get().await.unwrap().status(), 200);
+    }
 }

@@ -86,6 +86,19 @@ pub struct MachineTruth {
     pub app: String,
     #[serde(flatten)]
     pub machine: Machine,
+    /// Every state the machine entered, oldest first: what it was at any
+    /// past moment (a checker asks whether a machine declared gone was
+    /// running when the verdict fell).
+    #[serde(default)]
+    pub history: Vec<StateChange>,
+}
+
+/// A state a machine entered, and when (the sim's wall clock, to the
+/// microsecond; `updated_at` keeps Fly's whole seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub state: MachineState,
+    pub at: chrono::DateTime<Utc>,
 }
 
 /// A volume as the sim knows it, with the app it belongs to.
@@ -231,6 +244,7 @@ struct MachineRecord {
     version: u64,
     destroyed_at: Option<Instant>,
     state_tx: watch::Sender<MachineState>,
+    history: Vec<StateChange>,
 }
 
 struct VolumeRecord {
@@ -271,8 +285,10 @@ fn millis(ms: u64) -> Duration {
 
 impl MachineRecord {
     fn set_state(&mut self, state: MachineState) {
+        let now = Utc::now();
         self.machine.state = state;
-        self.machine.updated_at = Utc::now();
+        self.machine.updated_at = now;
+        self.history.push(StateChange { state, at: now });
         self.version += 1;
         self.state_tx.send_replace(state);
     }
@@ -324,6 +340,7 @@ impl MachineRecord {
         MachineTruth {
             app: self.app.clone(),
             machine: self.machine.clone(),
+            history: self.history.clone(),
         }
     }
 }
@@ -934,6 +951,10 @@ impl Sim {
                 version: 0,
                 destroyed_at: None,
                 state_tx,
+                history: vec![StateChange {
+                    state: MachineState::Created,
+                    at: now,
+                }],
             })
             .into_mut();
         let launch = (request.skip_launch != Some(true)).then(|| rec.begin_start(&faults));
@@ -1259,6 +1280,29 @@ mod tests {
         let machine = sim.create_machine("app", req).unwrap();
         let killed = sim.kill(&machine.id).unwrap();
         assert_eq!(killed.machine.state, MachineState::Destroyed);
+    }
+
+    #[test]
+    fn the_truth_keeps_every_state_a_machine_entered_in_order() {
+        let sim = instant_sim();
+        let machine = sim.create_machine("app", request("img")).unwrap();
+        sim.stop_machine("app", &machine.id).unwrap();
+        sim.destroy_machine("app", &machine.id, false).unwrap();
+        let history = sim.machine(&machine.id).unwrap().history;
+        let states: Vec<MachineState> = history.iter().map(|c| c.state).collect();
+        assert_eq!(
+            states,
+            [
+                MachineState::Created,
+                MachineState::Starting,
+                MachineState::Started,
+                MachineState::Stopping,
+                MachineState::Stopped,
+                MachineState::Destroying,
+                MachineState::Destroyed,
+            ]
+        );
+        assert!(history.windows(2).all(|w| w[0].at <= w[1].at));
     }
 
     #[test]

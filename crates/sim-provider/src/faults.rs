@@ -197,8 +197,17 @@ pub struct Faults {
     /// How long such a transient state lasts.
     pub transient_state_ms: u64,
     /// What machine listings answer (see [`Listing`]); `GET` of a machine
-    /// is never affected.
+    /// is never affected by it.
     pub listing: Listing,
+    /// Share of `GET`s of a machine that exists answered 404 all the same,
+    /// as a gateway that cannot route to the app's backend or an
+    /// application-level error in front of the API would. The answer is
+    /// exactly the one a missing machine gets (status and body): a client
+    /// cannot tell them apart, and Flotilla's classification never reads
+    /// bodies, so only a second, independent look (a listing, a later
+    /// read) can. Fly documents 404 for unknown machines only (OpenAPI
+    /// `Machines_show`); this is the fault on top.
+    pub get_not_found_rate: f64,
 }
 
 impl Default for Faults {
@@ -223,6 +232,7 @@ impl Default for Faults {
             transient_state_rate: 0.0,
             transient_state_ms: 100,
             listing: Listing::Normal,
+            get_not_found_rate: 0.0,
         }
     }
 }
@@ -270,6 +280,7 @@ impl Faults {
             ("start_fails_rate", self.start_fails_rate),
             ("die_rate", self.die_rate),
             ("transient_state_rate", self.transient_state_rate),
+            ("get_not_found_rate", self.get_not_found_rate),
         ];
         for (name, rate) in singles {
             check_rate(name, rate)?;

@@ -33,7 +33,8 @@ pub mod stats;
 
 pub use cli::SimArgs;
 pub use cloud::{
-    DEFAULT_APP, MachineTruth, RecordedRequest, Sim, SimConfig, VolumeTruth, WorkerProbe,
+    DEFAULT_APP, MachineTruth, RecordedRequest, Sim, SimConfig, StateChange, VolumeTruth,
+    WorkerProbe,
 };
 pub use error::ApiError;
 pub use faults::{ErrorRates, Faults, InvalidFaults, Listing, Operation};

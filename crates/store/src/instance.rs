@@ -719,6 +719,51 @@ pub async fn instance_prepare_create(
     }
 }
 
+/// Whether a create may have been sent for this instance: the hash of the
+/// worker token is committed before every create
+/// ([`instance_prepare_create`]), and only then.
+pub async fn instance_create_may_have_been_sent(
+    conn: &mut PgConnection,
+    id: InstanceId,
+) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT worker_token_hash IS NOT NULL FROM instances WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(conn)
+            .await?
+            .unwrap_or(false),
+    )
+}
+
+/// Puts a provisioning row's next attempt off until `at` and gives its
+/// lease back, without counting an attempt and without touching
+/// `updated_at`: a wait measured from the row's last write must not
+/// restart itself.
+pub async fn instance_defer(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    expected_version: i64,
+    at: DateTime<Utc>,
+    reason: &str,
+) -> Result<InstanceRow> {
+    let row = sqlx::query_as(concat!(
+        "UPDATE instances SET next_attempt_at = $3, last_error = $4, version = version + 1,
+             lease_owner = NULL, lease_until = NULL
+         WHERE id = $1 AND version = $2 AND state = 'provisioning' RETURNING ",
+        instance_columns!()
+    ))
+    .bind(id.0)
+    .bind(expected_version)
+    .bind(at)
+    .bind(reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(r),
+        None => Err(stale_or_missing(conn, id, expected_version).await),
+    }
+}
+
 /// Forgets a machine the provider says does not exist (404 on start), so
 /// the next attempt creates one. Only while still provisioning.
 pub async fn instance_forget_machine(

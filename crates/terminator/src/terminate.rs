@@ -449,12 +449,15 @@ impl Terminator {
         let mut client = self.provider.clone();
         for machine_id in &machines {
             // Look first: on a retry (a volume still bound, a refused
-            // delete) or a requeue while the destroy settles, a machine
-            // already gone (404, or `destroyed` while the provider lingers)
-            // is not deleted again.
+            // delete) or a requeue while the destroy settles, a machine the
+            // provider shows `destroyed` is not deleted again. A 404 is not
+            // enough to skip the delete: a gateway or an application-level
+            // error can answer it for a machine that runs, and believing it
+            // would write `terminated` over a machine left behind. The
+            // delete itself is the second look (its own 404 means gone).
             match self.machine_state(pool, machine_id).await {
-                Ok(None) | Ok(Some(v1::MachineState::Destroyed)) => continue,
-                Ok(Some(_)) => {}
+                Ok(Some(v1::MachineState::Destroyed)) => continue,
+                Ok(_) => {}
                 Err(e) => return self.retry(conn, &row, e).await,
             }
             if fence.check().is_err() {

@@ -557,3 +557,26 @@ async fn a_forced_terminate_of_a_ready_worker_skips_the_drain_and_its_history_sa
         "{history:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_for_a_machine_that_exists_never_ends_terminated_with_the_machine_left_behind() {
+    // Every GET of a machine answers 404 although it exists (a gateway or
+    // an application-level error); stops, waits and deletes tell the truth.
+    let env = env(documented(), Some(1)).await;
+    let ids = ready(&env, 3, false).await;
+    env.stack
+        .sim
+        .sim()
+        .update_faults(|f| f.get_not_found_rate = 1.0)
+        .unwrap();
+    terminate(&env, &ids, false).await;
+    let t = terminator(&env, "t1");
+    terminate_all(&t, &env, ids.len(), Duration::from_secs(15)).await;
+    assert_eq!(
+        left_at_provider(&env),
+        (0, 0),
+        "terminated is written only once the machine is deleted"
+    );
+    let stats = env.stack.sim.sim().stats();
+    assert!(stats.count(Operation::Get, 404) >= 3, "{stats:?}");
+}
