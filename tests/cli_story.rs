@@ -351,6 +351,15 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     assert!(again_err.contains("already running"), "{again_err}");
 
     let token = std::fs::read_to_string(data_dir.join("token")).expect("token");
+    // Every file holding a token is the owner's only.
+    for file in ["token", "service-token", "env", "local/machines.json"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data_dir.join(file))
+            .expect(file)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is readable by others: {mode:o}");
+    }
     let cli = Cli {
         binary: data_dir.join("bin/flotilla"),
         url: format!("http://127.0.0.1:{api_port}"),
