@@ -571,7 +571,7 @@ async fn a_404_for_a_machine_that_exists_never_ends_terminated_with_the_machine_
         .unwrap();
     terminate(&env, &ids, false).await;
     let t = terminator(&env, "t1");
-    terminate_all(&t, &env, ids.len(), Duration::from_secs(15)).await;
+    terminate_all(&t, &env, ids.len()).await;
     assert_eq!(
         left_at_provider(&env),
         (0, 0),
