@@ -74,6 +74,8 @@ pub const ADMIN_METHODS: &[&str] = &[
     "Drain",
     "CreatePool",
     "UpdatePool",
+    "AbandonInstance",
+    "DeletePool",
 ];
 
 /// The scope `method` needs. Unknown methods need admin.
