@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use flotilla_api::{ApiState, ApiToken, Limits, Listeners, Scope, serve_with};
@@ -29,6 +29,7 @@ use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::tls::ClientTls;
 use flotilla_terminator::{Terminator, TerminatorTuning};
+use flotilla_test_utils::wait::eventually;
 use flotilla_test_utils::{TestDb, TestNats};
 use flotilla_watchdog::{Watchdog, WatchdogTuning};
 use nix::sys::signal::{Signal, kill};
@@ -158,18 +159,6 @@ async fn count(db: &TestDb, pool: &str, states: &[&str]) -> usize {
             .await
             .expect("count");
     usize::try_from(n).unwrap_or(0)
-}
-
-async fn wait_for<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 // Current-thread: the capturing subscriber is this thread's default, and
@@ -426,11 +415,11 @@ async fn a_whole_lifecycle_over_tls_leaves_no_secret_in_logs_spans_metrics_or_fi
     }
 
     // Real agents reach ready over TLS; the cloud's machine boots.
-    wait_for("2 local agents ready", Duration::from_secs(60), || async {
+    eventually("2 local agents ready", Duration::from_secs(60), || async {
         count(&db, "local", &["ready"]).await == 2
     })
     .await;
-    wait_for(
+    eventually(
         "the cloud instance booting",
         Duration::from_secs(30),
         || async { count(&db, "cloud", &["booting", "ready"]).await == 1 },
@@ -482,7 +471,7 @@ async fn a_whole_lifecycle_over_tls_leaves_no_secret_in_logs_spans_metrics_or_fi
             .await
             .expect("terminate");
     }
-    wait_for(
+    eventually(
         "every instance terminated",
         Duration::from_secs(60),
         || async {

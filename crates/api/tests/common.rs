@@ -128,6 +128,11 @@ impl Api {
     }
 
     pub async fn create_pool(&self, name: &str) -> v1::Pool {
+        self.try_create_pool(name).await.expect("create pool")
+    }
+
+    /// CreatePool of a `sim` pool named `name`, with the api's answer.
+    pub async fn try_create_pool(&self, name: &str) -> Result<v1::Pool, Status> {
         self.fleet
             .clone()
             .create_pool(authed(v1::CreatePoolRequest {
@@ -140,8 +145,7 @@ impl Api {
                 }),
             }))
             .await
-            .expect("create pool")
-            .into_inner()
+            .map(|r| r.into_inner())
     }
 
     pub async fn provision(

@@ -3,97 +3,21 @@
 //! live instances, unless forced), their refusals, which write nothing,
 //! and a deletion racing concurrent provisions.
 
-use flotilla_api::{ApiState, ApiToken, Limits, serve};
-use flotilla_bus::Bus;
-use flotilla_bus::streams::BusConfig;
-use flotilla_bus::subjects::Namespace;
 use flotilla_core::{InstanceId, InstanceState};
 use flotilla_proto::v1;
-use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
-use flotilla_store::WriteCtx;
-use flotilla_store::instance::{
-    Transition, instance_get, instance_record_machine, instance_transition,
-};
-use flotilla_telemetry::CancellationToken;
-use flotilla_test_utils::{TestDb, TestNats};
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use flotilla_store::instance::{instance_get, instance_record_machine};
+use tonic::{Code, Status};
 
-const TOKEN: &str = "ways-out-token";
+use crate::common::{Api, authed, field_of};
 
-struct Api {
-    db: TestDb,
-    fleet: FleetServiceClient<Channel>,
-    stop: CancellationToken,
-    _nats: TestNats,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// An api (token name `ops`) with pool `gpu`.
+/// The shared api (token name `ci`) with pool `gpu`.
 async fn start() -> Api {
-    let db = TestDb::new().await;
-    let nats = TestNats::new().await;
-    let bus = Bus::new(
-        nats.client.clone(),
-        Namespace::new(&nats.namespace).expect("namespace"),
-        BusConfig::default(),
-    );
-    bus.ensure_streams().await.expect("streams");
-    let state = ApiState {
-        pool: db.pool.clone(),
-        bus,
-        tokens: vec![ApiToken::from_plain("ops", TOKEN)].into(),
-        limits: Limits::default(),
-        provider: None,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    tokio::spawn(serve(state, listener, stop.clone()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let api = Api {
-        db,
-        fleet: FleetServiceClient::new(channel),
-        stop,
-        _nats: nats,
-    };
-    api.create_pool("gpu").await.expect("pool");
+    let api = crate::common::start().await;
+    api.create_pool("gpu").await;
     api
 }
 
-fn authed<T>(msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    let value = MetadataValue::try_from(format!("Bearer {TOKEN}")).expect("ascii");
-    req.metadata_mut().insert("authorization", value);
-    req
-}
-
-/// The field an INVALID_ARGUMENT names (the text before the first colon).
-fn field_of(s: &Status) -> &str {
-    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    s.message().split(':').next().unwrap_or_default()
-}
-
 impl Api {
-    async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql)
-            .fetch_one(&self.db.pool)
-            .await
-            .expect("count")
-    }
-
     /// Rows every refusal must leave as they were.
     async fn footprint(&self) -> (i64, i64, i64, i64, i64) {
         (
@@ -105,23 +29,7 @@ impl Api {
         )
     }
 
-    async fn create_pool(&self, name: &str) -> Result<v1::Pool, Status> {
-        self.fleet
-            .clone()
-            .create_pool(authed(v1::CreatePoolRequest {
-                pool: Some(v1::Pool {
-                    name: name.into(),
-                    provider: "sim".into(),
-                    instance_type: "shared-cpu-1x".into(),
-                    region: "ams".into(),
-                    ..Default::default()
-                }),
-            }))
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn provision(&self, pool: &str, count: u32) -> Result<Vec<String>, Status> {
+    async fn try_provision(&self, pool: &str, count: u32) -> Result<Vec<String>, Status> {
         self.fleet
             .clone()
             .provision(authed(v1::ProvisionRequest {
@@ -166,32 +74,6 @@ impl Api {
             .entries
     }
 
-    /// Moves an instance along the table as the loops would.
-    async fn walk(&self, id: &str, path: &[InstanceState]) {
-        let id: InstanceId = id.parse().expect("id");
-        let mut conn = self.db.pool.acquire().await.expect("conn");
-        for pair in path.windows(2) {
-            let row = instance_get(&mut conn, id)
-                .await
-                .expect("get")
-                .expect("row");
-            instance_transition(
-                &mut conn,
-                &WriteCtx::new("terminator"),
-                &Transition {
-                    id,
-                    from: pair[0],
-                    to: pair[1],
-                    expected_version: row.version,
-                    error: None,
-                    reason: None,
-                },
-            )
-            .await
-            .expect("transition");
-        }
-    }
-
     /// Records a machine for an instance, as the scheduler does once its
     /// create returned.
     async fn record_machine(&self, id: &str, machine: &str) {
@@ -210,7 +92,11 @@ impl Api {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandon_refuses_bad_input_and_unknown_ids_and_writes_nothing() {
     let api = start().await;
-    let id = api.provision("gpu", 1).await.expect("provision").remove(0);
+    let id = api
+        .try_provision("gpu", 1)
+        .await
+        .expect("provision")
+        .remove(0);
     let before = api.footprint().await;
     for (req_id, reason, field) in [
         (id.as_str(), "", "reason"),
@@ -243,7 +129,11 @@ async fn abandon_refuses_bad_input_and_unknown_ids_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandon_of_an_instance_stuck_in_deleting_records_who_and_why_and_warns_of_its_machine() {
     let api = start().await;
-    let id = api.provision("gpu", 1).await.expect("provision").remove(0);
+    let id = api
+        .try_provision("gpu", 1)
+        .await
+        .expect("provision")
+        .remove(0);
     api.walk(
         &id,
         &[InstanceState::Requested, InstanceState::Provisioning],
@@ -284,7 +174,7 @@ async fn abandon_of_an_instance_stuck_in_deleting_records_who_and_why_and_warns_
     let last = history.last().expect("a row");
     assert_eq!(last.from_state, v1::InstanceState::Deleting as i32);
     assert_eq!(last.to_state, v1::InstanceState::Abandoned as i32);
-    assert_eq!(last.actor, "api:ops");
+    assert_eq!(last.actor, "api:ci");
     assert_eq!(last.reason, "the Fly app was deleted with the account");
     assert_eq!(last.error, "unavailable: app not found");
     assert_eq!(
@@ -326,7 +216,7 @@ async fn abandon_of_an_instance_stuck_in_deleting_records_who_and_why_and_warns_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandon_of_a_terminated_instance_is_already_done_and_a_requested_one_leaves_nothing() {
     let api = start().await;
-    let ids = api.provision("gpu", 2).await.expect("provision");
+    let ids = api.try_provision("gpu", 2).await.expect("provision");
     api.walk(
         &ids[0],
         &[InstanceState::Requested, InstanceState::Terminated],
@@ -355,7 +245,7 @@ async fn abandon_of_a_terminated_instance_is_already_done_and_a_requested_one_le
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_with_live_instances_is_not_deleted_without_force_and_nothing_changes() {
     let api = start().await;
-    api.provision("gpu", 2).await.expect("provision");
+    api.try_provision("gpu", 2).await.expect("provision");
     let before = api.footprint().await;
     let e = api.delete_pool("gpu", false).await.expect_err("refused");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -392,7 +282,7 @@ async fn a_pool_with_live_instances_is_not_deleted_without_force_and_nothing_cha
 async fn a_forced_delete_terminates_the_pool_refuses_new_instances_and_deletes_it_once_they_are_gone()
  {
     let api = start().await;
-    let ids = api.provision("gpu", 2).await.expect("provision");
+    let ids = api.try_provision("gpu", 2).await.expect("provision");
     let answer = api.delete_pool("gpu", true).await.expect("forced");
     assert!(!answer.deleted);
     assert_eq!(answer.live_instances, 2);
@@ -416,7 +306,7 @@ async fn a_forced_delete_terminates_the_pool_refuses_new_instances_and_deletes_i
 
     // A deleting pool takes no instances and cannot be changed.
     let instances = api.count("SELECT count(*) FROM instances").await;
-    let e = api.provision("gpu", 1).await.expect_err("deleting");
+    let e = api.try_provision("gpu", 1).await.expect_err("deleting");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("being deleted"), "{e:?}");
     assert_eq!(api.count("SELECT count(*) FROM instances").await, instances);
@@ -431,7 +321,7 @@ async fn a_forced_delete_terminates_the_pool_refuses_new_instances_and_deletes_i
         .await
         .expect_err("deleting");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    let e = api.create_pool("gpu").await.expect_err("still there");
+    let e = api.try_create_pool("gpu").await.expect_err("still there");
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 
     // Asked again while they are on their way: how far it is.
@@ -466,13 +356,13 @@ async fn a_forced_delete_terminates_the_pool_refuses_new_instances_and_deletes_i
     .expect("the deletion's record");
     assert_eq!(
         (actor.as_str(), forced, live, deleted),
-        ("api:ops", true, 2, true)
+        ("api:ci", true, 2, true)
     );
 
     // The name is free: a new pool takes it and works, and the old
     // instances keep their history.
-    api.create_pool("gpu").await.expect("created again");
-    api.provision("gpu", 1)
+    api.try_create_pool("gpu").await.expect("created again");
+    api.try_provision("gpu", 1)
         .await
         .expect("provision into the new pool");
     assert!(api.history(&ids[1]).await.len() >= 2);
@@ -481,7 +371,7 @@ async fn a_forced_delete_terminates_the_pool_refuses_new_instances_and_deletes_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisions_racing_a_forced_delete_are_either_terminated_by_it_or_refused() {
     let api = start().await;
-    api.provision("gpu", 1).await.expect("a live instance");
+    api.try_provision("gpu", 1).await.expect("a live instance");
     let provisions: Vec<_> = (0..8)
         .map(|_| {
             let fleet = api.fleet.clone();
@@ -523,6 +413,6 @@ async fn provisions_racing_a_forced_delete_are_either_terminated_by_it_or_refuse
         0,
         "{accepted} accepted; every instance of the pool is on its way out"
     );
-    let e = api.provision("gpu", 1).await.expect_err("after");
+    let e = api.try_provision("gpu", 1).await.expect_err("after");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 }

@@ -18,6 +18,7 @@ use flotilla_store::pool_delete::{
 };
 use flotilla_store::watchdog::watchdog_scan_targets;
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
+use flotilla_test_utils::wait::eventually;
 use flotilla_test_utils::{TestDb, run_out_leases};
 use prost::Message;
 use sqlx::{Acquire, PgPool};
@@ -723,19 +724,6 @@ async fn each_request_leaves_its_trace_and_correlation_id_on_the_rows_it_asked_f
 
 // ---- Abandoning instances and deleting pools ----
 
-/// Polls `cond` until it holds, failing after `within`.
-async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn not_terminal() -> Vec<InstanceState> {
     InstanceState::ALL
         .into_iter()
@@ -898,9 +886,9 @@ async fn a_pool_deletion_waits_for_an_uncommitted_insert_and_counts_its_instance
         pool_delete(&mut conn, &WriteCtx::new("api:ops"), "p", false, "done").await
     });
     // The deletion waits for the writer's lock on the pool row.
-    wait_until(
-        Duration::from_secs(10),
+    eventually(
         "the deletion waits on a lock",
+        Duration::from_secs(10),
         || async {
             count(
                 &db.pool,

@@ -16,7 +16,9 @@ use flotilla_test_utils::stack::documented;
 
 use super::{Env, count, env, get, scheduler, watchdog};
 
-/// Longer than the tests' `--orphan-grace-seconds 1`.
+/// Longer than the tests' `--orphan-grace-seconds 1`. The sleeps of it are
+/// lower bounds (the scan must see resources older than the grace), which a
+/// busy machine only exceeds further, not waits for something to happen.
 const PAST_GRACE: Duration = Duration::from_millis(1100);
 
 async fn one_ready(env: &Env, volume: bool) -> InstanceRow {
