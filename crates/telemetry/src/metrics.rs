@@ -189,6 +189,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_scheduler_retries_total",
         "Provisioning steps that failed and will be retried, by error class.",
     ),
+    (
+        Kind::Counter,
+        "flotilla_scheduler_adoption_deferred_total",
+        "Retries that waited for the provider's listing to settle before creating another machine.",
+    ),
     // terminator.
     (
         Kind::Counter,
