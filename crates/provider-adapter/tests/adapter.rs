@@ -524,3 +524,51 @@ mod reflection {
         assert!(flotilla_core::CorrelationId::parse(cid).is_some(), "{cid}");
     }
 }
+
+/// Issue #18: the adapter holds the cloud credentials, so a call without a
+/// known service token is answered UNAUTHENTICATED and reaches no provider
+/// (the sim records every request it receives).
+#[tokio::test]
+async fn calls_without_a_known_service_token_are_unauthenticated_and_reach_no_provider() {
+    use flotilla_proto::client::{ServiceToken, adapter_client};
+
+    let s = stack().await;
+    s.sim.sim().set_recording(true);
+    let channel = Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let callers = [
+        ("no token", ServiceToken::none()),
+        ("an unknown token", ServiceToken::new("not-the-service-token").unwrap()),
+    ];
+    for (what, token) in callers {
+        let mut client = adapter_client(channel.clone(), token);
+        let created = client.create_machine(create(true)).await;
+        assert_eq!(created.unwrap_err().code(), Code::Unauthenticated, "{what}");
+        let listed = client
+            .list_machines(v1::ListMachinesRequest {
+                target: target(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(listed.unwrap_err().code(), Code::Unauthenticated, "{what}");
+        let deleted = client
+            .delete_machine(v1::DeleteMachineRequest {
+                target: target(),
+                machine_id: "m-any".into(),
+                force: true,
+            })
+            .await;
+        assert_eq!(deleted.unwrap_err().code(), Code::Unauthenticated, "{what}");
+    }
+    assert!(s.sim.sim().requests().is_empty(), "{:?}", s.sim.sim().requests());
+    assert!(s.sim.sim().machines().is_empty());
+
+    // The same channel with the service token is served: the refusals above
+    // came from the credential, not from the channel.
+    let mut client = s.client.clone();
+    client.create_machine(create(false)).await.unwrap();
+    assert!(!s.sim.sim().requests().is_empty());
+}
