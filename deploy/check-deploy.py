@@ -5,13 +5,15 @@ compose-spec JSON schema, Kubernetes schemas). Those prove the files are
 well-formed; these prove they say what Flotilla needs: a migration step
 before the services, probes, grace periods longer than the services' own
 shutdown grace, credentials only in provider-adapter, binaries that the image
-really contains, and a dashboard that only queries metrics the code exports.
+really contains, a dashboard and alerting rules that only query metrics the
+code exports, and one set of alerting rules for compose and Kubernetes.
 
     check-deploy.py compose docker-compose.yml
     check-deploy.py k8s RENDERED.yaml [--overlay]
     check-deploy.py dashboard deploy/grafana/flotilla-dashboard.json crates/
     check-deploy.py dashboard-rules deploy/grafana/flotilla-dashboard.json OUT.yaml
     check-deploy.py binaries Dockerfile crates/ docker-compose.yml RENDERED.yaml...
+    check-deploy.py alerts deploy/alerts/flotilla-alerts.yml deploy/k8s/monitoring/prometheusrule.yaml crates/
 
 Each prints its findings and exits 1 when there is any. Needs PyYAML.
 """
@@ -247,9 +249,7 @@ def check_dashboard(path, crates):
     except json.JSONDecodeError as e:
         bad(f"not valid JSON: {e}")
         return bad.exit()
-    known = set()
-    for rs in pathlib.Path(crates).rglob("*.rs"):
-        known.update(re.findall(r'"(flotilla_[a-z0-9_]+)"', rs.read_text(errors="replace")))
+    known = exported_metrics(crates)
     exprs = []
 
     def walk(node):
@@ -294,6 +294,47 @@ def dashboard_rules(path, out):
     pathlib.Path(out).write_text(yaml.safe_dump(groups, sort_keys=False))
     print(f"dashboard: {len(rules)} panel queries written to {out}")
     return 0
+
+
+def exported_metrics(crates):
+    """Every `flotilla_*` name a crate's source mentions."""
+    known = set()
+    for rs in pathlib.Path(crates).rglob("*.rs"):
+        known.update(re.findall(r'"(flotilla_[a-z0-9_]+)"', rs.read_text(errors="replace")))
+    return known
+
+
+def check_alerts(rules_path, prometheusrule_path, crates):
+    """The alerting rules query only exported metrics, every rule has a
+    severity and a summary, and the PrometheusRule carries exactly the
+    groups of the rules file (one source of truth for both)."""
+    bad = Findings(f"alerts {rules_path}")
+    rules = yaml.safe_load(pathlib.Path(rules_path).read_text()) or {}
+    groups = rules.get("groups") or []
+    known = exported_metrics(crates)
+    count = 0
+    for group in groups:
+        for rule in group.get("rules", []):
+            count += 1
+            name = rule.get("alert", rule.get("record", "?"))
+            for metric in re.findall(r"\bflotilla_[a-z0-9_]+", rule.get("expr", "")):
+                base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                if metric not in known and base not in known:
+                    bad(f"{name} queries {metric}, which no crate exports")
+            if "alert" in rule:
+                if rule.get("labels", {}).get("severity") not in ("warning", "critical"):
+                    bad(f"{name} has no severity warning or critical")
+                if not rule.get("annotations", {}).get("summary"):
+                    bad(f"{name} has no summary")
+    if count == 0:
+        bad("no rules")
+    doc = yaml.safe_load(pathlib.Path(prometheusrule_path).read_text()) or {}
+    if doc.get("kind") != "PrometheusRule":
+        bad(f"{prometheusrule_path} is not a PrometheusRule")
+    if (doc.get("spec") or {}).get("groups") != groups:
+        bad(f"{prometheusrule_path} spec.groups differ from {rules_path}: regenerate one from the other")
+    print(f"alerts: {count} rules, PrometheusRule identical")
+    return bad.exit()
 
 
 def check_binaries(dockerfile, crates, compose, rendered):
@@ -355,6 +396,8 @@ def main(argv):
         return check_dashboard(args[0], args[1])
     if cmd == "dashboard-rules":
         return dashboard_rules(args[0], args[1])
+    if cmd == "alerts":
+        return check_alerts(args[0], args[1], args[2])
     if cmd == "binaries":
         return check_binaries(args[0], args[1], args[2], args[3:])
     print(__doc__, file=sys.stderr)

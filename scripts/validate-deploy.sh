@@ -10,6 +10,10 @@
 #   deploy/grafana       the dashboard is JSON, every query parses as PromQL
 #                        (promtool) and queries only metrics the code exports;
 #   deploy/prometheus.yml checked by promtool;
+#   deploy/alerts        the alerting rules checked and unit-tested by
+#                        promtool (`promtool test rules`), querying only
+#                        exported metrics, identical to the PrometheusRule
+#                        of deploy/k8s/monitoring;
 #   all of them          Flotilla's own rules (deploy/check-deploy.py).
 #
 # Then it feeds each validator a broken file and fails if the validator
@@ -94,6 +98,11 @@ dashboard_valid() { # FILE
         promtool check rules "$WORK/dashboard-rules.yaml"
 }
 
+alerts_valid() { # RULES.yml PROMETHEUSRULE.yaml
+    promtool check rules "$1" >/dev/null &&
+        "$PY" "$CHECKS" alerts "$1" "$2" crates
+}
+
 k8s_valid() { # RENDERED.yaml
     local v
     for v in $K8S_VERSIONS; do
@@ -137,6 +146,11 @@ dashboard_valid deploy/grafana/flotilla-dashboard.json
 
 log "Prometheus config (compose)"
 promtool check config deploy/prometheus.yml
+
+log "alerting rules (promtool check and test rules)"
+alerts_valid deploy/alerts/flotilla-alerts.yml deploy/k8s/monitoring/prometheusrule.yaml
+promtool test rules deploy/alerts/flotilla-alerts.test.yml
+"$KUBECTL" kustomize deploy/k8s/monitoring >/dev/null
 
 log "binaries named by Dockerfile, compose and manifests"
 "$PY" "$CHECKS" binaries Dockerfile crates docker-compose.yml "${rendered[@]}"
@@ -210,5 +224,15 @@ broken deploy/grafana/flotilla-dashboard.json "$N/dash-promql.json" '0,/sum by (
 must_fail "dashboard query that is not valid PromQL" dashboard_valid "$N/dash-promql.json"
 head -c 200 deploy/grafana/flotilla-dashboard.json >"$N/dash-cut.json"
 must_fail "dashboard that is not JSON" dashboard_valid "$N/dash-cut.json"
+
+cp deploy/alerts/flotilla-alerts.yml deploy/alerts/flotilla-alerts.test.yml "$N/"
+promtool test rules "$N/flotilla-alerts.test.yml" >/dev/null || die "the control copy of the alert tests fails"
+broken deploy/alerts/flotilla-alerts.yml "$N/flotilla-alerts.yml" 's/for: 10m/for: 1m/'
+must_fail "an alert firing sooner than its test expects" promtool test rules "$N/flotilla-alerts.test.yml"
+broken deploy/alerts/flotilla-alerts.yml "$N/alerts-unknown.yml" 's/flotilla_pools_paused/flotilla_pools_pausd/'
+must_fail "an alert querying an unknown metric" alerts_valid "$N/alerts-unknown.yml" deploy/k8s/monitoring/prometheusrule.yaml
+broken deploy/k8s/monitoring/prometheusrule.yaml "$N/prometheusrule.yaml" 's/for: 15m/for: 30m/'
+must_fail "a PrometheusRule that differs from the rules file" \
+    alerts_valid deploy/alerts/flotilla-alerts.yml "$N/prometheusrule.yaml"
 
 log "deployment files valid"

@@ -214,14 +214,24 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         if booting == 3 { Ok(()) } else { Err(booting) }
     })
     .await;
-    // Two workers were heard from 3 s ago, so there are heartbeat ages.
+    // Two workers were heard from 3 s ago, so there are heartbeat ages;
+    // they have been ready for 20 minutes, and one is flagged as needing
+    // attention (what the alerting rules of deploy/alerts read).
     sqlx::query(
-        "UPDATE instances SET state = 'ready', last_heartbeat = now() - interval '3 seconds'
+        "UPDATE instances SET state = 'ready', last_heartbeat = now() - interval '3 seconds',
+                state_entered_at = now() - interval '20 minutes'
          WHERE id IN (SELECT id FROM instances WHERE state = 'booting' ORDER BY id LIMIT 2)",
     )
     .execute(&db.pool)
     .await
     .expect("ready");
+    sqlx::query(
+        "UPDATE instances SET needs_attention = true
+         WHERE id = (SELECT id FROM instances WHERE state = 'ready' ORDER BY id LIMIT 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("flagged");
     let text = eventually_ok("the fleet's gauges scraped", DEADLINE, || async {
         let text = scrape(metrics_addr).await;
         let booting = sample(
@@ -230,11 +240,25 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         );
         let ready = sample(&text, r#"flotilla_instances{pool="metered",state="ready"}"#);
         let cost = sample(&text, "flotilla_watchdog_orphan_cost_per_hour");
-        if booting == Some(1.0) && ready == Some(2.0) && cost == Some(2.5) {
+        let attention = sample(
+            &text,
+            r#"flotilla_instances_needing_attention{pool="metered",state="ready"}"#,
+        );
+        let oldest = sample(
+            &text,
+            r#"flotilla_instances_oldest_in_state_seconds{pool="metered",state="ready"}"#,
+        );
+        if booting == Some(1.0)
+            && ready == Some(2.0)
+            && cost == Some(2.5)
+            && attention == Some(1.0)
+            && oldest.is_some_and(|s| (1200.0..1300.0).contains(&s))
+        {
             Ok(text)
         } else {
             Err(format!(
-                "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}:\n{text}"
+                "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}, needing attention \
+                 {attention:?}, oldest ready {oldest:?}:\n{text}"
             ))
         }
     })

@@ -1,4 +1,5 @@
-//! Read-only aggregates for the fleet gauges: instances by pool and state,
+//! Read-only aggregates for the fleet gauges: instances by pool and state
+//! (with those needing attention and the oldest one's time in the state),
 //! heartbeat ages of ready workers, and pool prices by instance type (for
 //! the estimated cost of orphan machines). One query each, so sampling a
 //! large fleet stays cheap.
@@ -8,14 +9,31 @@ use sqlx::PgConnection;
 
 use crate::Result;
 
-/// `(pool, state, count)` of every instance in a state that is not
-/// terminal (terminated and abandoned rows accumulate forever and are not
-/// fleet state).
+/// One `(pool, state)` group of instances in a state that is not terminal
+/// (terminated and abandoned rows accumulate forever and are not fleet
+/// state).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct PoolStateCount {
+    pub pool: String,
+    pub state: String,
+    pub count: i64,
+    /// Of them, flagged `needs_attention` (a step that keeps failing).
+    pub needing_attention: i64,
+    /// Seconds the oldest of them has been in this state: a state that
+    /// should pass in seconds (provisioning, booting, stopping, deleting)
+    /// with a large age is an instance stuck there.
+    pub oldest_seconds: f64,
+}
+
 pub async fn metrics_instances_by_pool_state(
     conn: &mut PgConnection,
-) -> Result<Vec<(String, String, i64)>> {
+) -> Result<Vec<PoolStateCount>> {
     Ok(sqlx::query_as(
-        "SELECT pool, state, count(*) FROM instances
+        "SELECT pool, state, count(*) AS count,
+                count(*) FILTER (WHERE needs_attention) AS needing_attention,
+                GREATEST(EXTRACT(EPOCH FROM now() - min(state_entered_at)), 0)::float8
+                    AS oldest_seconds
+         FROM instances
          WHERE state <> ALL($1) GROUP BY pool, state ORDER BY pool, state",
     )
     .bind(InstanceState::strs(InstanceState::TERMINAL))

@@ -148,6 +148,16 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "Instances not yet terminated, by pool and state.",
     ),
     (
+        Kind::Gauge,
+        "flotilla_instances_needing_attention",
+        "Instances whose step keeps failing (needs_attention: retried, but an operator should look), by pool and state.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_instances_oldest_in_state_seconds",
+        "Seconds the oldest instance of a pool has been in its state, by pool and state: large in a passing state means stuck.",
+    ),
+    (
         Kind::Histogram,
         "flotilla_heartbeat_age_seconds",
         "Age of the last sign of life of each ready instance, sampled every watchdog tick.",

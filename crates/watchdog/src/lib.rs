@@ -104,9 +104,20 @@ impl Watchdog {
     }
 }
 
+/// The per-`(pool, state)` fleet gauges, set together so they never
+/// disagree about which pairs exist.
+fn fleet_gauges(pool: &str, state: &str, count: f64, needing_attention: f64, oldest: f64) {
+    let labels = [("pool", pool.to_owned()), ("state", state.to_owned())];
+    metrics::gauge!("flotilla_instances", &labels).set(count);
+    metrics::gauge!("flotilla_instances_needing_attention", &labels).set(needing_attention);
+    metrics::gauge!("flotilla_instances_oldest_in_state_seconds", &labels).set(oldest);
+}
+
 impl Watchdog {
-    /// Samples the fleet gauges: `flotilla_instances{pool,state}` (one
-    /// GROUP BY), the backlog of the instance loops of the other services
+    /// Samples the fleet gauges: `flotilla_instances{pool,state}`,
+    /// `flotilla_instances_needing_attention` and
+    /// `flotilla_instances_oldest_in_state_seconds` (one GROUP BY), the
+    /// backlog of the instance loops of the other services
     /// (`flotilla_loop_backlog{loop}`: they share this database, so one
     /// sampler serves all of them) and `flotilla_heartbeat_age_seconds` of
     /// ready instances.
@@ -133,16 +144,22 @@ impl Watchdog {
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                 let now: HashSet<(String, String)> = rows
                     .iter()
-                    .map(|(p, s, _)| (p.clone(), s.clone()))
+                    .map(|r| (r.pool.clone(), r.state.clone()))
                     .collect();
+                // A pair that emptied drops to 0 rather than keeping its
+                // last value (an alert on it must be able to resolve).
                 for (pool, state) in seen.difference(&now) {
-                    metrics::gauge!("flotilla_instances", "pool" => pool.clone(), "state" => state.clone())
-                        .set(0.0);
+                    fleet_gauges(pool, state, 0.0, 0.0, 0.0);
                 }
-                for (pool, state, n) in rows {
-                    status.found += n.max(0) as u64;
-                    metrics::gauge!("flotilla_instances", "pool" => pool, "state" => state)
-                        .set(n as f64);
+                for r in rows {
+                    status.found += r.count.max(0) as u64;
+                    fleet_gauges(
+                        &r.pool,
+                        &r.state,
+                        r.count as f64,
+                        r.needing_attention as f64,
+                        r.oldest_seconds,
+                    );
                 }
                 seen.extend(now);
             }
