@@ -166,6 +166,20 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         }))
         .await
         .expect("pool");
+    // A pool with no instance yet: its series exist at 0 from the start.
+    fleet
+        .create_pool(authed(v1::CreatePoolRequest {
+            pool: Some(v1::Pool {
+                name: "empty".into(),
+                provider: "sim".into(),
+                instance_type: "shared-cpu-1x".into(),
+                region: "ams".into(),
+                image: "registry/worker:1".into(),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .expect("pool");
     fleet
         .provision(authed(v1::ProvisionRequest {
             pool: "metered".into(),
@@ -248,17 +262,25 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
             &text,
             r#"flotilla_instances_oldest_in_state_seconds{pool="metered",state="ready"}"#,
         );
+        let empty_ready = sample(&text, r#"flotilla_instances{pool="empty",state="ready"}"#);
+        let no_deleting = sample(
+            &text,
+            r#"flotilla_instances_needing_attention{pool="metered",state="deleting"}"#,
+        );
         if booting == Some(1.0)
             && ready == Some(2.0)
             && cost == Some(2.5)
             && attention == Some(1.0)
             && oldest.is_some_and(|s| (1200.0..1300.0).contains(&s))
+            && empty_ready == Some(0.0)
+            && no_deleting == Some(0.0)
         {
             Ok(text)
         } else {
             Err(format!(
                 "booting {booting:?}, ready {ready:?}, orphan cost {cost:?}, needing attention \
-                 {attention:?}, oldest ready {oldest:?}:\n{text}"
+                 {attention:?}, oldest ready {oldest:?}, empty pool ready {empty_ready:?}, \
+                 deleting {no_deleting:?}:\n{text}"
             ))
         }
     })

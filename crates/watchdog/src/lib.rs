@@ -17,7 +17,7 @@ pub mod stuck;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use flotilla_core::Classify;
+use flotilla_core::{Classify, InstanceState};
 use flotilla_proto::client::AdapterClient;
 use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
@@ -139,6 +139,22 @@ impl Watchdog {
                 return status;
             }
         };
+        // Every state of every pool has a series from the start, at 0 when
+        // empty, so `rate()`, `increase()` and alerts see the first
+        // instance and an absent series never reads as "no problem".
+        match flotilla_store::pool::pool_list(&mut conn).await {
+            Ok(pools) => {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                for pool in pools {
+                    for state in InstanceState::ALL {
+                        if !state.is_terminal() {
+                            seen.insert((pool.name.clone(), state.as_str().to_owned()));
+                        }
+                    }
+                }
+            }
+            Err(e) => status.error(e.class(), "pools", e),
+        }
         match metrics_instances_by_pool_state(&mut conn).await {
             Ok(rows) => {
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
