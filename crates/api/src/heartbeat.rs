@@ -48,6 +48,9 @@ struct Pending {
 pub struct BatchStats {
     pub heartbeats: AtomicU64,
     pub statements: AtomicU64,
+    /// Batches whose write failed (every heartbeat of it was answered with
+    /// the error, and the agents retry).
+    pub failures: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -118,8 +121,11 @@ impl HeartbeatBatcher {
 }
 
 async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchStats>) {
+    // A series from the start, so the first failure shows in `increase()`.
+    metrics::counter!("flotilla_api_heartbeat_flush_failures_total").increment(0);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = Instant::now();
         let pending = std::mem::take(&mut batch);
         // One row per instance: the newest heartbeat of a batch wins, by
         // the agent's sequence (arrival order is not send order), and by
@@ -151,6 +157,18 @@ async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchSt
             .fetch_add(pending.len() as u64, Ordering::Relaxed);
         metrics::counter!("flotilla_api_heartbeats_total").increment(pending.len() as u64);
         metrics::histogram!("flotilla_api_heartbeat_batch_size").record(pending.len() as f64);
+        metrics::histogram!("flotilla_api_heartbeat_flush_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Err(status) = &written {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("flotilla_api_heartbeat_flush_failures_total").increment(1);
+            tracing::warn!(
+                heartbeats = pending.len(),
+                code = ?status.code(),
+                error = status.message(),
+                "heartbeat batch not written; its workers are answered with the error and retry"
+            );
+        }
         match written {
             Ok(views) => {
                 let by_id: HashMap<InstanceId, WorkerView> =
@@ -165,5 +183,30 @@ async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchSt
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+
+    /// A batch that cannot be written (here: no database at all) is
+    /// answered with an error, counted, and does not stop the flusher.
+    #[tokio::test]
+    async fn a_failed_batch_is_answered_with_the_error_and_counted() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(200))
+            .connect_lazy("postgres://flotilla@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let batcher = HeartbeatBatcher::spawn(pool);
+        for sequence in 1..=2 {
+            let err = batcher
+                .beat(InstanceId::new(), false, sequence)
+                .await
+                .expect_err("no database");
+            assert_ne!(err.code(), tonic::Code::Ok);
+        }
+        assert_eq!(batcher.stats().failures.load(Ordering::Relaxed), 2);
+        assert_eq!(batcher.stats().heartbeats.load(Ordering::Relaxed), 2);
     }
 }

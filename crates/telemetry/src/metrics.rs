@@ -178,6 +178,16 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_api_heartbeat_batch_size",
         "Heartbeats written per database batch.",
     ),
+    (
+        Kind::Histogram,
+        "flotilla_api_heartbeat_flush_duration_seconds",
+        "Time to write one heartbeat batch (one statement), failed or not.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_api_heartbeat_flush_failures_total",
+        "Heartbeat batches whose write failed (their workers got the error and retry).",
+    ),
     // scheduler.
     (
         Kind::Counter,
