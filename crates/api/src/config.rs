@@ -60,6 +60,12 @@ pub struct ApiArgs {
     /// Milliseconds between worker heartbeats, told to every agent.
     #[arg(long, env = "WORKER_HEARTBEAT_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(100..))]
     pub worker_heartbeat_interval_ms: u32,
+    /// Seconds a verified worker token is trusted without hashing it again
+    /// (each heartbeat would otherwise cost a SHA-256 and a database read).
+    /// A revoked token (its instance terminated) can go on heartbeating,
+    /// to no effect, for at most this long; 0 checks every call.
+    #[arg(long, env = "WORKER_TOKEN_CACHE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub worker_token_cache_seconds: u64,
     /// gRPC address of the provider-adapter. When set, CreatePool asks it
     /// whether the pool's provider, region and machine shape exist and are
     /// valid (CheckSpec) before anything is written; when unset, pools are
@@ -97,6 +103,8 @@ pub struct Limits {
     pub max_provision_count: u32,
     pub idempotency_ttl: Duration,
     pub heartbeat_interval_ms: u32,
+    /// How long a verified worker token is trusted (`WORKER_TOKEN_CACHE_SECONDS`).
+    pub worker_token_cache: Duration,
 }
 
 impl Default for Limits {
@@ -105,6 +113,7 @@ impl Default for Limits {
             max_provision_count: 1000,
             idempotency_ttl: Duration::from_secs(86_400),
             heartbeat_interval_ms: 5000,
+            worker_token_cache: Duration::from_secs(30),
         }
     }
 }
@@ -125,6 +134,7 @@ impl ApiArgs {
             max_provision_count: self.api_max_provision_count,
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_seconds),
             heartbeat_interval_ms: self.worker_heartbeat_interval_ms,
+            worker_token_cache: Duration::from_secs(self.worker_token_cache_seconds),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! the worker is never told "alive" on a write that was lost. The flusher
 //! takes whatever is queued (at most `MAX_BATCH`), so at low rates a batch
 //! is one heartbeat and adds no latency; under load batches grow by
-//! themselves. A token cache entry is trusted for `TOKEN_CACHE_TTL`; a new
+//! themselves. A token cache entry is trusted for `WORKER_TOKEN_CACHE_SECONDS`
+//! (default [`TOKEN_CACHE_TTL`]); a new
 //! token for an instance (a re-created machine) misses the cache and is
 //! checked against the database like the first time.
 
@@ -27,7 +28,8 @@ use crate::error::store_status;
 
 /// Heartbeats written by one statement at most.
 pub const MAX_BATCH: usize = 1000;
-/// How long a verified worker token is trusted without asking the database.
+/// How long a verified worker token is trusted without asking the
+/// database, by default.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
 
 type Reply = oneshot::Sender<Result<Option<WorkerView>, Status>>;
@@ -58,11 +60,19 @@ pub struct HeartbeatBatcher {
     tx: mpsc::Sender<Pending>,
     stats: Arc<BatchStats>,
     tokens: Arc<TokenCache>,
+    token_ttl: Duration,
 }
 
 impl HeartbeatBatcher {
-    /// Starts the flusher on the current runtime.
+    /// Starts the flusher on the current runtime, trusting a verified
+    /// worker token for [`TOKEN_CACHE_TTL`].
     pub fn spawn(pool: PgPool) -> Self {
+        Self::spawn_with(pool, TOKEN_CACHE_TTL)
+    }
+
+    /// As [`spawn`](Self::spawn), trusting a verified token for
+    /// `token_ttl` (zero: never cached).
+    pub fn spawn_with(pool: PgPool, token_ttl: Duration) -> Self {
         let (tx, rx) = mpsc::channel(64 * 1024);
         let stats = Arc::new(BatchStats::default());
         tokio::spawn(flush(pool, rx, stats.clone()));
@@ -70,6 +80,7 @@ impl HeartbeatBatcher {
             tx,
             stats,
             tokens: Arc::new(Mutex::new(HashMap::new())),
+            token_ttl,
         }
     }
 
@@ -105,16 +116,20 @@ impl HeartbeatBatcher {
     pub fn token_known(&self, id: InstanceId, hash: &[u8; 32]) -> bool {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.get(&id).is_some_and(|(h, at)| {
-            at.elapsed() < TOKEN_CACHE_TTL
+            at.elapsed() < self.token_ttl
                 && bool::from(subtle::ConstantTimeEq::ct_eq(&h[..], &hash[..]))
         })
     }
 
     pub fn remember_token(&self, id: InstanceId, hash: [u8; 32]) {
+        if self.token_ttl.is_zero() {
+            return;
+        }
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if tokens.len() > 500_000 {
             // Bounded memory: drop stale entries rather than grow forever.
-            tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            let ttl = self.token_ttl;
+            tokens.retain(|_, (_, at)| at.elapsed() < ttl);
         }
         tokens.insert(id, (hash, Instant::now()));
     }
@@ -187,7 +202,7 @@ async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchSt
 }
 
 #[cfg(test)]
-mod flush_tests {
+mod tests {
     use super::*;
 
     /// A batch that cannot be written (here: no database at all) is
@@ -208,5 +223,28 @@ mod flush_tests {
         }
         assert_eq!(batcher.stats().failures.load(Ordering::Relaxed), 2);
         assert_eq!(batcher.stats().heartbeats.load(Ordering::Relaxed), 2);
+    }
+
+    /// `WORKER_TOKEN_CACHE_SECONDS`: a token is trusted only as long as
+    /// configured, and 0 caches nothing.
+    #[tokio::test]
+    async fn the_token_cache_keeps_a_token_only_as_long_as_configured() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://flotilla@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let (id, hash) = (InstanceId::new(), [7u8; 32]);
+        let cached = HeartbeatBatcher::spawn_with(pool.clone(), Duration::from_millis(100));
+        cached.remember_token(id, hash);
+        assert!(cached.token_known(id, &hash));
+        assert!(!cached.token_known(id, &[8u8; 32]), "another token");
+        let start = Instant::now();
+        while cached.token_known(id, &hash) {
+            assert!(start.elapsed() < Duration::from_secs(5), "never expired");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(start.elapsed() >= Duration::from_millis(80));
+        let uncached = HeartbeatBatcher::spawn_with(pool, Duration::ZERO);
+        uncached.remember_token(id, hash);
+        assert!(!uncached.token_known(id, &hash));
     }
 }

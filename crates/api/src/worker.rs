@@ -43,7 +43,8 @@ pub struct WorkerApi {
 
 impl WorkerApi {
     pub fn new(state: ApiState) -> Self {
-        let heartbeats = HeartbeatBatcher::spawn(state.pool.clone());
+        let heartbeats =
+            HeartbeatBatcher::spawn_with(state.pool.clone(), state.limits.worker_token_cache);
         WorkerApi { state, heartbeats }
     }
 

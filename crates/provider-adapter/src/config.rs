@@ -158,7 +158,8 @@ pub struct GuardArgs {
     /// Calls one provider account may take in a burst.
     #[arg(long, env = "PROVIDER_RATE_LIMIT_BURST", default_value_t = 40)]
     pub provider_rate_limit_burst: u32,
-    /// Retries of a call that is safe to repeat (reads, stop, delete).
+    /// Retries after the first attempt of a call that is safe to repeat
+    /// (reads, stop, delete): 3 means at most 4 attempts; 0 never retries.
     #[arg(long, env = "PROVIDER_RETRY_MAX_ATTEMPTS", default_value_t = 3)]
     pub provider_retry_max_attempts: usize,
 }

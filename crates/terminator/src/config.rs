@@ -58,7 +58,7 @@ pub struct TerminatorTuning {
     /// anyway (pools may override).
     #[arg(long, env = "DRAIN_TIMEOUT_SECONDS", default_value_t = 300)]
     pub drain_timeout_seconds: u64,
-    /// Seconds between looks at a draining or stopping instance.
+    /// Milliseconds between looks at a draining or stopping instance.
     #[arg(long, env = "TERMINATOR_POLL_MS", default_value_t = 1000)]
     pub terminator_poll_ms: u64,
     /// Grace in seconds between SIGTERM and kill when stopping a machine.
