@@ -47,6 +47,7 @@ const TABLES: &[&str] = &[
     "action_logs",
     "pools",
     "instance_volumes",
+    "pool_deletions",
 ];
 
 /// Codes a refusal may carry: each tells the caller what to do.
@@ -428,7 +429,7 @@ async fn fuzz(total: u64, pki: Option<crate::security::Pki>) {
     let mut before = counts(&db).await;
     let started = Instant::now();
     for n in 0..total {
-        let kind = rng.random_range(0..14);
+        let kind = rng.random_range(0..16);
         let outcome = match kind {
             0..=2 => {
                 let dry_run = rng.random_ratio(1, 4);
@@ -601,6 +602,40 @@ async fn fuzz(total: u64, pki: Option<crate::security::Pki>) {
                     c.provision(authed(req, token)).await
                 };
                 match answer {
+                    Ok(_) => Outcome::Ok { writes: true },
+                    Err(s) => Outcome::Refused(s),
+                }
+            }
+            14 => {
+                // The way out for a stuck instance: a reason is required.
+                let req = v1::AbandonInstanceRequest {
+                    id: string(&mut rng, &known),
+                    reason: if rng.random_ratio(1, 4) {
+                        String::new()
+                    } else {
+                        string(&mut rng, &[])
+                    },
+                };
+                match fleet.clone().abandon_instance(authed(req, TOKEN)).await {
+                    Ok(r) => Outcome::Ok {
+                        writes: r.into_inner().abandoned,
+                    },
+                    Err(s) => Outcome::Refused(s),
+                }
+            }
+            15 => {
+                // Rare, so the seeded pools usually outlive the run.
+                let name = if rng.random_ratio(1, 4) {
+                    string(&mut rng, &pools)
+                } else {
+                    string(&mut rng, &[])
+                };
+                let req = v1::DeletePoolRequest {
+                    name,
+                    force: rng.random_ratio(1, 4),
+                    reason: string(&mut rng, &[]),
+                };
+                match fleet.clone().delete_pool(authed(req, TOKEN)).await {
                     Ok(_) => Outcome::Ok { writes: true },
                     Err(s) => Outcome::Refused(s),
                 }

@@ -203,8 +203,20 @@ async fn phases(
         .push(("terminate 10".into(), started.elapsed()));
 
     // 3. Scale the pool up by its desired capacity, then down to zero.
+    // Desired capacity counts every live instance of the pool, the ones
+    // `Provision` asked for too, so "SCALE_TO more" is the live ones plus it.
     let started = Instant::now();
-    set_desired(cluster, &recorder, SCALE_TO).await?;
+    let live = truth::db_snapshot(&cluster.db)
+        .await
+        .context("reading the live instances")?
+        .instances
+        .iter()
+        .filter(|i| {
+            i.desired_state == "running" && !["terminated", "abandoned"].contains(&i.state.as_str())
+        })
+        .count();
+    let live = u32::try_from(live).context("live instances")?;
+    set_desired(cluster, &recorder, live + SCALE_TO).await?;
     let ours = ledger.provisioned.clone();
     wait_until(cluster, duplicates, "the pool's own instances", |db| {
         pool_created(db, &ours)

@@ -1,9 +1,14 @@
 //! Pool capacity: keeps the number of live-or-coming instances of each pool
 //! at its desired capacity.
 //!
-//! Capacity manages only the instances it created itself (label
-//! [`MANAGED_LABEL`]); instances asked for explicitly through `Provision`
-//! are the caller's, and a pool's capacity never terminates them.
+//! Desired capacity is the number of live-or-coming instances of the pool,
+//! whoever asked for them (like a Deployment's replicas): instances asked
+//! for explicitly through `Provision` count toward it, so 3 provisioned
+//! instances and a desired capacity of 2 request nothing more. Scale-down
+//! only terminates instances capacity created itself (label
+//! [`MANAGED_LABEL`]): explicit ones are the caller's, and a pool's
+//! capacity never terminates them, so a pool can stay above its desired
+//! capacity while its callers hold more.
 //!
 //! Design notes: per pool, one transaction holds an advisory lock keyed by
 //! the pool name, counts, and either requests new instances or marks
@@ -172,13 +177,13 @@ impl Scheduler {
         if !locked {
             return Ok(0);
         }
+        // Every live-or-coming instance counts, explicit ones too.
         let counted: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM instances
-             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2) AND labels @> $3",
+             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)",
         )
         .bind(&pool.name)
         .bind(InstanceState::strs(COUNTED))
-        .bind(managed_filter())
         .fetch_one(&mut *tx)
         .await?;
         let desired = i64::from(pool.desired_capacity);
@@ -228,6 +233,7 @@ impl Scheduler {
             tracing::info!(pool = %pool.name, n, paused, "scaling up");
             n
         } else if counted > desired {
+            // Only capacity's own: there may be fewer than the surplus.
             let surplus: Vec<uuid::Uuid> = sqlx::query_scalar(
                 "SELECT id FROM instances
                  WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)

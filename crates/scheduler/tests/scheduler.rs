@@ -617,14 +617,16 @@ async fn capacity_fills_a_pool_then_marks_the_surplus_for_termination() {
     let env = env(instant()).await;
     let s = scheduler(&env, "s1", None, tuning(&[]));
     let mut conn = env.db.pool.acquire().await.unwrap();
-    // Instances asked for explicitly are not the pool's to manage.
+    // Instances asked for explicitly count toward the desired capacity
+    // (it is the pool's size, whoever asked), but are not the pool's to
+    // scale down.
     let explicit = request(&env, 2).await;
     pool_set_desired_capacity(&mut conn, "gpu", 5, None)
         .await
         .unwrap();
     s.capacity_once().await;
     s.capacity_once().await;
-    assert_eq!(rows(&env).await.len(), 7, "filled once, not twice");
+    assert_eq!(rows(&env).await.len(), 5, "filled to 5 in all, once");
     let cmds: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE subject = 'CMD.provision'")
             .fetch_one(&env.db.pool)
@@ -666,6 +668,23 @@ async fn capacity_fills_a_pool_then_marks_the_surplus_for_termination() {
             .await
             .unwrap();
     assert_eq!(cmds, 1);
+
+    // Below the explicit ones alone: capacity's own all go, the caller's
+    // stay, and nothing is requested.
+    pool_set_desired_capacity(&mut conn, "gpu", 1, None)
+        .await
+        .unwrap();
+    s.capacity_once().await;
+    s.capacity_once().await;
+    let all = rows(&env).await;
+    assert_eq!(all.len(), 5, "nothing requested");
+    let running: Vec<_> = all
+        .iter()
+        .filter(|r| r.desired_state == DesiredState::Running)
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(running.len(), 2);
+    assert!(running.iter().all(|id| explicit.contains(id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
