@@ -346,7 +346,7 @@ async fn trace_one_provision_and_terminate(exporter: InMemorySpanExporter) {
     .await;
 
     let logs: Vec<(String, String)> = sqlx::query_as(
-        "SELECT to_state, correlation_id FROM action_logs WHERE instance_id = $1 ORDER BY id",
+        "SELECT to_state, correlation_id FROM action_logs WHERE instance_id = $1 AND to_state IS NOT NULL ORDER BY id",
     )
     .bind(id)
     .fetch_all(&db.pool)

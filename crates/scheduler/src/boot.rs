@@ -239,8 +239,10 @@ impl Scheduler {
                 let mut tx = conn.begin().await?;
                 instance_record_failure(
                     &mut tx,
+                    ctx,
                     &row,
                     &message,
+                    e.class(),
                     &self.tuning.error_policy(),
                     e.retry_after(),
                 )

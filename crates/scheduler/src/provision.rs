@@ -646,8 +646,10 @@ impl Scheduler {
         }
         let updated = instance_record_failure(
             conn,
+            &self.ctx(),
             &row,
             &message,
+            class,
             &self.tuning.error_policy(),
             e.retry_after(),
         )

@@ -626,10 +626,16 @@ pub async fn instance_record_machine(
 /// the row stays where it is and a later tick retries it when `policy`
 /// says. The lease is given back. The row needs an operator's attention
 /// once the policy says so (it is still retried).
+///
+/// The attempt is also written to the instance's history (`step_retried`:
+/// attempt number, error class, the error, when it is tried again) by the
+/// same statement, so the audit log and the row cannot disagree.
 pub async fn instance_record_failure(
     conn: &mut PgConnection,
+    ctx: &crate::WriteCtx,
     row: &InstanceRow,
     error: &str,
+    class: flotilla_core::ErrorClass,
     policy: &flotilla_core::backoff::ErrorPolicy,
     retry_after: Option<std::time::Duration>,
 ) -> Result<InstanceRow> {
@@ -638,18 +644,39 @@ pub async fn instance_record_failure(
     let next = policy.after_failure(attempts, retry_after, rand::random());
     let retry_at = Utc::now()
         + chrono::Duration::from_std(next.delay).unwrap_or(chrono::Duration::seconds(60));
+    let reason = format!(
+        "attempt {attempts} of {} failed ({}); next try at {}{}",
+        row.state,
+        class.as_str(),
+        retry_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        if next.needs_attention {
+            "; needs attention"
+        } else {
+            ""
+        }
+    );
     let row = sqlx::query_as(concat!(
-        "UPDATE instances SET attempts = attempts + 1, last_error = $3, next_attempt_at = $4,
-             needs_attention = needs_attention OR $5,
-             version = version + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
-         WHERE id = $1 AND version = $2 RETURNING ",
-        instance_columns!()
+        "WITH updated AS (
+             UPDATE instances SET attempts = attempts + 1, last_error = $3, next_attempt_at = $4,
+                 needs_attention = needs_attention OR $5,
+                 version = version + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
+             WHERE id = $1 AND version = $2 RETURNING *
+         ), logged AS (
+             INSERT INTO action_logs (instance_id, action, actor, correlation_id, error, reason)
+             SELECT id, 'step_retried', $6, $7, $3, $8 FROM updated
+         )
+         SELECT ",
+        instance_columns!(),
+        " FROM updated"
     ))
     .bind(id.0)
     .bind(version)
     .bind(error)
     .bind(retry_at)
     .bind(next.needs_attention)
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .bind(&reason)
     .fetch_optional(&mut *conn)
     .await?;
     match row {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use flotilla_core::{DesiredState, InstanceId, InstanceState};
+use flotilla_core::{DesiredState, ErrorClass, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_store::instance::{
     Abandon, ClaimQuery, ListFilter, NewInstance, Transition, instance_abandon, instance_claim_due,
@@ -229,16 +229,33 @@ async fn a_stale_version_write_is_rejected_and_writes_nothing() {
         reason: None,
     };
     // Another writer moved the row on (here: recorded a failure).
-    instance_record_failure(&mut conn, &row, "boom", &policy(Duration::ZERO, 99), None)
-        .await
-        .unwrap();
+    instance_record_failure(
+        &mut conn,
+        &WriteCtx::new("t"),
+        &row,
+        "boom",
+        ErrorClass::Retryable,
+        &policy(Duration::ZERO, 99),
+        None,
+    )
+    .await
+    .unwrap();
     let err = instance_transition(&mut conn, &ctx, &step(row.version))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     let now = instance_get(&mut conn, row.id).await.unwrap().unwrap();
     assert_eq!(now.state, InstanceState::Requested);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM action_logs").await, 1);
+    // Only the creation is a transition (the other writer's failure is a
+    // `step_retried` row): the stale write logged nothing.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM action_logs WHERE action IS NULL"
+        )
+        .await,
+        1
+    );
     // With the fresh version it applies.
     instance_transition(&mut conn, &ctx, &step(now.version))
         .await
@@ -417,8 +434,10 @@ async fn claims_skip_rows_not_yet_due_and_take_over_expired_leases() {
     // One row failed and waits an hour for its retry.
     instance_record_failure(
         &mut conn,
+        &WriteCtx::new("t"),
         &rows[0],
         "provider said 503",
+        ErrorClass::Retryable,
         &policy(Duration::from_secs(3600), 3),
         Some(Duration::from_secs(3600)),
     )
@@ -465,8 +484,10 @@ async fn a_failure_keeps_the_state_counts_attempts_and_flags_after_the_threshold
     for attempt in 1..=3 {
         row = instance_record_failure(
             &mut conn,
+            &WriteCtx::new("scheduler"),
             &row,
             "412 machine still started",
+            ErrorClass::Retryable,
             &policy(Duration::ZERO, 3),
             None,
         )
@@ -478,6 +499,46 @@ async fn a_failure_keeps_the_state_counts_attempts_and_flags_after_the_threshold
         assert!(row.lease_owner.is_none());
     }
     assert_eq!(row.last_error.as_deref(), Some("412 machine still started"));
+    // Each attempt is in the history, numbered, with its class and error;
+    // none of them reads as a transition.
+    let history = action_log::action_log_for_instance(&mut conn, row.id.0)
+        .await
+        .unwrap();
+    let retries: Vec<_> = history
+        .iter()
+        .filter(|a| a.action.as_deref() == Some("step_retried"))
+        .collect();
+    assert_eq!(retries.len(), 3, "{history:?}");
+    for (n, r) in retries.iter().enumerate() {
+        let reason = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with(&format!(
+                "attempt {} of requested failed (retryable)",
+                n + 1
+            )),
+            "{reason}"
+        );
+        assert_eq!(r.error.as_deref(), Some("412 machine still started"));
+        assert_eq!(
+            (r.from_state.as_deref(), r.to_state.as_deref()),
+            (None, None)
+        );
+        assert_eq!(r.actor, "scheduler");
+    }
+    assert!(
+        retries[2]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .ends_with("; needs attention")
+    );
+    assert!(
+        !retries[1]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("attention")
+    );
     // Moving on resets the step's bookkeeping.
     let row = instance_transition(
         &mut conn,

@@ -268,8 +268,10 @@ impl Terminator {
         let message = e.to_string();
         let updated = instance_record_failure(
             conn,
+            &self.ctx(),
             row,
             &message,
+            e.class(),
             &self.tuning.error_policy(),
             e.retry_after(),
         )

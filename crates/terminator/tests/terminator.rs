@@ -174,7 +174,7 @@ async fn a_ready_worker_is_cordoned_drained_stopped_and_deleted_with_its_volume(
     assert!(row.cordoned);
     assert_eq!(left_at_provider(&env), (0, 0));
     let history: Vec<String> =
-        sqlx::query_scalar("SELECT to_state FROM action_logs WHERE instance_id = $1 ORDER BY id")
+        sqlx::query_scalar("SELECT to_state FROM action_logs WHERE instance_id = $1 AND to_state IS NOT NULL ORDER BY id")
             .bind(ids[0].0)
             .fetch_all(&env.db.pool)
             .await
@@ -518,12 +518,21 @@ async fn a_normal_scale_down_waits_for_a_slow_stop_with_the_machines_version() {
     let stats = env.stack.sim.sim().stats();
     assert_eq!(stats.count(Operation::Wait, 400), 0, "{stats:?}");
     assert!(stats.count(Operation::Wait, 200) >= 2, "{stats:?}");
-    let errors: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM action_logs WHERE error IS NOT NULL")
-            .fetch_one(&env.db.pool)
+    // The history holds every failed attempt. The only ones allowed are
+    // the volume deletes Fly refuses (412) while the destroyed machine
+    // still holds them, which are retried by design; the stop itself was
+    // waited for, never failed.
+    let errors: Vec<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT error, reason FROM action_logs WHERE error IS NOT NULL")
+            .fetch_all(&env.db.pool)
             .await
             .unwrap();
-    assert_eq!(errors, 0);
+    assert!(
+        errors.iter().all(|(e, _)| e
+            .as_deref()
+            .is_some_and(|e| e.contains("HTTP 412") && e.contains("volume is currently bound"))),
+        "{errors:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,7 +543,7 @@ async fn a_forced_terminate_of_a_ready_worker_skips_the_drain_and_its_history_sa
     let t = terminator(&env, "t1");
     terminate_all(&t, &env, 1).await;
     let history: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT from_state, to_state, reason FROM action_logs WHERE instance_id = $1 ORDER BY id",
+        "SELECT from_state, to_state, reason FROM action_logs WHERE instance_id = $1 AND to_state IS NOT NULL ORDER BY id",
     )
     .bind(ids[0].0)
     .fetch_all(&env.db.pool)
