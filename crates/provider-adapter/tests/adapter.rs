@@ -541,7 +541,10 @@ async fn calls_without_a_known_service_token_are_unauthenticated_and_reach_no_pr
         .unwrap();
     let callers = [
         ("no token", ServiceToken::none()),
-        ("an unknown token", ServiceToken::new("not-the-service-token").unwrap()),
+        (
+            "an unknown token",
+            ServiceToken::new("not-the-service-token").unwrap(),
+        ),
     ];
     for (what, token) in callers {
         let mut client = adapter_client(channel.clone(), token);
@@ -563,7 +566,11 @@ async fn calls_without_a_known_service_token_are_unauthenticated_and_reach_no_pr
             .await;
         assert_eq!(deleted.unwrap_err().code(), Code::Unauthenticated, "{what}");
     }
-    assert!(s.sim.sim().requests().is_empty(), "{:?}", s.sim.sim().requests());
+    assert!(
+        s.sim.sim().requests().is_empty(),
+        "{:?}",
+        s.sim.sim().requests()
+    );
     assert!(s.sim.sim().machines().is_empty());
 
     // The same channel with the service token is served: the refusals above
