@@ -508,6 +508,43 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     }
     assert_eq!(field(&got["history"][0], "actor"), "api:quickstart");
 
+    // An instance reference is also a unique id prefix or a name; a prefix
+    // shared by several instances is refused with the candidates (exit 2).
+    let ids: Vec<String> = instances(&cli.json(&["list", "--all", "-o", "json"]))
+        .iter()
+        .map(|i| field(i, "id").to_owned())
+        .collect();
+    let shared = |len: usize| {
+        ids.iter()
+            .filter(|id| id.starts_with(&victim_id[..len]))
+            .count()
+    };
+    let unique = (4..victim_id.len())
+        .find(|&len| shared(len) == 1)
+        .expect("some prefix is unique");
+    let by_prefix = cli.json(&["get", &victim_id[..unique], "-o", "json"]);
+    assert_eq!(field(&by_prefix["instance"], "id"), victim_id);
+    if unique > 4 {
+        let ambiguous = cli.run(&["get", &victim_id[..unique - 1]]);
+        assert_eq!(ambiguous.code, 2, "{ambiguous:?}");
+        assert!(ambiguous.stderr.contains(&victim_id), "{ambiguous:?}");
+    }
+    let victim_name = field(&got["instance"], "name").to_owned();
+    let by_name = cli.json(&["get", &victim_name, "-o", "json"]);
+    assert_eq!(field(&by_name["instance"], "id"), victim_id);
+    let nobody = cli.run(&["get", "no-such-instance"]);
+    assert_eq!(nobody.code, 5, "{nobody:?}");
+    // -o wide shows the replacement's labels; -o yaml is the json document.
+    let wide = cli.ok(&["list", "--pool", "demo", "-o", "wide"]).stdout;
+    assert!(wide.contains("LABELS"), "{wide}");
+    assert!(
+        wide.contains(&format!("flotilla.dev/replaces={victim_id}")),
+        "{wide}"
+    );
+    let yaml = cli.ok(&["get", &victim_name, "-o", "yaml"]).stdout;
+    let yaml: Value = serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
+    assert_eq!(yaml, got);
+
     // Error paths, each with its message and exit code.
     let wrong = Cli {
         token: "not-the-token".into(),

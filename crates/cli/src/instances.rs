@@ -24,8 +24,8 @@ fn parse_state(s: &str) -> Result<InstanceState, String> {
     })
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn print_json(v: &Value, out: Output) {
+    println!("{}", output::document(v, out));
 }
 
 #[derive(Debug, Args)]
@@ -61,10 +61,14 @@ pub struct ProvisionArgs {
 
 fn print_instances(instances: &[v1::Instance], out: Output) {
     match out {
-        Output::Table => print!("{}", output::instances_table(instances, chrono::Utc::now())),
-        Output::Json => print_json(&Value::Array(
-            instances.iter().map(output::instance_json).collect(),
-        )),
+        Output::Table | Output::Wide => print!(
+            "{}",
+            output::instances_table(instances, chrono::Utc::now(), out == Output::Wide)
+        ),
+        Output::Json | Output::Yaml => print_json(
+            &Value::Array(instances.iter().map(output::instance_json).collect()),
+            out,
+        ),
         Output::Ids => instances.iter().for_each(|i| println!("{}", i.id)),
     }
 }
@@ -150,14 +154,30 @@ pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
         .map(|s| v1::InstanceState::from(s) as i32)
         .collect();
     let labels: HashMap<String, String> = a.label.into_iter().collect();
+    let all = list_all(api, a.pool.as_deref().unwrap_or_default(), &states, &labels).await?;
+    if all.is_empty() && matches!(a.output, Output::Table | Output::Wide) {
+        eprintln!("no instances");
+        return Ok(());
+    }
+    print_instances(&all, a.output);
+    Ok(())
+}
+
+/// Every page of ListInstances.
+async fn list_all(
+    api: &Api,
+    pool: &str,
+    states: &[i32],
+    labels: &HashMap<String, String>,
+) -> Result<Vec<v1::Instance>, CliError> {
     let mut all = Vec::new();
     let mut page_token = String::new();
     loop {
         let page = api
             .client()
             .list_instances(api.request(v1::ListInstancesRequest {
-                pool: a.pool.clone().unwrap_or_default(),
-                states: states.clone(),
+                pool: pool.to_owned(),
+                states: states.to_vec(),
                 labels: labels.clone(),
                 page_size: 1000,
                 page_token,
@@ -167,42 +187,132 @@ pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
             .into_inner();
         all.extend(page.instances);
         if page.next_page_token.is_empty() {
-            break;
+            return Ok(all);
         }
         page_token = page.next_page_token;
     }
-    if all.is_empty() && a.output == Output::Table {
-        eprintln!("no instances");
-        return Ok(());
+}
+
+/// The shortest id prefix accepted for an instance reference.
+pub const MIN_PREFIX: usize = 4;
+
+/// Whether a reference is spelled as a full UUID (36 characters, hex and
+/// dashes): then it is sent as it is, and the api says if it is unknown.
+fn is_full_id(reference: &str) -> bool {
+    reference.len() == 36 && reference.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// Which instance a reference means, the way nomad reads one: the full id,
+/// else an instance name (a live instance before terminated ones of the same
+/// name), else a unique id prefix of at least [`MIN_PREFIX`] characters. An
+/// ambiguous reference is refused with its candidates; none matching is
+/// NOT_FOUND.
+pub fn resolve_in<'a>(
+    reference: &str,
+    instances: &'a [v1::Instance],
+) -> Result<&'a v1::Instance, CliError> {
+    if let Some(i) = instances.iter().find(|i| i.id == reference) {
+        return Ok(i);
     }
-    print_instances(&all, a.output);
-    Ok(())
+    let named: Vec<&v1::Instance> = instances.iter().filter(|i| i.name == reference).collect();
+    let live: Vec<&v1::Instance> = named
+        .iter()
+        .copied()
+        .filter(|i| !output::state_of(i).is_some_and(|s| s.is_terminal()))
+        .collect();
+    match (live.as_slice(), named.as_slice()) {
+        ([one], _) | ([], [one]) => return Ok(one),
+        ([], []) => {}
+        (live, named) => {
+            let candidates = if live.is_empty() { named } else { live };
+            return Err(ambiguous(reference, "name", candidates));
+        }
+    }
+    let lower = reference.to_ascii_lowercase();
+    let prefixed: Vec<&v1::Instance> = if reference.len() >= MIN_PREFIX {
+        instances
+            .iter()
+            .filter(|i| i.id.starts_with(&lower))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match prefixed.as_slice() {
+        [one] => Ok(one),
+        [] if reference.len() < MIN_PREFIX => Err(CliError::NotFound(format!(
+            "no instance named {reference:?} (an id prefix needs at least {MIN_PREFIX} characters)"
+        ))),
+        [] => Err(CliError::NotFound(format!(
+            "no instance with id, id prefix or name {reference:?}"
+        ))),
+        many => Err(ambiguous(reference, "id prefix", many)),
+    }
+}
+
+fn ambiguous(reference: &str, what: &str, candidates: &[&v1::Instance]) -> CliError {
+    let list: Vec<String> = candidates
+        .iter()
+        .map(|i| {
+            format!(
+                "\n  {}  {}  {}  {}",
+                i.id,
+                i.pool,
+                i.name,
+                output::state_name(i.state)
+            )
+        })
+        .collect();
+    CliError::Invalid(format!(
+        "{what} {reference:?} matches {} instances; give more of the id:{}",
+        candidates.len(),
+        list.concat()
+    ))
+}
+
+/// Turns references (full ids, unique id prefixes, names) into full ids,
+/// listing instances once (every state) only when one is not a full id.
+pub async fn resolve(api: &Api, references: &[String]) -> Result<Vec<String>, CliError> {
+    if references.iter().all(|r| is_full_id(r)) {
+        return Ok(references.to_vec());
+    }
+    let all = list_all(api, "", &[], &HashMap::new()).await?;
+    references
+        .iter()
+        .map(|r| {
+            if is_full_id(r) {
+                Ok(r.clone())
+            } else {
+                resolve_in(r, &all).map(|i| i.id.clone())
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Instance id.
+    /// Instance: its id, a unique id prefix (at least 4 characters), or its name.
     pub id: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
 pub async fn get(api: &Api, a: GetArgs) -> Result<(), CliError> {
+    let id = resolve(api, std::slice::from_ref(&a.id)).await?.remove(0);
     let instance = api
         .client()
-        .get_instance(api.request(v1::GetInstanceRequest { id: a.id.clone() }))
+        .get_instance(api.request(v1::GetInstanceRequest { id: id.clone() }))
         .await
         .map_err(|s| api.error(s))?
         .into_inner();
     let history = api
         .client()
-        .get_instance_history(api.request(v1::GetInstanceHistoryRequest { id: a.id }))
+        .get_instance_history(api.request(v1::GetInstanceHistoryRequest { id }))
         .await
         .map_err(|s| api.error(s))?
         .into_inner()
         .entries;
     match a.output {
-        Output::Table => {
+        Output::Table | Output::Wide => {
             print!(
                 "{}",
                 output::instance_details(&instance, chrono::Utc::now())
@@ -210,10 +320,13 @@ pub async fn get(api: &Api, a: GetArgs) -> Result<(), CliError> {
             println!("\nHISTORY");
             print!("{}", output::history_table(&history));
         }
-        Output::Json => print_json(&json!({
-            "instance": output::instance_json(&instance),
-            "history": history.iter().map(output::history_json).collect::<Vec<_>>(),
-        })),
+        out @ (Output::Json | Output::Yaml) => print_json(
+            &json!({
+                "instance": output::instance_json(&instance),
+                "history": history.iter().map(output::history_json).collect::<Vec<_>>(),
+            }),
+            out,
+        ),
         Output::Ids => println!("{}", instance.id),
     }
     Ok(())
@@ -243,7 +356,7 @@ pub async fn watch(api: &Api, a: WatchArgs) -> Result<(), CliError> {
     let ids = a.id;
     let output = a.output;
     eprintln!("watching instance events (Ctrl-C to stop)");
-    if output == Output::Table {
+    if matches!(output, Output::Table | Output::Wide) {
         println!("{}", output::EVENT_HEADER);
     }
     let stopped = follow(
@@ -259,8 +372,9 @@ pub async fn watch(api: &Api, a: WatchArgs) -> Result<(), CliError> {
         },
         |event| match output {
             Output::Json => println!("{}", output::event_json(event)),
+            Output::Yaml => println!("{}", output::document(&output::event_json(event), output)),
             Output::Ids => println!("{}", event.instance_id),
-            Output::Table => println!("{}", output::event_line(event)),
+            Output::Table | Output::Wide => println!("{}", output::event_line(event)),
         },
         |notice| eprintln!("{notice}"),
     )
@@ -272,7 +386,7 @@ pub async fn watch(api: &Api, a: WatchArgs) -> Result<(), CliError> {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("which").required(true).multiple(true).args(["ids", "pool", "selector"])))]
 pub struct Target {
-    /// Instance ids.
+    /// Instances: ids, unique id prefixes (at least 4 characters) or names.
     #[arg(conflicts_with_all = ["pool", "selector"])]
     pub ids: Vec<String>,
     /// Every instance of this pool (narrowed by --selector when given).
@@ -284,12 +398,12 @@ pub struct Target {
 }
 
 impl Target {
-    fn selector(&self) -> v1::InstanceSelector {
-        v1::InstanceSelector {
-            instance_ids: self.ids.clone(),
+    async fn selector(&self, api: &Api) -> Result<v1::InstanceSelector, CliError> {
+        Ok(v1::InstanceSelector {
+            instance_ids: resolve(api, &self.ids).await?,
             pool: self.pool.clone().unwrap_or_default(),
             labels: self.selector.iter().cloned().collect(),
-        }
+        })
     }
 }
 
@@ -322,13 +436,16 @@ fn report(
     out: Output,
 ) -> Result<(), CliError> {
     match out {
-        Output::Json => print_json(&json!({
-            "accepted_ids": accepted,
-            "unchanged_ids": unchanged,
-            "unknown_ids": unknown,
-        })),
+        Output::Json | Output::Yaml => print_json(
+            &json!({
+                "accepted_ids": accepted,
+                "unchanged_ids": unchanged,
+                "unknown_ids": unknown,
+            }),
+            out,
+        ),
         Output::Ids => accepted.iter().for_each(|id| println!("{id}")),
-        Output::Table => {
+        Output::Table | Output::Wide => {
             let rows: Vec<Vec<String>> = accepted
                 .iter()
                 .map(|id| vec![id.clone(), verb.to_owned()])
@@ -361,7 +478,7 @@ pub async fn terminate(api: &Api, a: TerminateArgs) -> Result<(), CliError> {
     let answer = api
         .client()
         .terminate(api.request(v1::TerminateRequest {
-            selector: Some(a.target.selector()),
+            selector: Some(a.target.selector(api).await?),
             force: a.force,
             reason: a.reason,
         }))
@@ -409,7 +526,7 @@ pub async fn drain(api: &Api, a: DrainArgs) -> Result<(), CliError> {
     let answer = api
         .client()
         .drain(api.request(v1::DrainRequest {
-            selector: Some(a.target.selector()),
+            selector: Some(a.target.selector(api).await?),
             reason: a.reason,
         }))
         .await
@@ -426,7 +543,7 @@ pub async fn drain(api: &Api, a: DrainArgs) -> Result<(), CliError> {
 
 #[derive(Debug, Args)]
 pub struct AbandonArgs {
-    /// Instance id.
+    /// Instance: its id, a unique id prefix (at least 4 characters), or its name.
     pub id: String,
     /// Why the instance is given up (required; kept in its history with
     /// who did it).
@@ -465,7 +582,7 @@ pub async fn abandon(api: &Api, a: AbandonArgs) -> Result<(), CliError> {
     let answer = api
         .client()
         .abandon_instance(api.request(v1::AbandonInstanceRequest {
-            id: a.id,
+            id: resolve(api, std::slice::from_ref(&a.id)).await?.remove(0),
             reason: a.reason,
         }))
         .await
@@ -475,13 +592,85 @@ pub async fn abandon(api: &Api, a: AbandonArgs) -> Result<(), CliError> {
         eprintln!("{note}");
     }
     match a.output {
-        Output::Json => print_json(&json!({
-            "instance": answer.instance.as_ref().map(output::instance_json),
-            "abandoned": answer.abandoned,
-            "from_state": if answer.from_state == 0 { Value::Null } else { Value::String(output::state_name(answer.from_state)) },
-            "warning": answer.warning,
-        })),
+        out @ (Output::Json | Output::Yaml) => print_json(
+            &json!({
+                "instance": answer.instance.as_ref().map(output::instance_json),
+                "abandoned": answer.abandoned,
+                "from_state": if answer.from_state == 0 { Value::Null } else { Value::String(output::state_name(answer.from_state)) },
+                "warning": answer.warning,
+            }),
+            out,
+        ),
         out => print_instances(answer.instance.as_slice(), out),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit;
+
+    fn instance(id: &str, name: &str, state: v1::InstanceState) -> v1::Instance {
+        v1::Instance {
+            id: id.into(),
+            pool: "demo".into(),
+            name: name.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    fn fleet() -> Vec<v1::Instance> {
+        use v1::InstanceState::{Ready, Terminated};
+        vec![
+            instance("0196aaaa-0000-7000-8000-000000000001", "web-1", Ready),
+            instance("0196aabb-0000-7000-8000-000000000002", "web-2", Ready),
+            instance("0196ccdd-0000-7000-8000-000000000003", "web-1", Terminated),
+            instance("0196ccee-0000-7000-8000-000000000004", "old", Terminated),
+        ]
+    }
+
+    #[test]
+    fn a_reference_is_a_full_id_a_unique_prefix_or_a_name() {
+        let all = fleet();
+        let id = |r: &str| resolve_in(r, &all).map(|i| i.id.clone());
+        assert_eq!(
+            id("0196aabb-0000-7000-8000-000000000002").ok(),
+            Some(all[1].id.clone())
+        );
+        assert_eq!(id("0196aab").ok(), Some(all[1].id.clone()));
+        assert_eq!(id("0196AAAA").ok(), Some(all[0].id.clone()));
+        // A live instance wins over a terminated one of the same name.
+        assert_eq!(id("web-1").ok(), Some(all[0].id.clone()));
+        assert_eq!(id("old").ok(), Some(all[3].id.clone()));
+        assert!(is_full_id(&all[0].id));
+        assert!(!is_full_id("0196aab"));
+    }
+
+    #[test]
+    fn an_ambiguous_prefix_lists_its_candidates_and_an_unknown_one_is_not_found() {
+        let all = fleet();
+        let err = resolve_in("0196aa", &all).expect_err("two match");
+        assert_eq!(err.exit_code(), exit::INVALID);
+        let text = err.to_string();
+        assert!(text.contains("matches 2 instances"), "{text}");
+        assert!(
+            text.contains(&all[0].id) && text.contains(&all[1].id),
+            "{text}"
+        );
+        assert!(!text.contains(&all[2].id), "{text}");
+        let err = resolve_in("0196ff", &all).expect_err("none match");
+        assert_eq!(err.exit_code(), exit::NOT_FOUND);
+        let err = resolve_in("019", &all).expect_err("prefix too short");
+        assert_eq!(err.exit_code(), exit::NOT_FOUND);
+        assert!(err.to_string().contains("at least 4"), "{err}");
+        let mut twins = fleet();
+        twins[1].name = "web-1".into();
+        let err = resolve_in("web-1", &twins).expect_err("two live web-1");
+        assert!(
+            err.to_string().contains("name \"web-1\" matches 2"),
+            "{err}"
+        );
+    }
 }

@@ -109,6 +109,21 @@ pub enum Command {
     /// List, show, create, resize and delete pools.
     #[command(subcommand)]
     Pools(pools::PoolsCommand),
+    /// Print a shell completion script, e.g.
+    /// `source <(flotilla completion bash)`, or
+    /// `flotilla completion fish > ~/.config/fish/completions/flotilla.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script for `shell`; needs no api.
+pub fn completion_script(shell: clap_complete::Shell) -> String {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "flotilla", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses `key=value` (labels, selectors).
@@ -121,6 +136,10 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 impl Cli {
     pub async fn run(self) -> Result<(), CliError> {
+        if let Command::Completion { shell } = self.command {
+            print!("{}", completion_script(shell));
+            return Ok(());
+        }
         let tls = flotilla_telemetry::tls::ClientTls::new(
             "FLOTILLA_API_URL",
             "FLOTILLA_API_CA",
@@ -145,6 +164,7 @@ impl Cli {
             Command::Drain(a) => instances::drain(&api, a).await,
             Command::Abandon(a) => instances::abandon(&api, a).await,
             Command::Pools(c) => pools::run(&api, c).await,
+            Command::Completion { .. } => Ok(()),
         }
     }
 }
@@ -232,6 +252,26 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn completion_scripts_name_the_subcommands_for_every_shell() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let script = completion_script(shell);
+            for word in [
+                "provision",
+                "terminate",
+                "abandon",
+                "pools",
+                "completion",
+                "yaml",
+            ] {
+                assert!(script.contains(word), "{shell} script names {word}");
+            }
+        }
+        assert!(Cli::try_parse_from(["flotilla", "completion", "zsh"]).is_ok());
+        assert!(Cli::try_parse_from(["flotilla", "completion", "tcsh"]).is_err());
     }
 
     #[test]

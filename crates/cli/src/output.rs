@@ -1,5 +1,5 @@
-//! How results look: aligned tables for people, JSON for programs, bare ids
-//! for shell pipelines. Everything printed on stdout goes through here;
+//! How results look: aligned tables for people (`wide` adds columns), JSON
+//! or YAML for programs, bare ids for shell pipelines. Everything printed on stdout goes through here;
 //! progress and notes go to stderr so `-o json` output stays parseable.
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,10 +15,33 @@ use serde_json::{Value, json};
 pub enum Output {
     /// Aligned columns for reading.
     Table,
+    /// The table plus labels, cordoned, needs attention and attempts
+    /// (for instances; elsewhere the same as `table`).
+    Wide,
     /// JSON (one document; `watch` prints one object per line).
     Json,
+    /// The same document as `json`, as YAML (`watch`: one document per
+    /// event, each starting with `---`).
+    Yaml,
     /// One id (or pool name) per line, for shell pipelines.
     Ids,
+}
+
+/// A JSON value as `-o json` (pretty) or `-o yaml` prints it; any other
+/// output prints it as JSON.
+pub fn document(v: &Value, out: Output) -> String {
+    match out {
+        Output::Yaml => {
+            let mut text = serde_norway::to_string(v).unwrap_or_default();
+            if !text.starts_with("---") {
+                text.insert_str(0, "---\n");
+            }
+            text.trim_end().to_owned()
+        }
+        Output::Table | Output::Wide | Output::Json | Output::Ids => {
+            serde_json::to_string_pretty(v).unwrap_or_default()
+        }
+    }
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not
@@ -107,11 +130,14 @@ fn sorted(labels: &HashMap<String, String>) -> BTreeMap<&String, &String> {
     labels.iter().collect()
 }
 
-pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>) -> String {
+/// The instances table; `wide` adds every label (so `flotilla.dev/replaces`
+/// shows), whether the instance is cordoned or needs attention, and the
+/// failed attempts at its current step.
+pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>, wide: bool) -> String {
     let rows: Vec<Vec<String>> = instances
         .iter()
         .map(|i| {
-            vec![
+            let mut row = vec![
                 i.id.clone(),
                 i.pool.clone(),
                 i.name.clone(),
@@ -120,21 +146,41 @@ pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>) -> String
                 since(i.last_heartbeat.as_ref(), now)
                     .map_or("-".into(), |s| format!("{} ago", age(s))),
                 or_dash(&i.provider_machine_id),
-            ]
+            ];
+            if wide {
+                row.extend([
+                    i.cordoned.to_string(),
+                    i.needs_attention.to_string(),
+                    i.attempts.to_string(),
+                    or_dash(&labels_text(&i.labels)),
+                ]);
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "ID",
-            "POOL",
-            "NAME",
-            "STATE",
-            "AGE",
-            "HEARTBEAT",
-            "PROVIDER ID",
-        ],
-        &rows,
-    )
+    let mut headers = vec![
+        "ID",
+        "POOL",
+        "NAME",
+        "STATE",
+        "AGE",
+        "HEARTBEAT",
+        "PROVIDER ID",
+    ];
+    if wide {
+        // Labels last: the widest column, left unpadded.
+        headers.extend(["CORDONED", "ATTENTION", "ATTEMPTS", "LABELS"]);
+    }
+    table(&headers, &rows)
+}
+
+/// Labels as `k=v,k=v`, sorted by key.
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    sorted(labels)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn instance_json(i: &v1::Instance) -> Value {
@@ -560,6 +606,55 @@ mod tests {
         let note = instance_note(&abandoned).expect("a note");
         assert!(note.contains("machine m-1 may still exist"), "{note}");
         assert!(!note.contains("terminate --force"), "{note}");
+    }
+
+    fn replacement() -> v1::Instance {
+        v1::Instance {
+            id: "0196a1b2-0000-7000-8000-000000000001".into(),
+            pool: "demo".into(),
+            name: "web-1-r1".into(),
+            state: v1::InstanceState::Ready as i32,
+            attempts: 3,
+            cordoned: true,
+            needs_attention: true,
+            labels: HashMap::from([
+                ("flotilla.dev/replaces".into(), "0196-old".into()),
+                ("app".into(), "web".into()),
+            ]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wide_adds_labels_cordoned_attention_and_attempts() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let narrow = instances_table(&[replacement()], now, false);
+        assert!(!narrow.contains("LABELS"), "{narrow}");
+        assert!(!narrow.contains("flotilla.dev/replaces"), "{narrow}");
+        let wide = instances_table(&[replacement()], now, true);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert!(
+            lines[0].ends_with("CORDONED  ATTENTION  ATTEMPTS  LABELS"),
+            "{wide}"
+        );
+        assert!(
+            lines[1]
+                .ends_with("true      true       3         app=web,flotilla.dev/replaces=0196-old"),
+            "{wide}"
+        );
+    }
+
+    #[test]
+    fn yaml_is_the_json_document_as_yaml() {
+        let v = instance_json(&replacement());
+        let yaml = document(&v, Output::Yaml);
+        assert!(yaml.starts_with("---\n"), "{yaml}");
+        assert!(yaml.contains("flotilla.dev/replaces: 0196-old"), "{yaml}");
+        let back: Value = serde_norway::from_str(&yaml).expect("parseable YAML");
+        assert_eq!(back, v);
+        let json: Value =
+            serde_json::from_str(&document(&v, Output::Json)).expect("parseable JSON");
+        assert_eq!(json, v);
     }
 
     #[test]

@@ -138,14 +138,16 @@ pub struct SetArgs {
 
 fn print_pools(pools: &[v1::Pool], out: Output) {
     match out {
-        Output::Table => print!("{}", output::pools_table(pools, chrono::Utc::now())),
-        Output::Json => {
+        Output::Table | Output::Wide => {
+            print!("{}", output::pools_table(pools, chrono::Utc::now()))
+        }
+        Output::Json | Output::Yaml => {
             let v = if let [one] = pools {
                 output::pool_json(one)
             } else {
                 Value::Array(pools.iter().map(output::pool_json).collect())
             };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            println!("{}", output::document(&v, out));
         }
         Output::Ids => pools.iter().for_each(|p| println!("{}", p.name)),
     }
@@ -172,14 +174,14 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 .map_err(|s| api.error(s))?
                 .into_inner()
                 .pools;
-            if pools.is_empty() && output == Output::Table {
+            if pools.is_empty() && matches!(output, Output::Table | Output::Wide) {
                 eprintln!("no pools; create one with `flotilla pools create`");
                 return Ok(());
             }
             // A list in JSON stays a list even with one element.
-            if output == Output::Json {
+            if matches!(output, Output::Json | Output::Yaml) {
                 let v = Value::Array(pools.iter().map(output::pool_json).collect());
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                println!("{}", output::document(&v, output));
             } else {
                 print_pools(&pools, output);
             }
@@ -257,22 +259,24 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 eprintln!("{note}");
             }
             match a.output {
-                Output::Json => println!(
+                out @ (Output::Json | Output::Yaml) => println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
+                    output::document(
+                        &serde_json::json!({
                         "name": a.name,
                         "deleted": answer.deleted,
                         "live_instances": answer.live_instances,
                         "terminating_ids": answer.terminating_ids,
                         "pool": answer.pool.as_ref().map(output::pool_json),
-                    }))
-                    .unwrap_or_default()
+                        }),
+                        out
+                    )
                 ),
                 Output::Ids => answer
                     .terminating_ids
                     .iter()
                     .for_each(|id| println!("{id}")),
-                Output::Table => {
+                Output::Table | Output::Wide => {
                     if let Some(pool) = &answer.pool {
                         print_pools(std::slice::from_ref(pool), Output::Table);
                     }
