@@ -152,34 +152,23 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
     let mut fleet = FleetServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("api reachable");
-    fleet
-        .create_pool(authed(v1::CreatePoolRequest {
-            pool: Some(v1::Pool {
-                name: "metered".into(),
-                provider: "sim".into(),
-                instance_type: "shared-cpu-1x".into(),
-                region: "ams".into(),
-                image: "registry/worker:1".into(),
-                price_per_hour_micros: 2_500_000,
-                ..Default::default()
-            }),
-        }))
-        .await
-        .expect("pool");
-    // A pool with no instance yet: its series exist at 0 from the start.
-    fleet
-        .create_pool(authed(v1::CreatePoolRequest {
-            pool: Some(v1::Pool {
-                name: "empty".into(),
-                provider: "sim".into(),
-                instance_type: "shared-cpu-1x".into(),
-                region: "ams".into(),
-                image: "registry/worker:1".into(),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .expect("pool");
+    // "empty" has no instance yet: its series exist at 0 from the start.
+    for (name, price_per_hour_micros) in [("metered", 2_500_000), ("empty", 0)] {
+        fleet
+            .create_pool(authed(v1::CreatePoolRequest {
+                pool: Some(v1::Pool {
+                    name: name.into(),
+                    provider: "sim".into(),
+                    instance_type: "shared-cpu-1x".into(),
+                    region: "ams".into(),
+                    image: "registry/worker:1".into(),
+                    price_per_hour_micros,
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .expect("pool");
+    }
     fleet
         .provision(authed(v1::ProvisionRequest {
             pool: "metered".into(),

@@ -113,7 +113,7 @@ impl Default for Limits {
             max_provision_count: 1000,
             idempotency_ttl: Duration::from_secs(86_400),
             heartbeat_interval_ms: 5000,
-            worker_token_cache: Duration::from_secs(30),
+            worker_token_cache: crate::heartbeat::TOKEN_CACHE_TTL,
         }
     }
 }

@@ -212,7 +212,10 @@ async fn phases(
         .instances
         .iter()
         .filter(|i| {
-            i.desired_state == "running" && !["terminated", "abandoned"].contains(&i.state.as_str())
+            i.desired_state == "running"
+                && i.state
+                    .parse::<flotilla_core::InstanceState>()
+                    .is_ok_and(|s| !s.is_terminal())
         })
         .count();
     let live = u32::try_from(live).context("live instances")?;
