@@ -71,6 +71,28 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// The servers of `NATS_URL`: one URL, or a comma-separated list of a
+/// cluster's nodes. With one seed only, a service that starts while that
+/// node is down cannot join the cluster at all; with all of them it takes
+/// whichever answers.
+pub fn seed_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    let seeds = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::InvalidConfig(format!("NATS_URL {u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if seeds.is_empty() {
+        return Err(BusError::InvalidConfig(
+            "NATS_URL: no server given".to_owned(),
+        ));
+    }
+    Ok(seeds)
+}
+
 /// A JetStream connection in one namespace.
 #[derive(Clone)]
 pub struct Bus {
@@ -100,10 +122,11 @@ impl Bus {
                 args.nats_namespace
             ))
         })?;
+        let seeds = seed_addrs(&args.nats_url)?;
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(&args.nats_url)
+            .connect(seeds)
             .await
             .map_err(nats_error)?;
         let config = BusConfig {
@@ -263,4 +286,32 @@ pub fn header_pairs(map: Option<&HeaderMap>) -> Vec<(String, String)> {
                 .map(move |v| (k.to_string(), v.as_str().to_owned()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_url_takes_one_server_or_a_cluster_seed_list() {
+        let one = seed_addrs("nats://127.0.0.1:4222").expect("one URL");
+        assert_eq!(one.len(), 1);
+        let three = seed_addrs("nats://nats:4222, nats://nats-1:4222,nats://nats-2:4222")
+            .expect("a seed list");
+        let hosts: Vec<String> = three.iter().map(|a| a.host().to_owned()).collect();
+        assert_eq!(hosts, ["nats", "nats-1", "nats-2"]);
+    }
+
+    #[test]
+    fn a_bad_nats_url_names_the_entry_at_fault() {
+        let err = seed_addrs("nats://ok:4222,nats://bad:port").expect_err("a bad port");
+        assert!(
+            matches!(&err, BusError::InvalidConfig(m) if m.contains("nats://bad:port")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            seed_addrs(" , "),
+            Err(BusError::InvalidConfig(_))
+        ));
+    }
 }
