@@ -247,6 +247,11 @@ impl Scheduler {
             .bind(managed_filter())
             .fetch_all(&mut *tx)
             .await?;
+            if surplus.is_empty() {
+                // The surplus is all explicitly provisioned: not ours to
+                // take, and nothing to say about it every tick.
+                return Ok(0);
+            }
             for id in &surplus {
                 instance_set_desired(&mut tx, InstanceId(*id), DesiredState::Terminated, false)
                     .await?;

@@ -685,6 +685,15 @@ async fn capacity_fills_a_pool_then_marks_the_surplus_for_termination() {
         .collect();
     assert_eq!(running.len(), 2);
     assert!(running.iter().all(|id| explicit.contains(id)));
+    // Above desired with nothing of capacity's own left to take: each
+    // activation changes nothing and publishes nothing (no empty
+    // terminate command every tick).
+    let cmds: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE subject = 'CMD.terminate'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(cmds, 1, "one command, for the one scale-down that took instances");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
