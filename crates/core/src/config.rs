@@ -71,7 +71,9 @@ impl DatabaseArgs {
 /// NATS JetStream connection and stream layout.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
-    /// NATS server URL.
+    /// NATS server URL, or a comma-separated list of a cluster's nodes
+    /// (seeds: the client learns the rest of the cluster from them, and
+    /// reconnects to another node when its own goes away).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Prefix for every stream name and subject, so several Flotilla
@@ -188,6 +190,28 @@ pub struct AdapterClientArgs {
         action = clap::ArgAction::Set
     )]
     pub provider_adapter_allow_plaintext: bool,
+    /// Seconds one call to the provider-adapter may take before it fails
+    /// as a timeout and is retried by its step (the adapter's own provider
+    /// timeouts and retries fit inside it; a create whose answer was lost
+    /// this way is adopted by its tag, never made twice).
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_CALL_TIMEOUT_SECONDS",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub provider_adapter_call_timeout_seconds: u64,
+    /// Seconds between HTTP/2 pings on the connection to the
+    /// provider-adapter; a ping unanswered for as long again drops the
+    /// connection, so a call on a connection that a partition killed
+    /// fails within seconds instead of waiting for TCP to give up.
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_KEEPALIVE_SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub provider_adapter_keepalive_seconds: u64,
 }
 
 /// Shutdown behaviour shared by every service.

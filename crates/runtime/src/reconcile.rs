@@ -13,7 +13,11 @@
 //!   deleted pool costs one error per lease, not one per tick;
 //! - pool lookups that fail are recorded as errors of their pool;
 //! - every lease is renewed while its step runs, and each step gets the
-//!   [`Fence`] it checks before a provider call (see [`crate::lease`]).
+//!   [`Fence`] it checks before a provider call (see [`crate::lease`]);
+//! - a step that runs past the batch's `step_timeout` is dropped and its
+//!   lease given back: a call that hangs (a connection a partition killed)
+//!   would otherwise keep its row renewed, and the whole batch waiting,
+//!   for as long as it hangs.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,6 +61,8 @@ pub struct Batch<'a> {
     pub concurrency: usize,
     /// The span each step runs in (a child of the row's origin).
     pub span: &'static str,
+    /// Longest one step may run; see the module docs.
+    pub step_timeout: std::time::Duration,
 }
 
 /// Claims a batch and steps every row of it; see the module docs.
@@ -101,6 +107,7 @@ where
             let fence = leases.fence(row.id);
             async move {
                 let id = row.id;
+                let mut timed_out = false;
                 // `Err(None)`: the pool could not be read; already recorded.
                 let result = match pool {
                     PoolLookup::Found(pool) => {
@@ -110,13 +117,32 @@ where
                             correlation_id: CorrelationId::parse(&o.correlation_id)
                                 .unwrap_or_default(),
                         });
-                        flotilla_telemetry::origin::within(
+                        let item = id.to_string();
+                        let stepped = flotilla_telemetry::origin::within(
                             batch.span,
-                            &id.to_string(),
+                            &item,
                             origin,
                             async { step(row, pool, f).await.map_err(Some) },
-                        )
-                        .await
+                        );
+                        match tokio::time::timeout(batch.step_timeout, stepped).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                timed_out = true;
+                                tracing::warn!(
+                                    instance_id = %id,
+                                    timeout = ?batch.step_timeout,
+                                    "step timed out; dropped and its lease given back"
+                                );
+                                Ok(Step::Retrying(
+                                    ErrorClass::Retryable,
+                                    format!(
+                                        "step did not finish within {:?}; dropped, its lease \
+                                         given back",
+                                        batch.step_timeout
+                                    ),
+                                ))
+                            }
+                        }
                     }
                     PoolLookup::Missing => Ok(Step::Retrying(
                         ErrorClass::Permanent,
@@ -127,7 +153,7 @@ where
                 // A failed step gives its lease back only while it is ours.
                 let held = fence.held();
                 leases.done(id);
-                (id, held, result)
+                (id, held, timed_out, result)
             }
         })
         .buffer_unordered(batch.concurrency.max(1))
@@ -141,7 +167,10 @@ where
         steps,
         leases.renew_until(renew_conn, batch.claim.owner, renewing.clone())
     );
-    for (id, held, result) in results {
+    for (id, held, timed_out, result) in results {
+        if timed_out && held {
+            release(db, id, batch.claim.owner).await;
+        }
         match result {
             Ok(Step::Advanced) => status.acted += 1,
             Ok(Step::Waiting) | Ok(Step::Abandoned) => {}

@@ -130,9 +130,19 @@ pub fn provider_client(url: &str, args: &AdapterClientArgs) -> anyhow::Result<Ad
     )
     .with_ca(args.provider_adapter_ca.as_deref())?
     .allow_plaintext(args.provider_adapter_allow_plaintext);
+    let keepalive = Duration::from_secs(args.provider_adapter_keepalive_seconds.max(1));
     let channel = tls
         .endpoint(url)?
         .connect_timeout(PROVIDER_CONNECT_TIMEOUT)
+        // A connection cut by a partition answers nothing and resets
+        // nothing: without pings a call on it waits for TCP's own timeout
+        // (minutes), holding its step, its lease renewals and the batch.
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
+        .keep_alive_while_idle(true)
+        .timeout(Duration::from_secs(
+            args.provider_adapter_call_timeout_seconds.max(1),
+        ))
         .connect_lazy();
     let token = ServiceToken::new(token.expose())
         .map_err(|e| anyhow::anyhow!("PROVIDER_ADAPTER_TOKEN: {e}"))?;

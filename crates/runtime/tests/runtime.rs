@@ -60,6 +60,7 @@ fn batch(owner: &str, limit: i64, concurrency: usize) -> Batch<'_> {
         },
         concurrency,
         span: "test.step",
+        step_timeout: Duration::from_secs(600),
     }
 }
 
@@ -122,6 +123,39 @@ async fn each_step_is_tallied_one_failure_stops_none_and_only_a_database_error_g
         );
     }
     assert!(!status.more, "a short batch has no backlog");
+}
+
+#[tokio::test]
+async fn a_step_that_hangs_is_dropped_at_the_step_timeout_and_gives_its_lease_back() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 3).await;
+    let hung = rows[0].id;
+    let mut b = batch("r1", 100, 4);
+    b.step_timeout = Duration::from_millis(300);
+    // One call never answers (a connection a partition killed): the batch
+    // must not wait for it, and its row must not stay renewed.
+    let status = tokio::time::timeout(
+        DEADLINE,
+        reconcile(&db.pool, b, |row, _, _| async move {
+            if row.id == hung {
+                std::future::pending::<()>().await;
+            }
+            Ok(Step::Advanced)
+        }),
+    )
+    .await
+    .expect("the batch waited for the hung step");
+    assert_eq!(status.acted, 2, "the others went on");
+    let errors: Vec<(String, ErrorClass)> = status
+        .errors
+        .iter()
+        .map(|e| (e.item.clone(), e.class))
+        .collect();
+    assert_eq!(errors, [(hung.to_string(), ErrorClass::Retryable)]);
+    let owners = lease_owners(&db.pool).await;
+    assert_eq!(owners["p-0"], None, "the hung step's lease is given back");
+    assert_eq!(owners["p-1"].as_deref(), Some("r1"));
 }
 
 #[tokio::test]
@@ -404,4 +438,61 @@ mod health {
             "the hung activation is aborted after the grace"
         );
     }
+}
+
+/// The provider-adapter client against a server behind a TCP fault proxy:
+/// once the link goes silent (a partition: no reset, no answer), a call on
+/// the connection already open fails within the keepalive instead of
+/// hanging for as long as TCP takes to give up.
+#[tokio::test]
+async fn a_provider_call_on_a_connection_a_partition_silenced_fails_within_the_keepalive() {
+    use clap::Parser;
+    use flotilla_proto::v1;
+
+    // Any gRPC server: the Provider call is answered UNIMPLEMENTED, which
+    // is enough to know the connection carries answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let proxy = flotilla_chaos::proxy::FaultProxy::start("adapter", upstream)
+        .await
+        .unwrap();
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        adapter: flotilla_core::config::AdapterClientArgs,
+    }
+    let args = Args::parse_from([
+        "test",
+        "--provider-adapter-token",
+        "service-token",
+        "--provider-adapter-keepalive-seconds",
+        "1",
+        "--provider-adapter-call-timeout-seconds",
+        "120",
+    ]);
+    let mut client = flotilla_runtime::service::provider_client(
+        &format!("http://{}", proxy.addr()),
+        &args.adapter,
+    )
+    .unwrap();
+    let call = || v1::MachineRef {
+        target: None,
+        machine_id: "m".into(),
+    };
+    let first = client.get_machine(call()).await.expect_err("no Provider here");
+    assert_eq!(first.code(), tonic::Code::Unimplemented, "{first:?}");
+
+    proxy.cut();
+    let answer = tokio::time::timeout(Duration::from_secs(30), client.get_machine(call()))
+        .await
+        .expect("the call hung on the silenced connection");
+    let e = answer.expect_err("nothing can answer through a cut link");
+    assert_ne!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 }

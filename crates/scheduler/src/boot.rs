@@ -71,6 +71,7 @@ impl Scheduler {
                 },
                 concurrency: self.tuning.provision_concurrency_per_lane(),
                 span: "scheduler.recover_startup",
+                step_timeout: self.tuning.step_timeout(),
             },
             |row, pool, fence| {
                 let ctx = ctx.clone();

@@ -66,6 +66,11 @@ pub struct SchedulerTuning {
     /// could not; a killed replica's rows are taken over after this.
     #[arg(long, env = "SCHEDULER_LEASE_SECONDS", default_value_t = 15)]
     pub scheduler_lease_seconds: u64,
+    /// Seconds one instance's step (its provider calls included) may run
+    /// before it is dropped and its lease given back, so a call that hangs
+    /// holds neither its row nor the rest of its batch.
+    #[arg(long, env = "SCHEDULER_STEP_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub scheduler_step_timeout_seconds: u64,
     /// Failed provisioning attempts before an instance is `provisioning_failed`.
     #[arg(long, env = "PROVISION_MAX_ATTEMPTS", default_value_t = 5)]
     pub provision_max_attempts: i32,
@@ -167,6 +172,10 @@ impl SchedulerTuning {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.scheduler_lease_seconds.max(1))
+    }
+
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs(self.scheduler_step_timeout_seconds.max(1))
     }
 
     pub fn listing_settle(&self) -> Duration {

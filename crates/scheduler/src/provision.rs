@@ -122,6 +122,7 @@ impl Scheduler {
             },
             concurrency: self.tuning.provision_concurrency_per_lane(),
             span: "scheduler.provision_instance",
+            step_timeout: self.tuning.step_timeout(),
         };
         reconcile(&self.db, batch, |row, pool, fence| async move {
             match self.provision_instance(row, &pool, &fence).await {

@@ -54,6 +54,11 @@ pub struct TerminatorTuning {
     /// could not; a killed replica's rows are taken over after this.
     #[arg(long, env = "TERMINATOR_LEASE_SECONDS", default_value_t = 15)]
     pub terminator_lease_seconds: u64,
+    /// Seconds one instance's take-down step (its provider calls included)
+    /// may run before it is dropped and its lease given back, so a call
+    /// that hangs holds neither its row nor the rest of its batch.
+    #[arg(long, env = "TERMINATOR_STEP_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub terminator_step_timeout_seconds: u64,
     /// Default seconds a cordoned worker is waited for before it is stopped
     /// anyway (pools may override).
     #[arg(long, env = "DRAIN_TIMEOUT_SECONDS", default_value_t = 300)]
@@ -87,6 +92,10 @@ impl TerminatorTuning {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.terminator_lease_seconds.max(1))
+    }
+
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs(self.terminator_step_timeout_seconds.max(1))
     }
 
     pub fn poll(&self) -> Duration {

@@ -98,6 +98,7 @@ impl Terminator {
             },
             concurrency: self.tuning.terminator_provider_concurrency,
             span: "terminator.take_down",
+            step_timeout: self.tuning.step_timeout(),
         };
         reconcile(&self.db, batch, |row, pool, fence| async move {
             Ok(match self.take_down(row, &pool, &fence).await? {
