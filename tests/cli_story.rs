@@ -545,6 +545,93 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     let yaml: Value = serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
     assert_eq!(yaml, got);
 
+    // drain cordons: the instance stays ready, `list` shows it cordoned and
+    // `--cordoned` finds it; uncordon (by name) undoes it, once; `watch`
+    // replays both acts.
+    let last_seq = seen
+        .iter()
+        .filter_map(|e| e["stream_sequence"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let replacement_name = instances(&cli.json(&["list", "--pool", "demo", "-o", "json"]))
+        .iter()
+        .find(|i| field(i, "id") == replacement)
+        .map(|i| field(i, "name").to_owned())
+        .expect("the replacement is listed");
+    let drained = cli.ok(&["drain", &replacement, "--reason", "story"]).stdout;
+    assert!(drained.contains("cordoned"), "{drained}");
+    let table = cli.ok(&["list", "--pool", "demo"]).stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&replacement) && l.contains(" ready,cordoned ")),
+        "{table}"
+    );
+    assert_eq!(
+        cli.ok(&["list", "--cordoned", "-o", "ids"]).stdout.trim(),
+        replacement
+    );
+    let draining = cli.ok(&["list", "--state", "draining"]);
+    assert!(draining.stderr.contains("--cordoned"), "{draining:?}");
+    let uncordoned = cli.ok(&["uncordon", &replacement_name, "--reason", "story done"]);
+    assert!(uncordoned.stdout.contains("uncordoned"), "{uncordoned:?}");
+    assert_eq!(cli.ok(&["list", "--cordoned", "-o", "ids"]).stdout, "");
+    let again = cli.run(&["uncordon", &replacement_name]);
+    assert_eq!(again.code, 7, "{again:?}");
+    assert!(again.stderr.contains("is not cordoned"), "{again:?}");
+    let history = cli.json(&["get", &replacement, "-o", "json"]);
+    let acts: Vec<&str> = history["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .filter(|a| ["drain_requested", "uncordoned"].contains(a))
+        .collect();
+    assert_eq!(acts, ["drain_requested", "uncordoned"], "{history:#}");
+    let mut replay = cli
+        .command(&[
+            "watch",
+            "--pool",
+            "demo",
+            "-o",
+            "json",
+            "--from-sequence",
+            &(last_seq + 1).to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch");
+    let (acts_tx, acts_seen) = mpsc::channel::<Value>();
+    let replay_out = replay.stdout.take().expect("watch stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(replay_out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line)
+                && acts_tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut watched: Vec<String> = Vec::new();
+    let replay_deadline = Instant::now() + flotilla_test_utils::DEADLINE;
+    while watched.len() < 2 {
+        let left = replay_deadline.saturating_duration_since(Instant::now());
+        match acts_seen.recv_timeout(left) {
+            Ok(e) if field(&e, "instance_id") == replacement => {
+                if let Some(act) = e["action"].as_str() {
+                    assert_eq!(field(&e, "from_state"), "ready", "{e:#}");
+                    watched.push(act.to_owned());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => panic!("watch did not show the cordon acts; saw {watched:?}"),
+        }
+    }
+    assert_eq!(watched, ["cordoned", "uncordoned"]);
+    let _ = replay.kill();
+    let _ = replay.wait();
+
     // Error paths, each with its message and exit code.
     let wrong = Cli {
         token: "not-the-token".into(),

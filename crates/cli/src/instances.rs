@@ -1,5 +1,5 @@
 //! The instance commands: provision, list, get, watch, terminate, drain,
-//! abandon.
+//! uncordon, abandon.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -134,9 +134,20 @@ pub struct ListArgs {
     /// Include terminated instances.
     #[arg(long, short = 'a', conflicts_with = "state")]
     pub all: bool,
+    /// Only cordoned instances: the ones `flotilla drain` took out of work
+    /// (they keep their state, shown as e.g. `ready,cordoned`; `flotilla
+    /// uncordon` puts them back), and the ones on their way out.
+    #[arg(long)]
+    pub cordoned: bool,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
+
+/// What `list --state draining` adds on stderr: `draining` is a step of a
+/// termination, not what `flotilla drain` leaves an instance in.
+pub const DRAINING_NOTE: &str = "note: `draining` is the step of a termination that waits for \
+     the worker to finish; an instance drained with `flotilla drain` keeps its state (e.g. \
+     `ready,cordoned`): list those with `flotilla list --cordoned`";
 
 pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
     let states: Vec<InstanceState> = if !a.state.is_empty() {
@@ -154,7 +165,17 @@ pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
         .map(|s| v1::InstanceState::from(s) as i32)
         .collect();
     let labels: HashMap<String, String> = a.label.into_iter().collect();
-    let all = list_all(api, a.pool.as_deref().unwrap_or_default(), &states, &labels).await?;
+    let all = list_all(
+        api,
+        a.pool.as_deref().unwrap_or_default(),
+        &states,
+        &labels,
+        a.cordoned.then_some(true),
+    )
+    .await?;
+    if !a.cordoned && states.contains(&(v1::InstanceState::Draining as i32)) {
+        eprintln!("{DRAINING_NOTE}");
+    }
     if all.is_empty() && matches!(a.output, Output::Table | Output::Wide) {
         eprintln!("no instances");
         return Ok(());
@@ -169,6 +190,7 @@ async fn list_all(
     pool: &str,
     states: &[i32],
     labels: &HashMap<String, String>,
+    cordoned: Option<bool>,
 ) -> Result<Vec<v1::Instance>, CliError> {
     let mut all = Vec::new();
     let mut page_token = String::new();
@@ -181,6 +203,7 @@ async fn list_all(
                 labels: labels.clone(),
                 page_size: 1000,
                 page_token,
+                cordoned,
             }))
             .await
             .map_err(|s| api.error(s))?
@@ -275,7 +298,7 @@ pub async fn resolve(api: &Api, references: &[String]) -> Result<Vec<String>, Cl
     if references.iter().all(|r| is_full_id(r)) {
         return Ok(references.to_vec());
     }
-    let all = list_all(api, "", &[], &HashMap::new()).await?;
+    let all = list_all(api, "", &[], &HashMap::new(), None).await?;
     references
         .iter()
         .map(|r| {
@@ -533,12 +556,55 @@ pub async fn drain(api: &Api, a: DrainArgs) -> Result<(), CliError> {
         .map_err(|s| api.error(s))?
         .into_inner();
     report(
-        "draining",
+        "cordoned",
         &answer.accepted_ids,
         &answer.unchanged_ids,
         &answer.unknown_ids,
         a.output,
     )
+}
+
+#[derive(Debug, Args)]
+pub struct UncordonArgs {
+    /// Instance: its id, a unique id prefix (at least 4 characters), or its name.
+    pub id: String,
+    /// Recorded in the audit log.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Undoes a drain. The api refuses (exit 7) an instance that is not
+/// cordoned or is being terminated.
+pub async fn uncordon(api: &Api, a: UncordonArgs) -> Result<(), CliError> {
+    let id = resolve(api, std::slice::from_ref(&a.id)).await?.remove(0);
+    let answer = api
+        .client()
+        .uncordon(api.request(v1::UncordonRequest {
+            id,
+            reason: a.reason,
+        }))
+        .await
+        .map_err(|s| api.error(s))?
+        .into_inner();
+    let instance = answer.instance.unwrap_or_default();
+    match a.output {
+        Output::Json | Output::Yaml => print_json(&output::instance_json(&instance), a.output),
+        Output::Ids => println!("{}", instance.id),
+        Output::Table | Output::Wide => print!(
+            "{}",
+            output::table(
+                &["ID", "RESULT", "STATE"],
+                &[vec![
+                    instance.id.clone(),
+                    "uncordoned".into(),
+                    output::state_cell(&instance),
+                ]]
+            )
+        ),
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -28,7 +28,7 @@ use crate::client::Api;
 #[command(
     name = "flotilla",
     version,
-    about = "Flotilla command line: provision, list, watch, terminate, drain and abandon instances; manage pools",
+    about = "Flotilla command line: provision, list, watch, terminate, drain, uncordon and abandon instances; manage pools",
     after_help = error::EXIT_CODES_HELP
 )]
 pub struct Cli {
@@ -100,8 +100,13 @@ pub enum Command {
     Watch(instances::WatchArgs),
     /// Take instances down: cordon, drain, stop, delete machine and volumes.
     Terminate(instances::TerminateArgs),
-    /// Cordon and drain instances without terminating them.
+    /// Cordon and drain instances without terminating them: they take no
+    /// new work and keep their state (`list` shows `ready,cordoned`; `list
+    /// --cordoned` finds them).
     Drain(instances::DrainArgs),
+    /// Undo a drain: the instance takes work again. Refused (exit 7) for
+    /// one that is not cordoned or is being terminated.
+    Uncordon(instances::UncordonArgs),
     /// Give an instance up without any provider call, for one whose provider
     /// is gone for good; its machine may be left (the orphan scan deletes it
     /// if it carries Flotilla's tags).
@@ -162,6 +167,7 @@ impl Cli {
             Command::Watch(a) => instances::watch(&api, a).await,
             Command::Terminate(a) => instances::terminate(&api, a).await,
             Command::Drain(a) => instances::drain(&api, a).await,
+            Command::Uncordon(a) => instances::uncordon(&api, a).await,
             Command::Abandon(a) => instances::abandon(&api, a).await,
             Command::Pools(c) => pools::run(&api, c).await,
             Command::Completion { .. } => Ok(()),
