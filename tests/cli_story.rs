@@ -3,9 +3,10 @@
 //! namespace, ports and data dir), and every step is the `flotilla` CLI run
 //! as a subprocess: provision and wait for ready, list as a table and as
 //! JSON, kill -9 one agent and see it replaced (in `watch` and in `list`),
-//! `get` its history, terminate everything, then the error paths (wrong
-//! token, unreachable api, invalid field) and a Ctrl-C that leaves no
-//! process behind.
+//! `get` its history, drain and uncordon one (in `list` and `watch`), the
+//! error paths (wrong token, unreachable api, invalid field), a Ctrl-C
+//! during `provision`'s wait, terminate everything, and a Ctrl-C of the
+//! quickstart that leaves no process behind.
 //!
 //! Design notes: the script builds the binaries with cargo as a user's
 //! first run does (cargo test has released the build lock by then); on a
@@ -676,6 +677,50 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     ]);
     assert_eq!(again.code, 7, "{again:?}");
 
+    // Ctrl-C while provision waits: only the waiting stops; it says the
+    // instance goes on and how to follow it, and exits 130.
+    let mut waiting = cli
+        .command(&["provision", "--pool", "demo", "--count", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("provision");
+    let (said_tx, said) = mpsc::channel::<String>();
+    let waiting_err = waiting.stderr.take().expect("provision stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(waiting_err).lines().map_while(Result::ok) {
+            if said_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    while !lines.iter().any(|l| l.starts_with("accepted 1 instance")) {
+        match said.recv_timeout(flotilla_test_utils::DEADLINE) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("provision did not say it was accepted: {lines:#?}"),
+        }
+    }
+    kill(Pid::from_raw(waiting.id() as i32), Signal::SIGINT).expect("Ctrl-C provision");
+    let status = eventually_blocking(
+        "provision to stop on Ctrl-C",
+        flotilla_test_utils::DEADLINE,
+        Duration::from_millis(50),
+        || match waiting.try_wait().expect("wait") {
+            Some(status) => Ok(status),
+            None => Err("still running"),
+        },
+    );
+    lines.extend(said.iter());
+    let told = lines.join("\n");
+    assert_eq!(status.code(), Some(130), "{told}");
+    assert!(
+        told.contains("the 1 accepted instance keeps being provisioned"),
+        "{told}"
+    );
+    assert!(told.contains("flotilla watch --pool demo"), "{told}");
+    assert!(told.contains("flotilla list --pool demo"), "{told}");
+
     // terminate: everything goes, and so do the agent processes.
     stack.remember_pids();
     let t = Instant::now();
@@ -687,10 +732,14 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
         "--wait-timeout",
         "120",
     ]);
-    println!("terminate of 3 to all terminated: {:.1?}", t.elapsed());
+    println!("terminate of 4 to all terminated: {:.1?}", t.elapsed());
     assert_eq!(cli.ok(&["list", "-o", "ids"]).stdout, "");
     let all = instances(&cli.json(&["list", "--all", "-o", "json"]));
-    assert_eq!(all.len(), 4, "three plus the killed one: {all:#?}");
+    assert_eq!(
+        all.len(),
+        5,
+        "three, the interrupted one's and the killed one: {all:#?}"
+    );
     assert!(all.iter().all(|i| field(i, "state") == "terminated"));
     assert!(agent_pids(&data_dir).is_empty(), "no machine left");
     for (what, pid) in &stack.seen_pids {

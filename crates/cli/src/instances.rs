@@ -2,6 +2,7 @@
 //! uncordon, abandon.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -74,19 +75,35 @@ fn print_instances(instances: &[v1::Instance], out: Output) {
 }
 
 pub async fn provision(api: &Api, a: ProvisionArgs) -> Result<(), CliError> {
-    let answer = api
-        .client()
-        .provision(api.request(v1::ProvisionRequest {
-            pool: a.pool.clone(),
-            count: a.count.unwrap_or(0),
-            names: a.name,
-            labels: a.label.into_iter().collect(),
-            idempotency_key: a.idempotency_key,
-            dry_run: a.dry_run,
-        }))
-        .await
-        .map_err(|s| api.error(s))?
-        .into_inner();
+    // Listening before the request: a Ctrl-C from the moment the api may
+    // have accepted it is answered with what goes on, never the default
+    // silent death.
+    let interrupt = interrupted()?;
+    tokio::pin!(interrupt);
+    let mut client = api.client();
+    let call = client.provision(api.request(v1::ProvisionRequest {
+        pool: a.pool.clone(),
+        count: a.count.unwrap_or(0),
+        names: a.name,
+        labels: a.label.into_iter().collect(),
+        idempotency_key: a.idempotency_key.clone(),
+        dry_run: a.dry_run,
+    }));
+    let answer = tokio::select! {
+        answer = call => answer.map_err(|s| api.error(s))?.into_inner(),
+        () = &mut interrupt => {
+            return Err(CliError::Interrupted(format!(
+                "interrupted before the api answered: it may have accepted the request\n\
+                 hint: see with `flotilla list --pool {}`{}",
+                a.pool,
+                if a.idempotency_key.is_empty() {
+                    ""
+                } else {
+                    "; asking again with the same --idempotency-key creates nothing twice"
+                }
+            )));
+        }
+    };
     let n = answer.instances.len();
     if answer.dry_run {
         eprintln!("dry run: {n} instances would be created in pool {}", a.pool);
@@ -108,16 +125,57 @@ pub async fn provision(api: &Api, a: ProvisionArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let ids: Vec<String> = answer.instances.iter().map(|i| i.id.clone()).collect();
-    let result = wait_for(
-        api,
-        &a.pool,
-        &ids,
-        InstanceState::Ready,
-        Duration::from_secs(a.wait_timeout),
-    )
-    .await;
-    print_instances(&result?, a.output);
+    let waited = tokio::select! {
+        waited = wait_for(
+            api,
+            &a.pool,
+            &ids,
+            InstanceState::Ready,
+            Duration::from_secs(a.wait_timeout),
+        ) => waited,
+        () = &mut interrupt => {
+            if std::io::stderr().is_terminal() {
+                // End the progress line redrawn in place.
+                eprintln!();
+            }
+            return Err(CliError::Interrupted(interrupted_note(&a.pool, n)));
+        }
+    };
+    print_instances(&waited?, a.output);
     Ok(())
+}
+
+/// Resolves at the first SIGINT (Ctrl-C), whose handler is installed now,
+/// not at the first poll.
+fn interrupted() -> Result<impl std::future::Future<Output = ()>, CliError> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            sigint.recv().await;
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+/// What a Ctrl-C during `provision`'s wait tells the user: only the
+/// waiting stopped; the api accepted the instances and they keep being
+/// provisioned.
+pub fn interrupted_note(pool: &str, n: usize) -> String {
+    format!(
+        "interrupted: stopped waiting, but the {n} accepted instance{s} keep{verb} being \
+         provisioned\nhint: follow {them} with `flotilla list --pool {pool}` or `flotilla watch \
+         --pool {pool}`; `flotilla terminate ID` if you no longer want {them}",
+        s = if n == 1 { "" } else { "s" },
+        verb = if n == 1 { "s" } else { "" },
+        them = if n == 1 { "it" } else { "them" },
+    )
 }
 
 #[derive(Debug, Args)]
@@ -695,6 +753,24 @@ mod tests {
             instance("0196ccdd-0000-7000-8000-000000000003", "web-1", Terminated),
             instance("0196ccee-0000-7000-8000-000000000004", "old", Terminated),
         ]
+    }
+
+    #[test]
+    fn a_ctrl_c_while_waiting_says_the_instances_go_on_and_how_to_follow_them() {
+        let e = CliError::Interrupted(interrupted_note("demo", 2));
+        assert_eq!(e.exit_code(), 130);
+        let text = e.to_string();
+        assert!(
+            text.contains("the 2 accepted instances keep being provisioned"),
+            "{text}"
+        );
+        assert!(text.contains("`flotilla list --pool demo`"), "{text}");
+        assert!(text.contains("`flotilla watch --pool demo`"), "{text}");
+        let one = interrupted_note("gpu", 1);
+        assert!(
+            one.contains("the 1 accepted instance keeps being provisioned"),
+            "{one}"
+        );
     }
 
     #[test]
