@@ -225,16 +225,19 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = self.command(args).output().expect("run flotilla");
-        Run {
-            code: status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        }
+        outcome(&mut self.command(args))
+    }
+
+    /// A run that takes its connection from the config file `config` only
+    /// (no FLOTILLA_API_URL or FLOTILLA_API_TOKEN), with `env` added.
+    fn run_configured(&self, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+        let mut c = self.command(args);
+        c.env_remove("FLOTILLA_API_URL")
+            .env_remove("FLOTILLA_API_TOKEN")
+            .env_remove("FLOTILLA_CONTEXT")
+            .env("FLOTILLA_CONFIG", config)
+            .envs(env.iter().copied());
+        outcome(&mut c)
     }
 
     fn ok(&self, args: &[&str]) -> Run {
@@ -246,6 +249,19 @@ impl Cli {
     fn json(&self, args: &[&str]) -> Value {
         let run = self.ok(args);
         serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {run:?}"))
+    }
+}
+
+fn outcome(c: &mut Command) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = c.output().expect("run flotilla");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
 
@@ -659,6 +675,57 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     let unknown = cli.run(&["drain", "00000000-0000-4000-8000-000000000000"]);
     assert_eq!(unknown.code, 5, "{unknown:?}");
     assert!(unknown.stderr.contains("no such instance"), "{unknown:?}");
+
+    // A config file of named contexts: --context picks one, use-context
+    // makes one current, a variable still wins over it, and a token file
+    // others can read is refused. Paths are relative to the file.
+    let config = data_dir.join("cli-config.yaml");
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &config,
+        format!(
+            "current-context: nowhere\ncontexts:\n  nowhere:\n    api_url: {nowhere}\n  \
+             story:\n    api_url: {url}\n    token_file: token\n  open:\n    api_url: {url}\n    \
+             token_file: open.token\n",
+            url = cli.url
+        ),
+    )
+    .expect("config file");
+    let open_token = data_dir.join("open.token");
+    std::fs::write(&open_token, &token).expect("open token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open_token, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod 644");
+    }
+    let live = cli.ok(&["list", "-o", "ids"]).stdout;
+    let by_context = cli.run_configured(&config, &[], &["--context", "story", "list", "-o", "ids"]);
+    assert_eq!(by_context.code, 0, "{by_context:?}");
+    assert_eq!(by_context.stdout, live);
+    let current = cli.run_configured(&config, &[], &["list"]);
+    assert_eq!(current.code, 3, "{current:?}");
+    assert!(current.stderr.contains(&nowhere), "{current:?}");
+    let switched = cli.run_configured(&config, &[], &["config", "use-context", "story"]);
+    assert_eq!(switched.code, 0, "{switched:?}");
+    assert_eq!(
+        cli.run_configured(&config, &[], &["list", "-o", "ids"])
+            .stdout,
+        live
+    );
+    let contexts = cli
+        .run_configured(&config, &[], &["config", "get-contexts"])
+        .stdout;
+    assert!(
+        contexts
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains("story")),
+        "{contexts}"
+    );
+    let env_wins = cli.run_configured(&config, &[("FLOTILLA_API_URL", &nowhere)], &["list"]);
+    assert_eq!(env_wins.code, 3, "{env_wins:?}");
+    let open = cli.run_configured(&config, &[], &["--context", "open", "list"]);
+    assert_eq!(open.code, 2, "{open:?}");
+    assert!(open.stderr.contains("chmod 600"), "{open:?}");
 
     // pools: the demo pool the quickstart made; a second one by that name conflicts.
     let pools = cli.json(&["pools", "list", "-o", "json"]);
