@@ -684,8 +684,8 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     std::fs::write(
         &config,
         format!(
-            "current-context: nowhere\ncontexts:\n  nowhere:\n    api_url: {nowhere}\n  \
-             story:\n    api_url: {url}\n    token_file: token\n  open:\n    api_url: {url}\n    \
+            "current-context: nowhere\ncontexts:\n  nowhere:\n    api_url: {nowhere}\n    \
+             token_file: token\n  story:\n    api_url: {url}\n    token_file: token\n  open:\n    api_url: {url}\n    \
              token_file: open.token\n",
             url = cli.url
         ),
