@@ -32,7 +32,12 @@
 #   QUICKSTART_SERVICES        0 to skip scripts/services.sh   (1)
 #   QUICKSTART_STOP_TIMEOUT    seconds to wait for the fleet to terminate on stop (60)
 # Any service variable (docs/configuration.md) set in the environment wins
-# over the demo tuning below (fast heartbeats, short drains).
+# over the demo tuning below (fast heartbeats, short drains), except those
+# set from QUICKSTART_* (API_LISTEN, API_TOKENS, PROVIDER_ADAPTER_LISTEN,
+# PROVIDER_ADAPTER_TOKENS, PROVIDER_ADAPTER_URL, PROVIDER_ADAPTER_TOKEN_FILE,
+# METRICS_ADDR, DATABASE_URL, NATS_NAMESPACE, LOCAL_PROVIDER_ENABLED,
+# LOCAL_STATE_DIR, WORKER_API_URL). AGENT_* never reach the agents: the
+# local provider passes a machine none of this environment.
 #
 # Security: every service listens on 127.0.0.1 only and speaks plaintext
 # gRPC there (loopback never leaves this machine; agents and the CLI refuse
@@ -140,24 +145,64 @@ stop_services() { # services...
   done
 }
 
+# What still runs, from the pid files and the local provider's book:
+# "api (pid 12), scheduler (pid 13), 2 agents"; empty when nothing does.
+still_running() {
+  local name pid out=() agents=0
+  for name in "${SERVICES[@]}"; do
+    if pid=$(live_pid "$RUN/$name.pid" "/$name"); then
+      out+=("$name (pid $pid)")
+    fi
+  done
+  if [ -f "$LOCAL/machines.json" ]; then
+    for pid in $(grep -o '"pid": *[0-9]*' "$LOCAL/machines.json" | grep -o '[0-9]*$'); do
+      tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q agent && agents=$((agents + 1))
+    done
+  fi
+  [ "$agents" -gt 0 ] && out+=("$agents agent$([ "$agents" = 1 ] || echo s)")
+  local IFS=,
+  echo "${out[*]}" | sed 's/,/, /g'
+}
+
 status() {
+  local left
   if pid=$(supervisor_pid); then
     cat "$DATA_DIR/status.txt" 2>/dev/null || true
     log "running (pid $pid)"
     return 0
+  fi
+  left=$(still_running)
+  if [ -n "$left" ]; then
+    # The supervisor was killed (kill -9?) and left these behind.
+    log "the quickstart supervisor is not running, but these still run: $left"
+    log "stop them with: $0 stop (or start it again: $0, which adopts the agents)"
+    return 1
   fi
   log "not running"
   return 1
 }
 
 stop_running() {
-  local pid
+  local pid waited=0 left last=
   if pid=$(supervisor_pid); then
-    log "stopping the quickstart running as pid $pid"
+    log "stopping the quickstart running as pid $pid (up to $((STOP_TIMEOUT + 90))s: the fleet is terminated first)"
     kill -TERM "$pid"
-    # The lock is released when the supervisor has stopped everything.
+    # The lock is released when the supervisor has stopped everything;
+    # until then, say what it is still waiting for whenever that changes
+    # (and every 10 s).
     exec 8>"$DATA_DIR/quickstart.lock"
-    flock -w $((STOP_TIMEOUT + 90)) 8 || die "pid $pid did not stop; kill it and run stop again"
+    until flock -n 8; do
+      if [ "$waited" -ge $((STOP_TIMEOUT + 90)) ]; then
+        die "pid $pid did not stop in $((STOP_TIMEOUT + 90))s; kill it and run stop again"
+      fi
+      left=$(still_running)
+      if [ "$left" != "$last" ] || [ $((waited % 10)) = 0 ]; then
+        log "waiting (${waited}s): ${left:-only the supervisor} still running"
+        last=$left
+      fi
+      sleep 1
+      waited=$((waited + 1))
+    done
     exec 8>&-
     log "stopped"
   else
@@ -174,7 +219,7 @@ case "$cmd" in
   status) status; exit $? ;;
   stop) stop_running; exit 0 ;;
   restart) stop_running ;;
-  -h|--help|help) sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help|help) sed -n '2,40p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "unknown command $cmd (start, status, stop, restart)" ;;
 esac
 

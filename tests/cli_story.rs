@@ -3,9 +3,10 @@
 //! namespace, ports and data dir), and every step is the `flotilla` CLI run
 //! as a subprocess: provision and wait for ready, list as a table and as
 //! JSON, kill -9 one agent and see it replaced (in `watch` and in `list`),
-//! `get` its history, terminate everything, then the error paths (wrong
-//! token, unreachable api, invalid field) and a Ctrl-C that leaves no
-//! process behind.
+//! `get` its history, drain and uncordon one (in `list` and `watch`), the
+//! error paths (wrong token, unreachable api, invalid field), a Ctrl-C
+//! during `provision`'s wait, terminate everything, and a Ctrl-C of the
+//! quickstart that leaves no process behind.
 //!
 //! Design notes: the script builds the binaries with cargo as a user's
 //! first run does (cargo test has released the build lock by then); on a
@@ -224,16 +225,19 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = self.command(args).output().expect("run flotilla");
-        Run {
-            code: status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        }
+        outcome(&mut self.command(args))
+    }
+
+    /// A run that takes its connection from the config file `config` only
+    /// (no FLOTILLA_API_URL or FLOTILLA_API_TOKEN), with `env` added.
+    fn run_configured(&self, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+        let mut c = self.command(args);
+        c.env_remove("FLOTILLA_API_URL")
+            .env_remove("FLOTILLA_API_TOKEN")
+            .env_remove("FLOTILLA_CONTEXT")
+            .env("FLOTILLA_CONFIG", config)
+            .envs(env.iter().copied());
+        outcome(&mut c)
     }
 
     fn ok(&self, args: &[&str]) -> Run {
@@ -245,6 +249,19 @@ impl Cli {
     fn json(&self, args: &[&str]) -> Value {
         let run = self.ok(args);
         serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {run:?}"))
+    }
+}
+
+fn outcome(c: &mut Command) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = c.output().expect("run flotilla");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
 
@@ -545,6 +562,93 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     let yaml: Value = serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
     assert_eq!(yaml, got);
 
+    // drain cordons: the instance stays ready, `list` shows it cordoned and
+    // `--cordoned` finds it; uncordon (by name) undoes it, once; `watch`
+    // replays both acts.
+    let last_seq = seen
+        .iter()
+        .filter_map(|e| e["stream_sequence"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let replacement_name = instances(&cli.json(&["list", "--pool", "demo", "-o", "json"]))
+        .iter()
+        .find(|i| field(i, "id") == replacement)
+        .map(|i| field(i, "name").to_owned())
+        .expect("the replacement is listed");
+    let drained = cli.ok(&["drain", &replacement, "--reason", "story"]).stdout;
+    assert!(drained.contains("cordoned"), "{drained}");
+    let table = cli.ok(&["list", "--pool", "demo"]).stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&replacement) && l.contains(" ready,cordoned ")),
+        "{table}"
+    );
+    assert_eq!(
+        cli.ok(&["list", "--cordoned", "-o", "ids"]).stdout.trim(),
+        replacement
+    );
+    let draining = cli.ok(&["list", "--state", "draining"]);
+    assert!(draining.stderr.contains("--cordoned"), "{draining:?}");
+    let uncordoned = cli.ok(&["uncordon", &replacement_name, "--reason", "story done"]);
+    assert!(uncordoned.stdout.contains("uncordoned"), "{uncordoned:?}");
+    assert_eq!(cli.ok(&["list", "--cordoned", "-o", "ids"]).stdout, "");
+    let again = cli.run(&["uncordon", &replacement_name]);
+    assert_eq!(again.code, 7, "{again:?}");
+    assert!(again.stderr.contains("is not cordoned"), "{again:?}");
+    let history = cli.json(&["get", &replacement, "-o", "json"]);
+    let acts: Vec<&str> = history["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .filter(|a| ["drain_requested", "uncordoned"].contains(a))
+        .collect();
+    assert_eq!(acts, ["drain_requested", "uncordoned"], "{history:#}");
+    let mut replay = cli
+        .command(&[
+            "watch",
+            "--pool",
+            "demo",
+            "-o",
+            "json",
+            "--from-sequence",
+            &(last_seq + 1).to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch");
+    let (acts_tx, acts_seen) = mpsc::channel::<Value>();
+    let replay_out = replay.stdout.take().expect("watch stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(replay_out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line)
+                && acts_tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut watched: Vec<String> = Vec::new();
+    let replay_deadline = Instant::now() + flotilla_test_utils::DEADLINE;
+    while watched.len() < 2 {
+        let left = replay_deadline.saturating_duration_since(Instant::now());
+        match acts_seen.recv_timeout(left) {
+            Ok(e) if field(&e, "instance_id") == replacement => {
+                if let Some(act) = e["action"].as_str() {
+                    assert_eq!(field(&e, "from_state"), "ready", "{e:#}");
+                    watched.push(act.to_owned());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => panic!("watch did not show the cordon acts; saw {watched:?}"),
+        }
+    }
+    assert_eq!(watched, ["cordoned", "uncordoned"]);
+    let _ = replay.kill();
+    let _ = replay.wait();
+
     // Error paths, each with its message and exit code.
     let wrong = Cli {
         token: "not-the-token".into(),
@@ -572,6 +676,57 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     assert_eq!(unknown.code, 5, "{unknown:?}");
     assert!(unknown.stderr.contains("no such instance"), "{unknown:?}");
 
+    // A config file of named contexts: --context picks one, use-context
+    // makes one current, a variable still wins over it, and a token file
+    // others can read is refused. Paths are relative to the file.
+    let config = data_dir.join("cli-config.yaml");
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &config,
+        format!(
+            "current-context: nowhere\ncontexts:\n  nowhere:\n    api_url: {nowhere}\n    \
+             token_file: token\n  story:\n    api_url: {url}\n    token_file: token\n  open:\n    api_url: {url}\n    \
+             token_file: open.token\n",
+            url = cli.url
+        ),
+    )
+    .expect("config file");
+    let open_token = data_dir.join("open.token");
+    std::fs::write(&open_token, &token).expect("open token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&open_token, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod 644");
+    }
+    let live = cli.ok(&["list", "-o", "ids"]).stdout;
+    let by_context = cli.run_configured(&config, &[], &["--context", "story", "list", "-o", "ids"]);
+    assert_eq!(by_context.code, 0, "{by_context:?}");
+    assert_eq!(by_context.stdout, live);
+    let current = cli.run_configured(&config, &[], &["list"]);
+    assert_eq!(current.code, 3, "{current:?}");
+    assert!(current.stderr.contains(&nowhere), "{current:?}");
+    let switched = cli.run_configured(&config, &[], &["config", "use-context", "story"]);
+    assert_eq!(switched.code, 0, "{switched:?}");
+    assert_eq!(
+        cli.run_configured(&config, &[], &["list", "-o", "ids"])
+            .stdout,
+        live
+    );
+    let contexts = cli
+        .run_configured(&config, &[], &["config", "get-contexts"])
+        .stdout;
+    assert!(
+        contexts
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains("story")),
+        "{contexts}"
+    );
+    let env_wins = cli.run_configured(&config, &[("FLOTILLA_API_URL", &nowhere)], &["list"]);
+    assert_eq!(env_wins.code, 3, "{env_wins:?}");
+    let open = cli.run_configured(&config, &[], &["--context", "open", "list"]);
+    assert_eq!(open.code, 2, "{open:?}");
+    assert!(open.stderr.contains("chmod 600"), "{open:?}");
+
     // pools: the demo pool the quickstart made; a second one by that name conflicts.
     let pools = cli.json(&["pools", "list", "-o", "json"]);
     assert_eq!(pools[0]["name"], "demo", "{pools:#}");
@@ -589,6 +744,50 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     ]);
     assert_eq!(again.code, 7, "{again:?}");
 
+    // Ctrl-C while provision waits: only the waiting stops; it says the
+    // instance goes on and how to follow it, and exits 130.
+    let mut waiting = cli
+        .command(&["provision", "--pool", "demo", "--count", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("provision");
+    let (said_tx, said) = mpsc::channel::<String>();
+    let waiting_err = waiting.stderr.take().expect("provision stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(waiting_err).lines().map_while(Result::ok) {
+            if said_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    while !lines.iter().any(|l| l.starts_with("accepted 1 instance")) {
+        match said.recv_timeout(flotilla_test_utils::DEADLINE) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("provision did not say it was accepted: {lines:#?}"),
+        }
+    }
+    kill(Pid::from_raw(waiting.id() as i32), Signal::SIGINT).expect("Ctrl-C provision");
+    let status = eventually_blocking(
+        "provision to stop on Ctrl-C",
+        flotilla_test_utils::DEADLINE,
+        Duration::from_millis(50),
+        || match waiting.try_wait().expect("wait") {
+            Some(status) => Ok(status),
+            None => Err("still running"),
+        },
+    );
+    lines.extend(said.iter());
+    let told = lines.join("\n");
+    assert_eq!(status.code(), Some(130), "{told}");
+    assert!(
+        told.contains("the 1 accepted instance keeps being provisioned"),
+        "{told}"
+    );
+    assert!(told.contains("flotilla watch --pool demo"), "{told}");
+    assert!(told.contains("flotilla list --pool demo"), "{told}");
+
     // terminate: everything goes, and so do the agent processes.
     stack.remember_pids();
     let t = Instant::now();
@@ -600,10 +799,14 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
         "--wait-timeout",
         "120",
     ]);
-    println!("terminate of 3 to all terminated: {:.1?}", t.elapsed());
+    println!("terminate of 4 to all terminated: {:.1?}", t.elapsed());
     assert_eq!(cli.ok(&["list", "-o", "ids"]).stdout, "");
     let all = instances(&cli.json(&["list", "--all", "-o", "json"]));
-    assert_eq!(all.len(), 4, "three plus the killed one: {all:#?}");
+    assert_eq!(
+        all.len(),
+        5,
+        "three, the interrupted one's and the killed one: {all:#?}"
+    );
     assert!(all.iter().all(|i| field(i, "state") == "terminated"));
     assert!(agent_pids(&data_dir).is_empty(), "no machine left");
     for (what, pid) in &stack.seen_pids {

@@ -72,6 +72,7 @@ pub const ADMIN_METHODS: &[&str] = &[
     "Provision",
     "Terminate",
     "Drain",
+    "Uncordon",
     "CreatePool",
     "UpdatePool",
     "AbandonInstance",

@@ -160,6 +160,15 @@ impl FleetService for FleetApi {
         Ok(Response::new(answer))
     }
 
+    async fn uncordon(
+        &self,
+        request: Request<v1::UncordonRequest>,
+    ) -> Result<Response<v1::UncordonResponse>, Status> {
+        let ctx = write_ctx(&request)?;
+        let answer = crate::lifecycle::uncordon(&self.state, ctx, request.into_inner()).await?;
+        Ok(Response::new(answer))
+    }
+
     async fn get_instance(
         &self,
         request: Request<v1::GetInstanceRequest>,
@@ -221,6 +230,7 @@ impl FleetService for FleetApi {
             pool,
             states,
             labels,
+            cordoned: req.cordoned,
             after,
             // One more than asked tells whether another page follows.
             limit: page_size as i64 + 1,

@@ -1,12 +1,14 @@
 //! `Terminate` and `Drain`: resolve a selector (ids, a pool, labels) to
-//! instances and record what is wanted; the terminator does the work. And
+//! instances and record what is wanted; the terminator does the work.
+//! `Uncordon` undoes a drain of one instance. And
 //! the two ways out that end a life without the loops: `AbandonInstance`
 //! and `DeletePool`.
 //!
 //! Design notes: terminate and drain only write intent — the desired state
 //! (and `force`), or the cordon — with an audit row carrying the caller and
-//! the reason, and (for terminate) a `CMD.terminate` in the same
-//! transaction. Unknown ids are reported and nothing is written for them;
+//! the reason, and in the same transaction a `CMD.terminate` (terminate)
+//! or an `EVT.instance.cordoned` event (drain: the state does not change,
+//! so no transition would tell a watcher). Unknown ids are reported and nothing is written for them;
 //! instances already terminal or already on their way are reported
 //! unchanged, so retries and broad selectors cause no error storm.
 //!
@@ -26,7 +28,7 @@ use flotilla_proto::v1;
 use flotilla_store::StoreError;
 use flotilla_store::WriteCtx;
 use flotilla_store::fleet::{
-    Selected, fleet_cordon, fleet_request_terminate, fleet_select, fleet_select_ids,
+    Selected, fleet_cordon, fleet_request_terminate, fleet_select, fleet_select_ids, fleet_uncordon,
 };
 use flotilla_store::instance::{Abandon, InstanceRow, instance_abandon};
 use flotilla_store::outbox::outbox_insert;
@@ -202,21 +204,52 @@ pub async fn drain(
         .iter()
         .partition(|s| !s.state.is_terminal() && !s.cordoned);
     let ids: Vec<Uuid> = accepted.iter().map(|s| s.id).collect();
-    if !ids.is_empty() {
-        let mut tx = state
+    let mut unchanged: Vec<Uuid> = unchanged.iter().map(|s| s.id).collect();
+    let cordoned = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let mut conn = state
             .pool
-            .begin()
+            .acquire()
             .await
             .map_err(|e| store_status(e.into()))?;
-        fleet_cordon(&mut tx, &ctx, &ids, &why)
+        fleet_cordon(&mut conn, &ctx, &ids, &why)
             .await
-            .map_err(store_status)?;
-        tx.commit().await.map_err(|e| store_status(e.into()))?;
-    }
+            .map_err(store_status)?
+    };
+    // Cordoned by someone else since they were selected: nothing changed.
+    unchanged.extend(ids.iter().filter(|id| !cordoned.contains(id)));
+    unchanged.sort();
     Ok(v1::DrainResponse {
-        accepted_ids: ids.iter().map(Uuid::to_string).collect(),
-        unchanged_ids: unchanged.iter().map(|s| s.id.to_string()).collect(),
+        accepted_ids: cordoned.iter().map(Uuid::to_string).collect(),
+        unchanged_ids: unchanged.iter().map(Uuid::to_string).collect(),
         unknown_ids: resolved.unknown,
+    })
+}
+
+/// `Uncordon`: undoes a drain (see `flotilla_store::fleet::fleet_uncordon`).
+pub async fn uncordon(
+    state: &ApiState,
+    ctx: WriteCtx,
+    req: v1::UncordonRequest,
+) -> Result<v1::UncordonResponse, Status> {
+    let id: InstanceId = validate::instance_id("id", &req.id)?;
+    let why = reason(&req.reason, "uncordon requested")?;
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| store_status(e.into()))?;
+    let row = match fleet_uncordon(&mut conn, &ctx, id, &why).await {
+        Ok(row) => row,
+        Err(StoreError::NotFound(_)) => {
+            return Err(Status::not_found(format!("instance {id} does not exist")));
+        }
+        Err(e) => return Err(store_status(e)),
+    };
+    tracing::info!(instance_id = %id, actor = %ctx.actor, reason = %why, "instance uncordoned");
+    Ok(v1::UncordonResponse {
+        instance: Some(row.to_proto()),
     })
 }
 

@@ -11,6 +11,8 @@ mod common;
 
 #[path = "auth.rs"]
 mod auth;
+#[path = "cordon.rs"]
+mod cordon;
 #[path = "fuzz.rs"]
 mod fuzz;
 #[path = "grpc_surface.rs"]

@@ -517,6 +517,7 @@ async fn fuzz(total: u64, pki: Option<crate::security::Pki>) {
                     } else {
                         String::new()
                     },
+                    cordoned: rng.random_bool(0.3).then(|| rng.random()),
                 };
                 match fleet.clone().list_instances(authed(req, TOKEN)).await {
                     Ok(r) => {

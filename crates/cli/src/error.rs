@@ -28,6 +28,9 @@ pub mod exit {
     pub const CONFLICT: u8 = 7;
     /// Anything else (an internal error at the api, an unexpected answer).
     pub const OTHER: u8 = 1;
+    /// Interrupted (Ctrl-C) while waiting; what was accepted goes on. 128
+    /// + SIGINT, as shells report a process that SIGINT ended.
+    pub const INTERRUPTED: u8 = 130;
 
     /// Every code with the words the README's exit-code paragraph uses for
     /// it (checked by a test, so the README cannot drift from the code).
@@ -43,6 +46,7 @@ pub mod exit {
             "accepted but not every instance reached the goal",
         ),
         (CONFLICT, "conflict with the current state"),
+        (INTERRUPTED, "interrupted"),
     ];
 }
 
@@ -57,7 +61,9 @@ Exit codes:
   5  no such instance or pool
   6  accepted, but not every instance reached the goal (failed or timed out)
   7  conflict with the current state (already exists, changed concurrently,
-     a pool that still has live instances or is being deleted)";
+     a pool that still has live instances or is being deleted, an uncordon
+     of an instance that is not cordoned or is being terminated)
+  130  interrupted (Ctrl-C) while waiting; what the api accepted goes on";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -96,6 +102,9 @@ pub enum CliError {
     Conflict(String),
     #[error("{0}")]
     Incomplete(String),
+    /// Ctrl-C while waiting: says what goes on and how to follow it.
+    #[error("{0}")]
+    Interrupted(String),
     #[error("the api answered {code:?}: {message}")]
     Other { code: Code, message: String },
     #[error("{0}")]
@@ -154,6 +163,7 @@ impl CliError {
             CliError::NotFound(_) => exit::NOT_FOUND,
             CliError::Conflict(_) => exit::CONFLICT,
             CliError::Incomplete(_) => exit::INCOMPLETE,
+            CliError::Interrupted(_) => exit::INTERRUPTED,
             CliError::Other { .. } | CliError::Io(_) => exit::OTHER,
         }
     }
@@ -217,6 +227,7 @@ mod tests {
             exit::NOT_FOUND,
             exit::INCOMPLETE,
             exit::CONFLICT,
+            exit::INTERRUPTED,
         ];
         let distinct: std::collections::HashSet<_> = codes.iter().collect();
         assert_eq!(distinct.len(), codes.len(), "exit codes are distinct");

@@ -1,7 +1,8 @@
 //! The instance commands: provision, list, get, watch, terminate, drain,
-//! abandon.
+//! uncordon, abandon.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -74,19 +75,35 @@ fn print_instances(instances: &[v1::Instance], out: Output) {
 }
 
 pub async fn provision(api: &Api, a: ProvisionArgs) -> Result<(), CliError> {
-    let answer = api
-        .client()
-        .provision(api.request(v1::ProvisionRequest {
-            pool: a.pool.clone(),
-            count: a.count.unwrap_or(0),
-            names: a.name,
-            labels: a.label.into_iter().collect(),
-            idempotency_key: a.idempotency_key,
-            dry_run: a.dry_run,
-        }))
-        .await
-        .map_err(|s| api.error(s))?
-        .into_inner();
+    // Listening before the request: a Ctrl-C from the moment the api may
+    // have accepted it is answered with what goes on, never the default
+    // silent death.
+    let interrupt = interrupted()?;
+    tokio::pin!(interrupt);
+    let mut client = api.client();
+    let call = client.provision(api.request(v1::ProvisionRequest {
+        pool: a.pool.clone(),
+        count: a.count.unwrap_or(0),
+        names: a.name,
+        labels: a.label.into_iter().collect(),
+        idempotency_key: a.idempotency_key.clone(),
+        dry_run: a.dry_run,
+    }));
+    let answer = tokio::select! {
+        answer = call => answer.map_err(|s| api.error(s))?.into_inner(),
+        () = &mut interrupt => {
+            return Err(CliError::Interrupted(format!(
+                "interrupted before the api answered: it may have accepted the request\n\
+                 hint: see with `flotilla list --pool {}`{}",
+                a.pool,
+                if a.idempotency_key.is_empty() {
+                    ""
+                } else {
+                    "; asking again with the same --idempotency-key creates nothing twice"
+                }
+            )));
+        }
+    };
     let n = answer.instances.len();
     if answer.dry_run {
         eprintln!("dry run: {n} instances would be created in pool {}", a.pool);
@@ -108,16 +125,57 @@ pub async fn provision(api: &Api, a: ProvisionArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let ids: Vec<String> = answer.instances.iter().map(|i| i.id.clone()).collect();
-    let result = wait_for(
-        api,
-        &a.pool,
-        &ids,
-        InstanceState::Ready,
-        Duration::from_secs(a.wait_timeout),
-    )
-    .await;
-    print_instances(&result?, a.output);
+    let waited = tokio::select! {
+        waited = wait_for(
+            api,
+            &a.pool,
+            &ids,
+            InstanceState::Ready,
+            Duration::from_secs(a.wait_timeout),
+        ) => waited,
+        () = &mut interrupt => {
+            if std::io::stderr().is_terminal() {
+                // End the progress line redrawn in place.
+                eprintln!();
+            }
+            return Err(CliError::Interrupted(interrupted_note(&a.pool, n)));
+        }
+    };
+    print_instances(&waited?, a.output);
     Ok(())
+}
+
+/// Resolves at the first SIGINT (Ctrl-C), whose handler is installed now,
+/// not at the first poll.
+fn interrupted() -> Result<impl std::future::Future<Output = ()>, CliError> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            sigint.recv().await;
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+/// What a Ctrl-C during `provision`'s wait tells the user: only the
+/// waiting stopped; the api accepted the instances and they keep being
+/// provisioned.
+pub fn interrupted_note(pool: &str, n: usize) -> String {
+    format!(
+        "interrupted: stopped waiting, but the {n} accepted instance{s} keep{verb} being \
+         provisioned\nhint: follow {them} with `flotilla list --pool {pool}` or `flotilla watch \
+         --pool {pool}`; `flotilla terminate ID` if you no longer want {them}",
+        s = if n == 1 { "" } else { "s" },
+        verb = if n == 1 { "s" } else { "" },
+        them = if n == 1 { "it" } else { "them" },
+    )
 }
 
 #[derive(Debug, Args)]
@@ -134,9 +192,20 @@ pub struct ListArgs {
     /// Include terminated instances.
     #[arg(long, short = 'a', conflicts_with = "state")]
     pub all: bool,
+    /// Only cordoned instances: the ones `flotilla drain` took out of work
+    /// (they keep their state, shown as e.g. `ready,cordoned`; `flotilla
+    /// uncordon` puts them back), and the ones on their way out.
+    #[arg(long)]
+    pub cordoned: bool,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
+
+/// What `list --state draining` adds on stderr: `draining` is a step of a
+/// termination, not what `flotilla drain` leaves an instance in.
+pub const DRAINING_NOTE: &str = "note: `draining` is the step of a termination that waits for \
+     the worker to finish; an instance drained with `flotilla drain` keeps its state (e.g. \
+     `ready,cordoned`): list those with `flotilla list --cordoned`";
 
 pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
     let states: Vec<InstanceState> = if !a.state.is_empty() {
@@ -154,7 +223,17 @@ pub async fn list(api: &Api, a: ListArgs) -> Result<(), CliError> {
         .map(|s| v1::InstanceState::from(s) as i32)
         .collect();
     let labels: HashMap<String, String> = a.label.into_iter().collect();
-    let all = list_all(api, a.pool.as_deref().unwrap_or_default(), &states, &labels).await?;
+    let all = list_all(
+        api,
+        a.pool.as_deref().unwrap_or_default(),
+        &states,
+        &labels,
+        a.cordoned.then_some(true),
+    )
+    .await?;
+    if !a.cordoned && states.contains(&(v1::InstanceState::Draining as i32)) {
+        eprintln!("{DRAINING_NOTE}");
+    }
     if all.is_empty() && matches!(a.output, Output::Table | Output::Wide) {
         eprintln!("no instances");
         return Ok(());
@@ -169,6 +248,7 @@ async fn list_all(
     pool: &str,
     states: &[i32],
     labels: &HashMap<String, String>,
+    cordoned: Option<bool>,
 ) -> Result<Vec<v1::Instance>, CliError> {
     let mut all = Vec::new();
     let mut page_token = String::new();
@@ -181,6 +261,7 @@ async fn list_all(
                 labels: labels.clone(),
                 page_size: 1000,
                 page_token,
+                cordoned,
             }))
             .await
             .map_err(|s| api.error(s))?
@@ -275,7 +356,7 @@ pub async fn resolve(api: &Api, references: &[String]) -> Result<Vec<String>, Cl
     if references.iter().all(|r| is_full_id(r)) {
         return Ok(references.to_vec());
     }
-    let all = list_all(api, "", &[], &HashMap::new()).await?;
+    let all = list_all(api, "", &[], &HashMap::new(), None).await?;
     references
         .iter()
         .map(|r| {
@@ -533,12 +614,55 @@ pub async fn drain(api: &Api, a: DrainArgs) -> Result<(), CliError> {
         .map_err(|s| api.error(s))?
         .into_inner();
     report(
-        "draining",
+        "cordoned",
         &answer.accepted_ids,
         &answer.unchanged_ids,
         &answer.unknown_ids,
         a.output,
     )
+}
+
+#[derive(Debug, Args)]
+pub struct UncordonArgs {
+    /// Instance: its id, a unique id prefix (at least 4 characters), or its name.
+    pub id: String,
+    /// Recorded in the audit log.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Undoes a drain. The api refuses (exit 7) an instance that is not
+/// cordoned or is being terminated.
+pub async fn uncordon(api: &Api, a: UncordonArgs) -> Result<(), CliError> {
+    let id = resolve(api, std::slice::from_ref(&a.id)).await?.remove(0);
+    let answer = api
+        .client()
+        .uncordon(api.request(v1::UncordonRequest {
+            id,
+            reason: a.reason,
+        }))
+        .await
+        .map_err(|s| api.error(s))?
+        .into_inner();
+    let instance = answer.instance.unwrap_or_default();
+    match a.output {
+        Output::Json | Output::Yaml => print_json(&output::instance_json(&instance), a.output),
+        Output::Ids => println!("{}", instance.id),
+        Output::Table | Output::Wide => print!(
+            "{}",
+            output::table(
+                &["ID", "RESULT", "STATE"],
+                &[vec![
+                    instance.id.clone(),
+                    "uncordoned".into(),
+                    output::state_cell(&instance),
+                ]]
+            )
+        ),
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -629,6 +753,24 @@ mod tests {
             instance("0196ccdd-0000-7000-8000-000000000003", "web-1", Terminated),
             instance("0196ccee-0000-7000-8000-000000000004", "old", Terminated),
         ]
+    }
+
+    #[test]
+    fn a_ctrl_c_while_waiting_says_the_instances_go_on_and_how_to_follow_them() {
+        let e = CliError::Interrupted(interrupted_note("demo", 2));
+        assert_eq!(e.exit_code(), 130);
+        let text = e.to_string();
+        assert!(
+            text.contains("the 2 accepted instances keep being provisioned"),
+            "{text}"
+        );
+        assert!(text.contains("`flotilla list --pool demo`"), "{text}");
+        assert!(text.contains("`flotilla watch --pool demo`"), "{text}");
+        let one = interrupted_note("gpu", 1);
+        assert!(
+            one.contains("the 1 accepted instance keeps being provisioned"),
+            "{one}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! as they are, with a hint of what to do when a call fails.
 
 pub mod client;
+pub mod config;
 pub mod error;
 pub mod follow;
 pub mod instances;
@@ -28,7 +29,7 @@ use crate::client::Api;
 #[command(
     name = "flotilla",
     version,
-    about = "Flotilla command line: provision, list, watch, terminate, drain and abandon instances; manage pools",
+    about = "Flotilla command line: provision, list, watch, terminate, drain, uncordon and abandon instances; manage pools",
     after_help = error::EXIT_CODES_HELP
 )]
 pub struct Cli {
@@ -45,15 +46,12 @@ pub struct Connection {
     /// gRPC address of the Flotilla api: `https://host:port` (TLS) or
     /// `http://host:port`, plaintext, which is refused beyond loopback
     /// unless FLOTILLA_ALLOW_PLAINTEXT (`host:port` means http://host:port).
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_API_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub api_url: String,
+    /// Unset: the context's `api_url`, else http://127.0.0.1:50051.
+    #[arg(long, global = true, env = "FLOTILLA_API_URL")]
+    pub api_url: Option<String>,
     /// API token (one whose sha256 is in the api's API_TOKENS). Prefer the
-    /// environment variable: a flag is visible to other users in `ps`.
+    /// environment variable (or a context's token file): a flag is visible
+    /// to other users in `ps`.
     #[arg(
         long,
         global = true,
@@ -62,9 +60,16 @@ pub struct Connection {
     )]
     pub token: Option<String>,
     /// CA bundle trusted for an `https://` api URL: a PEM file, or the PEM
-    /// itself; unset, the system's roots.
+    /// itself; unset, the context's `ca`, else the system's roots.
     #[arg(long, global = true, env = "FLOTILLA_API_CA")]
     pub api_ca: Option<String>,
+    /// The context of the config file (FLOTILLA_CONFIG, else
+    /// $XDG_CONFIG_HOME/flotilla/config.yaml, else
+    /// ~/.config/flotilla/config.yaml) whose api URL, token file and CA
+    /// apply where no flag or variable sets them; unset, the file's
+    /// `current-context`.
+    #[arg(long, global = true, env = "FLOTILLA_CONTEXT")]
+    pub context: Option<String>,
     /// Allow an `http://` api URL to an address other than loopback: the
     /// API token then crosses the network in plaintext.
     #[arg(
@@ -87,6 +92,28 @@ pub struct Connection {
     pub request_timeout: u64,
 }
 
+impl Connection {
+    /// The api URL, token and CA after precedence: flag, then variable
+    /// (clap merges the two), then the config file's context, then the
+    /// default. The file is read only when a setting is left to it.
+    pub fn resolve(&self) -> Result<config::Resolved, CliError> {
+        let given = config::Given {
+            api_url: self.api_url.as_deref(),
+            token: self.token.as_deref(),
+            api_ca: self.api_ca.as_deref(),
+            context: self.context.as_deref(),
+        };
+        let everything_given = given.context.is_none()
+            && given.api_url.is_some()
+            && given.token.is_some_and(|t| !t.is_empty());
+        let file = match config::path() {
+            Some(path) if !everything_given => config::load(&path)?.map(|f| (path, f)),
+            _ => None,
+        };
+        config::resolve(&given, file.as_ref().map(|(p, f)| (p.as_path(), f)))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Ask for new instances in a pool, and wait until they are ready.
@@ -100,8 +127,13 @@ pub enum Command {
     Watch(instances::WatchArgs),
     /// Take instances down: cordon, drain, stop, delete machine and volumes.
     Terminate(instances::TerminateArgs),
-    /// Cordon and drain instances without terminating them.
+    /// Cordon and drain instances without terminating them: they take no
+    /// new work and keep their state (`list` shows `ready,cordoned`; `list
+    /// --cordoned` finds them).
     Drain(instances::DrainArgs),
+    /// Undo a drain: the instance takes work again. Refused (exit 7) for
+    /// one that is not cordoned or is being terminated.
+    Uncordon(instances::UncordonArgs),
     /// Give an instance up without any provider call, for one whose provider
     /// is gone for good; its machine may be left (the orphan scan deletes it
     /// if it carries Flotilla's tags).
@@ -109,6 +141,10 @@ pub enum Command {
     /// List, show, create, resize and delete pools.
     #[command(subcommand)]
     Pools(pools::PoolsCommand),
+    /// The config file's named contexts (api URL, token file, CA):
+    /// get-contexts, use-context NAME, current-context.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Print a shell completion script, e.g.
     /// `source <(flotilla completion bash)`, or
     /// `flotilla completion fish > ~/.config/fish/completions/flotilla.fish`.
@@ -136,22 +172,27 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 
 impl Cli {
     pub async fn run(self) -> Result<(), CliError> {
-        if let Command::Completion { shell } = self.command {
-            print!("{}", completion_script(shell));
-            return Ok(());
+        match self.command {
+            Command::Completion { shell } => {
+                print!("{}", completion_script(shell));
+                return Ok(());
+            }
+            Command::Config(c) => return config::run(c),
+            _ => {}
         }
+        let conn = self.conn.resolve()?;
         let tls = flotilla_telemetry::tls::ClientTls::new(
             "FLOTILLA_API_URL",
             "FLOTILLA_API_CA",
             "FLOTILLA_ALLOW_PLAINTEXT",
         )
-        .with_ca(self.conn.api_ca.as_deref())
+        .with_ca(conn.api_ca.as_deref())
         .map_err(|e| CliError::Invalid(e.to_string()))?
         .allow_plaintext(self.conn.allow_plaintext);
         let api = Api::connect(
-            &self.conn.api_url,
+            &conn.api_url,
             &tls,
-            self.conn.token.as_deref(),
+            conn.token.as_deref(),
             Duration::from_secs(self.conn.request_timeout.max(1)),
         )
         .await?;
@@ -162,9 +203,10 @@ impl Cli {
             Command::Watch(a) => instances::watch(&api, a).await,
             Command::Terminate(a) => instances::terminate(&api, a).await,
             Command::Drain(a) => instances::drain(&api, a).await,
+            Command::Uncordon(a) => instances::uncordon(&api, a).await,
             Command::Abandon(a) => instances::abandon(&api, a).await,
             Command::Pools(c) => pools::run(&api, c).await,
-            Command::Completion { .. } => Ok(()),
+            Command::Completion { .. } | Command::Config(_) => Ok(()),
         }
     }
 }
@@ -272,6 +314,38 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["flotilla", "completion", "zsh"]).is_ok());
         assert!(Cli::try_parse_from(["flotilla", "completion", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn uncordon_takes_one_reference_and_config_names_its_context() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+        };
+        match parse(&["uncordon", "web-1", "--reason", "done"]).map(|c| c.command) {
+            Ok(Command::Uncordon(a)) => {
+                assert_eq!(a.id, "web-1");
+                assert_eq!(a.reason, "done");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["uncordon"]).is_err());
+        assert!(parse(&["uncordon", "a", "b"]).is_err());
+        assert!(parse(&["list", "--cordoned", "--pool", "demo"]).is_ok());
+        match parse(&["--context", "prod", "config", "use-context", "local"]) {
+            Ok(cli) => {
+                assert_eq!(cli.conn.context.as_deref(), Some("prod"));
+                assert!(matches!(
+                    cli.command,
+                    Command::Config(config::ConfigCommand::UseContext { ref name }) if name == "local"
+                ));
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(parse(&["config", "get-contexts"]).is_ok());
+        assert!(
+            parse(&["list", "--context", "prod"]).is_ok(),
+            "a global flag"
+        );
     }
 
     #[test]

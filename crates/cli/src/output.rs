@@ -141,7 +141,7 @@ pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>, wide: boo
                 i.id.clone(),
                 i.pool.clone(),
                 i.name.clone(),
-                state_name(i.state),
+                state_cell(i),
                 since(i.created_at.as_ref(), now).map_or("-".into(), age),
                 since(i.last_heartbeat.as_ref(), now)
                     .map_or("-".into(), |s| format!("{} ago", age(s))),
@@ -172,6 +172,19 @@ pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>, wide: boo
         headers.extend(["CORDONED", "ATTENTION", "ATTEMPTS", "LABELS"]);
     }
     table(&headers, &rows)
+}
+
+/// The STATE column: the state, and `,cordoned` for a drained instance
+/// that is not terminal (the way kubectl shows `Ready,SchedulingDisabled`):
+/// a drain changes no state, so without it a drained instance would read
+/// as plain `ready`.
+pub fn state_cell(i: &v1::Instance) -> String {
+    let state = state_name(i.state);
+    if i.cordoned && !state_of(i).is_some_and(|s| s.is_terminal()) {
+        format!("{state},cordoned")
+    } else {
+        state
+    }
 }
 
 /// Labels as `k=v,k=v`, sorted by key.
@@ -224,7 +237,7 @@ pub fn instance_details(i: &v1::Instance, now: DateTime<Utc>) -> String {
         ("id", i.id.clone()),
         ("pool", i.pool.clone()),
         ("name", i.name.clone()),
-        ("state", state_name(i.state)),
+        ("state", state_cell(i)),
         ("desired", desired_name(i.desired_state).to_owned()),
         ("since", when(i.state_entered_at.as_ref())),
         ("provider", i.provider.clone()),
@@ -368,6 +381,7 @@ pub fn event_json(e: &v1::InstanceEvent) -> Value {
         "error": e.error,
         "reason": e.reason,
         "provider_machine_id": e.provider_machine_id,
+        "action": if e.action.is_empty() { Value::Null } else { Value::String(e.action.clone()) },
     })
 }
 
@@ -376,18 +390,25 @@ pub const EVENT_HEADER: &str =
     "    SEQ  AT                        INSTANCE  POOL  FROM -> TO  ACTOR";
 
 /// One event as one line: its stream sequence (to resume from), when, which
-/// instance, from → to, who, why.
+/// instance, from → to, who, why. An act that changed no state (a drain,
+/// an uncordon) shows as the state it happened in → the act
+/// (`ready -> cordoned`).
 pub fn event_line(e: &v1::InstanceEvent) -> String {
     let at = time(e.at.as_ref()).map_or("-".into(), |t| {
         t.to_rfc3339_opts(SecondsFormat::Millis, true)
     });
+    let to = if e.action.is_empty() {
+        state_name(e.to_state)
+    } else {
+        e.action.clone()
+    };
     let mut line = format!(
         "{:>7}  {at}  {}  {}  {:>19} -> {:<19} {}",
         e.stream_sequence,
         e.instance_id,
         e.pool,
         from_name(e.from_state),
-        state_name(e.to_state),
+        to,
         e.actor
     );
     if !e.reason.is_empty() {
@@ -642,6 +663,52 @@ mod tests {
                 .ends_with("true      true       3         app=web,flotilla.dev/replaces=0196-old"),
             "{wide}"
         );
+    }
+
+    #[test]
+    fn a_drained_instance_reads_cordoned_in_its_state_and_its_events() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let table = instances_table(&[replacement()], now, false);
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .expect("row")
+                .contains("ready,cordoned"),
+            "{table}"
+        );
+        let gone = v1::Instance {
+            state: v1::InstanceState::Terminated as i32,
+            ..replacement()
+        };
+        assert_eq!(state_cell(&gone), "terminated");
+        let uncordoned = v1::Instance {
+            cordoned: false,
+            ..replacement()
+        };
+        assert_eq!(state_cell(&uncordoned), "ready");
+        let event = v1::InstanceEvent {
+            stream_sequence: 9,
+            instance_id: "0196-x".into(),
+            pool: "demo".into(),
+            from_state: v1::InstanceState::Ready as i32,
+            to_state: v1::InstanceState::Ready as i32,
+            action: "cordoned".into(),
+            actor: "api:ops".into(),
+            reason: "kernel upgrade".into(),
+            ..Default::default()
+        };
+        let line = event_line(&event);
+        assert!(line.contains("ready -> cordoned"), "{line}");
+        assert!(line.contains("reason: kernel upgrade"), "{line}");
+        assert_eq!(event_json(&event)["action"], "cordoned");
+        let transition = v1::InstanceEvent {
+            action: String::new(),
+            to_state: v1::InstanceState::Draining as i32,
+            ..event
+        };
+        assert!(event_line(&transition).contains("ready -> draining"));
+        assert_eq!(event_json(&transition)["action"], Value::Null);
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub fn instance_event(state: InstanceState) -> String {
     format!("EVT.instance.{}", state.as_str())
 }
 
+/// `EVT.instance.cordoned` / `EVT.instance.uncordoned`: an instance was
+/// drained or uncordoned, an act that changes no state. Under the instance
+/// wildcard, so every watcher sees them; no state is spelled like them.
+pub fn instance_cordon_event(cordoned: bool) -> &'static str {
+    if cordoned {
+        "EVT.instance.cordoned"
+    } else {
+        "EVT.instance.uncordoned"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,6 +51,15 @@ mod tests {
             assert!(
                 state.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{subject}"
+            );
+        }
+        for cordoned in [true, false] {
+            let subject = instance_cordon_event(cordoned);
+            let act = subject.strip_prefix(prefix).expect("under EVT.instance.>");
+            assert!(act.bytes().all(|b| b.is_ascii_lowercase()), "{subject}");
+            assert!(
+                InstanceState::ALL.iter().all(|s| s.as_str() != act),
+                "{subject} is no state's subject"
             );
         }
     }

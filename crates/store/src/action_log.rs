@@ -65,6 +65,8 @@ pub enum Request {
     Terminate { force: bool },
     /// Drain asked for: the worker takes no new work.
     Drain,
+    /// A drain undone: the worker takes work again.
+    Uncordon,
     /// The watchdog held its verdict that the machine is lost (the storm
     /// guard): a decision not to act, kept in the history with its reason.
     LostVerdictHeld,
@@ -76,6 +78,7 @@ impl Request {
         match self {
             Request::Terminate { .. } => "terminate_requested",
             Request::Drain => "drain_requested",
+            Request::Uncordon => "uncordoned",
             Request::LostVerdictHeld => "lost_verdict_held",
         }
     }
@@ -83,7 +86,7 @@ impl Request {
     fn force(self) -> Option<bool> {
         match self {
             Request::Terminate { force } => Some(force),
-            Request::Drain | Request::LostVerdictHeld => None,
+            Request::Drain | Request::Uncordon | Request::LostVerdictHeld => None,
         }
     }
 }

@@ -142,7 +142,7 @@ pub struct Transition<'a> {
     pub reason: Option<&'a str>,
 }
 
-fn instance_event(
+pub(crate) fn instance_event(
     row: &InstanceRow,
     from: Option<InstanceState>,
     log_id: i64,
@@ -164,6 +164,7 @@ fn instance_event(
         reason: reason.unwrap_or_default().to_owned(),
         provider_machine_id: row.provider_machine_id.clone().unwrap_or_default(),
         stream_sequence: 0,
+        action: String::new(),
     }
 }
 
@@ -472,6 +473,8 @@ pub struct ListFilter {
     pub pool: Option<String>,
     pub states: Vec<InstanceState>,
     pub labels: BTreeMap<String, String>,
+    /// Only cordoned (`Some(true)`) or only uncordoned instances.
+    pub cordoned: Option<bool>,
     pub after: Option<InstanceId>,
     pub limit: i64,
 }
@@ -485,6 +488,7 @@ pub async fn instance_list(conn: &mut PgConnection, f: &ListFilter) -> Result<Ve
            AND (cardinality($2::text[]) = 0 OR state = ANY($2))
            AND labels @> $3
            AND ($4::uuid IS NULL OR id > $4)
+           AND ($6::bool IS NULL OR cordoned = $6)
          ORDER BY id LIMIT $5"
     ))
     .bind(f.pool.as_deref())
@@ -492,6 +496,7 @@ pub async fn instance_list(conn: &mut PgConnection, f: &ListFilter) -> Result<Ve
     .bind(Json(&f.labels))
     .bind(f.after.map(|a| a.0))
     .bind(f.limit)
+    .bind(f.cordoned)
     .fetch_all(conn)
     .await?)
 }

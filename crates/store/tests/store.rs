@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use flotilla_core::{DesiredState, ErrorClass, InstanceId, InstanceState};
 use flotilla_proto::v1;
+use flotilla_store::fleet::{fleet_cordon, fleet_uncordon};
 use flotilla_store::instance::{
     Abandon, ClaimQuery, ListFilter, NewInstance, Transition, instance_abandon, instance_claim_due,
     instance_get, instance_insert_requested, instance_insert_with_provision, instance_list,
@@ -1175,4 +1176,144 @@ async fn a_pool_without_live_instances_is_deleted_at_once_and_then_unknown() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+/// The subject and decoded event of the newest outbox row.
+async fn last_event(db: &PgPool) -> (String, v1::InstanceEvent) {
+    let (subject, payload): (String, Vec<u8>) =
+        sqlx::query_as("SELECT subject, payload FROM outbox ORDER BY id DESC LIMIT 1")
+            .fetch_one(db)
+            .await
+            .unwrap();
+    let event = v1::InstanceEvent::decode(payload.as_slice()).unwrap();
+    (subject, event)
+}
+
+#[tokio::test]
+async fn a_cordon_and_its_undoing_keep_the_state_and_are_each_an_act_with_its_event() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 2).await;
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id.0).collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ops = WriteCtx::new("api:ops");
+
+    let cordoned = fleet_cordon(&mut conn, &ops, &ids[..1], "kernel upgrade")
+        .await
+        .unwrap();
+    assert_eq!(cordoned, ids[..1].to_vec());
+    let row = instance_get(&mut conn, rows[0].id).await.unwrap().unwrap();
+    assert!(row.cordoned);
+    assert_eq!(
+        row.state,
+        InstanceState::Requested,
+        "a cordon is no transition"
+    );
+    assert_eq!(row.version, rows[0].version);
+    let (subject, event) = last_event(&db.pool).await;
+    assert_eq!(subject, "EVT.instance.cordoned");
+    assert_eq!(event.action, "cordoned");
+    assert_eq!(event.instance_id, ids[0].to_string());
+    assert_eq!(event.from_state, event.to_state);
+    assert_eq!(event.reason, "kernel upgrade");
+    let history = action_log::action_log_for_instance(&mut conn, ids[0])
+        .await
+        .unwrap();
+    let act = history.last().unwrap();
+    assert_eq!(act.action.as_deref(), Some("drain_requested"));
+    assert_eq!(act.id as u64, event.event_id);
+    assert_eq!(act.to_state, None);
+
+    // Cordoning both: only the one not cordoned yet changes.
+    let outbox = count(&db.pool, "SELECT count(*) FROM outbox").await;
+    let again = fleet_cordon(&mut conn, &ops, &ids, "").await.unwrap();
+    assert_eq!(again, ids[1..].to_vec());
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox").await,
+        outbox + 1
+    );
+
+    let undone = fleet_uncordon(&mut conn, &ops, rows[0].id, "upgrade done")
+        .await
+        .unwrap();
+    assert!(!undone.cordoned);
+    assert_eq!(undone.version, rows[0].version);
+    let (subject, event) = last_event(&db.pool).await;
+    assert_eq!(subject, "EVT.instance.uncordoned");
+    assert_eq!(event.action, "uncordoned");
+    let history = action_log::action_log_for_instance(&mut conn, ids[0])
+        .await
+        .unwrap();
+    let act = history.last().unwrap();
+    assert_eq!(act.action.as_deref(), Some("uncordoned"));
+    assert_eq!(act.actor, "api:ops");
+    assert_eq!(act.reason.as_deref(), Some("upgrade done"));
+
+    // Nothing to undo: refused, nothing written.
+    let writes = |db: &PgPool| {
+        let db = db.clone();
+        async move {
+            (
+                count(&db, "SELECT count(*) FROM outbox").await,
+                count(&db, "SELECT count(*) FROM action_logs").await,
+            )
+        }
+    };
+    let before = writes(&db.pool).await;
+    let err = fleet_uncordon(&mut conn, &ops, rows[0].id, "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Refused(m) if m.contains("is not cordoned")),
+        "{err}"
+    );
+    sqlx::query("UPDATE instances SET desired_state = 'terminated' WHERE id = $1")
+        .bind(ids[1])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let err = fleet_uncordon(&mut conn, &ops, rows[1].id, "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Refused(m) if m.contains("is being terminated")),
+        "{err}"
+    );
+    assert!(
+        instance_get(&mut conn, rows[1].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .cordoned
+    );
+    let err = fleet_uncordon(&mut conn, &ops, InstanceId::new(), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    assert_eq!(writes(&db.pool).await, before);
+}
+
+#[tokio::test]
+async fn list_filters_by_cordon() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "p").await;
+    let rows = insert(&db.pool, "p", 3).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    fleet_cordon(&mut conn, &WriteCtx::new("test"), &[rows[1].id.0], "")
+        .await
+        .unwrap();
+    let list = |cordoned| ListFilter {
+        cordoned,
+        limit: 100,
+        ..Default::default()
+    };
+    let only = instance_list(&mut conn, &list(Some(true))).await.unwrap();
+    assert_eq!(only.iter().map(|r| r.id).collect::<Vec<_>>(), [rows[1].id]);
+    let others = instance_list(&mut conn, &list(Some(false))).await.unwrap();
+    assert_eq!(others.len(), 2);
+    assert!(others.iter().all(|r| !r.cordoned));
+    assert_eq!(
+        instance_list(&mut conn, &list(None)).await.unwrap().len(),
+        3
+    );
 }
