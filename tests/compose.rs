@@ -744,7 +744,11 @@ impl EngineEvents {
             .lines()
             .filter_map(|l| {
                 let mut f = l.split_whitespace();
-                Some((f.next()?.to_owned(), f.next()?.to_owned(), f.next()?.to_owned()))
+                Some((
+                    f.next()?.to_owned(),
+                    f.next()?.to_owned(),
+                    f.next()?.to_owned(),
+                ))
             })
             .collect()
     }
@@ -929,7 +933,9 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
         if ready == n && running == n {
             Ok(())
         } else {
-            Err(format!("ready {ready}, running containers {running}, want {n}"))
+            Err(format!(
+                "ready {ready}, running containers {running}, want {n}"
+            ))
         }
     };
     let limit = Duration::from_secs(180);
@@ -945,9 +951,19 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     acked.extend(c.provision("fleet", 6, "chaos-2"));
     docker_ok(&["network", "disconnect", c.network(), &schedulers[0]]);
     std::thread::sleep(LEASE + Duration::from_secs(5));
-    docker_ok(&["network", "connect", "--alias", "scheduler", c.network(), &schedulers[0]]);
+    docker_ok(&[
+        "network",
+        "connect",
+        "--alias",
+        "scheduler",
+        c.network(),
+        &schedulers[0],
+    ]);
     flotilla_test_utils::eventually_blocking("12 ready", limit, every, || ready_is(12));
-    println!("12 ready through a partitioned scheduler in {:?}", t.elapsed());
+    println!(
+        "12 ready through a partitioned scheduler in {:?}",
+        t.elapsed()
+    );
 
     // 2. The other scheduler paused for two leases in the middle of four
     //    creates, then resumed: it wakes without its claims.
@@ -966,8 +982,14 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     //    `paused`, which the docker provider maps to suspended, a machine
     //    that does not run, and that confirms at once.)
     let workers = c.running_workers("fleet");
-    let instance_of =
-        |id: &str| docker(&["inspect", "-f", "{{index .Config.Labels \"flotilla_instance_id\"}}", id]);
+    let instance_of = |id: &str| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"flotilla_instance_id\"}}",
+            id,
+        ])
+    };
     let (paused, cut) = (workers[0].clone(), workers[1].clone());
     let (paused_instance, cut_instance) = (instance_of(&paused), instance_of(&cut));
     let t = Instant::now();
@@ -977,19 +999,14 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     // plus the confirmation.
     std::thread::sleep(HEARTBEAT_TIMEOUT + Duration::from_secs(2));
     docker_ok(&["network", "connect", c.network(), &paused]);
-    flotilla_test_utils::eventually_blocking(
-        "the cut-off worker replaced",
-        limit,
-        every,
-        || {
-            let terminated = c.pool_instances("fleet", "terminated");
-            if terminated.contains(&cut_instance) && ready_is(16).is_ok() {
-                Ok(())
-            } else {
-                Err(format!("terminated {terminated:?}, {:?}", ready_is(16)))
-            }
-        },
-    );
+    flotilla_test_utils::eventually_blocking("the cut-off worker replaced", limit, every, || {
+        let terminated = c.pool_instances("fleet", "terminated");
+        if terminated.contains(&cut_instance) && ready_is(16).is_ok() {
+            Ok(())
+        } else {
+            Err(format!("terminated {terminated:?}, {:?}", ready_is(16)))
+        }
+    });
     println!("cut-off worker replaced in {:?}", t.elapsed());
     let confirmed_after = c.sql(&format!(
         "SELECT extract(epoch FROM min(a.at) - i.last_heartbeat) FROM action_logs a \
@@ -1000,14 +1017,17 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     let confirmed_after: f64 = confirmed_after
         .first()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no worker_dead verdict for {cut_instance}: {confirmed_after:?}"));
+        .unwrap_or_else(|| {
+            panic!("no worker_dead verdict for {cut_instance}: {confirmed_after:?}")
+        });
     assert!(
         confirmed_after >= (HEARTBEAT_TIMEOUT + DEAD_CONFIRM).as_secs_f64() - 1.0,
         "declared dead {confirmed_after:.1} s after its last heartbeat: before the provider's \
          confirmation could be had"
     );
     assert!(
-        c.pool_instances("fleet", "ready").contains(&paused_instance),
+        c.pool_instances("fleet", "ready")
+            .contains(&paused_instance),
         "the worker cut off for less than the confirmation was replaced"
     );
 
@@ -1017,7 +1037,11 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     let nats0 = c.container("nats").expect("the first NATS node");
     docker_ok(&["network", "disconnect", c.network(), &nats0]);
     acked.extend(c.provision("fleet", 4, "chaos-4"));
-    let going: Vec<String> = c.pool_instances("fleet", "ready").into_iter().take(4).collect();
+    let going: Vec<String> = c
+        .pool_instances("fleet", "ready")
+        .into_iter()
+        .take(4)
+        .collect();
     let mut terminate = vec!["terminate"];
     terminate.extend(going.iter().map(String::as_str));
     c.cli_ok(&terminate);
@@ -1035,26 +1059,47 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
         },
     );
     docker_ok(&["network", "connect", "--alias", "nats", c.network(), &nats0]);
-    println!("provision and terminate with a NATS node cut off in {:?}", t.elapsed());
+    println!(
+        "provision and terminate with a NATS node cut off in {:?}",
+        t.elapsed()
+    );
 
     // The database says what the engine holds, and only the cut-off
     // worker was ever declared dead or lost.
     let ready: BTreeSet<String> = c.pool_instances("fleet", "ready").into_iter().collect();
-    assert_eq!(ready, c.running_instances("fleet"), "database and engine differ");
+    assert_eq!(
+        ready,
+        c.running_instances("fleet"),
+        "database and engine differ"
+    );
     let verdicts = c.sql(
         "SELECT DISTINCT instance_id FROM action_logs WHERE to_state IN ('worker_dead', 'lost')",
     );
-    assert_eq!(verdicts, [cut_instance.clone()], "a live worker was replaced");
+    assert_eq!(
+        verdicts,
+        [cut_instance.clone()],
+        "a live worker was replaced"
+    );
     // 0 lost: every acknowledged instance became ready, and those still
     // live are the ones nobody terminated.
     let reached_ready: BTreeSet<String> = c
         .sql("SELECT DISTINCT instance_id FROM action_logs WHERE to_state = 'ready'")
         .into_iter()
         .collect();
-    let never: Vec<&String> = acked.iter().filter(|id| !reached_ready.contains(*id)).collect();
+    let never: Vec<&String> = acked
+        .iter()
+        .filter(|id| !reached_ready.contains(*id))
+        .collect();
     assert!(never.is_empty(), "acknowledged but never ready: {never:?}");
 
-    c.cli_ok(&["terminate", "--pool", "fleet", "--wait", "--wait-timeout", "180"]);
+    c.cli_ok(&[
+        "terminate",
+        "--pool",
+        "fleet",
+        "--wait",
+        "--wait-timeout",
+        "180",
+    ]);
     flotilla_test_utils::eventually_blocking(
         "no worker container left, each one's removal seen",
         Duration::from_secs(60),
@@ -1067,14 +1112,24 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
             if left.is_empty() && created == destroyed && created > 0 {
                 Ok(())
             } else {
-                Err(format!("left {left:?}, created {created}, destroyed {destroyed}"))
+                Err(format!(
+                    "left {left:?}, created {created}, destroyed {destroyed}"
+                ))
             }
         },
     );
     let seen = events.read();
-    assert_eq!(duplicated(&seen), Vec::<String>::new(), "two containers for one instance");
+    assert_eq!(
+        duplicated(&seen),
+        Vec::<String>::new(),
+        "two containers for one instance"
+    );
     let live = c.sql("SELECT count(*) FROM instances WHERE state NOT IN ('terminated')");
-    assert_eq!(live, ["0"], "instances left live after terminating the pool");
+    assert_eq!(
+        live,
+        ["0"],
+        "instances left live after terminating the pool"
+    );
     let created = seen.iter().filter(|e| e.0 == "create").count();
     println!(
         "containers as hosts: {} acknowledged, {created} worker containers created and removed, \

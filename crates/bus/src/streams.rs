@@ -309,9 +309,6 @@ mod tests {
             matches!(&err, BusError::InvalidConfig(m) if m.contains("nats://bad:port")),
             "{err:?}"
         );
-        assert!(matches!(
-            seed_addrs(" , "),
-            Err(BusError::InvalidConfig(_))
-        ));
+        assert!(matches!(seed_addrs(" , "), Err(BusError::InvalidConfig(_))));
     }
 }

@@ -118,12 +118,10 @@ where
                                 .unwrap_or_default(),
                         });
                         let item = id.to_string();
-                        let stepped = flotilla_telemetry::origin::within(
-                            batch.span,
-                            &item,
-                            origin,
-                            async { step(row, pool, f).await.map_err(Some) },
-                        );
+                        let stepped =
+                            flotilla_telemetry::origin::within(batch.span, &item, origin, async {
+                                step(row, pool, f).await.map_err(Some)
+                            });
                         match tokio::time::timeout(batch.step_timeout, stepped).await {
                             Ok(result) => result,
                             Err(_) => {

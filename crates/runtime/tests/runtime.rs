@@ -486,7 +486,10 @@ async fn a_provider_call_on_a_connection_a_partition_silenced_fails_within_the_k
         target: None,
         machine_id: "m".into(),
     };
-    let first = client.get_machine(call()).await.expect_err("no Provider here");
+    let first = client
+        .get_machine(call())
+        .await
+        .expect_err("no Provider here");
     assert_eq!(first.code(), tonic::Code::Unimplemented, "{first:?}");
 
     proxy.cut();

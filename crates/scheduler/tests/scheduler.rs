@@ -693,7 +693,10 @@ async fn capacity_fills_a_pool_then_marks_the_surplus_for_termination() {
             .fetch_one(&env.db.pool)
             .await
             .unwrap();
-    assert_eq!(cmds, 1, "one command, for the one scale-down that took instances");
+    assert_eq!(
+        cmds, 1,
+        "one command, for the one scale-down that took instances"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
