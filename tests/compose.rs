@@ -555,20 +555,7 @@ fn docker_compose_up_runs_a_real_fleet_through_kills_and_restarts_and_down_leave
 
     // The demo fleet of the docker provider: each worker a container of
     // this engine, running the agent of the Flotilla image.
-    let image = std::env::var("FLOTILLA_IMAGE").unwrap_or_else(|_| "flotilla:dev".into());
-    compose.cli_ok(&[
-        "pools",
-        "create",
-        "fleet",
-        "--provider",
-        "docker",
-        "--instance-type",
-        "container",
-        "--region",
-        "local",
-        "--image",
-        &format!("{image} agent"),
-    ]);
+    compose.create_docker_pool("fleet");
     let t = Instant::now();
     compose.cli_ok(&[
         "provision",
@@ -871,6 +858,25 @@ impl Compose {
             .collect()
     }
 
+    /// A pool of the `docker` provider: its workers are containers of this
+    /// engine running the agent of the Flotilla image.
+    fn create_docker_pool(&self, pool: &str) {
+        let image = std::env::var("FLOTILLA_IMAGE").unwrap_or_else(|_| "flotilla:dev".into());
+        self.cli_ok(&[
+            "pools",
+            "create",
+            pool,
+            "--provider",
+            "docker",
+            "--instance-type",
+            "container",
+            "--region",
+            "local",
+            "--image",
+            &format!("{image} agent"),
+        ]);
+    }
+
     /// The network the compose project and its workers are on.
     fn network(&self) -> &str {
         &self.project
@@ -913,20 +919,7 @@ fn containers_as_hosts_partitions_pauses_and_a_lost_nats_node_lose_leak_and_dupl
     let schedulers = c.containers("scheduler");
     assert_eq!(schedulers.len(), 2, "two scheduler replicas");
 
-    let image = std::env::var("FLOTILLA_IMAGE").unwrap_or_else(|_| "flotilla:dev".into());
-    c.cli_ok(&[
-        "pools",
-        "create",
-        "fleet",
-        "--provider",
-        "docker",
-        "--instance-type",
-        "container",
-        "--region",
-        "local",
-        "--image",
-        &format!("{image} agent"),
-    ]);
+    c.create_docker_pool("fleet");
     let mut acked: Vec<String> = Vec::new();
     let ready_is = |n: usize| {
         let ready = c.pool_instances("fleet", "ready").len();

@@ -178,17 +178,7 @@ pub async fn fleet_uncordon(
     reason: &str,
 ) -> Result<InstanceRow> {
     let mut tx = conn.begin().await?;
-    let row: Option<InstanceRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        instance_columns!(),
-        " FROM instances WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        return Err(StoreError::NotFound(format!("instance {id}")));
-    };
+    let row = crate::instance::instance_lock(&mut tx, id).await?;
     if row.state.is_terminal() {
         return Err(StoreError::Refused(format!(
             "instance {id} is {}: there is nothing to uncordon",

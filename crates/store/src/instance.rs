@@ -398,17 +398,7 @@ pub async fn instance_abandon(
     reason: &str,
 ) -> Result<Abandon> {
     let mut tx = conn.begin().await?;
-    let row: Option<InstanceRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        instance_columns!(),
-        " FROM instances WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        return Err(StoreError::NotFound(format!("instance {id}")));
-    };
+    let row = instance_lock(&mut tx, id).await?;
     if row.state.is_terminal() {
         return Ok(Abandon::AlreadyTerminal(Box::new(row)));
     }
@@ -442,6 +432,20 @@ pub async fn instance_abandon(
 }
 
 /// Why a conditional write matched nothing.
+/// The instance's row, locked for the rest of the transaction; NotFound
+/// when there is none.
+pub(crate) async fn instance_lock(conn: &mut PgConnection, id: InstanceId) -> Result<InstanceRow> {
+    let row: Option<InstanceRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        instance_columns!(),
+        " FROM instances WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.ok_or_else(|| StoreError::NotFound(format!("instance {id}")))
+}
+
 async fn stale_or_missing(conn: &mut PgConnection, id: InstanceId, expected: i64) -> StoreError {
     match sqlx::query_as::<_, (String, i64)>("SELECT state, version FROM instances WHERE id = $1")
         .bind(id.0)
