@@ -4,7 +4,13 @@
 //! Design notes: the channel connects lazily and reconnects by itself, so a
 //! control plane that is down at boot or goes away later is one more failed
 //! call, never a dead client. Each call gets its own correlation id and span,
-//! so one heartbeat can be followed into the api's logs.
+//! so one heartbeat can be followed into the api's logs. The connection is
+//! pinged (HTTP/2 keepalive) even while idle: a worker whose network moves
+//! under it (a new address, a NAT entry dropped, a partition healed on the
+//! other side) holds a connection that answers nothing and resets nothing,
+//! and a per-call timeout alone would fail every heartbeat on it until the
+//! kernel gives up on TCP, minutes later, long after the worker is declared
+//! dead. An unanswered ping closes it and the next call connects afresh.
 
 use std::future::Future;
 use std::time::Duration;
@@ -104,6 +110,7 @@ impl WorkerApi {
         url: &str,
         tls: &ClientTls,
         timeout: Duration,
+        keepalive: Duration,
         instance_id: InstanceId,
         token: &Secret,
     ) -> Result<WorkerApi, AgentError> {
@@ -124,7 +131,10 @@ impl WorkerApi {
             .endpoint(url)
             .map_err(|e| AgentError::Config(e.to_string()))?
             .connect_timeout(timeout)
-            .timeout(timeout);
+            .timeout(timeout)
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(keepalive)
+            .keep_alive_while_idle(true);
         Ok(WorkerApi {
             client: WorkerServiceClient::new(endpoint.connect_lazy()),
             instance_id: instance_id.to_string(),
@@ -227,6 +237,7 @@ mod tests {
             "http://127.0.0.1:1",
             &tls(),
             Duration::from_secs(1),
+            Duration::from_secs(1),
             InstanceId::new(),
             &token,
         )
@@ -242,9 +253,9 @@ mod tests {
         let id = InstanceId::new();
         let timeout = Duration::from_secs(1);
         let tls = tls();
-        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, id, &empty).is_err());
-        assert!(WorkerApi::new("not a url", &tls, timeout, id, &ok).is_err());
-        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, id, &ok).is_ok());
+        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, timeout, id, &empty).is_err());
+        assert!(WorkerApi::new("not a url", &tls, timeout, timeout, id, &ok).is_err());
+        assert!(WorkerApi::new("http://127.0.0.1:1", &tls, timeout, timeout, id, &ok).is_ok());
     }
 
     fn tls() -> ClientTls {
@@ -259,11 +270,11 @@ mod tests {
     async fn the_worker_token_is_not_sent_in_plaintext_beyond_loopback_unless_allowed() {
         let ok: Secret = "t".parse().expect("infallible");
         let (id, timeout) = (InstanceId::new(), Duration::from_secs(1));
-        let err = WorkerApi::new("http://api.example.com:50051", &tls(), timeout, id, &ok)
+        let err = WorkerApi::new("http://api.example.com:50051", &tls(), timeout, timeout, id, &ok)
             .expect_err("refused");
         assert!(err.to_string().contains("AGENT_ALLOW_PLAINTEXT"), "{err}");
         let allowed = tls().allow_plaintext(true);
-        assert!(WorkerApi::new("http://api.example.com:50051", &allowed, timeout, id, &ok).is_ok());
-        assert!(WorkerApi::new("https://api.example.com:50051", &tls(), timeout, id, &ok).is_ok());
+        assert!(WorkerApi::new("http://api.example.com:50051", &allowed, timeout, timeout, id, &ok).is_ok());
+        assert!(WorkerApi::new("https://api.example.com:50051", &tls(), timeout, timeout, id, &ok).is_ok());
     }
 }

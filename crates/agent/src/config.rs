@@ -73,6 +73,12 @@ pub struct AgentArgs {
     /// Milliseconds one call to the api (connecting included) may take.
     #[arg(long, env = "AGENT_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
     pub request_timeout_ms: u64,
+    /// Seconds between keepalive pings on the connection to the api, and
+    /// how long one may go unanswered before the connection is dropped and
+    /// made afresh (a connection left dead by a network change otherwise
+    /// fails every call until TCP gives up); at least 1.
+    #[arg(long, env = "AGENT_KEEPALIVE_SECONDS", default_value_t = 5)]
+    pub keepalive_seconds: u64,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -121,6 +127,11 @@ impl AgentArgs {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
     }
+
+    /// At least 1 s: pings more often would be noise on a healthy link.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.keepalive_seconds.max(1))
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +159,7 @@ mod tests {
         assert_eq!(args.fallback_heartbeat_interval(), Duration::from_secs(5));
         assert_eq!(args.dead_man(), Duration::from_secs(60));
         assert_eq!(args.request_timeout(), Duration::from_secs(5));
+        assert_eq!(args.keepalive(), Duration::from_secs(5));
         assert!(args.busy_file.is_none());
         assert!(AgentArgs::try_parse_from(["agent", "--worker-token", "t"]).is_err());
     }

@@ -127,6 +127,7 @@ impl Agent {
             &args.api_url,
             &tls,
             args.request_timeout(),
+            args.keepalive(),
             args.instance_id,
             &args.worker_token,
         )?;

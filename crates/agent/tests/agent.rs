@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_agent::{Agent, AgentArgs, AgentError, AgentStatus, ExitReason, Fault};
+use flotilla_chaos::proxy::FaultProxy;
 use flotilla_core::InstanceId;
 use flotilla_core::config::{LogFormat, TelemetryArgs};
 use flotilla_proto::v1;
@@ -257,6 +258,7 @@ fn args(url: &str, instance_id: InstanceId) -> AgentArgs {
         start_seconds: 0,
         busy_file: None,
         request_timeout_ms: 300,
+        keepalive_seconds: 1,
         telemetry: TelemetryArgs {
             log_format: LogFormat::Pretty,
             log_level: "info".to_owned(),
@@ -361,6 +363,34 @@ async fn heartbeats_come_at_the_interval_a_heartbeat_answer_names_with_increasin
     let span = beats[5].at.duration_since(beats[0].at);
     assert!(span >= Duration::from_millis(200), "too fast: {span:?}");
     assert!(span < Duration::from_millis(2000), "too slow: {span:?}");
+}
+
+/// A worker whose network changes under it (a container reconnected, a
+/// NAT entry dropped) holds a connection that answers nothing and resets
+/// nothing; it must not take TCP's minutes to notice.
+#[tokio::test]
+async fn heartbeats_resume_on_a_new_connection_after_the_open_one_goes_silent_for_good() {
+    let api = Api::start().await;
+    let upstream = api.url.trim_start_matches("http://").parse().expect("addr");
+    let proxy = FaultProxy::start("agent-api", upstream)
+        .await
+        .expect("proxy");
+    let url = format!("http://{}", proxy.addr());
+    let agent = spawn(AgentArgs {
+        // Only the keepalive may rescue the agent here, not an exit.
+        dead_man_seconds: 600,
+        ..args(&url, InstanceId::new())
+    });
+    api.wait_for_heartbeats(3).await;
+    let (beats, connections) = (api.fake.heartbeats().len(), proxy.connections());
+
+    proxy.strand();
+    api.wait_for_heartbeats(beats + 3).await;
+    assert!(
+        proxy.connections() > connections,
+        "heartbeats went on without a new connection"
+    );
+    agent.shutdown.cancel();
 }
 
 #[tokio::test]

@@ -19,6 +19,12 @@
 //! unanswered SYN). On `heal` every held connection goes on: the late
 //! delivery of a request its sender has given up on is exactly what the
 //! fencing of leases must survive.
+//!
+//! `strand` is the other half of a network change: a client whose address
+//! moves (a container reconnected to its network, a NAT entry expired)
+//! keeps connections that will never move a byte again, while new ones
+//! work at once. A client that only times its calls out, and never drops
+//! the dead connection, stays cut off for good.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,8 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub struct FaultProxy {
     name: String,
     addr: SocketAddr,
-    /// `true` while the link is cut.
-    cut: watch::Sender<bool>,
+    link: watch::Sender<Link>,
     connections: Arc<AtomicU64>,
     stop: CancellationToken,
 }
@@ -45,7 +50,7 @@ impl std::fmt::Debug for FaultProxy {
         f.debug_struct("FaultProxy")
             .field("name", &self.name)
             .field("addr", &self.addr)
-            .field("cut", &*self.cut.borrow())
+            .field("link", &*self.link.borrow())
             .finish()
     }
 }
@@ -57,20 +62,20 @@ impl FaultProxy {
     pub async fn start(name: &str, upstream: SocketAddr) -> std::io::Result<FaultProxy> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
-        let (cut, _) = watch::channel(false);
+        let (link, _) = watch::channel(Link::default());
         let connections = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
             listener,
             upstream,
-            cut.subscribe(),
+            link.subscribe(),
             connections.clone(),
             stop.clone(),
         ));
         Ok(FaultProxy {
             name: name.to_owned(),
             addr,
-            cut,
+            link,
             connections,
             stop,
         })
@@ -93,12 +98,67 @@ impl FaultProxy {
     /// Partitions the link: from now on no byte moves on any connection,
     /// open or new, until [`FaultProxy::heal`].
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.link.send_modify(|link| link.cut = true);
     }
 
     /// Ends the partition: held connections go on where they stopped.
     pub fn heal(&self) {
-        self.cut.send_replace(false);
+        self.link.send_modify(|link| link.cut = false);
+    }
+
+    /// Every connection open now goes silent for good, as if its client's
+    /// address had changed under it; connections made from now on work
+    /// (while the link is not cut).
+    pub fn strand(&self) {
+        let below = self.connections();
+        self.link.send_modify(|link| link.stranded_below = below);
+    }
+}
+
+/// What the chaos has done to the link.
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    /// While `true` no connection moves a byte.
+    cut: bool,
+    /// Connections numbered below this are stranded: silent for good.
+    stranded_below: u64,
+}
+
+/// One connection's view of the link.
+#[derive(Clone)]
+struct Gate {
+    link: watch::Receiver<Link>,
+    /// The order in which the connection was accepted, from 0.
+    number: u64,
+}
+
+impl Link {
+    fn lets_through(&self, connection: u64) -> bool {
+        !self.cut && connection >= self.stranded_below
+    }
+}
+
+impl Gate {
+    /// Waits until bytes may move; `false` when the proxy is gone.
+    async fn wait_open(&mut self) -> bool {
+        let number = self.number;
+        self.link
+            .wait_for(|link| link.lets_through(number))
+            .await
+            .is_ok()
+    }
+
+    /// Waits until bytes may not move (forever once the proxy is gone: the
+    /// connection task is cancelled then anyway).
+    async fn wait_closed(&mut self) {
+        let number = self.number;
+        let closed = self
+            .link
+            .wait_for(|link| !link.lets_through(number))
+            .await;
+        if closed.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -111,7 +171,7 @@ impl Drop for FaultProxy {
 async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
-    cut: watch::Receiver<bool>,
+    link: watch::Receiver<Link>,
     connections: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -125,12 +185,15 @@ async fn accept_loop(
             tokio::task::yield_now().await;
             continue;
         };
-        connections.fetch_add(1, Ordering::Relaxed);
-        let (cut, stop) = (cut.clone(), stop.clone());
+        let gate = Gate {
+            link: link.clone(),
+            number: connections.fetch_add(1, Ordering::Relaxed),
+        };
+        let stop = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = relay(client, upstream, cut) => {}
+                () = relay(client, upstream, gate) => {}
             }
         });
     }
@@ -138,8 +201,8 @@ async fn accept_loop(
 
 /// One connection: held while the link is cut, then connected upstream,
 /// then pumped both ways until either side closes.
-async fn relay(client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<bool>) {
-    if !wait_open(&mut cut).await {
+async fn relay(client: TcpStream, upstream: SocketAddr, mut gate: Gate) {
+    if !gate.wait_open().await {
         return;
     }
     let Ok(server) = TcpStream::connect(upstream).await else {
@@ -152,46 +215,33 @@ async fn relay(client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::join!(
-        pump(client_read, server_write, cut.clone()),
-        pump(server_read, client_write, cut),
+        pump(client_read, server_write, gate.clone()),
+        pump(server_read, client_write, gate),
     );
 }
 
 /// Copies one direction, moving nothing while the link is cut.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut cut: watch::Receiver<bool>) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut gate: Gate) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if !wait_open(&mut cut).await {
+        if !gate.wait_open().await {
             return;
         }
         let read = tokio::select! {
             read = from.read(&mut buf) => read,
             // Reading is cancel-safe: stop at once when the cut falls.
-            () = wait_cut(&mut cut) => continue,
+            () = gate.wait_closed() => continue,
         };
         let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         // Read just as the cut fell: held until the link heals.
-        if !wait_open(&mut cut).await || to.write_all(&buf[..n]).await.is_err() {
+        if !gate.wait_open().await || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
     let _ = to.shutdown().await;
-}
-
-/// Waits until the link is not cut; `false` when the proxy is gone.
-async fn wait_open(cut: &mut watch::Receiver<bool>) -> bool {
-    cut.wait_for(|is_cut| !is_cut).await.is_ok()
-}
-
-/// Waits until the link is cut (forever once the proxy is gone: the
-/// connection task is cancelled then anyway).
-async fn wait_cut(cut: &mut watch::Receiver<bool>) {
-    if cut.wait_for(|is_cut| *is_cut).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 #[cfg(test)]
@@ -275,6 +325,28 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"hello");
         assert_eq!(proxy.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stranded_connection_stays_silent_while_new_ones_work() {
+        let proxy = FaultProxy::start("test", echo_server().await)
+            .await
+            .unwrap();
+        let mut old = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut old, b"before").await, b"before");
+
+        proxy.strand();
+        old.write_all(b"lost").await.unwrap();
+        let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        let answered = tokio::time::timeout(PATIENCE, round_trip(&mut fresh, b"fresh")).await;
+        assert_eq!(answered.expect("a new connection works"), b"fresh");
+        // A cut and a heal do not bring a stranded connection back.
+        proxy.cut();
+        proxy.heal();
+        let mut buf = [0u8; 4];
+        let silent = tokio::time::timeout(SILENCE, old.read(&mut buf)).await;
+        assert!(silent.is_err(), "a stranded connection moved a byte");
+        assert_eq!(round_trip(&mut fresh, b"again").await, b"again");
     }
 
     #[tokio::test]
