@@ -270,11 +270,38 @@ mod tests {
     async fn the_worker_token_is_not_sent_in_plaintext_beyond_loopback_unless_allowed() {
         let ok: Secret = "t".parse().expect("infallible");
         let (id, timeout) = (InstanceId::new(), Duration::from_secs(1));
-        let err = WorkerApi::new("http://api.example.com:50051", &tls(), timeout, timeout, id, &ok)
-            .expect_err("refused");
+        let err = WorkerApi::new(
+            "http://api.example.com:50051",
+            &tls(),
+            timeout,
+            timeout,
+            id,
+            &ok,
+        )
+        .expect_err("refused");
         assert!(err.to_string().contains("AGENT_ALLOW_PLAINTEXT"), "{err}");
         let allowed = tls().allow_plaintext(true);
-        assert!(WorkerApi::new("http://api.example.com:50051", &allowed, timeout, timeout, id, &ok).is_ok());
-        assert!(WorkerApi::new("https://api.example.com:50051", &tls(), timeout, timeout, id, &ok).is_ok());
+        assert!(
+            WorkerApi::new(
+                "http://api.example.com:50051",
+                &allowed,
+                timeout,
+                timeout,
+                id,
+                &ok
+            )
+            .is_ok()
+        );
+        assert!(
+            WorkerApi::new(
+                "https://api.example.com:50051",
+                &tls(),
+                timeout,
+                timeout,
+                id,
+                &ok
+            )
+            .is_ok()
+        );
     }
 }

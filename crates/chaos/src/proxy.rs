@@ -152,11 +152,12 @@ impl Gate {
     /// connection task is cancelled then anyway).
     async fn wait_closed(&mut self) {
         let number = self.number;
-        let closed = self
+        let gone = self
             .link
             .wait_for(|link| !link.lets_through(number))
-            .await;
-        if closed.is_err() {
+            .await
+            .is_err();
+        if gone {
             std::future::pending::<()>().await;
         }
     }
