@@ -675,6 +675,24 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
     let unknown = cli.run(&["drain", "00000000-0000-4000-8000-000000000000"]);
     assert_eq!(unknown.code, 5, "{unknown:?}");
     assert!(unknown.stderr.contains("no such instance"), "{unknown:?}");
+    let no_pool = cli.run(&["provision", "--pool", "nope", "--count", "1"]);
+    assert_eq!(no_pool.code, 5, "{no_pool:?}");
+    assert!(no_pool.stderr.contains("nope"), "{no_pool:?}");
+    // A name a live instance holds: well formed, but it exists (7).
+    let taken = cli.run(&["provision", "--pool", "demo", "--name", &replacement_name]);
+    assert_eq!(taken.code, 7, "{taken:?}");
+    assert!(taken.stderr.contains("names[0]"), "{taken:?}");
+    // An api that accepts connections and never answers: the request
+    // timeout ends the call with 3 and says what to do.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung = Cli {
+        url: format!("http://{}", silent.local_addr().expect("addr")),
+        ..cli_clone(&cli)
+    }
+    .run(&["--request-timeout", "1", "list"]);
+    assert_eq!(hung.code, 3, "{hung:?}");
+    assert!(hung.stderr.contains("did not answer in time"), "{hung:?}");
+    assert!(hung.stderr.contains("--request-timeout"), "{hung:?}");
 
     // A config file of named contexts: --context picks one, use-context
     // makes one current, a variable still wins over it, and a token file
@@ -743,6 +761,66 @@ async fn the_readme_quickstart_story_works_with_real_processes() {
         "local",
     ]);
     assert_eq!(again.code, 7, "{again:?}");
+    // A pool's health check and phase deadlines are set when it is made.
+    let demo_image = pools[0]["image"].as_str().expect("demo image").to_owned();
+    let probed = cli.json(&[
+        "pools",
+        "create",
+        "probed",
+        "--provider",
+        "local",
+        "--instance-type",
+        "process",
+        "--region",
+        "local",
+        "--image",
+        &demo_image,
+        "--health-check-url",
+        "http://{private_ip}:8080/healthz",
+        "--booting-timeout",
+        "90",
+        "--installing-timeout",
+        "600",
+        "--starting-timeout",
+        "120",
+        "--draining-timeout",
+        "300",
+        "-o",
+        "json",
+    ]);
+    let stored = cli.json(&["pools", "get", "probed", "-o", "json"]);
+    assert_eq!(stored, probed);
+    assert_eq!(
+        stored["health_check_url"],
+        "http://{private_ip}:8080/healthz"
+    );
+    assert_eq!(
+        stored["timeouts"],
+        serde_json::json!({"booting_seconds": 90, "installing_seconds": 600,
+                           "starting_seconds": 120, "draining_seconds": 300}),
+        "{stored:#}"
+    );
+    let too_long = cli.run(&[
+        "pools",
+        "create",
+        "too-long",
+        "--provider",
+        "local",
+        "--instance-type",
+        "process",
+        "--region",
+        "local",
+        "--image",
+        &demo_image,
+        "--booting-timeout",
+        "99999999",
+    ]);
+    assert_eq!(too_long.code, 2, "{too_long:?}");
+    assert!(
+        too_long.stderr.contains("timeouts.booting_seconds"),
+        "{too_long:?}"
+    );
+    cli.ok(&["pools", "delete", "probed"]);
 
     // Ctrl-C while provision waits: only the waiting stops; it says the
     // instance goes on and how to follow it, and exits 130.

@@ -289,6 +289,19 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
         let v = sample(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
         assert!(v >= 1.0, "{series} = {v}");
     }
+    // Counters of failures have a series before any failure, so `rate()`
+    // and `increase()` see the first one.
+    for series in [
+        r#"flotilla_loop_errors_total{loop="scheduler_provision",class="retryable"}"#,
+        r#"flotilla_loop_errors_total{loop="scheduler_provision",class="permanent"}"#,
+        r#"flotilla_loop_errors_total{loop="watchdog_fleet_metrics",class="already_done"}"#,
+        "flotilla_api_heartbeat_flush_failures_total",
+    ] {
+        assert!(
+            sample(&text, series).is_some(),
+            "no {series} before any failure:\n{text}"
+        );
+    }
     assert!(
         text.contains("flotilla_provider_breaker_state{"),
         "breaker state exported:\n{text}"

@@ -252,7 +252,9 @@ async fn recorded(
     }
 }
 
-/// Refuses the first name a live instance of the pool already uses.
+/// Refuses the first name a live instance of the pool already uses, as
+/// ALREADY_EXISTS (the request is well formed: what it would create
+/// exists), naming the field.
 async fn check_names_free(
     conn: &mut PgConnection,
     pool: &str,
@@ -264,10 +266,10 @@ async fn check_names_free(
         .into_iter()
         .collect();
     match names.iter().position(|n| used.contains(n)) {
-        Some(i) => Err(invalid_field(
-            &format!("names[{i}]"),
-            format!("{:?} is used by a live instance of pool {pool}", names[i]),
-        )),
+        Some(i) => Err(Status::already_exists(format!(
+            "names[{i}]: {:?} is used by a live instance of pool {pool}",
+            names[i]
+        ))),
         None => Ok(()),
     }
 }

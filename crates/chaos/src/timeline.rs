@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_sim_provider::{Faults, Listing};
 use rand::Rng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 
 use crate::cluster::{Cluster, LEASE_SECONDS, Link};
 use crate::exhaust::ConnectionHog;
@@ -314,14 +314,26 @@ async fn apply(
             proxy.heal();
             format!("healed {}", proxy.name())
         }
-        Step::Pause => match pausable.choose(&mut rand::rng()) {
-            Some(victim) if cluster.supervisor.pause(victim, true) => {
-                live.paused = Some(victim.clone());
-                format!("SIGSTOP {victim} (for two leases)")
+        Step::Pause => {
+            // The first one that runs, in random order: the one drawn may be
+            // down after a kill -9 just then, and a pause that pauses nothing
+            // would leave the run without its pause.
+            let mut order: Vec<&String> = pausable.iter().collect();
+            order.shuffle(&mut rand::rng());
+            match order
+                .into_iter()
+                .find(|victim| cluster.supervisor.pause(victim, true))
+            {
+                Some(victim) => {
+                    live.paused = Some(victim.clone());
+                    format!("SIGSTOP {victim} (for two leases)")
+                }
+                None if pausable.is_empty() => {
+                    "SIGSTOP: no scheduler or terminator to pause".into()
+                }
+                None => "SIGSTOP: no scheduler or terminator running, nothing paused".into(),
             }
-            Some(victim) => format!("SIGSTOP {victim}: not running, nothing paused"),
-            None => "SIGSTOP: no scheduler or terminator to pause".into(),
-        },
+        }
         Step::Resume => resume(cluster, live),
         Step::Listing(listing) => {
             live.listing = listing;

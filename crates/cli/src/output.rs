@@ -507,6 +507,7 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "image": p.image,
         "volume_size_gb": p.volume_size_gb,
         "price_per_hour_micros": p.price_per_hour_micros,
+        "health_check_url": p.health_check_url,
         "version": p.version,
         "created_at": rfc3339(p.created_at.as_ref()),
         "paused": p.paused_at.is_some(),

@@ -25,8 +25,8 @@ pub enum PoolsCommand {
     },
     /// Create a pool.
     Create(CreateArgs),
-    /// Change a pool: its desired capacity (the scheduler keeps that many
-    /// instances of its own) or its price.
+    /// Change a pool: its desired capacity (the number of live instances
+    /// the scheduler keeps in it, whoever created them) or its price.
     Set(SetArgs),
     /// Resume a paused pool: its failure count is cleared and its waiting
     /// instances get machines again. A pool pauses itself after repeated
@@ -110,6 +110,24 @@ pub struct CreateArgs {
     /// Price of one machine per hour in millionths of the billing currency.
     #[arg(long, default_value_t = 0)]
     pub price_per_hour_micros: u64,
+    /// Where a worker answers when it is up, probed while it boots (any
+    /// 2xx means ready); placeholders {machine_id}, {instance_id}, {name},
+    /// {private_ip}. Unset: boot progress comes only from the agent.
+    #[arg(long, default_value = "")]
+    pub health_check_url: String,
+    /// Seconds a machine may take to boot (0: the scheduler's default).
+    #[arg(long, default_value_t = 0)]
+    pub booting_timeout: u32,
+    /// Seconds a worker may spend installing (0: the scheduler's default).
+    #[arg(long, default_value_t = 0)]
+    pub installing_timeout: u32,
+    /// Seconds a worker may spend starting (0: the scheduler's default).
+    #[arg(long, default_value_t = 0)]
+    pub starting_timeout: u32,
+    /// Seconds a cordoned worker is waited for before it is stopped anyway
+    /// (0: the terminator's default).
+    #[arg(long, default_value_t = 0)]
+    pub draining_timeout: u32,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -198,6 +216,13 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 image: a.image,
                 volume_size_gb: a.volume_size_gb,
                 price_per_hour_micros: a.price_per_hour_micros,
+                health_check_url: a.health_check_url,
+                timeouts: Some(v1::PoolTimeouts {
+                    booting_seconds: a.booting_timeout,
+                    installing_seconds: a.installing_timeout,
+                    starting_seconds: a.starting_timeout,
+                    draining_seconds: a.draining_timeout,
+                }),
                 ..Default::default()
             };
             let created = api

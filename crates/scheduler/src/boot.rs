@@ -175,7 +175,7 @@ impl Scheduler {
                         target: target.clone(),
                         machine_id: machine_id.clone(),
                         grace: Some(prost_types::Duration {
-                            seconds: 5,
+                            seconds: self.tuning.startup_restart_stop_grace_seconds.min(60) as i64,
                             nanos: 0,
                         }),
                         suspend: false,

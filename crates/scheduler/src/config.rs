@@ -116,6 +116,11 @@ pub struct SchedulerTuning {
         default_value_t = 60
     )]
     pub startup_restart_stop_timeout_seconds: u64,
+    /// Seconds a worker is given between SIGTERM and kill when its machine
+    /// is stopped for a restart after a startup failure (0-60): the
+    /// payload that failed to start may still want to flush its logs.
+    #[arg(long, env = "STARTUP_RESTART_STOP_GRACE_SECONDS", default_value_t = 5)]
+    pub startup_restart_stop_grace_seconds: u64,
     /// Milliseconds between the first failed health check of a booting
     /// instance and the next (doubles, jittered); pools without a health
     /// check URL are never probed.

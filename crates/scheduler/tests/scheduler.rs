@@ -525,9 +525,12 @@ async fn a_boot_phase_past_its_deadline_is_restarted_then_terminated() {
         "60",
         "--startup-max-retries",
         "1",
+        "--startup-restart-stop-grace-seconds",
+        "7",
     ]);
     let s = scheduler(&env, "s1", None, t);
     provision_all(&s, &env).await;
+    env.stack.sim.sim().set_recording(true);
     let mut conn = env.db.pool.acquire().await.unwrap();
     async fn get(conn: &mut sqlx::PgConnection, id: InstanceId) -> InstanceRow {
         instance_get(conn, id).await.unwrap().unwrap()
@@ -550,6 +553,21 @@ async fn a_boot_phase_past_its_deadline_is_restarted_then_terminated() {
         get(&mut conn, ids[0]).await.state,
         InstanceState::Booting,
         "the restart's deadline starts afresh"
+    );
+    // The restart's stop gives the worker the configured grace.
+    let stops: Vec<_> = env
+        .stack
+        .sim
+        .sim()
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/stop"))
+        .collect();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert_eq!(
+        stops[0].body.as_ref().and_then(|b| b["timeout"].as_str()),
+        Some("7s"),
+        "{stops:?}"
     );
     age(&env, &ids, 61).await;
     s.boot_once().await;
