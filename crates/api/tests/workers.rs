@@ -61,6 +61,9 @@ async fn reported_phases_drive_a_booting_instance_to_ready_and_a_repeat_writes_n
             .report_phase(with_token(phase(&b, p), "token-b"))
             .await
             .expect("phase accepted");
+        if p != v1::WorkerPhase::Ready {
+            assert_eq!(slow_readies(), slow_before, "not ready yet at {p:?}");
+        }
     }
     let (state, version, logs) = api.state_of(&b).await;
     assert_eq!(state, InstanceState::Ready);
