@@ -2,7 +2,8 @@
 //! metrics` (Prometheus' own linter: naming conventions, `_total` on
 //! counters, help text on every metric), and carries the fleet metrics the
 //! dashboards use: gRPC requests by method and code, provider calls,
-//! breaker state, instances by pool and state, heartbeat ages, orphan cost.
+//! breaker state, instances by pool and state, heartbeat ages, orphan cost,
+//! the heartbeats expected, and the series with known labels at 0.
 //!
 //! `promtool` comes from the Debian package `prometheus` (scripts/services.sh
 //! installs it). Without it the test fails: a check that is skipped where
@@ -302,6 +303,28 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
             "no {series} before any failure:\n{text}"
         );
     }
+    // Series with known labels exist from the start, at 0 (histograms
+    // without observations), so `rate()` and alerts see the first one.
+    for series in [
+        r#"flotilla_volume_deletes_total{service="watchdog",outcome="deleted"}"#,
+        r#"flotilla_volume_deletes_total{service="watchdog",outcome="already_gone"}"#,
+        r#"flotilla_volume_deletes_total{service="watchdog",outcome="failed"}"#,
+        r#"flotilla_volume_delete_duration_seconds_count{service="watchdog",outcome="failed"}"#,
+        r#"flotilla_scheduler_health_checks_total{outcome="down"}"#,
+        r#"flotilla_scheduler_health_check_duration_seconds_count{outcome="down"}"#,
+    ] {
+        assert_eq!(
+            sample(&text, series),
+            Some(0.0),
+            "{series} at 0 in:\n{text}"
+        );
+    }
+    // No worker registered an agent: none is expected to heartbeat.
+    assert_eq!(
+        sample(&text, "flotilla_heartbeats_expected_per_second"),
+        Some(0.0),
+        "{text}"
+    );
     assert!(
         text.contains("flotilla_provider_breaker_state{"),
         "breaker state exported:\n{text}"

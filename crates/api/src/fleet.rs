@@ -16,7 +16,7 @@ use flotilla_store::instance::{ListFilter, instance_get, instance_list};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::NewPool;
 use flotilla_store::pool::{PoolUpdate, pool_create, pool_get, pool_list, pool_update};
-use flotilla_store::pool_pause::{pool_pause, pool_resume};
+use flotilla_store::pool_pause::{pool_events_recent, pool_pause, pool_resume};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc::{correlation_of, outgoing};
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -32,6 +32,8 @@ use crate::{ApiState, auth, provision, validate};
 /// Page size when the caller asks for none.
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// Acts on a pool `GetPool` returns (the most recent ones).
+const RECENT_POOL_EVENTS: i64 = 20;
 
 #[derive(Debug, Clone)]
 pub struct FleetApi {
@@ -432,7 +434,14 @@ impl FleetService for FleetApi {
             .await
             .map_err(store_status)?
             .ok_or_else(|| pool_not_found(name))?;
-        Ok(Response::new(row.to_proto()))
+        let mut pool = row.to_proto();
+        pool.recent_events = pool_events_recent(&mut conn, name, RECENT_POOL_EVENTS)
+            .await
+            .map_err(store_status)?
+            .iter()
+            .map(|e| e.to_proto())
+            .collect();
+        Ok(Response::new(pool))
     }
 
     async fn delete_pool(

@@ -181,6 +181,10 @@ async fn report(
                     .await
                     .map_err(store_status)?;
                 tx.commit().await.map_err(|e| store_status(e.into()))?;
+                if row.state == InstanceState::Ready {
+                    metrics::histogram!("flotilla_instance_ready_seconds", "pool" => row.pool.clone())
+                        .record(row.seconds_requested_to_state());
+                }
                 return Ok(row.cordoned);
             }
             Err(StoreError::Conflict(_)) if !retried => {
@@ -209,7 +213,7 @@ impl WorkerService for WorkerApi {
         validate::max_chars("hostname", &req.hostname, 255)?;
         let mut conn = self.conn().await?;
         let view = authenticate_worker(&mut conn, request.metadata(), id).await?;
-        worker_registered(&mut conn, id)
+        worker_registered(&mut conn, id, self.state.limits.heartbeat_interval_ms)
             .await
             .map_err(crate::error::store_status)?;
         tracing::info!(instance_id = %id, agent_version = %req.agent_version, hostname = %req.hostname, "agent registered");

@@ -430,4 +430,58 @@ async fn a_paused_pool_is_shown_and_resumed_by_update_pool_with_an_audit_row_and
     assert!(paused.paused_at.is_some());
     assert_eq!(paused.paused_reason, "paused by api:ci");
     assert!(paused.pause_probe_after.is_none());
+
+    // GetPool shows the pool's own history, oldest first; the other
+    // answers carry none.
+    let shown = fleet
+        .get_pool(authed(v1::GetPoolRequest { name: "gpu".into() }))
+        .await
+        .expect("get")
+        .into_inner();
+    let events: Vec<(&str, &str, &str)> = shown
+        .recent_events
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0].0, "paused");
+    assert_eq!(events[0].1, "scheduler");
+    assert!(
+        events[0].2.contains("no progress from booting"),
+        "{events:?}"
+    );
+    assert_eq!(events[1].0, "resumed");
+    assert_eq!(events[2], ("paused", "api:ci", "paused by api:ci"));
+    assert!(shown.recent_events.iter().all(|e| e.at.is_some()));
+    assert!(paused.recent_events.is_empty());
+}
+
+#[tokio::test]
+async fn get_pool_returns_the_most_recent_twenty_pool_events_oldest_first() {
+    let api = start().await;
+    api.create_pool("gpu").await;
+    let mut fleet = api.fleet.clone();
+    for i in 0..25 {
+        fleet
+            .update_pool(authed(v1::UpdatePoolRequest {
+                name: "gpu".into(),
+                paused: Some(i % 2 == 0),
+                ..Default::default()
+            }))
+            .await
+            .expect("pause or resume");
+    }
+    assert_eq!(api.count("SELECT count(*) FROM pool_events").await, 25);
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM pool_events ORDER BY id")
+        .fetch_all(&api.db.pool)
+        .await
+        .expect("ids");
+    let shown = fleet
+        .get_pool(authed(v1::GetPoolRequest { name: "gpu".into() }))
+        .await
+        .expect("get")
+        .into_inner();
+    let got: Vec<i64> = shown.recent_events.iter().map(|e| e.id as i64).collect();
+    assert_eq!(got, ids[5..], "the last twenty, oldest first");
+    assert_eq!(shown.recent_events.last().expect("one").action, "paused");
 }

@@ -26,7 +26,31 @@ async fn reported_phases_drive_a_booting_instance_to_ready_and_a_repeat_writes_n
         .into_inner();
     assert_eq!(registered.heartbeat_interval_ms, 5000);
     assert!(!registered.cordoned);
+    // The interval it was told is kept: the watchdog sums the heartbeats
+    // the fleet should send from it.
+    let kept: Option<i32> =
+        sqlx::query_scalar("SELECT heartbeat_interval_ms FROM instances WHERE id = $1")
+            .bind(b.parse::<uuid::Uuid>().expect("uuid"))
+            .fetch_one(&api.db.pool)
+            .await
+            .expect("interval");
+    assert_eq!(kept, Some(5000));
     let (_, _, logs_at_boot) = api.state_of(&b).await;
+    // Requested 1000 s ago: its time to ready is measured from then. Other
+    // tests of this binary make instances of pool `gpu` ready within
+    // seconds, so only this one lands above the 900 s bucket.
+    sqlx::query("UPDATE instances SET created_at = now() - interval '1000 seconds' WHERE id = $1")
+        .bind(b.parse::<uuid::Uuid>().expect("uuid"))
+        .execute(&api.db.pool)
+        .await
+        .expect("aged");
+    let slow_readies = || {
+        flotilla_test_utils::metrics::value(r#"flotilla_instance_ready_seconds_count{pool="gpu"}"#)
+            - flotilla_test_utils::metrics::value(
+                r#"flotilla_instance_ready_seconds_bucket{pool="gpu",le="900"}"#,
+            )
+    };
+    let slow_before = slow_readies();
 
     for p in [
         v1::WorkerPhase::Installing,
@@ -37,10 +61,18 @@ async fn reported_phases_drive_a_booting_instance_to_ready_and_a_repeat_writes_n
             .report_phase(with_token(phase(&b, p), "token-b"))
             .await
             .expect("phase accepted");
+        if p != v1::WorkerPhase::Ready {
+            assert_eq!(slow_readies(), slow_before, "not ready yet at {p:?}");
+        }
     }
     let (state, version, logs) = api.state_of(&b).await;
     assert_eq!(state, InstanceState::Ready);
     assert_eq!(logs, logs_at_boot + 3);
+    assert_eq!(
+        slow_readies() - slow_before,
+        1.0,
+        "ready 1000 s after its request"
+    );
     let tail: Vec<(Option<String>, String, String)> = sqlx::query_as(
         "SELECT from_state, to_state, actor FROM action_logs WHERE instance_id = $1 ORDER BY id DESC LIMIT 3",
     )

@@ -472,6 +472,43 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
     out
 }
 
+/// A pool's recent acts (`pools get`), oldest first, under a heading.
+pub fn pool_events_table(events: &[v1::PoolEvent]) -> String {
+    if events.is_empty() {
+        return "\nno pauses, resumes or probes recorded\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                time(e.at.as_ref()).map_or("-".into(), |t| {
+                    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+                }),
+                e.action.clone(),
+                e.actor.clone(),
+                or_dash(&e.instance_id),
+                or_dash(&e.reason),
+            ]
+        })
+        .collect();
+    format!(
+        "\nrecent events:\n{}",
+        table(&["AT", "ACTION", "ACTOR", "INSTANCE", "REASON"], &rows)
+    )
+}
+
+pub fn pool_event_json(e: &v1::PoolEvent) -> Value {
+    json!({
+        "id": e.id,
+        "action": e.action,
+        "actor": e.actor,
+        "correlation_id": e.correlation_id,
+        "instance_id": if e.instance_id.is_empty() { Value::Null } else { Value::String(e.instance_id.clone()) },
+        "reason": e.reason,
+        "at": rfc3339(e.at.as_ref()),
+    })
+}
+
 /// "active", "deleting" or "paused", with how long ago.
 fn pool_status(p: &v1::Pool, now: DateTime<Utc>) -> String {
     if let Some(at) = p.deleting_since.as_ref() {
@@ -572,6 +609,50 @@ mod tests {
         assert!(out.contains("flotilla pools resume gpu"), "{out}");
         assert!(!out.contains("pool cpu is paused"), "{out}");
         assert_eq!(pool_json(&paused)["paused"], true);
+    }
+
+    #[test]
+    fn a_pools_recent_events_show_when_who_what_and_why() {
+        let at = |secs: i64| {
+            Some(prost_types::Timestamp {
+                seconds: 1_800_000_000 + secs,
+                nanos: 0,
+            })
+        };
+        let events = [
+            v1::PoolEvent {
+                id: 1,
+                action: "paused".into(),
+                actor: "scheduler".into(),
+                reason: "5 provisioning or startup failures within 600s".into(),
+                at: at(0),
+                ..Default::default()
+            },
+            v1::PoolEvent {
+                id: 2,
+                action: "probe_started".into(),
+                actor: "scheduler".into(),
+                instance_id: "0196-probe".into(),
+                at: at(120),
+                ..Default::default()
+            },
+        ];
+        let out = pool_events_table(&events);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "recent events:", "{out}");
+        assert!(lines[2].starts_with("AT "), "{out}");
+        assert!(
+            lines[3].contains("paused") && lines[3].contains("5 provisioning"),
+            "{out}"
+        );
+        assert!(
+            lines[4].contains("probe_started") && lines[4].contains("0196-probe"),
+            "{out}"
+        );
+        assert!(lines[3].contains("2027-01-15T08:00:00.000Z"), "{out}");
+        assert!(pool_events_table(&[]).contains("no pauses, resumes or probes"));
+        assert_eq!(pool_event_json(&events[0])["instance_id"], Value::Null);
+        assert_eq!(pool_event_json(&events[1])["instance_id"], "0196-probe");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The pool commands: list, get, create, set, pause, resume, delete.
+//! The pool commands: list, get (with the pool's recent pauses, resumes and
+//! probes), create, set, pause, resume, delete.
 
 use clap::{Args, Subcommand};
 use flotilla_proto::v1;
@@ -204,7 +205,26 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 print_pools(&pools, output);
             }
         }
-        PoolsCommand::Get { name, output } => print_pools(&[get_pool(api, &name).await?], output),
+        PoolsCommand::Get { name, output } => {
+            let pool = get_pool(api, &name).await?;
+            match output {
+                Output::Table | Output::Wide => {
+                    print_pools(std::slice::from_ref(&pool), output);
+                    print!("{}", output::pool_events_table(&pool.recent_events));
+                }
+                Output::Json | Output::Yaml => {
+                    let mut v = output::pool_json(&pool);
+                    v["recent_events"] = Value::Array(
+                        pool.recent_events
+                            .iter()
+                            .map(output::pool_event_json)
+                            .collect(),
+                    );
+                    println!("{}", output::document(&v, output));
+                }
+                Output::Ids => print_pools(&[pool], output),
+            }
+        }
         PoolsCommand::Create(a) => {
             let pool = v1::Pool {
                 name: a.name.clone(),

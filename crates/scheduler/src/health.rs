@@ -48,6 +48,18 @@ pub enum Probe {
     Down(String),
 }
 
+impl Probe {
+    /// The `outcome` label of the probe metrics.
+    pub const OUTCOMES: [&'static str; 2] = ["up", "down"];
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            Probe::Up => "up",
+            Probe::Down(_) => "down",
+        }
+    }
+}
+
 /// Probes health URLs, remembering each answer for a short time.
 #[derive(Debug)]
 pub struct HealthChecker {
@@ -61,6 +73,17 @@ const CACHE_SWEEP_AT: usize = 4096;
 
 impl HealthChecker {
     pub fn new(timeout: Duration, ttl: Duration) -> HealthChecker {
+        // Each outcome has its series from the start, so `rate()` and
+        // `increase()` see the first probe.
+        for outcome in Probe::OUTCOMES {
+            metrics::counter!("flotilla_scheduler_health_checks_total", "outcome" => outcome)
+                .increment(0);
+            // Registering a histogram exports it with no observations.
+            let _ = metrics::histogram!(
+                "flotilla_scheduler_health_check_duration_seconds",
+                "outcome" => outcome
+            );
+        }
         HealthChecker {
             client: flotilla_telemetry::http_client::client_builder(timeout)
                 .build()
@@ -75,6 +98,7 @@ impl HealthChecker {
         if let Some(hit) = self.cached(url) {
             return hit;
         }
+        let started = Instant::now();
         let probe = match self.client.get(url).send().await {
             Ok(r) if r.status().is_success() => Probe::Up,
             Ok(r) => Probe::Down(format!("health check answered {}", r.status())),
@@ -82,11 +106,11 @@ impl HealthChecker {
             Err(e) if e.is_connect() => Probe::Down("health check: connection refused".to_owned()),
             Err(e) => Probe::Down(format!("health check failed: {e}")),
         };
-        metrics::counter!(
-            "flotilla_scheduler_health_checks_total",
-            "outcome" => if probe == Probe::Up { "up" } else { "down" }
-        )
-        .increment(1);
+        let outcome = probe.outcome();
+        metrics::histogram!("flotilla_scheduler_health_check_duration_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("flotilla_scheduler_health_checks_total", "outcome" => outcome)
+            .increment(1);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_SWEEP_AT {
             let ttl = self.ttl;
@@ -211,8 +235,10 @@ impl Scheduler {
         )
         .await;
         match moved {
-            Ok(_) => {
+            Ok(ready) => {
                 drop(conn);
+                metrics::histogram!("flotilla_instance_ready_seconds", "pool" => ready.pool.clone())
+                    .record(ready.seconds_requested_to_state());
                 // A worker that came up by probe alone is probed on while
                 // ready (it may have no agent to heartbeat).
                 self.probe_answered(row).await?;

@@ -28,14 +28,15 @@ use flotilla_runtime::reconcile::{Batch, Step, reconcile};
 use flotilla_runtime::{Fence, LeaseLost};
 use flotilla_store::instance::{
     ClaimQuery, InstanceRow, Transition, instance_create_may_have_been_sent, instance_defer,
-    instance_forget_machine, instance_get, instance_prepare_create, instance_record_failure,
-    instance_record_machine, instance_release, instance_set_desired, instance_transition,
+    instance_forget_machine, instance_get, instance_prepare_create,
+    instance_record_adopted_machine, instance_record_failure, instance_record_machine,
+    instance_release, instance_set_desired, instance_transition,
 };
 use flotilla_store::pool::PoolRow;
 use flotilla_store::pool_pause::{
     Admission, FailureKind, instance_hold_for_pause, pool_admit, pool_record_failure,
 };
-use flotilla_store::volume::{volume_of_instance, volume_record_created};
+use flotilla_store::volume::{volume_of_instance, volume_record_adopted, volume_record_created};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
@@ -234,6 +235,7 @@ impl Scheduler {
                 {
                     return Ok(Stepped::Held(message));
                 }
+                let was_adopted = adopted.is_some();
                 let id = match adopted {
                     Some(id) => {
                         tracing::info!(machine_id = %id, "adopting a machine an earlier attempt created");
@@ -280,7 +282,12 @@ impl Scheduler {
                     }
                 };
                 self.crash(CrashPoint::AfterCreate)?;
-                row = instance_record_machine(&mut conn, row.id, row.version, &id).await?;
+                row = if was_adopted {
+                    instance_record_adopted_machine(&mut conn, &ctx, row.id, row.version, &id)
+                        .await?
+                } else {
+                    instance_record_machine(&mut conn, row.id, row.version, &id).await?
+                };
                 self.crash(CrashPoint::AfterRecord)?;
                 id
             }
@@ -352,6 +359,7 @@ impl Scheduler {
                 Err(e) => return Ok(Err(e)),
             }
         };
+        let was_adopted = adopted.is_some();
         let id = match adopted {
             Some(id) => {
                 tracing::info!(volume_id = %id, "adopting a volume an earlier attempt created");
@@ -379,7 +387,11 @@ impl Scheduler {
             }
         };
         self.crash(CrashPoint::AfterVolumeCreate)?;
-        volume_record_created(conn, row.id, &id, pool.volume_size_gb).await?;
+        if was_adopted {
+            volume_record_adopted(conn, &self.ctx(), row.id, &id, pool.volume_size_gb).await?;
+        } else {
+            volume_record_created(conn, row.id, &id, pool.volume_size_gb).await?;
+        }
         Ok(Ok(vec![id]))
     }
 

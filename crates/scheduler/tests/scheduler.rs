@@ -2,6 +2,8 @@
 //! provider-adapter in front of the simulated cloud: provisioning, crashes
 //! at every step boundary, failed starts, restarts, boot deadlines, capacity.
 
+#[path = "observability.rs"]
+mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
 #[path = "wake.rs"]

@@ -1,7 +1,7 @@
 //! The audit log of each instance: one row per transition, written in the
-//! transition's own transaction, and one row per request that changed no
-//! state (a terminate or drain request, a verdict the watchdog held), written
-//! with it. Such an act is named by its action, never disguised as a
+//! transition's own transaction, and one row per act that changed no
+//! state (a terminate or drain request, a verdict the watchdog held, a
+//! machine or volume adopted, an orphan deleted), written with it. Such an act is named by its action, never disguised as a
 //! transition to the same state.
 
 use chrono::{DateTime, Utc};
@@ -70,6 +70,17 @@ pub enum Request {
     /// The watchdog held its verdict that the machine is lost (the storm
     /// guard): a decision not to act, kept in the history with its reason.
     LostVerdictHeld,
+    /// The watchdog held its verdict that the worker is dead (the storm
+    /// guard of silent workers), likewise.
+    DeadVerdictHeld,
+    /// A machine an earlier attempt created was found by its ownership tag
+    /// and recorded for the instance instead of creating another.
+    MachineAdopted,
+    /// A data volume likewise.
+    VolumeAdopted,
+    /// The orphan scan deleted a machine or volume tagged with the
+    /// instance that the instance does not (or no longer) own.
+    OrphanDeleted,
 }
 
 impl Request {
@@ -80,13 +91,23 @@ impl Request {
             Request::Drain => "drain_requested",
             Request::Uncordon => "uncordoned",
             Request::LostVerdictHeld => "lost_verdict_held",
+            Request::DeadVerdictHeld => "dead_verdict_held",
+            Request::MachineAdopted => "machine_adopted",
+            Request::VolumeAdopted => "volume_adopted",
+            Request::OrphanDeleted => "orphan_deleted",
         }
     }
 
     fn force(self) -> Option<bool> {
         match self {
             Request::Terminate { force } => Some(force),
-            Request::Drain | Request::Uncordon | Request::LostVerdictHeld => None,
+            Request::Drain
+            | Request::Uncordon
+            | Request::LostVerdictHeld
+            | Request::DeadVerdictHeld
+            | Request::MachineAdopted
+            | Request::VolumeAdopted
+            | Request::OrphanDeleted => None,
         }
     }
 }

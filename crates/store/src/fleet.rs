@@ -80,7 +80,8 @@ pub async fn fleet_select(
 }
 
 /// Sets the desired state of these instances to terminated (and `force`),
-/// logging the request (`terminate_requested`) with its reason.
+/// logging the request (`terminate_requested`) with its reason. The time
+/// of the first request is kept (`terminate_requested_at`).
 pub async fn fleet_request_terminate(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
@@ -90,6 +91,7 @@ pub async fn fleet_request_terminate(
 ) -> Result<()> {
     sqlx::query(
         "UPDATE instances SET desired_state = 'terminated', force_terminate = force_terminate OR $2,
+             terminate_requested_at = COALESCE(terminate_requested_at, now()),
              next_attempt_at = now(), version = version + 1, updated_at = now(), origin = $3
          WHERE id = ANY($1)",
     )

@@ -33,7 +33,8 @@ macro_rules! instance_columns {
         "id, pool, name, provider, provider_machine_id, state, desired_state, \
     version, attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned, \
     force_terminate, needs_attention, labels, idempotency_key, lease_owner, lease_until, \
-    created_at, updated_at, worker_idle, suspect_since, stuck_recoveries, origin"
+    created_at, updated_at, worker_idle, suspect_since, stuck_recoveries, origin, \
+    terminate_requested_at"
     };
 }
 
@@ -72,6 +73,9 @@ pub struct InstanceRow {
     pub stuck_recoveries: i32,
     /// The trace and correlation id of the last request about it.
     pub origin: Option<Json<RowOrigin>>,
+    /// When its desired state first became `terminated` (rows asked
+    /// before the column existed have none).
+    pub terminate_requested_at: Option<DateTime<Utc>>,
 }
 
 /// The trace context and correlation id of a request, as stored on the
@@ -93,7 +97,27 @@ impl RowOrigin {
     }
 }
 
+/// Seconds from `from` to `to`, never negative.
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    ((to - from).num_milliseconds().max(0) as f64) / 1000.0
+}
+
 impl InstanceRow {
+    /// Seconds from the instance's request (its row's creation) to its
+    /// entering the state it is in: for a row just moved to `ready`, its
+    /// time to ready. Both are the database's clock.
+    pub fn seconds_requested_to_state(&self) -> f64 {
+        seconds_between(self.created_at, self.state_entered_at)
+    }
+
+    /// Seconds from the first terminate request to its entering the state
+    /// it is in: for a row just moved to `terminated`, its time to
+    /// terminate. `None` when no request time is recorded.
+    pub fn seconds_terminate_requested_to_state(&self) -> Option<f64> {
+        self.terminate_requested_at
+            .map(|at| seconds_between(at, self.state_entered_at))
+    }
+
     pub fn to_proto(&self) -> v1::Instance {
         v1::Instance {
             id: self.id.to_string(),
@@ -631,6 +655,34 @@ pub async fn instance_record_machine(
     }
 }
 
+/// Records a machine an earlier attempt created, found by its ownership
+/// tag, as the instance's (as [`instance_record_machine`]), with a
+/// `machine_adopted` row in the instance's history naming who found it,
+/// in one (nested) transaction.
+pub async fn instance_record_adopted_machine(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    id: InstanceId,
+    expected_version: i64,
+    machine_id: &str,
+) -> Result<InstanceRow> {
+    let mut tx = conn.begin().await?;
+    let row = instance_record_machine(&mut tx, id, expected_version, machine_id).await?;
+    crate::action_log::action_log_request(
+        &mut tx,
+        ctx,
+        &[id.0],
+        crate::action_log::Request::MachineAdopted,
+        &format!(
+            "machine {machine_id} found by its ownership tag (the answer to the create that \
+             made it was lost); recorded instead of creating another"
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
 /// Records a failed attempt at the current step without changing state:
 /// the row stays where it is and a later tick retries it when `policy`
 /// says. The lease is given back. The row needs an operator's attention
@@ -823,7 +875,9 @@ pub async fn instance_forget_machine(
 }
 
 /// Sets the desired state (and `force`), bumping the version; returns the
-/// row, or `None` when the instance does not exist.
+/// row, or `None` when the instance does not exist. The first time it
+/// becomes `terminated` is kept (`terminate_requested_at`), as by every
+/// writer of that desired state.
 pub async fn instance_set_desired(
     conn: &mut PgConnection,
     id: InstanceId,
@@ -832,6 +886,8 @@ pub async fn instance_set_desired(
 ) -> Result<Option<InstanceRow>> {
     Ok(sqlx::query_as(concat!(
         "UPDATE instances SET desired_state = $2, force_terminate = force_terminate OR $3,
+             terminate_requested_at = CASE WHEN $2 = 'terminated'
+                 THEN COALESCE(terminate_requested_at, now()) ELSE terminate_requested_at END,
              next_attempt_at = now(), version = version + 1, updated_at = now()
          WHERE id = $1 RETURNING ",
         instance_columns!()
@@ -853,6 +909,8 @@ pub async fn instance_set_desired_at_version(
 ) -> Result<InstanceRow> {
     let row = sqlx::query_as(concat!(
         "UPDATE instances SET desired_state = $3, next_attempt_at = now(),
+             terminate_requested_at = CASE WHEN $3 = 'terminated'
+                 THEN COALESCE(terminate_requested_at, now()) ELSE terminate_requested_at END,
              version = version + 1, updated_at = now()
          WHERE id = $1 AND version = $2 RETURNING ",
         instance_columns!()

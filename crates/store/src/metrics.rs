@@ -1,6 +1,7 @@
 //! Read-only aggregates for the fleet gauges: instances by pool and state
 //! (with those needing attention and the oldest one's time in the state),
-//! heartbeat ages of ready workers, and pool prices by instance type (for
+//! heartbeat ages of ready workers, the heartbeats the fleet should send,
+//! and pool prices by instance type (for
 //! the estimated cost of orphan machines). One query each, so sampling a
 //! large fleet stays cheap.
 
@@ -49,6 +50,24 @@ pub async fn metrics_ready_heartbeat_ages(conn: &mut PgConnection) -> Result<Vec
          FROM instances WHERE state = 'ready'",
     )
     .fetch_all(conn)
+    .await?)
+}
+
+/// Heartbeats per second the api should be receiving: the sum of
+/// 1/interval over the workers that heartbeat now (`ready` or `draining`,
+/// their agent registered and told its interval). Beside the rate of
+/// `flotilla_api_heartbeats_total` it shows heartbeats going missing
+/// before any single worker reaches its timeout.
+pub async fn metrics_heartbeats_expected_per_second(conn: &mut PgConnection) -> Result<f64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COALESCE(sum(1000.0 / heartbeat_interval_ms), 0)::float8 FROM instances
+         WHERE state = ANY($1) AND heartbeat_interval_ms IS NOT NULL",
+    )
+    .bind(InstanceState::strs(&[
+        InstanceState::Ready,
+        InstanceState::Draining,
+    ]))
+    .fetch_one(conn)
     .await?)
 }
 

@@ -95,6 +95,7 @@ impl PoolRow {
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
             deleting_since: self.deleting_since.map(to_timestamp),
+            recent_events: Vec::new(),
         }
     }
 }

@@ -567,3 +567,47 @@ pub async fn pool_events_of(
     .fetch_all(conn)
     .await?)
 }
+
+/// One row of a pool's audit log.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PoolEventRow {
+    pub id: i64,
+    pub action: String,
+    pub actor: String,
+    pub correlation_id: String,
+    pub instance_id: Option<Uuid>,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl PoolEventRow {
+    pub fn to_proto(&self) -> flotilla_proto::v1::PoolEvent {
+        flotilla_proto::v1::PoolEvent {
+            id: self.id.max(0) as u64,
+            action: self.action.clone(),
+            actor: self.actor.clone(),
+            correlation_id: self.correlation_id.clone(),
+            instance_id: self.instance_id.map(|u| u.to_string()).unwrap_or_default(),
+            reason: self.reason.clone().unwrap_or_default(),
+            at: Some(crate::to_timestamp(self.at)),
+        }
+    }
+}
+
+/// The `limit` most recent rows of one pool's audit log, oldest first.
+pub async fn pool_events_recent(
+    conn: &mut PgConnection,
+    pool: &str,
+    limit: i64,
+) -> Result<Vec<PoolEventRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM (
+             SELECT id, action, actor, correlation_id, instance_id, reason, at
+             FROM pool_events WHERE pool = $1 ORDER BY id DESC LIMIT $2
+         ) recent ORDER BY id",
+    )
+    .bind(pool)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use flotilla_core::InstanceId;
-use sqlx::PgConnection;
+use sqlx::{Acquire, PgConnection};
 use uuid::Uuid;
 
 use crate::Result;
@@ -37,6 +37,33 @@ pub async fn volume_pending_delete(
     .bind(instance.0)
     .fetch_all(conn)
     .await?)
+}
+
+/// Records a volume an earlier attempt created (found by its ownership
+/// tag) as the instance's, with a `volume_adopted` row in the instance's
+/// history, in one (nested) transaction.
+pub async fn volume_record_adopted(
+    conn: &mut PgConnection,
+    ctx: &crate::WriteCtx,
+    instance: InstanceId,
+    provider_volume_id: &str,
+    size_gb: i32,
+) -> Result<VolumeRow> {
+    let mut tx = conn.begin().await?;
+    let row = volume_record_created(&mut tx, instance, provider_volume_id, size_gb).await?;
+    crate::action_log::action_log_request(
+        &mut tx,
+        ctx,
+        &[instance.0],
+        crate::action_log::Request::VolumeAdopted,
+        &format!(
+            "volume {provider_volume_id} found by its ownership tag (an earlier attempt created \
+             it); recorded instead of creating another"
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 /// Records a volume created at the provider.

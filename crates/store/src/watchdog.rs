@@ -318,29 +318,64 @@ pub async fn watchdog_set_lost_hold(
         == 1)
 }
 
-/// Writes an audit row that is not a transition (`lost_verdict_held`) for
-/// each of these instances: a decision not to act, with its reason, in the
-/// instance's history.
+/// A verdict the storm guard holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldVerdict {
+    /// The machine is lost (missing from a listing).
+    Lost,
+    /// The worker is dead (silent, or its health checks failing).
+    Dead,
+}
+
+/// Writes an audit row that is not a transition (`lost_verdict_held` or
+/// `dead_verdict_held`) for each of these instances: a decision not to
+/// act, with its reason, in the instance's history.
 pub async fn watchdog_log_held(
     conn: &mut PgConnection,
     ctx: &crate::WriteCtx,
     ids: &[Uuid],
+    verdict: HeldVerdict,
     reason: &str,
 ) -> Result<()> {
-    crate::action_log::action_log_request(
-        conn,
-        ctx,
-        ids,
-        crate::action_log::Request::LostVerdictHeld,
-        reason,
+    let request = match verdict {
+        HeldVerdict::Lost => crate::action_log::Request::LostVerdictHeld,
+        HeldVerdict::Dead => crate::action_log::Request::DeadVerdictHeld,
+    };
+    crate::action_log::action_log_request(conn, ctx, ids, request, reason).await
+}
+
+/// Writes `orphan_deleted` with `reason` (which names the resource) in
+/// the instance's history, unless it holds that row already: a machine
+/// still `destroying` is listed, and deleted, again by the next scan, and
+/// its history says so once.
+pub async fn watchdog_log_orphan_deleted(
+    conn: &mut PgConnection,
+    ctx: &crate::WriteCtx,
+    instance: Uuid,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO action_logs (instance_id, action, actor, correlation_id, reason)
+         SELECT id, $2, $3, $4, $5 FROM instances i WHERE id = $1
+           AND NOT EXISTS (SELECT 1 FROM action_logs a
+                           WHERE a.instance_id = i.id AND a.action = $2 AND a.reason = $5)",
     )
-    .await
+    .bind(instance)
+    .bind(crate::action_log::Request::OrphanDeleted.action())
+    .bind(&ctx.actor)
+    .bind(ctx.correlation_id.as_str())
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A volume the database tracks for an instance, for the orphan scan.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct KnownVolume {
     pub provider_volume_id: String,
+    /// The instance it is recorded for.
+    pub instance_id: Uuid,
     /// Its instance's state.
     #[sqlx(try_from = "String")]
     pub state: InstanceState,
@@ -357,7 +392,8 @@ pub async fn watchdog_known_volumes(
     ids: &[String],
 ) -> Result<Vec<KnownVolume>> {
     Ok(sqlx::query_as(
-        "SELECT v.provider_volume_id, i.state, i.state_entered_at, v.delete_on_terminate
+        "SELECT v.provider_volume_id, v.instance_id, i.state, i.state_entered_at,
+                v.delete_on_terminate
          FROM instance_volumes v
          JOIN instances i ON i.id = v.instance_id
          WHERE v.provider_volume_id = ANY($1) AND v.state <> 'deleted'",

@@ -139,12 +139,22 @@ pub async fn worker_heartbeat_batch(
 }
 
 /// A (re)started agent counts its heartbeats anew: forget the sequence of
-/// the process before it.
-pub async fn worker_registered(conn: &mut PgConnection, id: InstanceId) -> Result<()> {
+/// the process before it. Keeps the heartbeat interval the agent is told
+/// (`heartbeat_interval_ms`), from which the watchdog knows how many
+/// heartbeats the fleet should send.
+pub async fn worker_registered(
+    conn: &mut PgConnection,
+    id: InstanceId,
+    heartbeat_interval_ms: u32,
+) -> Result<()> {
+    let interval = i32::try_from(heartbeat_interval_ms.max(1)).unwrap_or(i32::MAX);
     sqlx::query(
-        "UPDATE instances SET heartbeat_sequence = 0 WHERE id = $1 AND heartbeat_sequence <> 0",
+        "UPDATE instances SET heartbeat_sequence = 0, heartbeat_interval_ms = $2
+         WHERE id = $1
+           AND (heartbeat_sequence <> 0 OR heartbeat_interval_ms IS DISTINCT FROM $2)",
     )
     .bind(id.0)
+    .bind(interval)
     .execute(conn)
     .await?;
     Ok(())

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use axum::Router;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -18,14 +18,38 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets of the lifecycle histograms (an instance's time to ready, to
+/// terminated): 1 s to 1 h, since a boot or a drain takes minutes.
+const LIFECYCLE_BUCKETS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 900.0, 1800.0,
+    3600.0,
+];
+
+/// The histograms measured with [`LIFECYCLE_BUCKETS`].
+const LIFECYCLE_HISTOGRAMS: &[&str] = &[
+    "flotilla_instance_ready_seconds",
+    "flotilla_instance_termination_seconds",
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the global recorder on first call; returns its handle.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(SECONDS_BUCKETS)
+            let recorder = LIFECYCLE_HISTOGRAMS
+                .iter()
+                .fold(
+                    PrometheusBuilder::new().set_buckets(SECONDS_BUCKETS),
+                    |b, name| {
+                        b.and_then(|b| {
+                            b.set_buckets_for_metric(
+                                Matcher::Full((*name).to_owned()),
+                                LIFECYCLE_BUCKETS,
+                            )
+                        })
+                    },
+                )
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -159,6 +183,21 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Histogram,
+        "flotilla_instance_ready_seconds",
+        "Time from an instance's request (its row's creation) to ready, by pool: recorded where it becomes ready (the api on the agent's report, the scheduler on a health check).",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_instance_termination_seconds",
+        "Time from an instance's first terminate request to terminated (the provider confirmed machine and volumes gone), by pool; recorded by the terminator.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_heartbeats_expected_per_second",
+        "Heartbeats per second the api should receive: the sum of 1/interval over ready and draining workers whose agent registered; sampled by the watchdog. Compare with rate(flotilla_api_heartbeats_total).",
+    ),
+    (
+        Kind::Histogram,
         "flotilla_heartbeat_age_seconds",
         "Age of the last sign of life of each ready instance, sampled every watchdog tick.",
     ),
@@ -205,6 +244,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "Worker health probes made by the scheduler, by outcome (up, down).",
     ),
     (
+        Kind::Histogram,
+        "flotilla_scheduler_health_check_duration_seconds",
+        "Duration of one worker health probe made by the scheduler (answers from its short cache are not probes), by outcome (up, down).",
+    ),
+    (
         Kind::Counter,
         "flotilla_scheduler_retries_total",
         "Provisioning steps that failed and will be retried, by error class.",
@@ -213,6 +257,17 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         Kind::Counter,
         "flotilla_scheduler_adoption_deferred_total",
         "Retries that waited for the provider's listing to settle before creating another machine.",
+    ),
+    // Volume deletes (terminator and the watchdog's orphan scan).
+    (
+        Kind::Counter,
+        "flotilla_volume_deletes_total",
+        "Volume delete calls, by service (terminator, watchdog) and outcome (deleted, already_gone: the provider answered NotFound, failed: retried later).",
+    ),
+    (
+        Kind::Histogram,
+        "flotilla_volume_delete_duration_seconds",
+        "Duration of one volume delete call, by service and outcome.",
     ),
     // terminator.
     (
@@ -308,6 +363,53 @@ pub fn describe() {
             Kind::Counter => metrics::describe_counter!(*name, *help),
             Kind::Gauge => metrics::describe_gauge!(*name, *help),
             Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+}
+
+/// What one volume delete call came to (`flotilla_volume_deletes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeDelete {
+    /// The provider deleted it.
+    Deleted,
+    /// The provider answered NotFound: it was gone already.
+    AlreadyGone,
+    /// Any other error: retried later.
+    Failed,
+}
+
+impl VolumeDelete {
+    pub const ALL: [VolumeDelete; 3] = [
+        VolumeDelete::Deleted,
+        VolumeDelete::AlreadyGone,
+        VolumeDelete::Failed,
+    ];
+
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeDelete::Deleted => "deleted",
+            VolumeDelete::AlreadyGone => "already_gone",
+            VolumeDelete::Failed => "failed",
+        }
+    }
+
+    /// Records one delete call of `service` that took `took`.
+    pub fn record(self, service: &'static str, took: std::time::Duration) {
+        let labels = [("service", service), ("outcome", self.as_str())];
+        metrics::counter!("flotilla_volume_deletes_total", &labels).increment(1);
+        metrics::histogram!("flotilla_volume_delete_duration_seconds", &labels)
+            .record(took.as_secs_f64());
+    }
+
+    /// Exports every series of `service`'s volume deletes from the start
+    /// (counters at 0, histograms without observations), so `increase()`
+    /// and alerts see the first failure.
+    pub fn register(service: &'static str) {
+        for outcome in VolumeDelete::ALL {
+            let labels = [("service", service), ("outcome", outcome.as_str())];
+            metrics::counter!("flotilla_volume_deletes_total", &labels).increment(0);
+            let _ = metrics::histogram!("flotilla_volume_delete_duration_seconds", &labels);
         }
     }
 }

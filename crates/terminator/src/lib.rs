@@ -24,6 +24,9 @@ use tokio::sync::Notify;
 pub use config::{TerminatorArgs, TerminatorTuning};
 pub use terminate::Outcome;
 
+/// The `service` label of the metrics this service shares with others.
+pub const SERVICE: &str = "terminator";
+
 /// Grace period of [`Terminator::run`]; the binary takes `SHUTDOWN_GRACE_SECONDS`.
 pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -48,6 +51,7 @@ impl Terminator {
     /// Registers the take-down loop and, with a bus, the `CMD.terminate`
     /// consumer that wakes it.
     pub fn register(&self, loops: &mut Loops, bus: Option<Bus>) {
+        flotilla_telemetry::metrics::VolumeDelete::register(SERVICE);
         let wake = Arc::new(Notify::new());
         let s = self.clone();
         loops.add(

@@ -30,10 +30,11 @@ use flotilla_store::volume::{volume_mark_deleted, volume_pending_delete, volume_
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::metrics::VolumeDelete;
 use flotilla_telemetry::propagation::current_trace_headers;
 use sqlx::PgConnection;
 
-use crate::Terminator;
+use crate::{SERVICE, Terminator};
 
 use InstanceState as S;
 
@@ -515,6 +516,7 @@ impl Terminator {
             if fence.check().is_err() {
                 return Ok(Next::Done(Outcome::Abandoned));
             }
+            let started = std::time::Instant::now();
             let deleted = client
                 .delete_volume(outgoing(
                     v1::VolumeRef {
@@ -525,6 +527,12 @@ impl Terminator {
                 ))
                 .await
                 .map_err(|s| status_to_provider_error(&s));
+            let outcome = match &deleted {
+                Ok(_) => VolumeDelete::Deleted,
+                Err(ProviderError::NotFound(_)) => VolumeDelete::AlreadyGone,
+                Err(_) => VolumeDelete::Failed,
+            };
+            outcome.record(SERVICE, started.elapsed());
             match deleted {
                 Ok(_) | Err(ProviderError::NotFound(_)) => volume_mark_deleted(conn, v.id).await?,
                 Err(e) => {
@@ -551,10 +559,14 @@ impl Terminator {
             },
         )
         .await?;
-        self.step_succeeded(conn, done).await?;
+        let done = self.step_succeeded(conn, done).await?;
         instance_release(conn, row.id, &self.owner).await?;
         metrics::counter!("flotilla_terminator_terminated_total", "pool" => row.pool.clone())
             .increment(1);
+        if let Some(took) = done.seconds_terminate_requested_to_state() {
+            metrics::histogram!("flotilla_instance_termination_seconds", "pool" => row.pool.clone())
+                .record(took);
+        }
         Ok(Next::Done(Outcome::Terminated))
     }
 }

@@ -3,6 +3,8 @@
 //! drains. Every assertion about "gone" is checked against the simulator's
 //! own truth.
 
+#[path = "observability.rs"]
+mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
 

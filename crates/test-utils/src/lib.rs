@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod fleet;
+pub mod metrics;
 pub mod python_client;
 pub mod stack;
 pub mod wait;

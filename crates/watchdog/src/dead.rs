@@ -17,8 +17,10 @@
 //! and only then counts as not running. A heartbeat
 //! clears suspicion. Before any remediation the storm guard looks at the
 //! pool: if more than `WATCHDOG_STORM_FRACTION` of its ready workers are
-//! suspect at once, it holds (flag, metric, log) instead of replacing the
-//! fleet on a network blip, and resumes when the share drops.
+//! suspect at once, it holds (flag, metric, log, and a `dead_verdict_held`
+//! row in each held instance's history, once per hold and suspicion)
+//! instead of replacing the fleet on a network blip, and resumes when the
+//! share drops.
 
 use std::collections::BTreeMap;
 
@@ -32,8 +34,9 @@ use flotilla_store::instance::{
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::pool_get;
 use flotilla_store::watchdog::{
-    watchdog_claim_probe_failing, watchdog_claim_silent, watchdog_clear_recovered_probed,
-    watchdog_mark_suspect, watchdog_pool_suspicion, watchdog_set_storm_hold,
+    HeldVerdict, watchdog_claim_probe_failing, watchdog_claim_silent,
+    watchdog_clear_recovered_probed, watchdog_log_held, watchdog_mark_suspect,
+    watchdog_pool_suspicion, watchdog_set_storm_hold,
 };
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
@@ -145,7 +148,9 @@ impl Watchdog {
         let storm = ready >= self.tuning.watchdog_storm_min_instances
             && share > self.tuning.watchdog_storm_fraction;
         if storm {
-            if watchdog_set_storm_hold(&mut conn, pool, true).await? {
+            let mut tx = conn.begin().await?;
+            let began = watchdog_set_storm_hold(&mut tx, pool, true).await?;
+            if began {
                 tracing::error!(
                     pool,
                     suspect,
@@ -153,6 +158,23 @@ impl Watchdog {
                     "storm guard: too many silent workers at once; holding remediation"
                 );
             }
+            // Into the history of each held instance once per hold and
+            // suspicion: all of them when the hold begins, later only the
+            // newly suspect (the claim read `suspect_since` before this
+            // tick marked it), never once per tick.
+            let newly: Vec<uuid::Uuid> = suspects
+                .iter()
+                .filter(|(row, _, _)| began || row.suspect_since.is_none())
+                .map(|(row, _, _)| row.id.0)
+                .collect();
+            if !newly.is_empty() {
+                let reason = format!(
+                    "storm guard: {suspect} of {ready} ready workers of pool {pool} suspect at once \
+                     (silent or failing health checks); dead verdict held"
+                );
+                watchdog_log_held(&mut tx, &self.ctx(), &newly, HeldVerdict::Dead, &reason).await?;
+            }
+            tx.commit().await?;
             metrics::gauge!("flotilla_watchdog_storm_hold", "pool" => pool.to_owned()).set(1.0);
             for (row, _, _) in &suspects {
                 instance_release(&mut conn, row.id, &self.owner).await?;

@@ -23,14 +23,17 @@ use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_store::metrics::{
-    metrics_instances_by_pool_state, metrics_loop_backlogs, metrics_price_by_instance_type,
-    metrics_ready_heartbeat_ages,
+    metrics_heartbeats_expected_per_second, metrics_instances_by_pool_state, metrics_loop_backlogs,
+    metrics_price_by_instance_type, metrics_ready_heartbeat_ages,
 };
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::{ActivationStatus, replica_name};
 
 pub use config::{WatchdogArgs, WatchdogTuning};
 pub use orphans::OrphanReport;
+
+/// The `service` label of the metrics this service shares with others.
+pub const SERVICE: &str = "watchdog";
 
 /// Grace period of [`Watchdog::run`]; the binary takes `SHUTDOWN_GRACE_SECONDS`.
 pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
@@ -56,6 +59,7 @@ impl Watchdog {
     /// Registers the dead-worker, stuck-instance, orphan and fleet-metrics
     /// loops. None is woken by a message: each reads the database on its tick.
     pub fn register(&self, loops: &mut Loops) {
+        flotilla_telemetry::metrics::VolumeDelete::register(SERVICE);
         let tick = self.tuning.tick();
         let s = self.clone();
         loops.add("watchdog_dead_workers", tick, None, move || {
@@ -119,8 +123,8 @@ impl Watchdog {
     /// `flotilla_instances_oldest_in_state_seconds` (one GROUP BY), the
     /// backlog of the instance loops of the other services
     /// (`flotilla_loop_backlog{loop}`: they share this database, so one
-    /// sampler serves all of them) and `flotilla_heartbeat_age_seconds` of
-    /// ready instances.
+    /// sampler serves all of them), `flotilla_heartbeat_age_seconds` of
+    /// ready instances and `flotilla_heartbeats_expected_per_second`.
     /// Every replica samples; the values are the same database's, so
     /// dashboards take `max` across replicas. `seen` holds the label pairs
     /// reported before, so a pair that emptied drops to 0 instead of
@@ -188,6 +192,10 @@ impl Watchdog {
                 }
             }
             Err(e) => status.error(e.class(), "backlogs", e),
+        }
+        match metrics_heartbeats_expected_per_second(&mut conn).await {
+            Ok(rate) => metrics::gauge!("flotilla_heartbeats_expected_per_second").set(rate),
+            Err(e) => status.error(e.class(), "heartbeats expected", e),
         }
         match metrics_ready_heartbeat_ages(&mut conn).await {
             Ok(ages) => {

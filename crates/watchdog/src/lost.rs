@@ -35,7 +35,7 @@ use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::instance::instance_get;
 use flotilla_store::watchdog::{
-    LiveMachine, watchdog_log_held, watchdog_mark_missing, watchdog_set_lost_hold,
+    HeldVerdict, LiveMachine, watchdog_log_held, watchdog_mark_missing, watchdog_set_lost_hold,
 };
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
@@ -167,7 +167,7 @@ impl Watchdog {
                     "storm guard: {} of {live} live machines of pool {pool} missing from the provider's listing at once; lost verdict held",
                     missing.len()
                 );
-                watchdog_log_held(conn, &self.ctx(), &newly, &reason).await?;
+                watchdog_log_held(conn, &self.ctx(), &newly, HeldVerdict::Lost, &reason).await?;
             }
             return Ok(());
         }

@@ -29,13 +29,14 @@ use flotilla_core::{Classify, InstanceId, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
 use flotilla_store::StoreError;
-use flotilla_store::instance::instance_record_machine;
+use flotilla_store::instance::instance_record_adopted_machine;
 use flotilla_store::watchdog::{
     Known, KnownVolume, watchdog_known, watchdog_known_volumes, watchdog_live_with_machine,
-    watchdog_scan_targets,
+    watchdog_log_orphan_deleted, watchdog_scan_targets,
 };
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
+use flotilla_telemetry::metrics::VolumeDelete;
 use uuid::Uuid;
 
 use crate::Watchdog;
@@ -213,8 +214,14 @@ impl Watchdog {
             {
                 // The create's answer was lost; the row can take it now.
                 if !self.tuning.watchdog_dry_run {
-                    match instance_record_machine(&mut conn, InstanceId(*id), k.version, &m.id)
-                        .await
+                    match instance_record_adopted_machine(
+                        &mut conn,
+                        &self.ctx(),
+                        InstanceId(*id),
+                        k.version,
+                        &m.id,
+                    )
+                    .await
                     {
                         Ok(_) => report.adopted_machines.push(m.id.clone()),
                         Err(e) => status.error(e.class(), id, e),
@@ -252,6 +259,12 @@ impl Watchdog {
                     tracing::warn!(machine_id = %m.id, instance_id = %id, "orphan machine deleted");
                     report.deleted_machines.push(m.id.clone());
                     status.acted += 1;
+                    if let Some(k) = owner {
+                        let why = orphan_reason(k.state, k.provider_machine_id.as_deref());
+                        let reason = format!("machine {} deleted by the orphan scan: {why}", m.id);
+                        self.log_orphan_deleted(&mut conn, k.id, &reason, status)
+                            .await;
+                    }
                 }
                 Err(e) => status.error(e.class(), &m.id, e),
             }
@@ -335,7 +348,8 @@ impl Watchdog {
                 tracing::warn!(volume_id = %v.id, "dry run: would delete orphan volume");
                 continue;
             }
-            match self
+            let started = std::time::Instant::now();
+            let deleted = self
                 .provider
                 .clone()
                 .delete_volume(outgoing(
@@ -346,12 +360,33 @@ impl Watchdog {
                     &self.ctx().correlation_id,
                 ))
                 .await
-                .map_err(|s| status_to_provider_error(&s))
-            {
+                .map_err(|s| status_to_provider_error(&s));
+            let outcome = match &deleted {
+                Ok(_) => VolumeDelete::Deleted,
+                Err(ProviderError::NotFound(_)) => VolumeDelete::AlreadyGone,
+                Err(_) => VolumeDelete::Failed,
+            };
+            outcome.record(crate::SERVICE, started.elapsed());
+            match deleted {
                 Ok(_) | Err(ProviderError::NotFound(_)) => {
                     tracing::warn!(volume_id = %v.id, "orphan volume deleted");
                     report.deleted_volumes.push(v.id.clone());
                     status.acted += 1;
+                    // The instance it was recorded for, else the one its
+                    // tag names, keeps the delete in its history.
+                    let of = tracked
+                        .get(&v.id)
+                        .map(|t| (t.instance_id, t.state))
+                        .or(owner.map(|k| (k.id, k.state)));
+                    if let Some((instance, state)) = of {
+                        let reason = format!(
+                            "volume {} deleted by the orphan scan: {}",
+                            v.id,
+                            orphan_reason(state, None)
+                        );
+                        self.log_orphan_deleted(&mut conn, instance, &reason, status)
+                            .await;
+                    }
                 }
                 Err(e) => {
                     // Retried by the next scan; counted so a stuck one shows.
@@ -363,6 +398,36 @@ impl Watchdog {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a resource tagged with an instance the database knows is an orphan.
+fn orphan_reason(state: InstanceState, recorded_machine: Option<&str>) -> String {
+    match (state, recorded_machine) {
+        (InstanceState::Abandoned, _) => {
+            "its instance was abandoned (and the grace since has passed)".to_owned()
+        }
+        (s, _) if s.is_terminal() => format!("its instance is {s}"),
+        (_, Some(mine)) => format!("its instance's machine is {mine}, not this one"),
+        (s, None) => format!("its instance ({s}) does not own it"),
+    }
+}
+
+impl Watchdog {
+    /// Keeps an orphan delete in the history of the instance whose tag the
+    /// resource carried (once per resource). The provider already deleted
+    /// it: a failed write is counted as the scan's error, never undoes or
+    /// repeats the delete.
+    async fn log_orphan_deleted(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        instance: Uuid,
+        reason: &str,
+        status: &mut ActivationStatus,
+    ) {
+        if let Err(e) = watchdog_log_orphan_deleted(conn, &self.ctx(), instance, reason).await {
+            status.error(e.class(), instance, e);
+        }
     }
 }
 

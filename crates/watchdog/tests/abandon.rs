@@ -12,6 +12,7 @@ use flotilla_store::WriteCtx;
 use flotilla_store::instance::{Abandon, InstanceRow, instance_abandon};
 use flotilla_store::pool_delete::{PoolDeletion, pool_delete};
 use flotilla_test_utils::fleet::{ReadySpec, ready_instances};
+use flotilla_test_utils::metrics::value;
 use flotilla_test_utils::stack::documented;
 
 use super::{Env, count, env, get, scheduler, watchdog};
@@ -89,6 +90,8 @@ async fn an_abandoned_instances_machine_and_volume_are_orphans_one_grace_after_t
     assert_eq!(machine_state(&env, &machine), "started");
 
     // A grace later the scan still finds them: a second look, and they go.
+    let volumes_deleted = r#"flotilla_volume_deletes_total{service="watchdog",outcome="deleted"}"#;
+    let deleted_before = value(volumes_deleted);
     tokio::time::sleep(PAST_GRACE).await;
     let (_, second) = w.orphans_once().await;
     assert_eq!(second.deleted_machines, std::slice::from_ref(&machine));
@@ -111,6 +114,30 @@ async fn an_abandoned_instances_machine_and_volume_are_orphans_one_grace_after_t
     let after = get(&env, row.id).await;
     assert_eq!(after.state, InstanceState::Abandoned);
     assert_eq!(after.version, abandoned.version);
+    // Its history says what the scan deleted of it, and why.
+    let orphans: Vec<(String, String)> = sqlx::query_as(
+        "SELECT actor, reason FROM action_logs
+         WHERE instance_id = $1 AND action = 'orphan_deleted' ORDER BY id",
+    )
+    .bind(row.id.0)
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        orphans.len(),
+        2,
+        "the machine, then the volume: {orphans:?}"
+    );
+    assert!(orphans.iter().all(|(actor, _)| actor == "watchdog"));
+    assert!(
+        orphans[0].1.contains(&machine) && orphans[0].1.contains("abandoned"),
+        "{orphans:?}"
+    );
+    assert!(orphans[1].1.contains(&volume), "{orphans:?}");
+    assert!(
+        value(volumes_deleted) >= deleted_before + 1.0,
+        "the delete counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

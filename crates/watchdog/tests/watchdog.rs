@@ -5,6 +5,8 @@
 
 #[path = "abandon.rs"]
 mod abandon;
+#[path = "observability.rs"]
+mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
 
