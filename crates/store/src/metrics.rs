@@ -1,8 +1,8 @@
 //! Read-only aggregates for the fleet gauges: instances by pool and state
 //! (with those needing attention and the oldest one's time in the state),
-//! heartbeat ages of ready workers, and pool prices by instance type (for
-//! the estimated cost of orphan machines). One query each, so sampling a
-//! large fleet stays cheap.
+//! heartbeat ages of ready workers, and the backlogs of the instance loops.
+//! One query each, so sampling a large fleet stays cheap. (Spend rates are
+//! derived from the per-pool counts: see `crate::spend`.)
 
 use flotilla_core::InstanceState;
 use sqlx::PgConnection;
@@ -47,16 +47,6 @@ pub async fn metrics_ready_heartbeat_ages(conn: &mut PgConnection) -> Result<Vec
     Ok(sqlx::query_scalar(
         "SELECT GREATEST(EXTRACT(EPOCH FROM now() - COALESCE(last_heartbeat, state_entered_at)), 0)::float8
          FROM instances WHERE state = 'ready'",
-    )
-    .fetch_all(conn)
-    .await?)
-}
-
-/// `(instance_type, price_per_hour_micros)`: the highest price any pool
-/// gives the type, so an orphan's estimated cost errs on the high side.
-pub async fn metrics_price_by_instance_type(conn: &mut PgConnection) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT instance_type, max(price_per_hour_micros) FROM pools GROUP BY instance_type",
     )
     .fetch_all(conn)
     .await?)
