@@ -26,7 +26,7 @@ pub enum PoolsCommand {
     /// Create a pool.
     Create(CreateArgs),
     /// Change a pool: its desired capacity (the scheduler keeps that many
-    /// instances of its own) or its price.
+    /// instances of its own), its price or its spend cap.
     Set(SetArgs),
     /// Resume a paused pool: its failure count is cleared and its waiting
     /// instances get machines again. A pool pauses itself after repeated
@@ -107,9 +107,14 @@ pub struct CreateArgs {
     /// Data volume per instance in GB; 0 for none.
     #[arg(long, default_value_t = 0)]
     pub volume_size_gb: u32,
-    /// Price of one machine per hour in millionths of the billing currency.
+    /// Price of one machine per hour in millionths of the billing currency;
+    /// 0: the services' INSTANCE_PRICES table prices it.
     #[arg(long, default_value_t = 0)]
     pub price_per_hour_micros: u64,
+    /// Most the pool's live instances may cost per hour, in currency units
+    /// (e.g. 12.50); Provision and pool capacity stop at it. 0: no cap.
+    #[arg(long, value_parser = parse_spend_cap, default_value = "0")]
+    pub spend_cap: u64,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -129,11 +134,21 @@ pub struct SetArgs {
     /// New price of one machine per hour, in millionths.
     #[arg(long)]
     pub price_per_hour_micros: Option<u64>,
+    /// New spend cap per hour, in currency units (e.g. 12.50); 0 removes
+    /// it. Lowering it terminates nothing: new instances wait until the
+    /// pool's spend is under it.
+    #[arg(long, value_parser = parse_spend_cap)]
+    pub spend_cap: Option<u64>,
     /// Apply only if the pool is still at this version (from `pools get`).
     #[arg(long, default_value_t = 0)]
     pub expected_version: u64,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// A spend cap given in currency units (`12.50`), as micros.
+fn parse_spend_cap(s: &str) -> Result<u64, String> {
+    flotilla_core::price::parse_amount(s).map(|m| m.max(0) as u64)
 }
 
 fn print_pools(pools: &[v1::Pool], out: Output) {
@@ -198,6 +213,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 image: a.image,
                 volume_size_gb: a.volume_size_gb,
                 price_per_hour_micros: a.price_per_hour_micros,
+                spend_cap_per_hour_micros: a.spend_cap,
                 ..Default::default()
             };
             let created = api
@@ -216,9 +232,11 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
             print_pools(&[pool], a.output);
         }
         PoolsCommand::Set(a) => {
-            if a.desired.is_none() && a.price_per_hour_micros.is_none() {
+            if a.desired.is_none() && a.price_per_hour_micros.is_none() && a.spend_cap.is_none() {
                 return Err(CliError::Invalid(
-                    "nothing to change: give --desired N or --price-per-hour-micros P".into(),
+                    "nothing to change: give --desired N, --price-per-hour-micros P or \
+                     --spend-cap AMOUNT"
+                        .into(),
                 ));
             }
             let pool = api
@@ -228,6 +246,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     desired_capacity: a.desired,
                     timeouts: None,
                     price_per_hour_micros: a.price_per_hour_micros,
+                    spend_cap_per_hour_micros: a.spend_cap,
                     expected_version: a.expected_version,
                     ..Default::default()
                 }))
