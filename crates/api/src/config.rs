@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use flotilla_core::config::{
-    AdapterClientArgs, DatabaseArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+    AdapterClientArgs, DatabaseArgs, NatsArgs, PriceArgs, ShutdownArgs, TelemetryArgs,
 };
+use flotilla_core::price::PriceTable;
 
 use crate::auth::ApiToken;
 
@@ -74,6 +75,8 @@ pub struct ApiArgs {
     pub provider_adapter_url: Option<String>,
     #[command(flatten)]
     pub adapter: AdapterClientArgs,
+    #[command(flatten)]
+    pub prices: PriceArgs,
     /// Apply the database migrations and exit without serving: the
     /// migration step of a deployment (a Kubernetes Job, a compose service).
     /// Needs only the database settings.
@@ -105,6 +108,8 @@ pub struct Limits {
     pub heartbeat_interval_ms: u32,
     /// How long a verified worker token is trusted (`WORKER_TOKEN_CACHE_SECONDS`).
     pub worker_token_cache: Duration,
+    /// Machine prices (`INSTANCE_PRICES`), for spend rates and caps.
+    pub prices: PriceTable,
 }
 
 impl Default for Limits {
@@ -114,6 +119,7 @@ impl Default for Limits {
             idempotency_ttl: Duration::from_secs(86_400),
             heartbeat_interval_ms: 5000,
             worker_token_cache: crate::heartbeat::TOKEN_CACHE_TTL,
+            prices: PriceTable::default(),
         }
     }
 }
@@ -135,6 +141,7 @@ impl ApiArgs {
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_seconds),
             heartbeat_interval_ms: self.worker_heartbeat_interval_ms,
             worker_token_cache: Duration::from_secs(self.worker_token_cache_seconds),
+            prices: self.prices.instance_prices.clone(),
         }
     }
 }
@@ -170,6 +177,17 @@ mod tests {
             .map(|t| (t.name(), t.scope().as_str()))
             .collect();
         assert_eq!(names, [("ci", "admin"), ("ops", "admin"), ("dash", "read")]);
+    }
+
+    #[test]
+    fn a_bad_price_entry_is_refused_at_startup_naming_the_setting_and_entry() {
+        let ok = ApiArgs::try_parse_from(["api", "--instance-prices", "a10=1.5"]).expect("parse");
+        assert_eq!(ok.limits().prices.get("a10"), Some(1_500_000));
+        let err = ApiArgs::try_parse_from(["api", "--instance-prices", "a10=1.5,gpu=lots"])
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("INSTANCE_PRICES entry 2"), "{err}");
+        assert!(err.contains("gpu=lots"), "{err}");
     }
 
     #[test]

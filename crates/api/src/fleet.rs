@@ -5,6 +5,7 @@
 
 use flotilla_bus::subjects::{PROVISION, RECONCILE};
 use flotilla_core::InstanceState;
+use flotilla_core::price::PriceTable;
 use flotilla_proto::client::AdapterClient;
 use flotilla_proto::convert::state_from_wire;
 use flotilla_proto::status::invalid_field;
@@ -15,8 +16,9 @@ use flotilla_store::action_log::action_log_for_instance;
 use flotilla_store::instance::{ListFilter, instance_get, instance_list};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::NewPool;
-use flotilla_store::pool::{PoolUpdate, pool_create, pool_get, pool_list, pool_update};
+use flotilla_store::pool::{PoolRow, PoolUpdate, pool_create, pool_get, pool_list, pool_update};
 use flotilla_store::pool_pause::{pool_events_recent, pool_pause, pool_resume};
+use flotilla_store::spend::{spend_live_counts, spend_rate};
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::grpc::{correlation_of, outgoing};
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -126,6 +128,28 @@ async fn check_with_adapter(
                 s.message()
             )))
         }
+    }
+}
+
+/// A pool as callers see it: its row, and what its `live` instances cost
+/// per hour now.
+pub(crate) fn pool_answer(row: &PoolRow, prices: &PriceTable, live: i64) -> v1::Pool {
+    v1::Pool {
+        spend_per_hour_micros: spend_rate(row, prices, live).max(0) as u64,
+        ..row.to_proto()
+    }
+}
+
+impl FleetApi {
+    /// [`pool_answer`] for one pool, counting its live instances on `conn`.
+    async fn answer_one(&self, conn: &mut PgConnection, row: &PoolRow) -> Result<v1::Pool, Status> {
+        let live = spend_live_counts(conn, Some(&row.name))
+            .await
+            .map_err(store_status)?
+            .get(&row.name)
+            .copied()
+            .unwrap_or(0);
+        Ok(pool_answer(row, &self.state.limits.prices, live))
     }
 }
 
@@ -314,7 +338,7 @@ impl FleetService for FleetApi {
         }
         let row = pool_create(&mut conn, &new).await.map_err(store_status)?;
         tracing::info!(pool = %row.name, %actor, "pool created");
-        Ok(Response::new(row.to_proto()))
+        Ok(Response::new(self.answer_one(&mut conn, &row).await?))
     }
 
     async fn update_pool(
@@ -342,6 +366,10 @@ impl FleetService for FleetApi {
                 .health_check_url
                 .as_deref()
                 .map(|u| validate::health_check_url("health_check_url", u))
+                .transpose()?,
+            spend_cap_per_hour_micros: req
+                .spend_cap_per_hour_micros
+                .map(|c| validate::spend_cap("spend_cap_per_hour_micros", c))
                 .transpose()?,
         };
         let expected_version = match req.expected_version {
@@ -407,20 +435,27 @@ impl FleetService for FleetApi {
             }
         };
         let (before, after) = (updated.previous_capacity, updated.pool.desired_capacity);
-        if before != after {
+        // A new spend cap may let capacity grow (or stop it) at once.
+        let cap_set = update.spend_cap_per_hour_micros.is_some() && after > 0;
+        if before != after || cap_set {
             // Committed with the change, so the scheduler is woken even if
             // this process dies right after answering.
             let wake = v1::ReconcileCommand {
                 pool: req.name.clone(),
-                reason: format!("desired capacity {before} -> {after}"),
+                reason: if before != after {
+                    format!("desired capacity {before} -> {after}")
+                } else {
+                    "spend cap changed".to_owned()
+                },
             };
             outbox_insert(&mut tx, &ctx, RECONCILE, &wake.encode_to_vec())
                 .await
                 .map_err(store_status)?;
         }
+        let answer = self.answer_one(&mut tx, &pool).await?;
         tx.commit().await.map_err(|e| store_status(e.into()))?;
         tracing::info!(pool = %req.name, actor = %ctx.actor, version = pool.version, "pool updated");
-        Ok(Response::new(pool.to_proto()))
+        Ok(Response::new(answer))
     }
 
     async fn get_pool(
@@ -434,7 +469,7 @@ impl FleetService for FleetApi {
             .await
             .map_err(store_status)?
             .ok_or_else(|| pool_not_found(name))?;
-        let mut pool = row.to_proto();
+        let mut pool = self.answer_one(&mut conn, &row).await?;
         pool.recent_events = pool_events_recent(&mut conn, name, RECENT_POOL_EVENTS)
             .await
             .map_err(store_status)?
@@ -468,8 +503,15 @@ impl FleetService for FleetApi {
     ) -> Result<Response<v1::ListPoolsResponse>, Status> {
         let mut conn = self.conn().await?;
         let pools = pool_list(&mut conn).await.map_err(store_status)?;
+        let live = spend_live_counts(&mut conn, None)
+            .await
+            .map_err(store_status)?;
+        let prices = &self.state.limits.prices;
         Ok(Response::new(v1::ListPoolsResponse {
-            pools: pools.iter().map(|p| p.to_proto()).collect(),
+            pools: pools
+                .iter()
+                .map(|p| pool_answer(p, prices, live.get(&p.name).copied().unwrap_or(0)))
+                .collect(),
         }))
     }
 }

@@ -379,7 +379,7 @@ pub async fn delete_pool(
             tracing::warn!(pool = %req.name, actor = %ctx.actor, reason = %why, live, requested = requested.len(), "pool being deleted; its instances are terminating");
             v1::DeletePoolResponse {
                 deleted: false,
-                pool: Some(pool.to_proto()),
+                pool: Some(crate::fleet::pool_answer(&pool, &state.limits.prices, live)),
                 live_instances: u32::try_from(live).unwrap_or(u32::MAX),
                 terminating_ids: requested.iter().map(Uuid::to_string).collect(),
             }

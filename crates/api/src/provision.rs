@@ -7,7 +7,11 @@
 //! `EVT.instance.requested` event), the commands in the outbox, and the
 //! idempotency record holding the answer. Once it commits the relay carries
 //! the commands to JetStream, so the answer "OK" is never a promise the
-//! system can forget. Two requests racing with one key both try to commit;
+//! system can forget. A pool with a spend cap is checked in that same
+//! transaction, under its row lock (`flotilla_store::spend`): a batch that
+//! would take the pool's spend over its cap is refused, RESOURCE_EXHAUSTED
+//! with the figures, and two batches racing on one pool cannot together
+//! pass it. Two requests racing with one key both try to commit;
 //! the loser fails on the record's primary key or on an instance name the
 //! winner took (at the name check or at insert), rolls back everything, and
 //! answers with the winner's stored response, so a key yields exactly one
@@ -23,6 +27,7 @@ use flotilla_store::idempotency::{IdempotencyRecord, idempotency_get, idempotenc
 use flotilla_store::instance::{NewInstance, instance_insert_with_provision};
 use flotilla_store::pool::pool_get;
 use flotilla_store::pool_delete::deleting_refusal;
+use flotilla_store::spend::spend_room;
 use flotilla_store::{StoreError, WriteCtx};
 use prost::Message;
 use rand::Rng;
@@ -203,6 +208,16 @@ pub async fn provision(
         .collect();
 
     if req.dry_run {
+        // Outside a transaction (any lock lasts one statement): a dry run
+        // writes nothing, so it only says whether the batch fits now.
+        let room = spend_room(&mut conn, &pool.name, &state.limits.prices)
+            .await
+            .map_err(store_status)?;
+        if !room.admits(new.len() as i64) {
+            return Err(Status::resource_exhausted(
+                room.refusal(&pool.name, new.len() as i64),
+            ));
+        }
         return Ok(v1::ProvisionResponse {
             instances: new.iter().map(would_be).collect(),
             dry_run: true,
@@ -211,7 +226,7 @@ pub async fn provision(
     }
     drop(conn);
 
-    match write(state, &ctx, &new, key, &hash).await {
+    match write(state, &ctx, &pool.name, &new, key, &hash).await {
         Ok(answer) => {
             metrics::counter!("flotilla_api_instances_requested_total").increment(new.len() as u64);
             Ok(answer)
@@ -229,6 +244,12 @@ pub async fn provision(
                 WriteError::Store(e) => store_status(e),
                 WriteError::KeyTaken => {
                     Status::aborted("idempotency_key: taken concurrently; retry")
+                }
+                WriteError::OverSpendCap(why) => {
+                    metrics::counter!("flotilla_api_spend_cap_refusals_total", "pool" => pool.name.clone())
+                        .increment(1);
+                    tracing::info!(pool = %pool.name, %why, "provision refused by the spend cap");
+                    Status::resource_exhausted(why)
                 }
             })
         }
@@ -278,6 +299,8 @@ enum WriteError {
     Store(StoreError),
     /// The idempotency record was inserted by someone else first.
     KeyTaken,
+    /// The batch would take the pool's spend over its cap; the figures.
+    OverSpendCap(String),
 }
 
 impl From<StoreError> for WriteError {
@@ -297,11 +320,19 @@ impl From<sqlx::Error> for WriteError {
 async fn write(
     state: &ApiState,
     ctx: &WriteCtx,
+    pool: &str,
     new: &[NewInstance],
     key: Option<&str>,
     hash: &[u8],
 ) -> Result<v1::ProvisionResponse, WriteError> {
     let mut tx = state.pool.begin().await?;
+    // Before the insert and under the pool's lock (when it has a cap), so
+    // the count includes every batch committed before this one.
+    let room = spend_room(&mut tx, pool, &state.limits.prices).await?;
+    let n = new.len() as i64;
+    if !room.admits(n) {
+        return Err(WriteError::OverSpendCap(room.refusal(pool, n)));
+    }
     let rows = instance_insert_with_provision(&mut tx, ctx, new).await?;
 
     let position: HashMap<InstanceId, usize> =

@@ -172,6 +172,21 @@ pub fn price(field: &str, v: u64) -> Result<i64, Status> {
     i64::try_from(v).map_err(|_| invalid_field(field, "too large"))
 }
 
+/// Largest spend cap: a billion an hour, in micros. Beyond it is a typo
+/// (or a unit mistake), not a budget.
+pub const MAX_SPEND_CAP_MICROS: u64 = 1_000_000_000 * 1_000_000;
+
+/// A pool's spend cap in micros per hour; 0 is no cap.
+pub fn spend_cap(field: &str, v: u64) -> Result<i64, Status> {
+    if v > MAX_SPEND_CAP_MICROS {
+        return Err(invalid_field(
+            field,
+            format!("at most {MAX_SPEND_CAP_MICROS} (micros per hour; 0 for no cap)"),
+        ));
+    }
+    price(field, v)
+}
+
 /// The pool a CreatePool asks for, as the store takes it.
 pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
     let p = p.ok_or_else(|| invalid_field("pool", "required"))?;
@@ -213,6 +228,10 @@ pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
         price_per_hour_micros: price("pool.price_per_hour_micros", p.price_per_hour_micros)?,
         labels: labels("pool.labels", &p.labels)?,
         health_check_url: health_check_url("pool.health_check_url", &p.health_check_url)?,
+        spend_cap_per_hour_micros: spend_cap(
+            "pool.spend_cap_per_hour_micros",
+            p.spend_cap_per_hour_micros,
+        )?,
     })
 }
 
@@ -295,7 +314,7 @@ mod tests {
         assert!(new_pool(Some(&good)).is_ok());
         assert_eq!(field_of(new_pool(None).expect_err("none")), "pool");
         type Spoil = fn(&mut v1::Pool);
-        let cases: [(&str, Spoil); 8] = [
+        let cases: [(&str, Spoil); 9] = [
             ("pool.name", |p| p.name = "Gpu".into()),
             ("pool.provider", |p| p.provider = "aws".into()),
             ("pool.instance_type", |p| p.instance_type.clear()),
@@ -310,6 +329,9 @@ mod tests {
             }),
             ("pool.health_check_url", |p| {
                 p.health_check_url = "http://{private_ip}:8080/{token}".into()
+            }),
+            ("pool.spend_cap_per_hour_micros", |p| {
+                p.spend_cap_per_hour_micros = MAX_SPEND_CAP_MICROS + 1
             }),
         ];
         for (field, spoil) in cases {

@@ -1,7 +1,7 @@
 //! The api over real gRPC, on a real PostgreSQL and `nats-server -js`:
 //! provisioning with its idempotency and all-or-nothing validation,
-//! authentication of both APIs, listing, history, the event watch, pools,
-//! and boot phases reported by workers.
+//! authentication of both APIs, listing, history, the event watch, pools
+//! and their spend caps, and boot phases reported by workers.
 //!
 //! One test binary; each topic is a module of it, and what they share is
 //! in `common`.
@@ -29,6 +29,8 @@ mod provision;
 mod security;
 #[path = "shutdown.rs"]
 mod shutdown;
+#[path = "spend.rs"]
+mod spend;
 #[path = "terminate.rs"]
 mod terminate;
 #[path = "watch.rs"]

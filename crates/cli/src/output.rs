@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use flotilla_core::InstanceState;
+use flotilla_core::price::format_amount;
 use flotilla_proto::convert::state_from_wire;
 use flotilla_proto::v1;
 use serde_json::{Value, json};
@@ -430,6 +431,12 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
                 p.instance_type.clone(),
                 p.region.clone(),
                 p.desired_capacity.to_string(),
+                format_amount(p.spend_per_hour_micros as i64),
+                if p.spend_cap_per_hour_micros == 0 {
+                    "-".to_owned()
+                } else {
+                    format_amount(p.spend_cap_per_hour_micros as i64)
+                },
                 pool_status(p, now),
                 since(p.created_at.as_ref(), now).map_or("-".into(), age),
                 or_dash(&p.image),
@@ -438,10 +445,25 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
         .collect();
     let mut out = table(
         &[
-            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "STATUS", "AGE", "IMAGE",
+            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "SPEND/H", "CAP/H", "STATUS", "AGE",
+            "IMAGE",
         ],
         &rows,
     );
+    // Whose capacity the spend cap holds back, and how to let it grow.
+    for p in pools.iter().filter(|p| p.spend_capped_since.is_some()) {
+        let ago = since(p.spend_capped_since.as_ref(), now)
+            .map_or(String::new(), |s| format!(" for {}", age(s)));
+        out.push_str(&format!(
+            "\npool {} is at its spend cap{ago}: {}/h of {}/h, capacity stays below {} desired\n  \
+             raise it: flotilla pools set {} --spend-cap AMOUNT\n",
+            p.name,
+            format_amount(p.spend_per_hour_micros as i64),
+            format_amount(p.spend_cap_per_hour_micros as i64),
+            p.desired_capacity,
+            p.name
+        ));
+    }
     // Why each paused pool is paused, and how the pause ends.
     for p in pools.iter().filter(|p| p.paused_at.is_some()) {
         out.push_str(&format!(
@@ -475,7 +497,7 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
 /// A pool's recent acts (`pools get`), oldest first, under a heading.
 pub fn pool_events_table(events: &[v1::PoolEvent]) -> String {
     if events.is_empty() {
-        return "\nno pauses, resumes or probes recorded\n".to_owned();
+        return "\nno pauses, resumes, probes or spend caps recorded\n".to_owned();
     }
     let rows: Vec<Vec<String>> = events
         .iter()
@@ -545,6 +567,9 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "volume_size_gb": p.volume_size_gb,
         "price_per_hour_micros": p.price_per_hour_micros,
         "health_check_url": p.health_check_url,
+        "spend_per_hour_micros": p.spend_per_hour_micros,
+        "spend_cap_per_hour_micros": p.spend_cap_per_hour_micros,
+        "spend_capped_since": rfc3339(p.spend_capped_since.as_ref()),
         "version": p.version,
         "created_at": rfc3339(p.created_at.as_ref()),
         "paused": p.paused_at.is_some(),
@@ -650,9 +675,49 @@ mod tests {
             "{out}"
         );
         assert!(lines[3].contains("2027-01-15T08:00:00.000Z"), "{out}");
-        assert!(pool_events_table(&[]).contains("no pauses, resumes or probes"));
+        assert!(pool_events_table(&[]).contains("no pauses, resumes, probes or spend caps"));
         assert_eq!(pool_event_json(&events[0])["instance_id"], Value::Null);
         assert_eq!(pool_event_json(&events[1])["instance_id"], "0196-probe");
+    }
+
+    #[test]
+    fn pools_show_their_spend_rate_and_cap_and_say_when_the_cap_holds_capacity() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let capped = v1::Pool {
+            name: "gpu".into(),
+            desired_capacity: 10,
+            spend_per_hour_micros: 4_500_000,
+            spend_cap_per_hour_micros: 5_000_000,
+            spend_capped_since: Some(prost_types::Timestamp {
+                seconds: now.timestamp() - 60,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let uncapped = v1::Pool {
+            name: "cpu".into(),
+            spend_per_hour_micros: 2_800,
+            ..Default::default()
+        };
+        let out = pools_table(&[uncapped, capped.clone()], now);
+        let header = out.lines().next().expect("header");
+        assert!(
+            header.contains("SPEND/H") && header.contains("CAP/H"),
+            "{out}"
+        );
+        let cpu = out.lines().find(|l| l.starts_with("cpu")).expect("cpu row");
+        assert!(cpu.contains("0.0028") && cpu.contains(" - "), "{cpu}");
+        let gpu = out.lines().find(|l| l.starts_with("gpu")).expect("gpu row");
+        assert!(gpu.contains("4.5") && gpu.contains(" 5 "), "{gpu}");
+        assert!(
+            out.contains("pool gpu is at its spend cap for 1m0s: 4.5/h of 5/h"),
+            "{out}"
+        );
+        assert!(out.contains("flotilla pools set gpu --spend-cap"), "{out}");
+        assert!(!out.contains("pool cpu is at its spend cap"), "{out}");
+        let json = pool_json(&capped);
+        assert_eq!(json["spend_per_hour_micros"], 4_500_000);
+        assert_eq!(json["spend_cap_per_hour_micros"], 5_000_000);
     }
 
     #[test]

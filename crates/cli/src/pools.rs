@@ -27,7 +27,8 @@ pub enum PoolsCommand {
     /// Create a pool.
     Create(CreateArgs),
     /// Change a pool: its desired capacity (the number of live instances
-    /// the scheduler keeps in it, whoever created them) or its price.
+    /// the scheduler keeps in it, whoever created them), its price or its
+    /// spend cap.
     Set(SetArgs),
     /// Resume a paused pool: its failure count is cleared and its waiting
     /// instances get machines again. A pool pauses itself after repeated
@@ -108,7 +109,8 @@ pub struct CreateArgs {
     /// Data volume per instance in GB; 0 for none.
     #[arg(long, default_value_t = 0)]
     pub volume_size_gb: u32,
-    /// Price of one machine per hour in millionths of the billing currency.
+    /// Price of one machine per hour in millionths of the billing currency;
+    /// 0: the services' INSTANCE_PRICES table prices it.
     #[arg(long, default_value_t = 0)]
     pub price_per_hour_micros: u64,
     /// Where a worker answers when it is up, probed while it boots (any
@@ -129,6 +131,10 @@ pub struct CreateArgs {
     /// (0: the terminator's default).
     #[arg(long, default_value_t = 0)]
     pub draining_timeout: u32,
+    /// Most the pool's live instances may cost per hour, in currency units
+    /// (e.g. 12.50); Provision and pool capacity stop at it. 0: no cap.
+    #[arg(long, value_parser = parse_spend_cap, default_value = "0")]
+    pub spend_cap: u64,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -148,11 +154,21 @@ pub struct SetArgs {
     /// New price of one machine per hour, in millionths.
     #[arg(long)]
     pub price_per_hour_micros: Option<u64>,
+    /// New spend cap per hour, in currency units (e.g. 12.50); 0 removes
+    /// it. Lowering it terminates nothing: new instances wait until the
+    /// pool's spend is under it.
+    #[arg(long, value_parser = parse_spend_cap)]
+    pub spend_cap: Option<u64>,
     /// Apply only if the pool is still at this version (from `pools get`).
     #[arg(long, default_value_t = 0)]
     pub expected_version: u64,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// A spend cap given in currency units (`12.50`), as micros.
+fn parse_spend_cap(s: &str) -> Result<u64, String> {
+    flotilla_core::price::parse_amount(s).map(|m| m.max(0) as u64)
 }
 
 fn print_pools(pools: &[v1::Pool], out: Output) {
@@ -243,6 +259,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     starting_seconds: a.starting_timeout,
                     draining_seconds: a.draining_timeout,
                 }),
+                spend_cap_per_hour_micros: a.spend_cap,
                 ..Default::default()
             };
             let created = api
@@ -261,9 +278,11 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
             print_pools(&[pool], a.output);
         }
         PoolsCommand::Set(a) => {
-            if a.desired.is_none() && a.price_per_hour_micros.is_none() {
+            if a.desired.is_none() && a.price_per_hour_micros.is_none() && a.spend_cap.is_none() {
                 return Err(CliError::Invalid(
-                    "nothing to change: give --desired N or --price-per-hour-micros P".into(),
+                    "nothing to change: give --desired N, --price-per-hour-micros P or \
+                     --spend-cap AMOUNT"
+                        .into(),
                 ));
             }
             let pool = api
@@ -273,6 +292,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     desired_capacity: a.desired,
                     timeouts: None,
                     price_per_hour_micros: a.price_per_hour_micros,
+                    spend_cap_per_hour_micros: a.spend_cap,
                     expected_version: a.expected_version,
                     ..Default::default()
                 }))

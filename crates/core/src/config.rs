@@ -214,6 +214,26 @@ pub struct AdapterClientArgs {
     pub provider_adapter_keepalive_seconds: u64,
 }
 
+/// What machines cost, for every service that counts money (the api's
+/// and the scheduler's spend caps, the watchdog's spend and orphan-cost
+/// gauges); see [`crate::price`].
+#[derive(Debug, Clone, Default, Args)]
+pub struct PriceArgs {
+    /// Price per hour of one machine of each instance type, in units of
+    /// the billing currency (at most 6 decimals): comma-separated
+    /// `type=amount` entries, e.g. `shared-cpu-1x=0.0028,a10=1.10`. A
+    /// pool's own non-zero `price_per_hour_micros` overrides it for that
+    /// pool; an instance type priced by neither costs 0 (it counts as free
+    /// towards spend rates, spend caps and the orphan-cost estimate).
+    #[arg(
+        long,
+        env = "INSTANCE_PRICES",
+        default_value = "",
+        value_parser = crate::price::PriceTable::parse
+    )]
+    pub instance_prices: crate::price::PriceTable,
+}
+
 /// Shutdown behaviour shared by every service.
 #[derive(Debug, Clone, Args)]
 pub struct ShutdownArgs {

@@ -25,6 +25,16 @@
 //! activation also settles paused pools' probes (a ready probe resumes its
 //! pool) and reports `flotilla_pools_paused`.
 //!
+//! A pool with a spend cap (see `flotilla_store::spend`) is topped up only
+//! as far as the cap allows: the count that fits is read in the
+//! transaction of the insert, under the pool's row lock, so capacity and
+//! `Provision` racing on one pool cannot together pass it. While the cap
+//! holds capacity below the desired count the pool is marked
+//! (`spend_capped_since`, a `pool_events` row, one warning per episode
+//! whichever replica sees it first) and `flotilla_pools_spend_capped`
+//! counts it; the mark is cleared once capacity is no longer held back.
+//! Scale-down is never held.
+//!
 //! A pool being deleted (see `flotilla_store::pool_delete`) keeps no
 //! capacity: its instances were asked to terminate when the deletion was
 //! accepted, and the activation deletes its row once the last of them is
@@ -39,6 +49,7 @@ use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::{PoolRow, pool_list};
 use flotilla_store::pool_delete::{DeletionProgress, pool_finish_deletion};
 use flotilla_store::pool_pause::{ProbeSettled, pool_settle_probe};
+use flotilla_store::spend::{SpendRoom, spend_mark_capped, spend_room};
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::loops::ActivationStatus;
 use flotilla_telemetry::propagation::current_trace_headers;
@@ -84,6 +95,11 @@ impl Scheduler {
         };
         let paused = pools.iter().filter(|p| p.paused_at.is_some()).count();
         metrics::gauge!("flotilla_pools_paused").set(paused as f64);
+        let capped = pools
+            .iter()
+            .filter(|p| p.spend_capped_since.is_some())
+            .count();
+        metrics::gauge!("flotilla_pools_spend_capped").set(capped as f64);
         for pool in pools {
             status.found += 1;
             if pool.deleting_since.is_some() {
@@ -213,8 +229,23 @@ impl Scheduler {
         } else {
             0
         };
-        let changed = if counted < desired && step > 0 {
-            let n = (desired - counted).min(step);
+        let wanted = if counted < desired && step > 0 {
+            (desired - counted).min(step)
+        } else {
+            0
+        };
+        let n = if wanted > 0 {
+            let room = spend_room(&mut tx, &pool.name, &self.tuning.prices.instance_prices).await?;
+            let n = room.fitting(wanted);
+            self.note_spend_cap(&mut tx, &ctx, pool, &room, wanted, n)
+                .await?;
+            n
+        } else {
+            self.note_spend_cap(&mut tx, &ctx, pool, &SpendRoom::UNCAPPED, 0, 0)
+                .await?;
+            0
+        };
+        let changed = if n > 0 {
             let new: Vec<NewInstance> = (0..n)
                 .map(|_| NewInstance {
                     id: InstanceId::new(),
@@ -249,7 +280,9 @@ impl Scheduler {
             .await?;
             if surplus.is_empty() {
                 // The surplus is all explicitly provisioned: not ours to
-                // take, and nothing to say about it every tick.
+                // take, and nothing to say about it every tick. (Committed:
+                // a spend-cap mark cleared above must stay cleared.)
+                tx.commit().await?;
                 return Ok(0);
             }
             for id in &surplus {
@@ -275,6 +308,56 @@ impl Scheduler {
         };
         tx.commit().await?;
         Ok(changed)
+    }
+
+    /// Marks or clears the pool's spend-cap episode: capped when fewer than
+    /// the `wanted` instances fit (`fit`). Says so once per episode.
+    async fn note_spend_cap(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        ctx: &WriteCtx,
+        pool: &PoolRow,
+        room: &SpendRoom,
+        wanted: i64,
+        fit: i64,
+    ) -> Result<(), StoreError> {
+        let capped = fit < wanted;
+        if !capped && pool.spend_capped_since.is_none() {
+            // Not marked when the activation listed the pools: nothing to
+            // clear (a mark set since is cleared by the next activation).
+            return Ok(());
+        }
+        // The figures as they are once the instances that fit are in.
+        let after = SpendRoom {
+            rate: room.rate + room.cost_of(fit),
+            ..*room
+        };
+        let reason = if capped {
+            format!(
+                "capacity held {} instance(s) short of desired {}: {}",
+                wanted - fit,
+                pool.desired_capacity,
+                after.refusal(&pool.name, wanted - fit)
+            )
+        } else {
+            "capacity no longer held back by the spend cap".to_owned()
+        };
+        if !spend_mark_capped(conn, ctx, &pool.name, capped, &reason).await? {
+            return Ok(());
+        }
+        if capped {
+            tracing::warn!(
+                pool = %pool.name,
+                desired = pool.desired_capacity,
+                short = wanted - fit,
+                rate_micros = after.rate,
+                cap_micros = after.cap.unwrap_or_default(),
+                "pool capacity stopped at its spend cap: {reason}"
+            );
+        } else {
+            tracing::info!(pool = %pool.name, "pool capacity no longer held back by its spend cap");
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser};
 use flotilla_core::backoff::{ErrorPolicy, RetryPolicy};
 use flotilla_core::config::{
-    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, PriceArgs, ShutdownArgs, TelemetryArgs,
 };
 use flotilla_store::instance::BootDeadlines;
 use flotilla_store::pool_pause::PausePolicy;
@@ -161,6 +161,9 @@ pub struct SchedulerTuning {
     /// FLOTILLA_API_CA. Unset: workers trust their system's roots.
     #[arg(long, env = "WORKER_API_CA")]
     pub worker_api_ca: Option<String>,
+    // Machine prices (INSTANCE_PRICES), for spend caps and gauges.
+    #[command(flatten)]
+    pub prices: PriceArgs,
 }
 
 impl SchedulerTuning {

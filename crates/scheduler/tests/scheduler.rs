@@ -1,11 +1,14 @@
 //! The scheduler on a real PostgreSQL, talking gRPC to a real
 //! provider-adapter in front of the simulated cloud: provisioning, crashes
-//! at every step boundary, failed starts, restarts, boot deadlines, capacity.
+//! at every step boundary, failed starts, restarts, boot deadlines, capacity
+//! and its spend caps.
 
 #[path = "observability.rs"]
 mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
+#[path = "spend.rs"]
+mod spend;
 #[path = "wake.rs"]
 mod wake;
 

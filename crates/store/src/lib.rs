@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod pool;
 pub mod pool_delete;
 pub mod pool_pause;
+pub mod spend;
 pub mod volume;
 pub mod watchdog;
 pub mod worker;

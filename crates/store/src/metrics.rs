@@ -1,9 +1,9 @@
 //! Read-only aggregates for the fleet gauges: instances by pool and state
 //! (with those needing attention and the oldest one's time in the state),
 //! heartbeat ages of ready workers, the heartbeats the fleet should send,
-//! and pool prices by instance type (for
-//! the estimated cost of orphan machines). One query each, so sampling a
-//! large fleet stays cheap.
+//! and the backlogs of the instance loops. One query each, so sampling a
+//! large fleet stays cheap. (Spend rates are derived from the per-pool
+//! counts: see `crate::spend`.)
 
 use flotilla_core::InstanceState;
 use sqlx::PgConnection;
@@ -68,16 +68,6 @@ pub async fn metrics_heartbeats_expected_per_second(conn: &mut PgConnection) -> 
         InstanceState::Draining,
     ]))
     .fetch_one(conn)
-    .await?)
-}
-
-/// `(instance_type, price_per_hour_micros)`: the highest price any pool
-/// gives the type, so an orphan's estimated cost errs on the high side.
-pub async fn metrics_price_by_instance_type(conn: &mut PgConnection) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT instance_type, max(price_per_hour_micros) FROM pools GROUP BY instance_type",
-    )
-    .fetch_all(conn)
     .await?)
 }
 

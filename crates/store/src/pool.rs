@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::price::PriceTable;
 use flotilla_proto::v1;
 use sqlx::PgConnection;
 use sqlx::types::Json;
@@ -17,7 +18,7 @@ macro_rules! pool_columns {
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
-    pause_probe_instance, deleting_since"
+    pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since"
     };
 }
 
@@ -54,6 +55,11 @@ pub struct PoolRow {
     /// Set while the pool is being deleted: no new instances, no capacity
     /// kept; see [`crate::pool_delete`].
     pub deleting_since: Option<DateTime<Utc>>,
+    /// Most the pool's live instances may cost per hour (micros); 0: no
+    /// cap. See [`crate::spend`].
+    pub spend_cap_per_hour_micros: i64,
+    /// Set while pool capacity is held below the desired count by the cap.
+    pub spend_capped_since: Option<DateTime<Utc>>,
 }
 
 impl PoolRow {
@@ -66,6 +72,15 @@ impl PoolRow {
         })
     }
 
+    /// What one machine of the pool costs per hour: its own price, else
+    /// the table's for its instance type, else 0.
+    pub fn unit_price(&self, prices: &PriceTable) -> i64 {
+        prices.unit_price(self.price_per_hour_micros, &self.instance_type)
+    }
+
+    /// The pool as the API shows it. Its current spend rate is not a
+    /// column: the caller adds it (`spend_per_hour_micros`, see
+    /// [`crate::spend::spend_live_counts`]).
     pub fn to_proto(&self) -> v1::Pool {
         let secs = |v: Option<i32>| v.map_or(0, |s| s.max(0) as u32);
         v1::Pool {
@@ -96,6 +111,9 @@ impl PoolRow {
                 .unwrap_or_default(),
             deleting_since: self.deleting_since.map(to_timestamp),
             recent_events: Vec::new(),
+            spend_cap_per_hour_micros: self.spend_cap_per_hour_micros.max(0) as u64,
+            spend_per_hour_micros: 0,
+            spend_capped_since: self.spend_capped_since.map(to_timestamp),
         }
     }
 }
@@ -118,6 +136,8 @@ pub struct NewPool {
     pub price_per_hour_micros: i64,
     pub labels: BTreeMap<String, String>,
     pub health_check_url: String,
+    /// 0: no cap.
+    pub spend_cap_per_hour_micros: i64,
 }
 
 /// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
@@ -126,8 +146,8 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
         "INSERT INTO pools (name, provider, instance_type, region, image, desired_capacity,
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
              starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
-             health_check_url)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             health_check_url, spend_cap_per_hour_micros)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          RETURNING ",
         pool_columns!()
     ))
@@ -145,6 +165,7 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(p.price_per_hour_micros)
     .bind(Json(&p.labels))
     .bind(&p.health_check_url)
+    .bind(p.spend_cap_per_hour_micros)
     .fetch_one(conn)
     .await?)
 }
@@ -218,6 +239,8 @@ pub struct PoolUpdate {
     pub price_per_hour_micros: Option<i64>,
     /// '' turns active health checks off.
     pub health_check_url: Option<String>,
+    /// 0 removes the cap.
+    pub spend_cap_per_hour_micros: Option<i64>,
 }
 
 /// The pool after an update, and its desired capacity before it, so the
@@ -254,6 +277,7 @@ pub async fn pool_update(
              draining_timeout_seconds = CASE WHEN $3::bool THEN $7::int ELSE draining_timeout_seconds END,
              price_per_hour_micros = COALESCE($8::bigint, price_per_hour_micros),
              health_check_url = COALESCE($10::text, health_check_url),
+             spend_cap_per_hour_micros = COALESCE($11::bigint, spend_cap_per_hour_micros),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -270,6 +294,7 @@ pub async fn pool_update(
     .bind(u.price_per_hour_micros)
     .bind(expected_version)
     .bind(u.health_check_url.as_deref())
+    .bind(u.spend_cap_per_hour_micros)
     .fetch_optional(&mut *conn)
     .await?;
     match row {

@@ -135,7 +135,7 @@ async fn lock_pause_state(conn: &mut PgConnection, pool: &str) -> Result<PauseSt
     .ok_or_else(|| StoreError::NotFound(format!("pool {pool}")))
 }
 
-async fn pool_event(
+pub(crate) async fn pool_event(
     conn: &mut PgConnection,
     ctx: &WriteCtx,
     pool: &str,

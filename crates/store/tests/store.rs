@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use flotilla_core::price::PriceTable;
 use flotilla_core::{DesiredState, ErrorClass, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_store::fleet::{fleet_cordon, fleet_uncordon};
@@ -17,6 +18,7 @@ use flotilla_store::pool::{NewPool, pool_create, pool_set_desired_capacity};
 use flotilla_store::pool_delete::{
     DeletionProgress, PoolDeletion, pool_delete, pool_deletions_of, pool_finish_deletion,
 };
+use flotilla_store::spend::{SpendRoom, spend_live_counts, spend_room};
 use flotilla_store::watchdog::watchdog_scan_targets;
 use flotilla_store::{StoreError, WriteCtx, action_log, idempotency};
 use flotilla_test_utils::wait::eventually;
@@ -1316,4 +1318,105 @@ async fn list_filters_by_cordon() {
         instance_list(&mut conn, &list(None)).await.unwrap().len(),
         3
     );
+}
+
+/// A pool named `name` with a spend cap and a price of its own (micros).
+async fn make_capped_pool(db: &PgPool, name: &str, cap: i64, price: i64) {
+    let mut conn = db.acquire().await.unwrap();
+    pool_create(
+        &mut conn,
+        &NewPool {
+            name: name.into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            price_per_hour_micros: price,
+            spend_cap_per_hour_micros: cap,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn spend_counts_live_instances_at_the_pools_price_or_the_tables() {
+    let db = TestDb::new().await;
+    make_capped_pool(&db.pool, "own", 3_000_000, 1_000_000).await;
+    make_pool(&db.pool, "tabled").await;
+    let own = insert(&db.pool, "own", 3).await;
+    insert(&db.pool, "tabled", 2).await;
+    sqlx::query("UPDATE instances SET state = 'abandoned' WHERE id = $1")
+        .bind(own[0].id.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let table = PriceTable::parse("shared-cpu-1x=0.25").unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let room = spend_room(&mut conn, "own", &table).await.unwrap();
+    assert_eq!(
+        room,
+        SpendRoom {
+            rate: 2_000_000,
+            unit_price: 1_000_000,
+            cap: Some(3_000_000)
+        },
+        "the abandoned one costs nothing; the pool's own price wins"
+    );
+    assert_eq!(
+        (room.fitting(5), room.admits(1), room.admits(2)),
+        (1, true, false)
+    );
+    let tabled = spend_room(&mut conn, "tabled", &table).await.unwrap();
+    assert_eq!(
+        (tabled.rate, tabled.cap, tabled.fitting(1000)),
+        (500_000, None, 1000)
+    );
+    let live = spend_live_counts(&mut conn, None).await.unwrap();
+    assert_eq!((live["own"], live["tabled"]), (2, 2));
+    let err = spend_room(&mut conn, "nope", &table)
+        .await
+        .expect_err("no pool");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_counts_the_first_writers_instances_on_a_capped_pool() {
+    let db = TestDb::new().await;
+    make_capped_pool(&db.pool, "p", 2_000_000, 1_000_000).await;
+    let table = PriceTable::default();
+    let mut first = db.pool.begin().await.unwrap();
+    let room = spend_room(&mut first, "p", &table).await.unwrap();
+    assert!(room.admits(2));
+    instance_insert_requested(&mut first, &WriteCtx::new("t"), &new_instances("p", 2))
+        .await
+        .unwrap();
+    // The second writer waits for the first one's transaction...
+    let pool = db.pool.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        spend_room(&mut tx, "p", &PriceTable::default())
+            .await
+            .unwrap()
+    });
+    eventually(
+        "the second writer waits on the pool row",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = count(
+                &db.pool,
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            waiting > 0
+        },
+    )
+    .await;
+    assert!(!second.is_finished());
+    // ...and once it commits, counts its instances: the pool is full.
+    first.commit().await.unwrap();
+    let room = second.await.unwrap();
+    assert_eq!(room.rate, 2_000_000);
+    assert!(!room.admits(1));
 }

@@ -165,6 +165,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_pools_paused",
         "Pools paused after repeated provisioning or startup failures (or by an operator); sampled by the scheduler's capacity loop.",
     ),
+    (
+        Kind::Gauge,
+        "flotilla_pools_spend_capped",
+        "Pools whose capacity is held below the desired count by their spend cap; sampled by the scheduler's capacity loop.",
+    ),
     // Fleet state (sampled by the watchdog).
     (
         Kind::Gauge,
@@ -180,6 +185,16 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         Kind::Gauge,
         "flotilla_instances_oldest_in_state_seconds",
         "Seconds the oldest instance of a pool has been in its state, by pool and state: large in a passing state means stuck.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_pool_spend_per_hour",
+        "What a pool's live (not terminated or abandoned) instances cost per hour, from the pool's price or INSTANCE_PRICES (currency units), by pool.",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_pool_spend_cap_per_hour",
+        "A pool's spend cap per hour (currency units; 0: no cap), by pool.",
     ),
     (
         Kind::Histogram,
@@ -206,6 +221,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         Kind::Counter,
         "flotilla_api_instances_requested_total",
         "Instances accepted by Provision.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_api_spend_cap_refusals_total",
+        "Provision calls refused because they would take a pool's spend over its cap, by pool.",
     ),
     (
         Kind::Counter,
@@ -314,7 +334,7 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
     (
         Kind::Gauge,
         "flotilla_watchdog_orphan_cost_per_hour",
-        "Estimated cost per hour of the orphan machines of the last scan, from pool prices (currency units).",
+        "Estimated cost per hour of the orphan machines of the last scan, from pool prices and INSTANCE_PRICES (currency units).",
     ),
     (
         Kind::Gauge,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser};
 use flotilla_core::config::{
-    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, ShutdownArgs, TelemetryArgs,
+    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, PriceArgs, ShutdownArgs, TelemetryArgs,
 };
 
 #[derive(Debug, Clone, Parser)]
@@ -125,6 +125,9 @@ pub struct WatchdogTuning {
     /// Silent workers examined per scan.
     #[arg(long, env = "WATCHDOG_BATCH", default_value_t = 500)]
     pub watchdog_batch: i64,
+    // Machine prices (INSTANCE_PRICES), for spend caps and gauges.
+    #[command(flatten)]
+    pub prices: PriceArgs,
 }
 
 impl WatchdogTuning {

@@ -17,15 +17,18 @@ pub mod stuck;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use flotilla_core::price::PriceTable;
 use flotilla_core::{Classify, InstanceState};
 use flotilla_proto::client::AdapterClient;
 use flotilla_runtime::Loops;
 use flotilla_runtime::service::{Runtime, Settings, provider_client};
 use flotilla_store::PgPool;
 use flotilla_store::metrics::{
-    metrics_heartbeats_expected_per_second, metrics_instances_by_pool_state, metrics_loop_backlogs,
-    metrics_price_by_instance_type, metrics_ready_heartbeat_ages,
+    PoolStateCount, metrics_heartbeats_expected_per_second, metrics_instances_by_pool_state,
+    metrics_loop_backlogs, metrics_ready_heartbeat_ages,
 };
+use flotilla_store::pool::PoolRow;
+use flotilla_store::spend::spend_rate;
 use flotilla_telemetry::CancellationToken;
 use flotilla_telemetry::loops::{ActivationStatus, replica_name};
 
@@ -108,6 +111,13 @@ impl Watchdog {
     }
 }
 
+/// A pool's spend gauges (currency units per hour; a cap of 0 is no cap).
+fn set_spend_gauges(pool: &str, spend_micros: i64, cap_micros: i64) {
+    let labels = [("pool", pool.to_owned())];
+    metrics::gauge!("flotilla_pool_spend_per_hour", &labels).set(spend_micros as f64 / 1e6);
+    metrics::gauge!("flotilla_pool_spend_cap_per_hour", &labels).set(cap_micros as f64 / 1e6);
+}
+
 /// The per-`(pool, state)` fleet gauges, set together so they never
 /// disagree about which pairs exist.
 fn fleet_gauges(pool: &str, state: &str, count: f64, needing_attention: f64, oldest: f64) {
@@ -120,7 +130,8 @@ fn fleet_gauges(pool: &str, state: &str, count: f64, needing_attention: f64, old
 impl Watchdog {
     /// Samples the fleet gauges: `flotilla_instances{pool,state}`,
     /// `flotilla_instances_needing_attention` and
-    /// `flotilla_instances_oldest_in_state_seconds` (one GROUP BY), the
+    /// `flotilla_instances_oldest_in_state_seconds` (one GROUP BY), each
+    /// pool's spend rate and cap (from the same counts), the
     /// backlog of the instance loops of the other services
     /// (`flotilla_loop_backlog{loop}`: they share this database, so one
     /// sampler serves all of them), `flotilla_heartbeat_age_seconds` of
@@ -146,21 +157,29 @@ impl Watchdog {
         // Every state of every pool has a series from the start, at 0 when
         // empty, so `rate()`, `increase()` and alerts see the first
         // instance and an absent series never reads as "no problem".
-        match flotilla_store::pool::pool_list(&mut conn).await {
+        let pools = match flotilla_store::pool::pool_list(&mut conn).await {
             Ok(pools) => {
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                for pool in pools {
+                for pool in &pools {
                     for state in InstanceState::ALL {
                         if !state.is_terminal() {
                             seen.insert((pool.name.clone(), state.as_str().to_owned()));
                         }
                     }
                 }
+                Some(pools)
             }
-            Err(e) => status.error(e.class(), "pools", e),
-        }
+            Err(e) => {
+                status.error(e.class(), "pools", e);
+                None
+            }
+        };
         match metrics_instances_by_pool_state(&mut conn).await {
             Ok(rows) => {
+                if let Some(pools) = &pools {
+                    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    self.spend_gauges(pools, &rows, &seen);
+                }
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                 let now: HashSet<(String, String)> = rows
                     .iter()
@@ -209,25 +228,83 @@ impl Watchdog {
         status
     }
 
+    /// Sets `flotilla_pool_spend_per_hour{pool}` (its live instances
+    /// times the price of one of its machines) and
+    /// `flotilla_pool_spend_cap_per_hour{pool}` from the same sample as the
+    /// fleet gauges; a pool gone since an earlier sample drops to 0.
+    fn spend_gauges(
+        &self,
+        pools: &[PoolRow],
+        rows: &[PoolStateCount],
+        seen: &HashSet<(String, String)>,
+    ) {
+        let mut live: HashMap<&str, i64> = HashMap::new();
+        for r in rows {
+            *live.entry(r.pool.as_str()).or_default() += r.count;
+        }
+        let prices = &self.tuning.prices.instance_prices;
+        for pool in pools {
+            let n = live.get(pool.name.as_str()).copied().unwrap_or(0);
+            set_spend_gauges(
+                &pool.name,
+                spend_rate(pool, prices, n),
+                pool.spend_cap_per_hour_micros,
+            );
+        }
+        let current: HashSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+        let gone: HashSet<&str> = seen
+            .iter()
+            .map(|(pool, _)| pool.as_str())
+            .filter(|p| !current.contains(p))
+            .collect();
+        for pool in gone {
+            set_spend_gauges(pool, 0, 0);
+        }
+    }
+
     /// Sets `flotilla_watchdog_orphan_cost_per_hour` from the orphan
-    /// machines of the last scan, priced by the pools that use their
-    /// instance type (unknown types count as free: an underestimate the
-    /// orphan count next to it makes visible).
+    /// machines of the last scan (see [`orphan_cost_micros`]).
     pub async fn record_orphan_cost(&self, report: &OrphanReport) {
-        let prices: HashMap<String, i64> = match self.db.acquire().await {
-            Ok(mut conn) => metrics_price_by_instance_type(&mut conn)
+        let pools = match self.db.acquire().await {
+            Ok(mut conn) => flotilla_store::pool::pool_list(&mut conn)
                 .await
-                .map(|rows| rows.into_iter().collect())
                 .unwrap_or_default(),
             Err(_) => return,
         };
-        let micros: i64 = report
-            .orphan_machine_types
-            .iter()
-            .map(|t| prices.get(t).copied().unwrap_or(0))
-            .sum();
+        let micros = orphan_cost_micros(report, &pools, &self.tuning.prices.instance_prices);
         metrics::gauge!("flotilla_watchdog_orphan_cost_per_hour").set(micros as f64 / 1e6);
     }
+}
+
+/// What the orphan machines of a scan cost per hour (micros). Each is
+/// priced as its pool prices its machines when its tag names a pool that
+/// has its own price; else by the price table (INSTANCE_PRICES) for its
+/// instance type; else by the highest price a pool gives that type (how
+/// orphans were priced before the table); else 0 (unpriced: an
+/// underestimate the orphan count next to it makes visible).
+pub fn orphan_cost_micros(report: &OrphanReport, pools: &[PoolRow], prices: &PriceTable) -> i64 {
+    let own: HashMap<&str, i64> = pools
+        .iter()
+        .filter(|p| p.price_per_hour_micros > 0)
+        .map(|p| (p.name.as_str(), p.price_per_hour_micros))
+        .collect();
+    let mut by_type: HashMap<&str, i64> = HashMap::new();
+    for p in pools {
+        let e = by_type.entry(p.instance_type.as_str()).or_default();
+        *e = (*e).max(p.price_per_hour_micros);
+    }
+    report
+        .orphan_machine_types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| {
+            let pool = report.orphan_machine_pools.get(i).map(String::as_str);
+            pool.and_then(|p| own.get(p).copied())
+                .or_else(|| prices.get(ty))
+                .or_else(|| by_type.get(ty.as_str()).copied())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// Runs the service as the binary does: telemetry already initialised.

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use flotilla_core::tags::TAG_INSTANCE;
+use flotilla_core::tags::{TAG_INSTANCE, TAG_POOL};
 use flotilla_core::{Classify, InstanceId, InstanceState, ProviderError};
 use flotilla_proto::status::status_to_provider_error;
 use flotilla_proto::v1;
@@ -47,6 +47,9 @@ pub struct OrphanReport {
     pub orphan_machines: Vec<String>,
     /// Instance type of each orphan machine (same order), for its cost.
     pub orphan_machine_types: Vec<String>,
+    /// The pool each orphan machine's tag names (same order; the scanned
+    /// pool when it has no tag), for its cost.
+    pub orphan_machine_pools: Vec<String>,
     pub deleted_machines: Vec<String>,
     pub adopted_machines: Vec<String>,
     /// Instances declared `lost` (in dry run: that would be).
@@ -237,6 +240,12 @@ impl Watchdog {
             }
             report.orphan_machines.push(m.id.clone());
             report.orphan_machine_types.push(m.instance_type.clone());
+            report.orphan_machine_pools.push(
+                m.tags
+                    .get(TAG_POOL)
+                    .cloned()
+                    .unwrap_or_else(|| target.pool.clone()),
+            );
             if self.tuning.watchdog_dry_run {
                 tracing::warn!(machine_id = %m.id, instance_id = %id, "dry run: would delete orphan machine");
                 continue;

@@ -1,7 +1,7 @@
 //! The watchdog on a real PostgreSQL against the simulated cloud behind a
 //! real provider-adapter: dead and paused workers, the storm guard, lost
 //! machines, orphan machines and volumes (those of abandoned instances
-//! too), dry run, two replicas, and stuck-state recovery.
+//! too), dry run, two replicas, stuck-state recovery, and the spend gauges.
 
 #[path = "abandon.rs"]
 mod abandon;
@@ -9,6 +9,8 @@ mod abandon;
 mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
+#[path = "spend.rs"]
+mod spend;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
