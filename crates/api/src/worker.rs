@@ -182,8 +182,10 @@ async fn report(
                     .map_err(store_status)?;
                 tx.commit().await.map_err(|e| store_status(e.into()))?;
                 if row.state == InstanceState::Ready {
-                    metrics::histogram!("flotilla_instance_ready_seconds", "pool" => row.pool.clone())
-                        .record(row.seconds_requested_to_state());
+                    flotilla_telemetry::metrics::instance_ready(
+                        &row.pool,
+                        row.seconds_requested_to_state(),
+                    );
                 }
                 return Ok(row.cordoned);
             }

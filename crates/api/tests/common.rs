@@ -133,17 +133,26 @@ impl Api {
 
     /// CreatePool of a `sim` pool named `name`, with the api's answer.
     pub async fn try_create_pool(&self, name: &str) -> Result<v1::Pool, Status> {
+        self.try_create_pool_with(name, |_| {}).await
+    }
+
+    /// CreatePool of a `sim` pool named `name`, changed by `change` first.
+    pub async fn try_create_pool_with(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut v1::Pool),
+    ) -> Result<v1::Pool, Status> {
+        let mut pool = v1::Pool {
+            name: name.into(),
+            provider: "sim".into(),
+            instance_type: "shared-cpu-1x".into(),
+            region: "ams".into(),
+            ..Default::default()
+        };
+        change(&mut pool);
         self.fleet
             .clone()
-            .create_pool(authed(v1::CreatePoolRequest {
-                pool: Some(v1::Pool {
-                    name: name.into(),
-                    provider: "sim".into(),
-                    instance_type: "shared-cpu-1x".into(),
-                    region: "ams".into(),
-                    ..Default::default()
-                }),
-            }))
+            .create_pool(authed(v1::CreatePoolRequest { pool: Some(pool) }))
             .await
             .map(|r| r.into_inner())
     }

@@ -22,21 +22,11 @@ async fn priced() -> Api {
 /// CreatePool of a `sim` pool with a spend cap (and its own price, when
 /// non-zero), in micros.
 async fn capped_pool(api: &Api, name: &str, cap: u64, own_price: u64) -> Result<v1::Pool, Status> {
-    api.fleet
-        .clone()
-        .create_pool(authed(v1::CreatePoolRequest {
-            pool: Some(v1::Pool {
-                name: name.into(),
-                provider: "sim".into(),
-                instance_type: "shared-cpu-1x".into(),
-                region: "ams".into(),
-                spend_cap_per_hour_micros: cap,
-                price_per_hour_micros: own_price,
-                ..Default::default()
-            }),
-        }))
-        .await
-        .map(|r| r.into_inner())
+    api.try_create_pool_with(name, |p| {
+        p.spend_cap_per_hour_micros = cap;
+        p.price_per_hour_micros = own_price;
+    })
+    .await
 }
 
 async fn get_pool(api: &Api, name: &str) -> v1::Pool {

@@ -237,8 +237,10 @@ impl Scheduler {
         match moved {
             Ok(ready) => {
                 drop(conn);
-                metrics::histogram!("flotilla_instance_ready_seconds", "pool" => ready.pool.clone())
-                    .record(ready.seconds_requested_to_state());
+                flotilla_telemetry::metrics::instance_ready(
+                    &ready.pool,
+                    ready.seconds_requested_to_state(),
+                );
                 // A worker that came up by probe alone is probed on while
                 // ready (it may have no agent to heartbeat).
                 self.probe_answered(row).await?;

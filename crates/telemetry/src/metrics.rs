@@ -387,6 +387,14 @@ pub fn describe() {
     }
 }
 
+/// Records that an instance of `pool` became ready `seconds` after it was
+/// requested (`flotilla_instance_ready_seconds`): by the api on the
+/// agent's report, by the scheduler on a health check.
+pub fn instance_ready(pool: &str, seconds: f64) {
+    metrics::histogram!("flotilla_instance_ready_seconds", "pool" => pool.to_owned())
+        .record(seconds);
+}
+
 /// What one volume delete call came to (`flotilla_volume_deletes_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeDelete {
