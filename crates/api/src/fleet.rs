@@ -13,6 +13,7 @@ use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_server::FleetService;
 use flotilla_store::WriteCtx;
 use flotilla_store::action_log::action_log_for_instance;
+use flotilla_store::disruption::disruption_counts;
 use flotilla_store::instance::{ListFilter, instance_get, instance_list};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::NewPool;
@@ -131,11 +132,17 @@ async fn check_with_adapter(
     }
 }
 
-/// A pool as callers see it: its row, and what its `live` instances cost
-/// per hour now.
-pub(crate) fn pool_answer(row: &PoolRow, prices: &PriceTable, live: i64) -> v1::Pool {
+/// A pool as callers see it: its row, what its `live` instances cost per
+/// hour now, and how many of them are being voluntarily `disrupted`.
+pub(crate) fn pool_answer(
+    row: &PoolRow,
+    prices: &PriceTable,
+    live: i64,
+    disrupted: i64,
+) -> v1::Pool {
     v1::Pool {
         spend_per_hour_micros: spend_rate(row, prices, live).max(0) as u64,
+        disrupted: u32::try_from(disrupted.max(0)).unwrap_or(u32::MAX),
         ..row.to_proto()
     }
 }
@@ -149,7 +156,13 @@ impl FleetApi {
             .get(&row.name)
             .copied()
             .unwrap_or(0);
-        Ok(pool_answer(row, &self.state.limits.prices, live))
+        let disrupted = disruption_counts(conn, Some(&row.name))
+            .await
+            .map_err(store_status)?
+            .get(&row.name)
+            .copied()
+            .unwrap_or(0);
+        Ok(pool_answer(row, &self.state.limits.prices, live, disrupted))
     }
 }
 
@@ -371,6 +384,19 @@ impl FleetService for FleetApi {
                 .spend_cap_per_hour_micros
                 .map(|c| validate::spend_cap("spend_cap_per_hour_micros", c))
                 .transpose()?,
+            disruption_budget: req
+                .disruption_budget
+                .as_deref()
+                .map(|b| validate::disruption_budget("disruption_budget", b))
+                .transpose()?,
+            max_lifetime_seconds: req
+                .max_lifetime_seconds
+                .map(|s| validate::lifetime("max_lifetime_seconds", s))
+                .transpose()?,
+            idle_timeout_seconds: req
+                .idle_timeout_seconds
+                .map(|s| validate::lifetime("idle_timeout_seconds", s))
+                .transpose()?,
         };
         let expected_version = match req.expected_version {
             0 => None,
@@ -506,11 +532,17 @@ impl FleetService for FleetApi {
         let live = spend_live_counts(&mut conn, None)
             .await
             .map_err(store_status)?;
+        let disrupted = disruption_counts(&mut conn, None)
+            .await
+            .map_err(store_status)?;
         let prices = &self.state.limits.prices;
+        let count = |m: &std::collections::HashMap<String, i64>, p: &PoolRow| {
+            m.get(&p.name).copied().unwrap_or(0)
+        };
         Ok(Response::new(v1::ListPoolsResponse {
             pools: pools
                 .iter()
-                .map(|p| pool_answer(p, prices, live.get(&p.name).copied().unwrap_or(0)))
+                .map(|p| pool_answer(p, prices, count(&live, p), count(&disrupted, p)))
                 .collect(),
         }))
     }

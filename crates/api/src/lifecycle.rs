@@ -379,7 +379,12 @@ pub async fn delete_pool(
             tracing::warn!(pool = %req.name, actor = %ctx.actor, reason = %why, live, requested = requested.len(), "pool being deleted; its instances are terminating");
             v1::DeletePoolResponse {
                 deleted: false,
-                pool: Some(crate::fleet::pool_answer(&pool, &state.limits.prices, live)),
+                pool: Some(crate::fleet::pool_answer(
+                    &pool,
+                    &state.limits.prices,
+                    live,
+                    0,
+                )),
                 live_instances: u32::try_from(live).unwrap_or(u32::MAX),
                 terminating_ids: requested.iter().map(Uuid::to_string).collect(),
             }

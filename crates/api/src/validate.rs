@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use flotilla_core::InstanceId;
+use flotilla_core::disruption::{BadBudget, Budget};
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_store::pool::{NewPool, PoolTimeoutsUpdate};
@@ -187,6 +188,30 @@ pub fn spend_cap(field: &str, v: u64) -> Result<i64, Status> {
     price(field, v)
 }
 
+/// A pool's disruption budget: a count or a percentage; "" is the default.
+pub fn disruption_budget(field: &str, v: &str) -> Result<Budget, Status> {
+    if v.is_empty() {
+        return Ok(Budget::DEFAULT);
+    }
+    v.parse()
+        .map_err(|e: BadBudget| invalid_field(field, e.to_string()))
+}
+
+/// Longest max lifetime or idle timeout: a year. Beyond it is a unit
+/// mistake (milliseconds for seconds), not a policy.
+pub const MAX_LIFETIME_SECONDS: u32 = 366 * 24 * 3600;
+
+/// A pool's max lifetime or idle timeout in seconds; 0 is off.
+pub fn lifetime(field: &str, v: u32) -> Result<i32, Status> {
+    if v > MAX_LIFETIME_SECONDS {
+        return Err(invalid_field(
+            field,
+            format!("at most {MAX_LIFETIME_SECONDS} seconds (0 for never)"),
+        ));
+    }
+    to_i32(field, v)
+}
+
 /// The pool a CreatePool asks for, as the store takes it.
 pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
     let p = p.ok_or_else(|| invalid_field("pool", "required"))?;
@@ -232,6 +257,12 @@ pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
             "pool.spend_cap_per_hour_micros",
             p.spend_cap_per_hour_micros,
         )?,
+        disruption_budget: Some(disruption_budget(
+            "pool.disruption_budget",
+            &p.disruption_budget,
+        )?),
+        max_lifetime_seconds: lifetime("pool.max_lifetime_seconds", p.max_lifetime_seconds)?,
+        idle_timeout_seconds: lifetime("pool.idle_timeout_seconds", p.idle_timeout_seconds)?,
     })
 }
 
@@ -314,7 +345,7 @@ mod tests {
         assert!(new_pool(Some(&good)).is_ok());
         assert_eq!(field_of(new_pool(None).expect_err("none")), "pool");
         type Spoil = fn(&mut v1::Pool);
-        let cases: [(&str, Spoil); 9] = [
+        let cases: [(&str, Spoil); 12] = [
             ("pool.name", |p| p.name = "Gpu".into()),
             ("pool.provider", |p| p.provider = "aws".into()),
             ("pool.instance_type", |p| p.instance_type.clear()),
@@ -332,6 +363,15 @@ mod tests {
             }),
             ("pool.spend_cap_per_hour_micros", |p| {
                 p.spend_cap_per_hour_micros = MAX_SPEND_CAP_MICROS + 1
+            }),
+            ("pool.disruption_budget", |p| {
+                p.disruption_budget = "110%".into()
+            }),
+            ("pool.max_lifetime_seconds", |p| {
+                p.max_lifetime_seconds = MAX_LIFETIME_SECONDS + 1
+            }),
+            ("pool.idle_timeout_seconds", |p| {
+                p.idle_timeout_seconds = MAX_LIFETIME_SECONDS + 1
             }),
         ];
         for (field, spoil) in cases {

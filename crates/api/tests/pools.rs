@@ -1,5 +1,6 @@
 //! Pools: unique names, versioned updates that wake the scheduler, volume
-//! sizes, checks against the provider adapter, pauses shown and resumed.
+//! sizes, checks against the provider adapter, pauses shown and resumed,
+//! disruption settings set, shown and validated.
 
 use flotilla_bus::subjects::RECONCILE;
 use flotilla_core::InstanceId;
@@ -484,4 +485,107 @@ async fn get_pool_returns_the_most_recent_twenty_pool_events_oldest_first() {
     let got: Vec<i64> = shown.recent_events.iter().map(|e| e.id as i64).collect();
     assert_eq!(got, ids[5..], "the last twenty, oldest first");
     assert_eq!(shown.recent_events.last().expect("one").action, "paused");
+}
+
+#[tokio::test]
+async fn disruption_settings_are_set_shown_and_refused_naming_the_field() {
+    let api = start().await;
+    let created = api
+        .try_create_pool_with("gpu", |p| {
+            p.disruption_budget = "25%".into();
+            p.max_lifetime_seconds = 86_400;
+            p.idle_timeout_seconds = 300;
+        })
+        .await
+        .expect("pool");
+    assert_eq!(created.disruption_budget, "25%");
+    assert_eq!(created.max_lifetime_seconds, 86_400);
+    assert_eq!(created.idle_timeout_seconds, 300);
+    assert_eq!(created.disrupted, 0);
+    // Unset, a pool gets Karpenter's default.
+    let plain = api.create_pool("cpu").await;
+    assert_eq!(plain.disruption_budget, "10%");
+    assert_eq!(plain.max_lifetime_seconds, 0);
+
+    for (budget, ok) in [
+        ("3", true),
+        ("0", true),
+        ("100%", true),
+        ("101%", false),
+        ("x", false),
+    ] {
+        let answer = api
+            .fleet
+            .clone()
+            .update_pool(authed(v1::UpdatePoolRequest {
+                name: "gpu".into(),
+                disruption_budget: Some(budget.into()),
+                ..Default::default()
+            }))
+            .await;
+        match answer {
+            Ok(p) => {
+                assert!(ok, "{budget} accepted");
+                assert_eq!(p.into_inner().disruption_budget, budget);
+            }
+            Err(s) => {
+                assert!(!ok, "{budget} refused: {s:?}");
+                assert_eq!(s.code(), Code::InvalidArgument);
+                assert_eq!(field_of(&s), "disruption_budget", "{s:?}");
+            }
+        }
+    }
+    let refused = api
+        .try_create_pool_with("big", |p| p.max_lifetime_seconds = u32::MAX)
+        .await
+        .expect_err("a lifetime in milliseconds");
+    assert_eq!(field_of(&refused), "pool.max_lifetime_seconds");
+    let before = api.count("SELECT sum(version)::int8 FROM pools").await;
+    let refused = api
+        .fleet
+        .clone()
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            idle_timeout_seconds: Some(u32::MAX),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("too long");
+    assert_eq!(field_of(&refused), "idle_timeout_seconds");
+    assert_eq!(
+        api.count("SELECT sum(version)::int8 FROM pools").await,
+        before,
+        "nothing changed"
+    );
+
+    // A marked instance is counted on the pool and named on the instance.
+    api.provision(count("gpu", 2)).await.expect("provision");
+    sqlx::query(
+        "UPDATE instances SET disruption = 'idle'
+         WHERE id = (SELECT id FROM instances ORDER BY id LIMIT 1)",
+    )
+    .execute(&api.db.pool)
+    .await
+    .unwrap();
+    let pool = api
+        .fleet
+        .clone()
+        .get_pool(authed(v1::GetPoolRequest { name: "gpu".into() }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(pool.disrupted, 1);
+    let listed = api
+        .fleet
+        .clone()
+        .list_pools(authed(v1::ListPoolsRequest {}))
+        .await
+        .expect("list")
+        .into_inner()
+        .pools;
+    let disrupted: Vec<(String, u32)> = listed
+        .iter()
+        .map(|p| (p.name.clone(), p.disrupted))
+        .collect();
+    assert_eq!(disrupted, [("cpu".to_owned(), 0), ("gpu".to_owned(), 1)]);
 }

@@ -180,12 +180,17 @@ pub fn instances_table(instances: &[v1::Instance], now: DateTime<Utc>, wide: boo
 /// a drain changes no state, so without it a drained instance would read
 /// as plain `ready`.
 pub fn state_cell(i: &v1::Instance) -> String {
-    let state = state_name(i.state);
-    if i.cordoned && !state_of(i).is_some_and(|s| s.is_terminal()) {
-        format!("{state},cordoned")
-    } else {
-        state
+    let mut cell = state_name(i.state);
+    let terminal = state_of(i).is_some_and(|s| s.is_terminal());
+    if i.cordoned && !terminal {
+        cell.push_str(",cordoned");
     }
+    // Why capacity is taking it away (`ready,expiring`, `draining,idle`).
+    if !i.disruption.is_empty() && !terminal {
+        cell.push(',');
+        cell.push_str(&i.disruption);
+    }
+    cell
 }
 
 /// Labels as `k=v,k=v`, sorted by key.
@@ -216,6 +221,8 @@ pub fn instance_json(i: &v1::Instance) -> Value {
         "cordoned": i.cordoned,
         "needs_attention": i.needs_attention,
         "next_attempt_at": rfc3339(i.next_attempt_at.as_ref()),
+        "disruption": i.disruption,
+        "idle_since": rfc3339(i.idle_since.as_ref()),
     })
 }
 
@@ -437,6 +444,9 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
                 } else {
                     format_amount(p.spend_cap_per_hour_micros as i64)
                 },
+                format!("{}/{}", p.disrupted, budget_text(&p.disruption_budget)),
+                seconds_or_dash(p.max_lifetime_seconds),
+                seconds_or_dash(p.idle_timeout_seconds),
                 pool_status(p, now),
                 since(p.created_at.as_ref(), now).map_or("-".into(), age),
                 or_dash(&p.image),
@@ -445,8 +455,8 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
         .collect();
     let mut out = table(
         &[
-            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "SPEND/H", "CAP/H", "STATUS", "AGE",
-            "IMAGE",
+            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "SPEND/H", "CAP/H", "DISRUPT",
+            "LIFETIME", "IDLE", "STATUS", "AGE", "IMAGE",
         ],
         &rows,
     );
@@ -532,6 +542,24 @@ pub fn pool_event_json(e: &v1::PoolEvent) -> Value {
 }
 
 /// "active", "deleting" or "paused", with how long ago.
+/// The budget as stored ("" from an older api: its default).
+fn budget_text(b: &str) -> String {
+    if b.is_empty() {
+        "10%".into()
+    } else {
+        b.to_owned()
+    }
+}
+
+/// A setting in seconds as an age (`1d0h`, `5m0s`), `-` when off.
+fn seconds_or_dash(s: u32) -> String {
+    if s == 0 {
+        "-".into()
+    } else {
+        age(i64::from(s))
+    }
+}
+
 fn pool_status(p: &v1::Pool, now: DateTime<Utc>) -> String {
     if let Some(at) = p.deleting_since.as_ref() {
         return match since(Some(at), now) {
@@ -579,6 +607,10 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "pause_probe_instance_id": p.pause_probe_instance_id,
         "deleting": p.deleting_since.is_some(),
         "deleting_since": rfc3339(p.deleting_since.as_ref()),
+        "disruption_budget": budget_text(&p.disruption_budget),
+        "disrupted": p.disrupted,
+        "max_lifetime_seconds": p.max_lifetime_seconds,
+        "idle_timeout_seconds": p.idle_timeout_seconds,
     })
 }
 
@@ -718,6 +750,47 @@ mod tests {
         let json = pool_json(&capped);
         assert_eq!(json["spend_per_hour_micros"], 4_500_000);
         assert_eq!(json["spend_cap_per_hour_micros"], 5_000_000);
+    }
+
+    #[test]
+    fn pools_show_their_disruption_budget_lifetime_and_idle_timeout() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let pool = v1::Pool {
+            name: "gpu".into(),
+            disruption_budget: "25%".into(),
+            disrupted: 2,
+            max_lifetime_seconds: 86_400,
+            idle_timeout_seconds: 300,
+            ..Default::default()
+        };
+        let plain = v1::Pool {
+            name: "cpu".into(),
+            ..Default::default()
+        };
+        let out = pools_table(&[plain, pool.clone()], now);
+        let header = out.lines().next().expect("header");
+        for h in ["DISRUPT", "LIFETIME", "IDLE"] {
+            assert!(header.contains(h), "{out}");
+        }
+        let gpu = out.lines().find(|l| l.starts_with("gpu")).expect("gpu row");
+        assert!(
+            gpu.contains(" 2/25% ") && gpu.contains(" 1d0h ") && gpu.contains(" 5m0s "),
+            "{gpu}"
+        );
+        let cpu = out.lines().find(|l| l.starts_with("cpu")).expect("cpu row");
+        assert!(cpu.contains(" 0/10% "), "{cpu}");
+        let json = pool_json(&pool);
+        assert_eq!(json["disruption_budget"], "25%");
+        assert_eq!(json["disrupted"], 2);
+        assert_eq!(json["max_lifetime_seconds"], 86_400);
+        assert_eq!(json["idle_timeout_seconds"], 300);
+        let expiring = v1::Instance {
+            state: v1::InstanceState::Ready as i32,
+            disruption: "expiring".into(),
+            ..Default::default()
+        };
+        assert_eq!(state_cell(&expiring), "ready,expiring");
+        assert_eq!(instance_json(&expiring)["disruption"], "expiring");
     }
 
     #[test]

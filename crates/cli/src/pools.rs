@@ -135,6 +135,18 @@ pub struct CreateArgs {
     /// (e.g. 12.50); Provision and pool capacity stop at it. 0: no cap.
     #[arg(long, value_parser = parse_spend_cap, default_value = "0")]
     pub spend_cap: u64,
+    /// Most instances voluntarily disrupted at once (scale-down, max
+    /// lifetime, idle stop): a count ("3") or a percentage ("10%").
+    #[arg(long, default_value = "10%")]
+    pub disruption_budget: String,
+    /// Replace each instance after this long ("24h", "90m", "3600"): its
+    /// replacement is ready before it is drained. Unset: never.
+    #[arg(long, value_parser = parse_duration_secs, default_value = "0")]
+    pub max_lifetime: u32,
+    /// Drain and terminate an instance above the desired capacity whose
+    /// worker reported idle this long ("5m"). Unset: never.
+    #[arg(long, value_parser = parse_duration_secs, default_value = "0")]
+    pub idle_timeout: u32,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -159,6 +171,15 @@ pub struct SetArgs {
     /// pool's spend is under it.
     #[arg(long, value_parser = parse_spend_cap)]
     pub spend_cap: Option<u64>,
+    /// New disruption budget: a count ("3") or a percentage ("10%").
+    #[arg(long)]
+    pub disruption_budget: Option<String>,
+    /// New max lifetime ("24h"); 0 turns expiry off.
+    #[arg(long, value_parser = parse_duration_secs)]
+    pub max_lifetime: Option<u32>,
+    /// New idle timeout ("5m"); 0 turns idle stop off.
+    #[arg(long, value_parser = parse_duration_secs)]
+    pub idle_timeout: Option<u32>,
     /// Apply only if the pool is still at this version (from `pools get`).
     #[arg(long, default_value_t = 0)]
     pub expected_version: u64,
@@ -169,6 +190,36 @@ pub struct SetArgs {
 /// A spend cap given in currency units (`12.50`), as micros.
 fn parse_spend_cap(s: &str) -> Result<u64, String> {
     flotilla_core::price::parse_amount(s).map(|m| m.max(0) as u64)
+}
+
+/// A duration as seconds: a number with an optional unit (s, m, h, d), or
+/// several (`1h30m`); a bare number is seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?} is not a duration: give e.g. 90s, 5m, 24h, 7d or 1h30m");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let (mut total, mut digits) = (0u64, String::new());
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        total = total.saturating_add(digits.parse::<u64>().map_err(|_| bad())?);
+    }
+    u32::try_from(total).map_err(|_| bad())
 }
 
 fn print_pools(pools: &[v1::Pool], out: Output) {
@@ -260,6 +311,9 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     draining_seconds: a.draining_timeout,
                 }),
                 spend_cap_per_hour_micros: a.spend_cap,
+                disruption_budget: a.disruption_budget,
+                max_lifetime_seconds: a.max_lifetime,
+                idle_timeout_seconds: a.idle_timeout,
                 ..Default::default()
             };
             let created = api
@@ -278,10 +332,17 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
             print_pools(&[pool], a.output);
         }
         PoolsCommand::Set(a) => {
-            if a.desired.is_none() && a.price_per_hour_micros.is_none() && a.spend_cap.is_none() {
+            if a.desired.is_none()
+                && a.price_per_hour_micros.is_none()
+                && a.spend_cap.is_none()
+                && a.disruption_budget.is_none()
+                && a.max_lifetime.is_none()
+                && a.idle_timeout.is_none()
+            {
                 return Err(CliError::Invalid(
-                    "nothing to change: give --desired N, --price-per-hour-micros P or \
-                     --spend-cap AMOUNT"
+                    "nothing to change: give --desired N, --price-per-hour-micros P, \
+                     --spend-cap AMOUNT, --disruption-budget N|P%, --max-lifetime D or \
+                     --idle-timeout D"
                         .into(),
                 ));
             }
@@ -293,6 +354,9 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     timeouts: None,
                     price_per_hour_micros: a.price_per_hour_micros,
                     spend_cap_per_hour_micros: a.spend_cap,
+                    disruption_budget: a.disruption_budget,
+                    max_lifetime_seconds: a.max_lifetime,
+                    idle_timeout_seconds: a.idle_timeout,
                     expected_version: a.expected_version,
                     ..Default::default()
                 }))
@@ -363,4 +427,24 @@ async fn set_paused(api: &Api, name: String, paused: bool) -> Result<v1::Pool, C
         .await
         .map_err(|s| api.error(s))?
         .into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_secs;
+
+    #[test]
+    fn durations_take_units_and_refuse_anything_else() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("5m"), Ok(300));
+        assert_eq!(parse_duration_secs("24h"), Ok(86_400));
+        assert_eq!(parse_duration_secs("7d"), Ok(7 * 86_400));
+        assert_eq!(parse_duration_secs("1h30m"), Ok(5400));
+        assert_eq!(parse_duration_secs("0"), Ok(0));
+        for bad in ["", "h", "5 m", "5x", "-5m", "1.5h", "99999999999d"] {
+            let e = parse_duration_secs(bad).expect_err(bad);
+            assert!(e.contains("is not a duration"), "{e}");
+        }
+    }
 }

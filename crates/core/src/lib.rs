@@ -3,11 +3,12 @@
 //! This crate has no I/O. It owns the instance state machine (the one
 //! transition table), the identifiers that tie provider resources back to
 //! rows (ids and the provider ownership tags), the closed set of error classes every layer speaks, the retry
-//! policy, the price table, the logical subject names, the configuration every binary
+//! policy, the price table, voluntary disruption (budgets, replacement names), the logical subject names, the configuration every binary
 //! shares, and how bearer tokens are hashed and compared.
 
 pub mod backoff;
 pub mod config;
+pub mod disruption;
 pub mod error;
 pub mod health;
 pub mod ids;

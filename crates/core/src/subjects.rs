@@ -34,6 +34,12 @@ pub fn instance_cordon_event(cordoned: bool) -> &'static str {
     }
 }
 
+/// `EVT.instance.disrupted`: pool capacity is taking a healthy instance
+/// away (scale-down, max lifetime, idle stop; the event's `action` says
+/// which, see [`crate::disruption::Disruption`]), an act that changes no
+/// state by itself. No state is spelled like it.
+pub const INSTANCE_DISRUPTED: &str = "EVT.instance.disrupted";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,8 +59,12 @@ mod tests {
                 "{subject}"
             );
         }
-        for cordoned in [true, false] {
-            let subject = instance_cordon_event(cordoned);
+        let acts = [
+            instance_cordon_event(true),
+            instance_cordon_event(false),
+            INSTANCE_DISRUPTED,
+        ];
+        for subject in acts {
             let act = subject.strip_prefix(prefix).expect("under EVT.instance.>");
             assert!(act.bytes().all(|b| b.is_ascii_lowercase()), "{subject}");
             assert!(

@@ -16,7 +16,7 @@
 //! cannot both fill the same gap. Instances in failure states do not count:
 //! they are on their way out and their replacements are requested now.
 //! Surplus is taken from instances that are not serving yet first, then the
-//! oldest ready ones.
+//! oldest ready ones, within the disruption budget.
 //!
 //! A paused pool (see `flotilla_store::pool_pause`) is not topped up: its
 //! failing instances are on their way out and would only be replaced by
@@ -35,6 +35,20 @@
 //! counts it; the mark is cleared once capacity is no longer held back.
 //! Scale-down is never held.
 //!
+//! Voluntary disruption (see `flotilla_core::disruption` and
+//! `flotilla_store::disruption`) is spent from the pool's disruption
+//! budget, read under the same lock: scale-down of serving instances (those
+//! not serving yet are taken freely: no work is disrupted), max lifetime
+//! and idle stop. Max lifetime surges: an instance past it gets its
+//! replacement first (`expiring`, still serving, the replacement counting
+//! in its place) and is drained only once the replacement is `ready`.
+//! Idle stop drains instances whose worker reported idle for the pool's
+//! idle timeout, never below the desired capacity — the pool's minimum,
+//! kept busy or idle; what it reclaims are the instances above it. Each
+//! activation exports `flotilla_pool_disrupted_instances`, and counts what
+//! it disrupted and what the budget held
+//! (`flotilla_disruptions_total`, `flotilla_disruptions_held_total`).
+//!
 //! A pool being deleted (see `flotilla_store::pool_delete`) keeps no
 //! capacity: its instances were asked to terminate when the deletion was
 //! accepted, and the activation deletes its row once the last of them is
@@ -42,9 +56,16 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_core::disruption::{Disruption, REPLACES_LABEL, replacement_name};
 use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
-use flotilla_store::instance::{NewInstance, instance_insert_with_provision, instance_set_desired};
+use flotilla_store::disruption::{
+    disruption_expired, disruption_expiring, disruption_idle, disruption_in_progress,
+    disruption_mark, disruption_unmark_expiring,
+};
+use flotilla_store::instance::{
+    InstanceRow, NewInstance, instance_insert_with_provision, instance_set_desired,
+};
 use flotilla_store::outbox::outbox_insert;
 use flotilla_store::pool::{PoolRow, pool_list};
 use flotilla_store::pool_delete::{DeletionProgress, pool_finish_deletion};
@@ -68,8 +89,7 @@ const COUNTED: &[InstanceState] = &[
     InstanceState::Ready,
 ];
 
-/// Label (key, value) on the instances capacity created and manages.
-pub const MANAGED_LABEL: (&str, &str) = ("flotilla.dev/managed-by", "capacity");
+pub use flotilla_core::disruption::{MANAGED_LABEL, generated_name};
 
 fn managed_filter() -> sqlx::types::Json<BTreeMap<&'static str, &'static str>> {
     sqlx::types::Json(BTreeMap::from([MANAGED_LABEL]))
@@ -179,8 +199,9 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Brings one pool to its desired capacity; returns how many instances
-    /// were requested or marked for termination.
+    /// Brings one pool to its desired capacity, and spends its disruption
+    /// budget on scale-down, expiry and idle stop; returns how many
+    /// instances were requested or marked.
     async fn balance(&self, pool: &PoolRow) -> Result<i64, StoreError> {
         let mut conn = self.db.acquire().await?;
         let mut tx = conn.begin().await?;
@@ -193,10 +214,12 @@ impl Scheduler {
         if !locked {
             return Ok(0);
         }
-        // Every live-or-coming instance counts, explicit ones too.
+        // Every live-or-coming instance counts, explicit ones too; an
+        // expiring one's replacement counts in its place.
         let counted: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM instances
-             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)",
+             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)
+               AND disruption IS DISTINCT FROM 'expiring'",
         )
         .bind(&pool.name)
         .bind(InstanceState::strs(COUNTED))
@@ -245,69 +268,193 @@ impl Scheduler {
                 .await?;
             0
         };
-        let changed = if n > 0 {
-            let new: Vec<NewInstance> = (0..n)
-                .map(|_| NewInstance {
-                    id: InstanceId::new(),
-                    pool: pool.name.clone(),
-                    name: generated_name(&pool.name),
-                    provider: pool.provider.clone(),
-                    labels: BTreeMap::from([(
-                        MANAGED_LABEL.0.to_owned(),
-                        MANAGED_LABEL.1.to_owned(),
-                    )]),
-                    idempotency_key: None,
-                    worker_token_hash: None,
-                })
-                .collect();
+        let mut changed = 0;
+        let mut removed = 0;
+        if n > 0 {
+            let new: Vec<NewInstance> = (0..n).map(|_| managed_instance(pool)).collect();
             instance_insert_with_provision(&mut tx, &ctx, &new).await?;
             tracing::info!(pool = %pool.name, n, paused, "scaling up");
-            n
-        } else if counted > desired {
-            // Only capacity's own: there may be fewer than the surplus.
-            let surplus: Vec<uuid::Uuid> = sqlx::query_scalar(
-                "SELECT id FROM instances
-                 WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)
-                   AND labels @> $4
-                 ORDER BY (state = 'ready'), created_at
-                 LIMIT $3",
-            )
-            .bind(&pool.name)
-            .bind(InstanceState::strs(COUNTED))
-            .bind(counted - desired)
-            .bind(managed_filter())
-            .fetch_all(&mut *tx)
+            changed += n;
+        }
+        let mut budget = Budget::open(&mut tx, pool, counted).await?;
+        if n == 0 && counted > desired {
+            removed = self
+                .scale_down(&mut tx, &ctx, pool, counted - desired, &mut budget)
+                .await?;
+            changed += removed;
+        }
+        changed += self
+            .expire(&mut tx, &ctx, pool, paused, &mut budget)
             .await?;
-            if surplus.is_empty() {
-                // The surplus is all explicitly provisioned: not ours to
-                // take, and nothing to say about it every tick. (Committed:
-                // a spend-cap mark cleared above must stay cleared.)
-                tx.commit().await?;
-                return Ok(0);
-            }
-            for id in &surplus {
-                instance_set_desired(&mut tx, InstanceId(*id), DesiredState::Terminated, false)
+        if pool.idle_timeout_seconds > 0 {
+            // Never below the desired capacity: that is the pool's minimum.
+            let above = counted + n - removed - desired;
+            changed += self
+                .idle_stop(&mut tx, &ctx, pool, above, &mut budget)
+                .await?;
+        }
+        metrics::gauge!("flotilla_pool_disrupted_instances", "pool" => pool.name.clone())
+            .set(budget.disrupted as f64);
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Takes up to `surplus` of capacity's own instances away: those not
+    /// serving yet first (no work is disrupted: not budgeted), then the
+    /// oldest ready ones as far as the budget allows. Returns how many.
+    async fn scale_down(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ctx: &WriteCtx,
+        pool: &PoolRow,
+        surplus: i64,
+        budget: &mut Budget,
+    ) -> Result<i64, StoreError> {
+        // Only capacity's own: there may be fewer than the surplus.
+        let found: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+            "SELECT id, state = 'ready' FROM instances
+             WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)
+               AND labels @> $4 AND disruption IS NULL
+             ORDER BY (state = 'ready'), created_at
+             LIMIT $3",
+        )
+        .bind(&pool.name)
+        .bind(InstanceState::strs(COUNTED))
+        .bind(surplus)
+        .bind(managed_filter())
+        .fetch_all(&mut *tx)
+        .await?;
+        let (serving, coming): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, r)| *r);
+        let coming: Vec<uuid::Uuid> = coming.into_iter().map(|(id, _)| id).collect();
+        if !coming.is_empty() {
+            for id in &coming {
+                instance_set_desired(&mut *tx, InstanceId(*id), DesiredState::Terminated, false)
                     .await?;
             }
             let cmd = v1::TerminateCommand {
-                instance_ids: surplus.iter().map(|u| u.to_string()).collect(),
+                instance_ids: coming.iter().map(|u| u.to_string()).collect(),
                 force: false,
-                reason: "scale down".into(),
+                reason: Disruption::ScaleDown.reason().into(),
             };
             outbox_insert(
-                &mut tx,
-                &ctx,
+                &mut *tx,
+                ctx,
                 flotilla_bus::subjects::TERMINATE,
                 &cmd.encode_to_vec(),
             )
             .await?;
-            tracing::info!(pool = %pool.name, n = surplus.len(), "scaling down");
-            surplus.len() as i64
-        } else {
-            0
-        };
-        tx.commit().await?;
-        Ok(changed)
+        }
+        let serving: Vec<uuid::Uuid> = serving.into_iter().map(|(id, _)| id).collect();
+        let allowed = budget.take(pool, Disruption::ScaleDown, serving.len() as i64);
+        let marked = disruption_mark(
+            &mut *tx,
+            ctx,
+            &serving[..allowed as usize],
+            Disruption::ScaleDown,
+        )
+        .await?;
+        budget.spent(pool, Disruption::ScaleDown, marked.len());
+        let n = (coming.len() + marked.len()) as i64;
+        if n > 0 {
+            tracing::info!(pool = %pool.name, n, serving = marked.len(), "scaling down");
+        }
+        Ok(n)
+    }
+
+    /// Max lifetime: drains each expiring instance whose replacement is
+    /// ready (and unmarks one whose replacement went away), then, unless
+    /// the pool is paused, requests replacements for instances past the
+    /// pool's max lifetime as far as the budget and the spend cap allow.
+    /// Returns how many instances it marked.
+    async fn expire(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ctx: &WriteCtx,
+        pool: &PoolRow,
+        paused: bool,
+        budget: &mut Budget,
+    ) -> Result<i64, StoreError> {
+        let mut changed = 0;
+        let expiring = disruption_expiring(&mut *tx, &pool.name).await?;
+        let replaced: Vec<uuid::Uuid> = expiring
+            .iter()
+            .filter(|e| e.replacement == Some(InstanceState::Ready))
+            .map(|e| e.id)
+            .collect();
+        let orphaned: Vec<uuid::Uuid> = expiring
+            .iter()
+            .filter(|e| e.replacement.is_none())
+            .map(|e| e.id)
+            .collect();
+        if !replaced.is_empty() {
+            // Already counted against the budget since their expiry began.
+            let marked = disruption_mark(&mut *tx, ctx, &replaced, Disruption::Expired).await?;
+            metrics::counter!("flotilla_disruptions_total", "pool" => pool.name.clone(), "reason" => Disruption::Expired.as_str())
+                .increment(marked.len() as u64);
+            tracing::info!(pool = %pool.name, n = marked.len(), "replacements ready; draining the expired instances");
+            changed += marked.len() as i64;
+        }
+        if !orphaned.is_empty() {
+            let n = disruption_unmark_expiring(&mut *tx, &orphaned).await?;
+            budget.disrupted -= n as i64;
+            tracing::warn!(pool = %pool.name, n, "replacements of expired instances went away before they were ready; asking again");
+        }
+        if pool.max_lifetime_seconds == 0 || paused {
+            return Ok(changed);
+        }
+        let room = budget.room();
+        if room == 0 {
+            let held =
+                disruption_expired(&mut *tx, &pool.name, pool.max_lifetime_seconds, MAX_STEP)
+                    .await?
+                    .len();
+            budget.take(pool, Disruption::Expiring, held as i64);
+            return Ok(changed);
+        }
+        let due = disruption_expired(&mut *tx, &pool.name, pool.max_lifetime_seconds, room).await?;
+        if due.is_empty() {
+            return Ok(changed);
+        }
+        let fit = spend_room(&mut *tx, &pool.name, &self.tuning.prices.instance_prices)
+            .await?
+            .fitting(due.len() as i64) as usize;
+        let due = &due[..fit];
+        let ids: Vec<uuid::Uuid> = due.iter().map(|r| r.id.0).collect();
+        let allowed = budget.take(pool, Disruption::Expiring, ids.len() as i64) as usize;
+        let marked = disruption_mark(&mut *tx, ctx, &ids[..allowed], Disruption::Expiring).await?;
+        let new: Vec<NewInstance> = due
+            .iter()
+            .filter(|r| marked.contains(&r.id.0))
+            .map(|old| replacement_of(pool, old))
+            .collect();
+        instance_insert_with_provision(&mut *tx, ctx, &new).await?;
+        budget.spent(pool, Disruption::Expiring, marked.len());
+        tracing::info!(pool = %pool.name, n = marked.len(), "instances past their max lifetime; replacements requested");
+        Ok(changed + marked.len() as i64)
+    }
+
+    /// Idle stop: drains instances whose worker reported idle for the
+    /// pool's idle timeout, at most `above` (the instances beyond the
+    /// desired capacity) and as far as the budget allows. Returns how many.
+    async fn idle_stop(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ctx: &WriteCtx,
+        pool: &PoolRow,
+        above: i64,
+        budget: &mut Budget,
+    ) -> Result<i64, StoreError> {
+        if above <= 0 {
+            return Ok(0);
+        }
+        let idle = disruption_idle(&mut *tx, &pool.name, pool.idle_timeout_seconds, above).await?;
+        let allowed = budget.take(pool, Disruption::Idle, idle.len() as i64) as usize;
+        let marked = disruption_mark(&mut *tx, ctx, &idle[..allowed], Disruption::Idle).await?;
+        budget.spent(pool, Disruption::Idle, marked.len());
+        if !marked.is_empty() {
+            tracing::info!(pool = %pool.name, n = marked.len(), "idle instances drained");
+        }
+        Ok(marked.len() as i64)
     }
 
     /// Marks or clears the pool's spend-cap episode: capped when fewer than
@@ -361,12 +508,82 @@ impl Scheduler {
     }
 }
 
-/// `<pool>-<8 lowercase alphanumerics>`, within the 63-char name limit.
-pub fn generated_name(pool: &str) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let suffix: String = (0..8)
-        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
-        .collect();
-    let prefix: String = pool.chars().take(54).collect();
-    format!("{prefix}-{suffix}")
+/// A new instance capacity asks for and manages.
+fn managed_instance(pool: &PoolRow) -> NewInstance {
+    NewInstance {
+        id: InstanceId::new(),
+        pool: pool.name.clone(),
+        name: generated_name(&pool.name),
+        provider: pool.provider.clone(),
+        labels: BTreeMap::from([(MANAGED_LABEL.0.to_owned(), MANAGED_LABEL.1.to_owned())]),
+        idempotency_key: None,
+        worker_token_hash: None,
+    }
+}
+
+/// The replacement of an expired instance: capacity's own for capacity's
+/// own, else one with the same labels (as the watchdog replaces a dead
+/// explicit instance); either way labelled with the instance it replaces.
+fn replacement_of(pool: &PoolRow, old: &InstanceRow) -> NewInstance {
+    let managed = old.labels.0.get(MANAGED_LABEL.0).map(String::as_str) == Some(MANAGED_LABEL.1);
+    let mut new = if managed {
+        managed_instance(pool)
+    } else {
+        NewInstance {
+            name: replacement_name(&old.name, old.labels.0.contains_key(REPLACES_LABEL)),
+            labels: old.labels.0.clone(),
+            ..managed_instance(pool)
+        }
+    };
+    new.labels
+        .insert(REPLACES_LABEL.to_owned(), old.id.to_string());
+    new
+}
+
+/// A pool's disruption budget during one activation: how many of its
+/// instances are being disrupted, how many may be, and the metrics of what
+/// it allowed and held.
+struct Budget {
+    allowed: i64,
+    disrupted: i64,
+}
+
+impl Budget {
+    /// Reads what the pool spends of its budget now; `counted` is its
+    /// live-or-coming instances that are not disrupted.
+    async fn open(
+        conn: &mut sqlx::PgConnection,
+        pool: &PoolRow,
+        counted: i64,
+    ) -> Result<Budget, StoreError> {
+        let disrupted = disruption_in_progress(conn, &pool.name).await?;
+        // The percentage is of every instance of the pool, the disrupted
+        // ones included, so a budget does not shrink as it is spent.
+        let allowed = pool.budget().allowed(counted + disrupted);
+        Ok(Budget { allowed, disrupted })
+    }
+
+    /// How many more may be disrupted now.
+    fn room(&self) -> i64 {
+        (self.allowed - self.disrupted).max(0)
+    }
+
+    /// Of `wanted` disruptions for `why`, how many the budget lets
+    /// through; the rest are counted as held.
+    fn take(&self, pool: &PoolRow, why: Disruption, wanted: i64) -> i64 {
+        let allowed = wanted.min(self.room()).max(0);
+        if wanted > allowed {
+            metrics::counter!("flotilla_disruptions_held_total", "pool" => pool.name.clone(), "reason" => why.as_str())
+                .increment((wanted - allowed) as u64);
+            tracing::debug!(pool = %pool.name, reason = %why, held = wanted - allowed, budget = %pool.disruption_budget, disrupted = self.disrupted, "voluntary disruption held by the disruption budget");
+        }
+        allowed
+    }
+
+    /// Records `n` disruptions for `why` made.
+    fn spent(&mut self, pool: &PoolRow, why: Disruption, n: usize) {
+        self.disrupted += n as i64;
+        metrics::counter!("flotilla_disruptions_total", "pool" => pool.name.clone(), "reason" => why.as_str())
+            .increment(n as u64);
+    }
 }

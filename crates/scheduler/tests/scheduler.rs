@@ -1,8 +1,10 @@
 //! The scheduler on a real PostgreSQL, talking gRPC to a real
 //! provider-adapter in front of the simulated cloud: provisioning, crashes
 //! at every step boundary, failed starts, restarts, boot deadlines, capacity
-//! and its spend caps.
+//! with its spend caps and disruption budgets.
 
+#[path = "disruption.rs"]
+mod disruption;
 #[path = "observability.rs"]
 mod observability;
 #[path = "shutdown.rs"]

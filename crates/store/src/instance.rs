@@ -34,7 +34,7 @@ macro_rules! instance_columns {
     version, attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned, \
     force_terminate, needs_attention, labels, idempotency_key, lease_owner, lease_until, \
     created_at, updated_at, worker_idle, suspect_since, stuck_recoveries, origin, \
-    terminate_requested_at"
+    terminate_requested_at, disruption, idle_since"
     };
 }
 
@@ -76,6 +76,12 @@ pub struct InstanceRow {
     /// When its desired state first became `terminated` (rows asked
     /// before the column existed have none).
     pub terminate_requested_at: Option<DateTime<Utc>>,
+    /// Why pool capacity is taking it away, when it is (see
+    /// [`crate::disruption`]); the column's spelling of
+    /// [`flotilla_core::disruption::Disruption`].
+    pub disruption: Option<String>,
+    /// Since when its worker has reported idle without a break.
+    pub idle_since: Option<DateTime<Utc>>,
 }
 
 /// The trace context and correlation id of a request, as stored on the
@@ -137,6 +143,8 @@ impl InstanceRow {
             cordoned: self.cordoned,
             needs_attention: self.needs_attention,
             next_attempt_at: Some(to_timestamp(self.next_attempt_at)),
+            disruption: self.disruption.clone().unwrap_or_default(),
+            idle_since: self.idle_since.map(to_timestamp),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! same transaction — so a crash leaves either all of it or none of it.
 
 pub mod action_log;
+pub mod disruption;
 pub mod error;
 pub mod fleet;
 pub mod health;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::disruption::Budget;
 use flotilla_core::price::PriceTable;
 use flotilla_proto::v1;
 use sqlx::PgConnection;
@@ -18,7 +19,8 @@ macro_rules! pool_columns {
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
-    pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since"
+    pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since, \
+    disruption_budget, max_lifetime_seconds, idle_timeout_seconds"
     };
 }
 
@@ -60,6 +62,14 @@ pub struct PoolRow {
     pub spend_cap_per_hour_micros: i64,
     /// Set while pool capacity is held below the desired count by the cap.
     pub spend_capped_since: Option<DateTime<Utc>>,
+    /// Most instances voluntarily disrupted at once: a count or a
+    /// percentage (see [`flotilla_core::disruption::Budget`]).
+    pub disruption_budget: String,
+    /// After this long an instance is replaced (0: never).
+    pub max_lifetime_seconds: i32,
+    /// After reporting idle this long an instance above the desired
+    /// capacity is drained and terminated (0: never).
+    pub idle_timeout_seconds: i32,
 }
 
 impl PoolRow {
@@ -69,6 +79,15 @@ impl PoolRow {
             provider: self.provider.clone(),
             pool: self.name.clone(),
             region: self.region.clone(),
+        })
+    }
+
+    /// The pool's disruption budget; the schema's CHECK keeps the column
+    /// parseable, and a row that is not gets the default rather than none.
+    pub fn budget(&self) -> Budget {
+        self.disruption_budget.parse().unwrap_or_else(|e| {
+            tracing::warn!(pool = %self.name, "{e}; using the default budget");
+            Budget::DEFAULT
         })
     }
 
@@ -114,6 +133,10 @@ impl PoolRow {
             spend_cap_per_hour_micros: self.spend_cap_per_hour_micros.max(0) as u64,
             spend_per_hour_micros: 0,
             spend_capped_since: self.spend_capped_since.map(to_timestamp),
+            disruption_budget: self.disruption_budget.clone(),
+            max_lifetime_seconds: self.max_lifetime_seconds.max(0) as u32,
+            idle_timeout_seconds: self.idle_timeout_seconds.max(0) as u32,
+            disrupted: 0,
         }
     }
 }
@@ -138,6 +161,12 @@ pub struct NewPool {
     pub health_check_url: String,
     /// 0: no cap.
     pub spend_cap_per_hour_micros: i64,
+    /// `None`: the default budget.
+    pub disruption_budget: Option<Budget>,
+    /// 0: never.
+    pub max_lifetime_seconds: i32,
+    /// 0: never.
+    pub idle_timeout_seconds: i32,
 }
 
 /// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
@@ -146,8 +175,10 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
         "INSERT INTO pools (name, provider, instance_type, region, image, desired_capacity,
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
              starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
-             health_check_url, spend_cap_per_hour_micros)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             health_check_url, spend_cap_per_hour_micros, disruption_budget,
+             max_lifetime_seconds, idle_timeout_seconds)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+             $18)
          RETURNING ",
         pool_columns!()
     ))
@@ -166,6 +197,9 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(Json(&p.labels))
     .bind(&p.health_check_url)
     .bind(p.spend_cap_per_hour_micros)
+    .bind(p.disruption_budget.unwrap_or_default().to_string())
+    .bind(p.max_lifetime_seconds)
+    .bind(p.idle_timeout_seconds)
     .fetch_one(conn)
     .await?)
 }
@@ -241,6 +275,11 @@ pub struct PoolUpdate {
     pub health_check_url: Option<String>,
     /// 0 removes the cap.
     pub spend_cap_per_hour_micros: Option<i64>,
+    pub disruption_budget: Option<Budget>,
+    /// 0 turns expiry off.
+    pub max_lifetime_seconds: Option<i32>,
+    /// 0 turns idle stop off.
+    pub idle_timeout_seconds: Option<i32>,
 }
 
 /// The pool after an update, and its desired capacity before it, so the
@@ -278,6 +317,9 @@ pub async fn pool_update(
              price_per_hour_micros = COALESCE($8::bigint, price_per_hour_micros),
              health_check_url = COALESCE($10::text, health_check_url),
              spend_cap_per_hour_micros = COALESCE($11::bigint, spend_cap_per_hour_micros),
+             disruption_budget = COALESCE($12::text, disruption_budget),
+             max_lifetime_seconds = COALESCE($13::int, max_lifetime_seconds),
+             idle_timeout_seconds = COALESCE($14::int, idle_timeout_seconds),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -295,6 +337,9 @@ pub async fn pool_update(
     .bind(expected_version)
     .bind(u.health_check_url.as_deref())
     .bind(u.spend_cap_per_hour_micros)
+    .bind(u.disruption_budget.map(|b| b.to_string()))
+    .bind(u.max_lifetime_seconds)
+    .bind(u.idle_timeout_seconds)
     .fetch_optional(&mut *conn)
     .await?;
     match row {

@@ -92,7 +92,9 @@ pub async fn worker_heartbeat(
 ) -> Result<Option<WorkerView>> {
     // `idle` is what drain waits for; a phase report (None) leaves it as is.
     Ok(sqlx::query_as(concat!(
-        "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle), ",
+        "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle),
+             idle_since = CASE WHEN COALESCE($2, worker_idle)
+                 THEN COALESCE(idle_since, now()) END, ",
         heartbeat_mark_set!(),
         " WHERE id = $1 RETURNING ",
         worker_columns!()
@@ -120,6 +122,7 @@ pub async fn worker_heartbeat_batch(
         "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[], $3::int8[]) AS v(id, idle, seq)),
          fresh AS (
            UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle,
+                  idle_since = CASE WHEN v.idle THEN COALESCE(i.idle_since, now()) END,
                   heartbeat_sequence = GREATEST(i.heartbeat_sequence, v.seq), ",
         heartbeat_mark_set!(),
         " FROM v

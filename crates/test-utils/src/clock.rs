@@ -24,6 +24,7 @@ pub async fn age_instances(db: &PgPool, ids: &[uuid::Uuid], by: Duration) {
              last_heartbeat = last_heartbeat - make_interval(secs => $2),
              heartbeat_mark = heartbeat_mark - make_interval(secs => $2),
              suspect_since = suspect_since - make_interval(secs => $2),
+             idle_since = idle_since - make_interval(secs => $2),
              missing_since = missing_since - make_interval(secs => $2),
              lease_until = lease_until - make_interval(secs => $2),
              created_at = created_at - make_interval(secs => $2),

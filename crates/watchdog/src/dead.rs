@@ -48,9 +48,10 @@ use sqlx::{Acquire, PgConnection};
 use crate::Watchdog;
 
 /// Label capacity puts on the instances it manages (it replaces those itself).
-const MANAGED: (&str, &str) = ("flotilla.dev/managed-by", "capacity");
+use flotilla_core::disruption::MANAGED_LABEL as MANAGED;
 /// Label on a replacement, naming the instance it replaces.
-pub const REPLACES_LABEL: &str = "flotilla.dev/replaces";
+pub use flotilla_core::disruption::REPLACES_LABEL;
+use flotilla_core::disruption::{Disruption, replacement_name};
 
 impl Watchdog {
     pub(crate) fn ctx(&self) -> WriteCtx {
@@ -309,8 +310,10 @@ impl Watchdog {
             .await?;
             let managed = moved.labels.0.get(MANAGED.0).map(String::as_str) == Some(MANAGED.1);
             // An instance already asked to go away (scaled down, its pool
-            // being deleted) is not replaced.
-            let wanted = row.desired_state == DesiredState::Running;
+            // being deleted) is not replaced, nor is one past its max
+            // lifetime: its replacement is on the way already.
+            let expiring = row.disruption.as_deref() == Some(Disruption::Expiring.as_str());
+            let wanted = row.desired_state == DesiredState::Running && !expiring;
             if !managed && wanted {
                 // Capacity replaces what it manages; an explicitly requested
                 // instance is replaced here, with the same labels.
@@ -411,73 +414,11 @@ pub(crate) fn verdict(
     }
 }
 
-const SUFFIX_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-
-/// `<name>-r<4 random>`, within the 63-char limit; see [`replacement_name_with`].
-fn replacement_name(name: &str, is_replacement: bool) -> String {
-    let suffix: String = (0..4)
-        .map(|_| SUFFIX_ALPHABET[rand::random_range(0..SUFFIX_ALPHABET.len())] as char)
-        .collect();
-    replacement_name_with(name, is_replacement, &suffix)
-}
-
-/// The name of the replacement of `name` with `suffix`: `<base>-r<suffix>`.
-/// A replacement's own `-r<4>` suffix is dropped first, so names stay one
-/// suffix long whatever the generation (`web-rab12` → `web-rcd34`, never
-/// `web-rab12-rcd34`). Only when the instance is itself a replacement
-/// (`is_replacement`): an operator's `app-rails` keeps its name whole. The
-/// base is cut to fit 63 characters and never ends with `-` (no `--`).
-fn replacement_name_with(name: &str, is_replacement: bool, suffix: &str) -> String {
-    let base = match name.rsplit_once("-r") {
-        Some((base, tail))
-            if is_replacement
-                && !base.is_empty()
-                && tail.len() == 4
-                && tail.bytes().all(|b| SUFFIX_ALPHABET.contains(&b)) =>
-        {
-            base
-        }
-        _ => name,
-    };
-    let limit = 63 - 2 - suffix.chars().count();
-    let cut: String = base.chars().take(limit).collect();
-    let cut = cut.trim_end_matches('-');
-    format!("{cut}-r{suffix}")
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    #[test]
-    fn a_replacement_of_a_replacement_keeps_one_short_suffix() {
-        assert_eq!(replacement_name_with("web", false, "ab12"), "web-rab12");
-        assert_eq!(
-            replacement_name_with("web-rab12", true, "cd34"),
-            "web-rcd34"
-        );
-        // An operator's name that merely looks like one is kept whole.
-        assert_eq!(
-            replacement_name_with("app-rails", false, "cd34"),
-            "app-rails-rcd34"
-        );
-        // Ten generations stay as short as the first.
-        let mut name = "gpu-worker-1".to_owned();
-        for generation in 0..10 {
-            name = replacement_name(&name, generation > 0);
-            assert_eq!(name.len(), "gpu-worker-1-rxxxx".len(), "{name}");
-            assert!(name.starts_with("gpu-worker-1-r"), "{name}");
-        }
-        // At the length limit the base is cut, never leaving `--`.
-        let long = format!("{}-{}", "a".repeat(56), "b".repeat(6));
-        let replaced = replacement_name_with(&long, false, "ef56");
-        assert_eq!(replaced.len(), 62, "{replaced}");
-        assert!(!replaced.contains("--"), "{replaced}");
-        let max = "a".repeat(63);
-        assert_eq!(replacement_name_with(&max, false, "ef56").len(), 63);
-    }
 
     const CONFIRM: Duration = Duration::from_secs(30);
     const TRANSIENT: Duration = Duration::from_secs(120);

@@ -218,6 +218,42 @@ async fn a_dead_worker_is_detected_within_the_timeout_plus_a_tick_and_replaced()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_past_its_max_lifetime_is_not_replaced_twice() {
+    let env = env(documented()).await;
+    let ids = ready(&env, 1).await;
+    // Pool capacity asked for its replacement already (max lifetime).
+    sqlx::query("UPDATE instances SET disruption = 'expiring' WHERE id = $1")
+        .bind(ids[0].0)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    let w = watchdog(&env, "w1", &["--worker-heartbeat-timeout-seconds", "1"]);
+    heartbeat(&env, &ids).await;
+    kill(
+        &env,
+        get(&env, ids[0])
+            .await
+            .provider_machine_id
+            .as_deref()
+            .unwrap(),
+    );
+    eventually("the dead worker declared", DEADLINE, || async {
+        w.dead_workers_once().await;
+        get(&env, ids[0]).await.state == InstanceState::WorkerDead
+    })
+    .await;
+    assert_eq!(
+        get(&env, ids[0]).await.desired_state,
+        DesiredState::Terminated
+    );
+    assert_eq!(
+        replacements_of(&env, ids[0]).await,
+        0,
+        "its replacement is capacity's, on the way already"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_that_resumes_before_confirmation_is_not_replaced() {
     let env = env(documented()).await;
     let ids = ready(&env, 1).await;
