@@ -18,7 +18,9 @@ macro_rules! pool_columns {
     volume_size_gb, booting_timeout_seconds, installing_timeout_seconds, \
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
-    pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since"
+    pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since, \
+    warm_size, (SELECT count(*) FROM instances w WHERE w.pool = pools.name AND w.state = 'warm') \
+    AS warm_count"
     };
 }
 
@@ -60,6 +62,12 @@ pub struct PoolRow {
     pub spend_cap_per_hour_micros: i64,
     /// Set while pool capacity is held below the desired count by the cap.
     pub spend_capped_since: Option<DateTime<Utc>>,
+    /// Machines the pool keeps created and not started (see
+    /// [`crate::warm`]); 0: none.
+    pub warm_size: i32,
+    /// Instances of the pool in state `warm` when the row was read (not a
+    /// column: counted by the query that read it).
+    pub warm_count: i64,
 }
 
 impl PoolRow {
@@ -114,6 +122,8 @@ impl PoolRow {
             spend_cap_per_hour_micros: self.spend_cap_per_hour_micros.max(0) as u64,
             spend_per_hour_micros: 0,
             spend_capped_since: self.spend_capped_since.map(to_timestamp),
+            warm_size: self.warm_size.max(0) as u32,
+            warm_count: self.warm_count.clamp(0, u32::MAX as i64) as u32,
         }
     }
 }
@@ -138,6 +148,8 @@ pub struct NewPool {
     pub health_check_url: String,
     /// 0: no cap.
     pub spend_cap_per_hour_micros: i64,
+    /// 0: no warm stock.
+    pub warm_size: i32,
 }
 
 /// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
@@ -146,8 +158,8 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
         "INSERT INTO pools (name, provider, instance_type, region, image, desired_capacity,
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
              starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
-             health_check_url, spend_cap_per_hour_micros)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             health_check_url, spend_cap_per_hour_micros, warm_size)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          RETURNING ",
         pool_columns!()
     ))
@@ -166,6 +178,7 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(Json(&p.labels))
     .bind(&p.health_check_url)
     .bind(p.spend_cap_per_hour_micros)
+    .bind(p.warm_size)
     .fetch_one(conn)
     .await?)
 }
@@ -241,6 +254,8 @@ pub struct PoolUpdate {
     pub health_check_url: Option<String>,
     /// 0 removes the cap.
     pub spend_cap_per_hour_micros: Option<i64>,
+    /// 0 lets the whole warm stock go.
+    pub warm_size: Option<i32>,
 }
 
 /// The pool after an update, and its desired capacity before it, so the
@@ -278,6 +293,7 @@ pub async fn pool_update(
              price_per_hour_micros = COALESCE($8::bigint, price_per_hour_micros),
              health_check_url = COALESCE($10::text, health_check_url),
              spend_cap_per_hour_micros = COALESCE($11::bigint, spend_cap_per_hour_micros),
+             warm_size = COALESCE($12::int, warm_size),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -295,6 +311,7 @@ pub async fn pool_update(
     .bind(expected_version)
     .bind(u.health_check_url.as_deref())
     .bind(u.spend_cap_per_hour_micros)
+    .bind(u.warm_size)
     .fetch_optional(&mut *conn)
     .await?;
     match row {
