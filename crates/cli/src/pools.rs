@@ -135,6 +135,10 @@ pub struct CreateArgs {
     /// (e.g. 12.50); Provision and pool capacity stop at it. 0: no cap.
     #[arg(long, value_parser = parse_spend_cap, default_value = "0")]
     pub spend_cap: u64,
+    /// Machines to keep created and stopped, so Provision starts one
+    /// instead of creating one (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub warm: u32,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -159,6 +163,9 @@ pub struct SetArgs {
     /// pool's spend is under it.
     #[arg(long, value_parser = parse_spend_cap)]
     pub spend_cap: Option<u64>,
+    /// New warm stock size; 0 lets every warm machine go (deleted).
+    #[arg(long)]
+    pub warm: Option<u32>,
     /// Apply only if the pool is still at this version (from `pools get`).
     #[arg(long, default_value_t = 0)]
     pub expected_version: u64,
@@ -260,6 +267,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     draining_seconds: a.draining_timeout,
                 }),
                 spend_cap_per_hour_micros: a.spend_cap,
+                warm_size: a.warm,
                 ..Default::default()
             };
             let created = api
@@ -278,10 +286,14 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
             print_pools(&[pool], a.output);
         }
         PoolsCommand::Set(a) => {
-            if a.desired.is_none() && a.price_per_hour_micros.is_none() && a.spend_cap.is_none() {
+            if a.desired.is_none()
+                && a.price_per_hour_micros.is_none()
+                && a.spend_cap.is_none()
+                && a.warm.is_none()
+            {
                 return Err(CliError::Invalid(
-                    "nothing to change: give --desired N, --price-per-hour-micros P or \
-                     --spend-cap AMOUNT"
+                    "nothing to change: give --desired N, --price-per-hour-micros P, \
+                     --spend-cap AMOUNT or --warm N"
                         .into(),
                 ));
             }
@@ -293,6 +305,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     timeouts: None,
                     price_per_hour_micros: a.price_per_hour_micros,
                     spend_cap_per_hour_micros: a.spend_cap,
+                    warm_size: a.warm,
                     expected_version: a.expected_version,
                     ..Default::default()
                 }))
