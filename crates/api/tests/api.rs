@@ -25,6 +25,8 @@ mod pools;
 mod pools_delete;
 #[path = "provision.rs"]
 mod provision;
+#[path = "warm.rs"]
+mod warm;
 #[path = "security.rs"]
 mod security;
 #[path = "shutdown.rs"]
