@@ -175,7 +175,9 @@ pub fn warm_size(field: &str, v: u32) -> Result<i32, Status> {
     if v > MAX_DESIRED_CAPACITY {
         return Err(invalid_field(
             field,
-            format!("at most {MAX_DESIRED_CAPACITY} (the most machines a pool may keep; 0 for no warm stock)"),
+            format!(
+                "at most {MAX_DESIRED_CAPACITY} (the most machines a pool may keep; 0 for no warm stock)"
+            ),
         ));
     }
     to_i32(field, v)

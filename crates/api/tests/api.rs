@@ -25,8 +25,6 @@ mod pools;
 mod pools_delete;
 #[path = "provision.rs"]
 mod provision;
-#[path = "warm.rs"]
-mod warm;
 #[path = "security.rs"]
 mod security;
 #[path = "shutdown.rs"]
@@ -35,6 +33,8 @@ mod shutdown;
 mod spend;
 #[path = "terminate.rs"]
 mod terminate;
+#[path = "warm.rs"]
+mod warm;
 #[path = "watch.rs"]
 mod watch;
 #[path = "workers.rs"]

@@ -39,8 +39,11 @@ async fn warm(api: &Api, pool: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for r in rows {
         let id = r.id.to_string();
-        api.walk(&id, &[InstanceState::Requested, InstanceState::Provisioning])
-            .await;
+        api.walk(
+            &id,
+            &[InstanceState::Requested, InstanceState::Provisioning],
+        )
+        .await;
         sqlx::query("UPDATE instances SET provider_machine_id = $2 WHERE id = $1")
             .bind(r.id.0)
             .bind(format!("m-{id}"))

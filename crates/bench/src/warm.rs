@@ -55,11 +55,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
     })
     .await?;
     let warm = measure(&p, n, "warm").await?;
-    let taken: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM instances WHERE warm_taken_at IS NOT NULL",
-    )
-    .fetch_one(&p.db.pool)
-    .await?;
+    let taken: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM instances WHERE warm_taken_at IS NOT NULL")
+            .fetch_one(&p.db.pool)
+            .await?;
     anyhow::ensure!(taken as usize == n, "only {taken} of {n} served warm");
 
     // Cold: no stock left (the refill lets it go), then the same calls.
@@ -68,11 +67,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
     wait_until(Duration::from_secs(120), Duration::from_millis(100), || {
         let pool = pool.clone();
         async move {
-            let stock: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM instances WHERE desired_state = 'warm'",
-            )
-            .fetch_one(&pool)
-            .await?;
+            let stock: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM instances WHERE desired_state = 'warm'")
+                    .fetch_one(&pool)
+                    .await?;
             Ok(stock == 0)
         }
     })

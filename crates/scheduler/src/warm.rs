@@ -50,13 +50,11 @@ impl Scheduler {
     #[tracing::instrument(skip_all, name = "scheduler.warm", fields(pool = %pool.name))]
     pub async fn refill_warm(&self, pool: &PoolRow) -> Result<i64, StoreError> {
         if pool.warm_size == 0 && pool.warm_count == 0 {
-            // The common case, decided from the listing alone (a stock
-            // still coming with no size left is trimmed by a later tick,
-            // once its instances are warm or the listing counts them).
+            // The common case, decided from the listing alone. Stock still
+            // coming when the size went to 0 is trimmed by a later tick,
+            // once it is warm and the listing counts it.
             metrics::gauge!("flotilla_pool_warm_instances", "pool" => pool.name.clone()).set(0.0);
-            if !self.any_warm_stock(&pool.name).await? {
-                return Ok(0);
-            }
+            return Ok(0);
         }
         let mut conn = self.db.acquire().await?;
         let mut tx = conn.begin().await?;
@@ -144,10 +142,5 @@ impl Scheduler {
         tx.commit().await?;
         tracing::info!(pool = %pool.name, n = want, size, "warm stock refilling");
         Ok(want)
-    }
-
-    async fn any_warm_stock(&self, pool: &str) -> Result<bool, StoreError> {
-        let mut conn = self.db.acquire().await?;
-        Ok(warm_stock(&mut conn, pool).await?.total() > 0)
     }
 }

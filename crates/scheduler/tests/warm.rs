@@ -112,7 +112,11 @@ async fn the_refill_creates_warm_size_machines_never_started_and_no_further() {
     assert_eq!(rows(&env).await.len(), 3, "no further");
     assert!(warm.iter().all(|r| r.desired_state == DesiredState::Warm));
     assert_eq!(calls(&env, Operation::Create), 3);
-    assert_eq!(calls(&env, Operation::Start), 0, "a warm machine is never started");
+    assert_eq!(
+        calls(&env, Operation::Start),
+        0,
+        "a warm machine is never started"
+    );
     for m in env.stack.sim.sim().machines() {
         assert_eq!(m.machine.state.to_string(), "created", "{:?}", m.machine.id);
     }
@@ -172,7 +176,10 @@ async fn provision_takes_warm_first_the_provider_sees_starts_not_creates_and_the
         assert_eq!(r.desired_state, DesiredState::Running);
         assert!(r.warm_taken_at.is_some());
         assert_eq!(r.labels.0.get("team").map(String::as_str), Some("ml"));
-        assert!(machines_before.contains_key(&r.id), "a warm row keeps its id");
+        assert!(
+            machines_before.contains_key(&r.id),
+            "a warm row keeps its id"
+        );
     }
     assert_eq!(
         taken.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
@@ -194,7 +201,11 @@ async fn provision_takes_warm_first_the_provider_sees_starts_not_creates_and_the
         3,
         "only the cold one was created"
     );
-    assert_eq!(calls(&env, Operation::Start), 3, "two warm starts, one cold");
+    assert_eq!(
+        calls(&env, Operation::Start),
+        3,
+        "two warm starts, one cold"
+    );
     let history: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT to_state, reason FROM action_logs WHERE instance_id = $1 AND to_state IS NOT NULL ORDER BY id",
     )
@@ -205,7 +216,13 @@ async fn provision_takes_warm_first_the_provider_sees_starts_not_creates_and_the
     let states: Vec<&str> = history.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
         states,
-        ["requested", "provisioning", "warm", "provisioning", "booting"]
+        [
+            "requested",
+            "provisioning",
+            "warm",
+            "provisioning",
+            "booting"
+        ]
     );
     assert_eq!(history[3].1.as_deref(), Some(TAKEN_REASON));
 
@@ -227,9 +244,18 @@ async fn a_crash_after_starting_a_taken_warm_machine_or_creating_one_leaves_one_
     assert!(warm_rows(&env).await.is_empty(), "died before recording");
     run_out_leases(&env.db.pool, "s1").await;
     // The next attempt adopts the machine by its tag: still one create.
-    let s2 = scheduler(&env, "s2", None, tuning(&["--provision-listing-settle-seconds", "0"]));
+    let s2 = scheduler(
+        &env,
+        "s2",
+        None,
+        tuning(&["--provision-listing-settle-seconds", "0"]),
+    );
     fill(&s2, &env, 1).await;
-    assert_eq!(calls(&env, Operation::Create), 1, "adopted, not created again");
+    assert_eq!(
+        calls(&env, Operation::Create),
+        1,
+        "adopted, not created again"
+    );
 
     // Dies right after starting the taken machine, before `booting`.
     let (taken, _) = take(&env, &["a"]).await;
@@ -245,7 +271,11 @@ async fn a_crash_after_starting_a_taken_warm_machine_or_creating_one_leaves_one_
         .find(|r| r.id == taken[0].id)
         .unwrap();
     assert_eq!(row.state, InstanceState::Booting);
-    assert_eq!(calls(&env, Operation::Create), 1, "the take created nothing");
+    assert_eq!(
+        calls(&env, Operation::Create),
+        1,
+        "the take created nothing"
+    );
     let ids: Vec<InstanceId> = rows(&env).await.iter().map(|r| r.id).collect();
     assert_one_machine_each(&env, &ids).await;
 }

@@ -136,9 +136,9 @@ pub async fn spend_room(
         not_warm!()
     ))
     .bind(pool)
-            .bind(InstanceState::strs(InstanceState::TERMINAL))
-            .fetch_one(&mut *conn)
-            .await?;
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(SpendRoom {
         rate: unit_price.saturating_mul(live),
         unit_price,
@@ -152,14 +152,12 @@ pub async fn spend_live_counts(
     conn: &mut PgConnection,
     only: Option<&str>,
 ) -> Result<HashMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        concat!(
-            "SELECT pool, count(*) FROM instances
+    let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+        "SELECT pool, count(*) FROM instances
              WHERE state <> ALL($1) AND ($2::text IS NULL OR pool = $2) AND ",
-            not_warm!(),
-            " GROUP BY pool"
-        ),
-    )
+        not_warm!(),
+        " GROUP BY pool"
+    ))
     .bind(InstanceState::strs(InstanceState::TERMINAL))
     .bind(only)
     .fetch_all(conn)

@@ -7,7 +7,9 @@
 use flotilla_core::InstanceState;
 use flotilla_sim_provider::Operation;
 use flotilla_store::WriteCtx;
-use flotilla_store::pool_delete::{DeletionProgress, PoolDeletion, pool_delete, pool_finish_deletion};
+use flotilla_store::pool_delete::{
+    DeletionProgress, PoolDeletion, pool_delete, pool_finish_deletion,
+};
 use flotilla_test_utils::fleet::warm_instances;
 use flotilla_test_utils::stack::documented;
 
@@ -22,7 +24,10 @@ async fn a_pool_deleted_with_warm_stock_deletes_each_warm_machine_and_leaves_non
     let mut conn = env.db.pool.acquire().await.unwrap();
     let ctx = WriteCtx::new("api:test");
     // Not forced: warm stock does not hold a deletion back.
-    match pool_delete(&mut conn, &ctx, "gpu", false, "test").await.unwrap() {
+    match pool_delete(&mut conn, &ctx, "gpu", false, "test")
+        .await
+        .unwrap()
+    {
         PoolDeletion::Deleting { requested, .. } => assert_eq!(requested.len(), 3),
         other => panic!("{other:?}"),
     }
@@ -43,7 +48,13 @@ async fn a_pool_deleted_with_warm_stock_deletes_each_warm_machine_and_leaves_non
     .unwrap();
     assert_eq!(
         history,
-        ["requested", "provisioning", "warm", "deleting", "terminated"]
+        [
+            "requested",
+            "provisioning",
+            "warm",
+            "deleting",
+            "terminated"
+        ]
     );
     assert_eq!(
         pool_finish_deletion(&mut conn, &ctx, "gpu").await.unwrap(),

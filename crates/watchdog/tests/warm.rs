@@ -18,11 +18,13 @@ async fn a_warm_machine_of_a_terminated_instance_is_an_orphan_but_a_live_warm_on
     let warm = warm_instances(&env.db.pool, &env.stack.client, 3).await;
     let gone = &warm[0];
     // The database says it is done, but its machine is still there.
-    sqlx::query("UPDATE instances SET state = 'terminated', desired_state = 'terminated' WHERE id = $1")
-        .bind(gone.id.0)
-        .execute(&env.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE instances SET state = 'terminated', desired_state = 'terminated' WHERE id = $1",
+    )
+    .bind(gone.id.0)
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
     let ids: Vec<InstanceId> = warm.iter().map(|r| r.id).collect();
     age_rows(&env, &ids, 3600.0, true).await;
     let dry = watchdog(&env, "w0", &["--watchdog-dry-run", "true"]);
