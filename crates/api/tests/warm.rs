@@ -182,3 +182,50 @@ async fn warm_stock_is_free_against_the_spend_cap_until_a_provision_takes_it() {
     assert_eq!(pool.spend_per_hour_micros, 1_000_000);
     assert_eq!(pool.warm_count, 1);
 }
+
+#[tokio::test]
+async fn two_batches_taking_at_once_never_take_the_same_warm_machine_and_neither_waits() {
+    use flotilla_store::warm::{WarmTake, warm_take};
+    use sqlx::Acquire;
+
+    let api = start().await;
+    api.try_create_pool_with("gpu", |p| p.warm_size = 2)
+        .await
+        .expect("pool");
+    let warm_ids = warm(&api, "gpu", 2).await;
+    let take = |name: &str| WarmTake {
+        name: name.into(),
+        labels: BTreeMap::new(),
+        idempotency_key: None,
+    };
+    let ctx = WriteCtx::new("api:test");
+    let mut c1 = api.db.pool.acquire().await.expect("conn");
+    let mut c2 = api.db.pool.acquire().await.expect("conn");
+    let mut t1 = c1.begin().await.expect("tx");
+    let first = warm_take(&mut t1, &ctx, "gpu", &[take("a")])
+        .await
+        .expect("take");
+    // The first batch holds its row uncommitted: the second skips it at
+    // once instead of waiting, and gets the other one only.
+    let mut t2 = c2.begin().await.expect("tx");
+    let second = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        warm_take(&mut t2, &ctx, "gpu", &[take("b"), take("c")]),
+    )
+    .await
+    .expect("did not wait for the other batch")
+    .expect("take");
+    assert_eq!(first.len(), 1);
+    assert_eq!(second.len(), 1, "only the row not already taken");
+    assert_ne!(first[0].id, second[0].id);
+    t1.commit().await.expect("commit");
+    t2.commit().await.expect("commit");
+    let taken: Vec<String> = [&first[0], &second[0]]
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    for id in &warm_ids {
+        assert!(taken.contains(id), "{id} taken once");
+    }
+    assert_eq!(get_pool(&api, "gpu").await.warm_count, 0);
+}
