@@ -111,6 +111,7 @@ fn desired_name(v: i32) -> &'static str {
     match v1::DesiredState::try_from(v) {
         Ok(v1::DesiredState::Running) => "running",
         Ok(v1::DesiredState::Terminated) => "terminated",
+        Ok(v1::DesiredState::Warm) => "warm",
         _ => "unspecified",
     }
 }
@@ -717,6 +718,9 @@ mod tests {
         let json = pool_json(&warm);
         assert_eq!(json["warm_size"], 3);
         assert_eq!(json["warm_count"], 2);
+        // A warm instance says so in `get` and `list -o json`.
+        assert_eq!(desired_name(v1::DesiredState::Warm as i32), "warm");
+        assert_eq!(state_name(v1::InstanceState::Warm as i32), "warm");
     }
 
     #[test]
