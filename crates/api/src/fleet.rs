@@ -397,6 +397,10 @@ impl FleetService for FleetApi {
                 .idle_timeout_seconds
                 .map(|s| validate::lifetime("idle_timeout_seconds", s))
                 .transpose()?,
+            warm_size: req
+                .warm_size
+                .map(|w| validate::warm_size("warm_size", w))
+                .transpose()?,
         };
         let expected_version = match req.expected_version {
             0 => None,
@@ -463,13 +467,17 @@ impl FleetService for FleetApi {
         let (before, after) = (updated.previous_capacity, updated.pool.desired_capacity);
         // A new spend cap may let capacity grow (or stop it) at once.
         let cap_set = update.spend_cap_per_hour_micros.is_some() && after > 0;
-        if before != after || cap_set {
+        // A new warm size is refilled (or trimmed) at once.
+        let warm_set = update.warm_size.is_some();
+        if before != after || cap_set || warm_set {
             // Committed with the change, so the scheduler is woken even if
             // this process dies right after answering.
             let wake = v1::ReconcileCommand {
                 pool: req.name.clone(),
                 reason: if before != after {
                     format!("desired capacity {before} -> {after}")
+                } else if warm_set {
+                    "warm size changed".to_owned()
                 } else {
                     "spend cap changed".to_owned()
                 },

@@ -16,6 +16,15 @@
 //! winner took (at the name check or at insert), rolls back everything, and
 //! answers with the winner's stored response, so a key yields exactly one
 //! batch.
+//!
+//! A pool with warm stock (see `flotilla_store::warm`) serves the batch
+//! from it first, in the same transaction: each warm instance taken gets
+//! the name, labels and idempotency key the batch would have given a fresh
+//! one, and moves `warm` → `provisioning`, so the answer carries its id
+//! and that state (what is true: its machine exists, its start is under
+//! way). The rest of the batch is created cold as before. A warm instance
+//! costs nothing against the spend cap until it is taken, so the cap
+//! check counts the whole batch either way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -28,6 +37,7 @@ use flotilla_store::instance::{NewInstance, instance_insert_with_provision};
 use flotilla_store::pool::pool_get;
 use flotilla_store::pool_delete::deleting_refusal;
 use flotilla_store::spend::spend_room;
+use flotilla_store::warm::{WarmTake, warm_take};
 use flotilla_store::{StoreError, WriteCtx};
 use prost::Message;
 use rand::Rng;
@@ -227,8 +237,15 @@ pub async fn provision(
     drop(conn);
 
     match write(state, &ctx, &pool.name, &new, key, &hash).await {
-        Ok(answer) => {
+        Ok((answer, warm)) => {
             metrics::counter!("flotilla_api_instances_requested_total").increment(new.len() as u64);
+            metrics::counter!("flotilla_api_instances_provisioned_total", "source" => "warm")
+                .increment(warm as u64);
+            metrics::counter!("flotilla_api_instances_provisioned_total", "source" => "cold")
+                .increment((new.len() - warm) as u64);
+            if warm > 0 {
+                tracing::info!(pool = %pool.name, warm, cold = new.len() - warm, "provision served from warm stock first");
+            }
             Ok(answer)
         }
         Err(lost) => {
@@ -315,8 +332,9 @@ impl From<sqlx::Error> for WriteError {
     }
 }
 
-/// The one transaction of an accepted batch. Dropping the transaction on an
-/// early return rolls all of it back.
+/// The one transaction of an accepted batch, and how many of its
+/// instances came from warm stock. Dropping the transaction on an early
+/// return rolls all of it back.
 async fn write(
     state: &ApiState,
     ctx: &WriteCtx,
@@ -324,7 +342,7 @@ async fn write(
     new: &[NewInstance],
     key: Option<&str>,
     hash: &[u8],
-) -> Result<v1::ProvisionResponse, WriteError> {
+) -> Result<(v1::ProvisionResponse, usize), WriteError> {
     let mut tx = state.pool.begin().await?;
     // Before the insert and under the pool's lock (when it has a cap), so
     // the count includes every batch committed before this one.
@@ -333,12 +351,24 @@ async fn write(
     if !room.admits(n) {
         return Err(WriteError::OverSpendCap(room.refusal(pool, n)));
     }
-    let rows = instance_insert_with_provision(&mut tx, ctx, new).await?;
+    // Warm stock first: the i-th taken gets the i-th name.
+    let takes: Vec<WarmTake> = new
+        .iter()
+        .map(|n| WarmTake {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            idempotency_key: n.idempotency_key.clone(),
+        })
+        .collect();
+    let mut rows = warm_take(&mut tx, ctx, pool, &takes).await?;
+    let warm = rows.len();
+    let cold = &new[warm..];
+    let mut created = instance_insert_with_provision(&mut tx, ctx, cold).await?;
 
     let position: HashMap<InstanceId, usize> =
-        new.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-    let mut rows = rows;
-    rows.sort_by_key(|r| position.get(&r.id).copied().unwrap_or(usize::MAX));
+        cold.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+    created.sort_by_key(|r| position.get(&r.id).copied().unwrap_or(usize::MAX));
+    rows.extend(created);
     let answer = v1::ProvisionResponse {
         instances: rows.iter().map(|r| r.to_proto()).collect(),
         dry_run: false,
@@ -351,7 +381,7 @@ async fn write(
         }
     }
     tx.commit().await?;
-    Ok(answer)
+    Ok((answer, warm))
 }
 
 /// What a dry run reports for an instance it did not create.

@@ -169,6 +169,21 @@ pub fn desired_capacity(field: &str, v: u32) -> Result<i32, Status> {
     to_i32(field, v)
 }
 
+/// A pool's warm stock size (see `flotilla_store::warm`); 0 is none. The
+/// same bound as the desired capacity: a pool never needs more machines
+/// in reserve than it may ever run.
+pub fn warm_size(field: &str, v: u32) -> Result<i32, Status> {
+    if v > MAX_DESIRED_CAPACITY {
+        return Err(invalid_field(
+            field,
+            format!(
+                "at most {MAX_DESIRED_CAPACITY} (the most machines a pool may keep; 0 for no warm stock)"
+            ),
+        ));
+    }
+    to_i32(field, v)
+}
+
 pub fn price(field: &str, v: u64) -> Result<i64, Status> {
     i64::try_from(v).map_err(|_| invalid_field(field, "too large"))
 }
@@ -263,6 +278,7 @@ pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
         )?),
         max_lifetime_seconds: lifetime("pool.max_lifetime_seconds", p.max_lifetime_seconds)?,
         idle_timeout_seconds: lifetime("pool.idle_timeout_seconds", p.idle_timeout_seconds)?,
+        warm_size: warm_size("pool.warm_size", p.warm_size)?,
     })
 }
 
@@ -345,7 +361,8 @@ mod tests {
         assert!(new_pool(Some(&good)).is_ok());
         assert_eq!(field_of(new_pool(None).expect_err("none")), "pool");
         type Spoil = fn(&mut v1::Pool);
-        let cases: [(&str, Spoil); 12] = [
+        let cases: [(&str, Spoil); 13] = [
+            ("pool.warm_size", |p| p.warm_size = 10_001),
             ("pool.name", |p| p.name = "Gpu".into()),
             ("pool.provider", |p| p.provider = "aws".into()),
             ("pool.instance_type", |p| p.instance_type.clear()),

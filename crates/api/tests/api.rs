@@ -33,6 +33,8 @@ mod shutdown;
 mod spend;
 #[path = "terminate.rs"]
 mod terminate;
+#[path = "warm.rs"]
+mod warm;
 #[path = "watch.rs"]
 mod watch;
 #[path = "workers.rs"]

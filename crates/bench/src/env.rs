@@ -240,8 +240,14 @@ pub struct ProviderSide {
 
 impl ProviderSide {
     pub async fn start() -> anyhow::Result<ProviderSide> {
+        Self::start_with(instant()).await
+    }
+
+    /// [`ProviderSide::start`] with the sim's latencies set by `faults`
+    /// (e.g. `Faults::published_typical()`).
+    pub async fn start_with(faults: Faults) -> anyhow::Result<ProviderSide> {
         let sim = flotilla_sim_provider::start(SimConfig {
-            faults: instant(),
+            faults,
             ..SimConfig::default()
         })
         .await?;

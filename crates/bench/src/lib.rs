@@ -23,6 +23,7 @@ pub mod resume;
 pub mod scan;
 pub mod stats;
 pub mod table;
+pub mod warm;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,10 +49,13 @@ pub enum Row {
     Memory,
     /// Backlog resume after `kill -9` of the scheduler.
     Resume,
+    /// `Provision` → `ready` from warm stock vs cold, at the providers'
+    /// published typical latencies.
+    Warm,
 }
 
 impl Row {
-    pub const ALL: [Row; 7] = [
+    pub const ALL: [Row; 8] = [
         Row::Ready,
         Row::ProvisionLatency,
         Row::Heartbeats,
@@ -59,6 +63,7 @@ impl Row {
         Row::Scan,
         Row::Memory,
         Row::Resume,
+        Row::Warm,
     ];
 
     /// The label the table prints in its first column.
@@ -71,6 +76,7 @@ impl Row {
             Row::Scan => "watchdog stale scan",
             Row::Memory => "service RSS",
             Row::Resume => "backlog resume after kill -9",
+            Row::Warm => "Provision -> ready, warm vs cold",
         }
     }
 }
@@ -214,5 +220,6 @@ async fn run_row(row: Row, ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
         Row::Scan => scan::run(ctx).await,
         Row::Memory => memory::run(ctx).await,
         Row::Resume => resume::run(ctx).await,
+        Row::Warm => warm::run(ctx).await,
     }
 }

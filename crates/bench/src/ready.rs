@@ -42,11 +42,20 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(ctx: &Ctx, scheduler_flags: &[&str]) -> anyhow::Result<Pipeline> {
+        Self::start_with(ctx, scheduler_flags, crate::env::instant()).await
+    }
+
+    /// [`Pipeline::start`] with the sim's latencies set by `faults`.
+    pub async fn start_with(
+        ctx: &Ctx,
+        scheduler_flags: &[&str],
+        faults: flotilla_sim_provider::Faults,
+    ) -> anyhow::Result<Pipeline> {
         let db = BenchDb::new(ctx).await?;
         db.create_pool().await?;
         let nats = BenchNats::new(ctx).await?;
         let bus = nats.bus().await?;
-        let provider = ProviderSide::start().await?;
+        let provider = ProviderSide::start_with(faults).await?;
         let stop = CancellationToken::new();
         let api = start_api(db.service_pool().await?, bus.clone(), 1000, &stop).await?;
         let mut flags: Vec<&str> = ctx.scheduler_flags.iter().map(String::as_str).collect();

@@ -111,6 +111,7 @@ fn desired_name(v: i32) -> &'static str {
     match v1::DesiredState::try_from(v) {
         Ok(v1::DesiredState::Running) => "running",
         Ok(v1::DesiredState::Terminated) => "terminated",
+        Ok(v1::DesiredState::Warm) => "warm",
         _ => "unspecified",
     }
 }
@@ -438,6 +439,7 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
                 p.instance_type.clone(),
                 p.region.clone(),
                 p.desired_capacity.to_string(),
+                warm_column(p),
                 format_amount(p.spend_per_hour_micros as i64),
                 if p.spend_cap_per_hour_micros == 0 {
                     "-".to_owned()
@@ -455,7 +457,7 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
         .collect();
     let mut out = table(
         &[
-            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "SPEND/H", "CAP/H", "DISRUPT",
+            "NAME", "PROVIDER", "TYPE", "REGION", "DESIRED", "WARM", "SPEND/H", "CAP/H", "DISRUPT",
             "LIFETIME", "IDLE", "STATUS", "AGE", "IMAGE",
         ],
         &rows,
@@ -504,10 +506,20 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
     out
 }
 
+/// Warm machines held now and wanted (`have/want`), `-` for a pool that
+/// keeps none (and holds none).
+fn warm_column(p: &v1::Pool) -> String {
+    if p.warm_size == 0 && p.warm_count == 0 {
+        "-".to_owned()
+    } else {
+        format!("{}/{}", p.warm_count, p.warm_size)
+    }
+}
+
 /// A pool's recent acts (`pools get`), oldest first, under a heading.
 pub fn pool_events_table(events: &[v1::PoolEvent]) -> String {
     if events.is_empty() {
-        return "\nno pauses, resumes, probes or spend caps recorded\n".to_owned();
+        return "\nno pauses, resumes, probes, spend caps or warm refills recorded\n".to_owned();
     }
     let rows: Vec<Vec<String>> = events
         .iter()
@@ -598,6 +610,8 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "spend_per_hour_micros": p.spend_per_hour_micros,
         "spend_cap_per_hour_micros": p.spend_cap_per_hour_micros,
         "spend_capped_since": rfc3339(p.spend_capped_since.as_ref()),
+        "warm_size": p.warm_size,
+        "warm_count": p.warm_count,
         "version": p.version,
         "created_at": rfc3339(p.created_at.as_ref()),
         "paused": p.paused_at.is_some(),
@@ -707,9 +721,38 @@ mod tests {
             "{out}"
         );
         assert!(lines[3].contains("2027-01-15T08:00:00.000Z"), "{out}");
-        assert!(pool_events_table(&[]).contains("no pauses, resumes, probes or spend caps"));
+        assert!(pool_events_table(&[]).contains("no pauses, resumes, probes, spend caps"));
         assert_eq!(pool_event_json(&events[0])["instance_id"], Value::Null);
         assert_eq!(pool_event_json(&events[1])["instance_id"], "0196-probe");
+    }
+
+    #[test]
+    fn pools_show_their_warm_stock_as_have_over_want_and_a_dash_without_one() {
+        let now = Utc::now();
+        let warm = v1::Pool {
+            name: "gpu".into(),
+            warm_size: 3,
+            warm_count: 2,
+            ..Default::default()
+        };
+        let cold = v1::Pool {
+            name: "cpu".into(),
+            ..Default::default()
+        };
+        let out = pools_table(&[warm.clone(), cold], now);
+        let mut lines = out.lines();
+        let header = lines.next().unwrap();
+        let col = header.find("WARM").expect("a WARM column");
+        let gpu = lines.next().unwrap();
+        assert_eq!(gpu[col..].split_whitespace().next(), Some("2/3"), "{out}");
+        let cpu = lines.next().unwrap();
+        assert_eq!(cpu[col..].split_whitespace().next(), Some("-"), "{out}");
+        let json = pool_json(&warm);
+        assert_eq!(json["warm_size"], 3);
+        assert_eq!(json["warm_count"], 2);
+        // A warm instance says so in `get` and `list -o json`.
+        assert_eq!(desired_name(v1::DesiredState::Warm as i32), "warm");
+        assert_eq!(state_name(v1::InstanceState::Warm as i32), "warm");
     }
 
     #[test]

@@ -147,6 +147,10 @@ pub struct CreateArgs {
     /// worker reported idle this long ("5m"). Unset: never.
     #[arg(long, value_parser = parse_duration_secs, default_value = "0")]
     pub idle_timeout: u32,
+    /// Machines to keep created and stopped, so Provision starts one
+    /// instead of creating one (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub warm: u32,
     /// Pool label (key=value; repeat for more).
     #[arg(long, value_parser = parse_label)]
     pub label: Vec<(String, String)>,
@@ -180,6 +184,9 @@ pub struct SetArgs {
     /// New idle timeout ("5m"); 0 turns idle stop off.
     #[arg(long, value_parser = parse_duration_secs)]
     pub idle_timeout: Option<u32>,
+    /// New warm stock size; 0 lets every warm machine go (deleted).
+    #[arg(long)]
+    pub warm: Option<u32>,
     /// Apply only if the pool is still at this version (from `pools get`).
     #[arg(long, default_value_t = 0)]
     pub expected_version: u64,
@@ -314,6 +321,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 disruption_budget: a.disruption_budget,
                 max_lifetime_seconds: a.max_lifetime,
                 idle_timeout_seconds: a.idle_timeout,
+                warm_size: a.warm,
                 ..Default::default()
             };
             let created = api
@@ -338,10 +346,11 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 && a.disruption_budget.is_none()
                 && a.max_lifetime.is_none()
                 && a.idle_timeout.is_none()
+                && a.warm.is_none()
             {
                 return Err(CliError::Invalid(
                     "nothing to change: give --desired N, --price-per-hour-micros P, \
-                     --spend-cap AMOUNT, --disruption-budget N|P%, --max-lifetime D or \
+                     --spend-cap AMOUNT, --warm N, --disruption-budget N|P%, --max-lifetime D or \
                      --idle-timeout D"
                         .into(),
                 ));
@@ -357,6 +366,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     disruption_budget: a.disruption_budget,
                     max_lifetime_seconds: a.max_lifetime,
                     idle_timeout_seconds: a.idle_timeout,
+                    warm_size: a.warm,
                     expected_version: a.expected_version,
                     ..Default::default()
                 }))

@@ -21,6 +21,16 @@
 //! nothing about the provider — the machine may still exist, and the orphan
 //! scan treats a tagged machine of an abandoned instance as an orphan. No
 //! loop group contains it, so no loop ever claims it again.
+//!
+//! `warm` is a machine held in reserve for its pool: created at the
+//! provider and never started (Fly `skip_launch`, a Scaleway server not yet
+//! powered on). It is entered only from `provisioning`, by an instance whose
+//! desired state is [`DesiredState::Warm`], once its machine is recorded;
+//! `Provision` takes it back to `provisioning` (the step left is the start,
+//! which the provisioning loop retries and fences like any start), and a
+//! warm machine let go is deleted directly (`deleting`: it never ran, so
+//! there is nothing to drain or stop). It is a resting state, in no timeout
+//! group: it waits, by design, until someone wants it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -68,6 +78,9 @@ pub enum InstanceState {
     /// is left at the provider and carries Flotilla's tags is an orphan to
     /// the orphan scan.
     Abandoned,
+    /// Held in reserve: the machine exists at the provider and was never
+    /// started; `Provision` takes it (see the module docs).
+    Warm,
 }
 
 use InstanceState::*;
@@ -82,8 +95,11 @@ const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
     (Requested, &[Provisioning, Terminated, Abandoned]),
     (
         Provisioning,
-        &[Booting, ProvisioningFailed, Deleting, Lost, Abandoned],
+        &[Booting, ProvisioningFailed, Deleting, Lost, Abandoned, Warm],
     ),
+    // Taken by `Provision` (its start is what is left), or let go (never
+    // started, so deleted at once), or vanished at the provider.
+    (Warm, &[Provisioning, Deleting, Lost, Abandoned]),
     // A worker may skip phases it does not have (no install step, say).
     (
         Booting,
@@ -133,7 +149,7 @@ const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
 
 impl InstanceState {
     /// Every state, in lifecycle order.
-    pub const ALL: [InstanceState; 16] = [
+    pub const ALL: [InstanceState; 17] = [
         Requested,
         Provisioning,
         Booting,
@@ -150,6 +166,7 @@ impl InstanceState {
         WorkerDead,
         Lost,
         Abandoned,
+        Warm,
     ];
 
     /// States with no exit. `terminated` says the provider confirmed
@@ -170,6 +187,15 @@ impl InstanceState {
     /// that does not show it makes the instance suspected lost.
     pub const MACHINE_RUNNING: &'static [InstanceState] =
         &[Booting, Installing, Starting, Ready, Draining];
+
+    /// States whose machine should exist at the provider stopped (never
+    /// started): a listing that does not show it makes the instance
+    /// suspected lost, as for [`Self::MACHINE_RUNNING`].
+    pub const MACHINE_HELD: &'static [InstanceState] = &[Warm];
+
+    /// States whose machine a listing must show, running or held.
+    pub const MACHINE_EXPECTED: &'static [InstanceState] =
+        &[Booting, Installing, Starting, Ready, Draining, Warm];
 
     /// States in which the instance is on its way out; the terminator owns them.
     pub const TEARDOWN: &'static [InstanceState] = &[Draining, Stopping, Stopped, Deleting];
@@ -212,6 +238,7 @@ impl InstanceState {
             WorkerDead => "worker_dead",
             Lost => "lost",
             Abandoned => "abandoned",
+            Warm => "warm",
         }
     }
 
@@ -276,6 +303,9 @@ impl TryFrom<String> for InstanceState {
 pub enum DesiredState {
     Running,
     Terminated,
+    /// Created at the provider and not started: held in its pool's warm
+    /// stock until `Provision` takes it (then `Running`).
+    Warm,
 }
 
 impl DesiredState {
@@ -283,6 +313,7 @@ impl DesiredState {
         match self {
             DesiredState::Running => "running",
             DesiredState::Terminated => "terminated",
+            DesiredState::Warm => "warm",
         }
     }
 }
@@ -300,6 +331,7 @@ impl FromStr for DesiredState {
         match s {
             "running" => Ok(DesiredState::Running),
             "terminated" => Ok(DesiredState::Terminated),
+            "warm" => Ok(DesiredState::Warm),
             other => Err(UnknownState(other.to_owned())),
         }
     }
@@ -389,6 +421,8 @@ mod tests {
             InstanceState::FAILED,
             InstanceState::TRANSITIONAL,
             InstanceState::STUCK_WATCHED,
+            InstanceState::MACHINE_HELD,
+            InstanceState::MACHINE_EXPECTED,
         ] {
             assert!(group.iter().all(|s| !s.is_terminal()), "{group:?}");
         }
@@ -466,6 +500,45 @@ mod tests {
     }
 
     #[test]
+    fn warm_is_entered_only_from_provisioning_and_never_straight_to_a_running_state() {
+        // Only the provisioning loop makes a warm machine (create, record,
+        // no start); taking one goes back through provisioning, whose start
+        // is fenced and retried, so nothing claims to boot before the
+        // provider started it.
+        let into: Vec<_> = InstanceState::ALL
+            .into_iter()
+            .filter(|s| s.can_transition_to(Warm))
+            .collect();
+        assert_eq!(into, vec![Provisioning]);
+        for s in Warm.exits() {
+            assert!(
+                !InstanceState::MACHINE_RUNNING.contains(s),
+                "warm -> {s} would claim a start"
+            );
+        }
+        assert!(Warm.can_transition_to(Provisioning));
+        assert!(
+            Warm.can_transition_to(Deleting),
+            "never started: no drain, no stop"
+        );
+        assert!(Warm.can_transition_to(Lost));
+    }
+
+    #[test]
+    fn warm_is_a_resting_state_with_its_machine_expected_but_not_counted_as_serving() {
+        assert!(!InstanceState::TRANSITIONAL.contains(&Warm));
+        assert!(!InstanceState::LIVE.contains(&Warm));
+        assert!(!InstanceState::MACHINE_RUNNING.contains(&Warm));
+        assert!(InstanceState::MACHINE_HELD.contains(&Warm));
+        let expected: HashSet<_> = InstanceState::MACHINE_EXPECTED.iter().collect();
+        let union: HashSet<_> = InstanceState::MACHINE_RUNNING
+            .iter()
+            .chain(InstanceState::MACHINE_HELD)
+            .collect();
+        assert_eq!(expected, union);
+    }
+
+    #[test]
     fn illegal_transition_is_a_typed_error() {
         assert_eq!(
             check_transition(Terminated, Ready),
@@ -484,7 +557,11 @@ mod tests {
         }
         assert!("Ready".parse::<InstanceState>().is_err());
         assert!("".parse::<InstanceState>().is_err());
-        for d in [DesiredState::Running, DesiredState::Terminated] {
+        for d in [
+            DesiredState::Running,
+            DesiredState::Terminated,
+            DesiredState::Warm,
+        ] {
             assert_eq!(d.as_str().parse::<DesiredState>(), Ok(d));
         }
     }

@@ -25,6 +25,7 @@ impl From<InstanceState> for v1::InstanceState {
             S::WorkerDead => P::WorkerDead,
             S::Lost => P::Lost,
             S::Abandoned => P::Abandoned,
+            S::Warm => P::Warm,
         }
     }
 }
@@ -65,6 +66,7 @@ impl TryFrom<v1::InstanceState> for InstanceState {
             P::WorkerDead => S::WorkerDead,
             P::Lost => S::Lost,
             P::Abandoned => S::Abandoned,
+            P::Warm => S::Warm,
         })
     }
 }
@@ -74,6 +76,7 @@ impl From<DesiredState> for v1::DesiredState {
         match d {
             DesiredState::Running => v1::DesiredState::Running,
             DesiredState::Terminated => v1::DesiredState::Terminated,
+            DesiredState::Warm => v1::DesiredState::Warm,
         }
     }
 }

@@ -140,6 +140,10 @@ impl Scheduler {
                 Ok(_) => status.acted += 1,
                 Err(e) => status.error(e.class(), &pool.name, e),
             }
+            // Warm stock: its own lock and module (crate::warm).
+            if let Err(e) = self.refill_warm(&pool).await {
+                status.error(e.class(), format!("{} warm", pool.name), e);
+            }
         }
         status
     }

@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod config;
 pub mod health;
 pub mod provision;
+pub mod warm;
 
 use std::sync::Arc;
 

@@ -18,6 +18,12 @@
 //!
 //! Attempts are bounded; exhausted (or a permanent error) → `provisioning_failed`
 //! with desired state `terminated`, which hands the machine to the terminator.
+//!
+//! Warm stock (desired state `warm`, see `flotilla_store::warm`) takes the
+//! same steps up to the start, and ends in `warm` instead of starting. A
+//! warm instance taken by `Provision` comes back as `provisioning` with its
+//! machine recorded, so all that is left for it is the start: the provider
+//! sees a start, never a second create.
 
 use std::collections::HashMap;
 
@@ -292,6 +298,27 @@ impl Scheduler {
                 id
             }
         };
+
+        if row.desired_state == DesiredState::Warm {
+            // Warm stock: created and recorded, deliberately not started
+            // (see `flotilla_store::warm`); `Provision` takes it later.
+            let held = instance_transition(
+                &mut conn,
+                &ctx,
+                &Transition {
+                    id: row.id,
+                    from: InstanceState::Provisioning,
+                    to: InstanceState::Warm,
+                    expected_version: row.version,
+                    error: None,
+                    reason: Some("held in warm stock: created, not started"),
+                },
+            )
+            .await?;
+            instance_release(&mut conn, held.id, &self.owner).await?;
+            metrics::counter!("flotilla_scheduler_warm_machines_created_total").increment(1);
+            return Ok(Stepped::Advanced);
+        }
 
         fence.check()?;
         match self.start_machine(pool, &machine_id).await {

@@ -13,6 +13,8 @@ mod shutdown;
 mod spend;
 #[path = "wake.rs"]
 mod wake;
+#[path = "warm.rs"]
+mod warm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

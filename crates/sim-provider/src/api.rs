@@ -159,6 +159,12 @@ async fn create_machine(
     guarded(&sim, Operation::Create, &headers, async {
         let Path(app) = path?;
         let request: CreateMachineRequest = parse_json(&body, schema::CREATE_MACHINE)?;
+        // A create takes its time before the machine exists (see
+        // `Faults::published_typical` for the figure and its source).
+        let delay = sim.current_faults().create_delay_ms;
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let machine = sim.create_machine(&app, request)?;
         // The "created but never recorded" failure: the machine exists and
         // runs, but the caller is told it failed.

@@ -41,6 +41,9 @@ pub struct SimArgs {
     /// `MIN,MAX` milliseconds after `started` at which a dying machine stops.
     #[arg(long, env = "SIM_DIE_AFTER_MS", value_delimiter = ',')]
     pub die_after_ms: Option<Vec<u64>>,
+    /// How long a create takes before it answers.
+    #[arg(long, env = "SIM_CREATE_DELAY_MS")]
+    pub create_delay_ms: Option<u64>,
     #[arg(long, env = "SIM_START_DELAY_MS")]
     pub start_delay_ms: Option<u64>,
     #[arg(long, env = "SIM_STOP_DELAY_MS")]
@@ -71,6 +74,7 @@ impl SimArgs {
             (self.latency_jitter_ms, &mut faults.latency_jitter_ms),
             (self.retry_after_secs, &mut faults.retry_after_secs),
             (self.timeout_ms, &mut faults.timeout_ms),
+            (self.create_delay_ms, &mut faults.create_delay_ms),
             (self.start_delay_ms, &mut faults.start_delay_ms),
             (self.stop_delay_ms, &mut faults.stop_delay_ms),
             (self.destroy_delay_ms, &mut faults.destroy_delay_ms),

@@ -957,6 +957,11 @@ impl Sim {
                 }],
             })
             .into_mut();
+        // `skip_launch: true` leaves the machine `created`, never started,
+        // until `POST /machines/{id}/start` (Fly's Machines API OpenAPI
+        // document, `CreateMachineRequest.skip_launch`; flyctl's
+        // `fly machine create`: "Create, but don't start, a machine",
+        // fly.io/docs/flyctl/machine). Warm pools rely on it.
         let launch = (request.skip_launch != Some(true)).then(|| rec.begin_start(&faults));
         self.run_steps(&mut world, &faults, launch);
         Ok(answer)

@@ -1098,3 +1098,48 @@ async fn listings_lie_under_the_listing_fault_while_get_stays_truthful() {
     lie(Listing::Normal);
     assert_eq!(listed().await.len(), 5);
 }
+
+/// Fly Machines API OpenAPI document, `CreateMachineRequest.skip_launch`:
+/// the machine is created and not started (`created`) until `POST
+/// /machines/{id}/start`; flyctl's `fly machine create` is "Create, but
+/// don't start, a machine" (fly.io/docs/flyctl/machine). And a create
+/// takes `create_delay_ms` before it answers.
+#[tokio::test]
+async fn a_machine_created_with_skip_launch_stays_created_until_started_and_creates_take_their_delay()
+ {
+    let fly = Fly::start(Faults {
+        create_delay_ms: 300,
+        ..fast_faults()
+    })
+    .await;
+    let sent = Instant::now();
+    let response = fly
+        .create(json!({
+            "region": "ord",
+            "skip_launch": true,
+            "config": { "image": "worker:1" }
+        }))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "the create took its delay"
+    );
+    let machine: Machine = response.json().await.expect("machine json");
+    // Ten start delays long, it never leaves `created` by itself.
+    let left = flotilla_test_utils::wait::holds_within(Duration::from_millis(200), || async {
+        fly.state_of(&machine.id).await != MachineState::Created
+    })
+    .await;
+    assert!(
+        !left,
+        "a machine created with skip_launch started by itself"
+    );
+    let started = fly
+        .post(&format!("/machines/{}/start", machine.id), json!({}))
+        .await;
+    assert_eq!(started.status(), StatusCode::OK);
+    fly.eventually_state(&machine.id, MachineState::Started)
+        .await;
+    assert!(Faults::published_typical().validate().is_ok());
+}

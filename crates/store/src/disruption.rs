@@ -149,8 +149,10 @@ pub async fn disruption_counts(
     Ok(rows.into_iter().collect())
 }
 
-/// Ready instances of the pool, wanted running and not marked, created at
-/// least `max_lifetime_seconds` ago: oldest first, at most `limit`.
+/// Ready instances of the pool, wanted running and not marked, requested
+/// at least `max_lifetime_seconds` ago — an instance taken from warm stock
+/// from its take, not from when its machine was made: oldest first, at
+/// most `limit`.
 pub async fn disruption_expired(
     conn: &mut PgConnection,
     pool: &str,
@@ -163,8 +165,8 @@ pub async fn disruption_expired(
         " FROM instances
          WHERE pool = $1 AND state = 'ready' AND desired_state = 'running'
            AND disruption IS NULL
-           AND created_at <= now() - make_interval(secs => $2)
-         ORDER BY created_at, id LIMIT $3"
+           AND COALESCE(warm_taken_at, created_at) <= now() - make_interval(secs => $2)
+         ORDER BY COALESCE(warm_taken_at, created_at), id LIMIT $3"
     ))
     .bind(pool)
     .bind(f64::from(max_lifetime_seconds))

@@ -34,7 +34,7 @@ macro_rules! instance_columns {
     version, attempts, next_attempt_at, last_error, state_entered_at, last_heartbeat, cordoned, \
     force_terminate, needs_attention, labels, idempotency_key, lease_owner, lease_until, \
     created_at, updated_at, worker_idle, suspect_since, stuck_recoveries, origin, \
-    terminate_requested_at, disruption, idle_since"
+    terminate_requested_at, disruption, idle_since, warm_taken_at"
     };
 }
 
@@ -82,6 +82,9 @@ pub struct InstanceRow {
     pub disruption: Option<String>,
     /// Since when its worker has reported idle without a break.
     pub idle_since: Option<DateTime<Utc>>,
+    /// When `Provision` took it from its pool's warm stock (see
+    /// [`crate::warm`]): its request time.
+    pub warm_taken_at: Option<DateTime<Utc>>,
 }
 
 /// The trace context and correlation id of a request, as stored on the
@@ -109,11 +112,15 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 }
 
 impl InstanceRow {
-    /// Seconds from the instance's request (its row's creation) to its
-    /// entering the state it is in: for a row just moved to `ready`, its
-    /// time to ready. Both are the database's clock.
+    /// Seconds from the instance's request (its row's creation, or when
+    /// `Provision` took it from warm stock) to its entering the state it
+    /// is in: for a row just moved to `ready`, its time to ready. Both are
+    /// the database's clock.
     pub fn seconds_requested_to_state(&self) -> f64 {
-        seconds_between(self.created_at, self.state_entered_at)
+        seconds_between(
+            self.warm_taken_at.unwrap_or(self.created_at),
+            self.state_entered_at,
+        )
     }
 
     /// Seconds from the first terminate request to its entering the state

@@ -20,6 +20,7 @@ pub mod pool_delete;
 pub mod pool_pause;
 pub mod spend;
 pub mod volume;
+pub mod warm;
 pub mod watchdog;
 pub mod worker;
 

@@ -20,7 +20,9 @@ macro_rules! pool_columns {
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
     pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since, \
-    disruption_budget, max_lifetime_seconds, idle_timeout_seconds"
+    disruption_budget, max_lifetime_seconds, idle_timeout_seconds, \
+    warm_size, (SELECT count(*) FROM instances w WHERE w.pool = pools.name AND w.state = 'warm') \
+    AS warm_count"
     };
 }
 
@@ -70,6 +72,12 @@ pub struct PoolRow {
     /// After reporting idle this long an instance above the desired
     /// capacity is drained and terminated (0: never).
     pub idle_timeout_seconds: i32,
+    /// Machines the pool keeps created and not started (see
+    /// [`crate::warm`]); 0: none.
+    pub warm_size: i32,
+    /// Instances of the pool in state `warm` when the row was read (not a
+    /// column: counted by the query that read it).
+    pub warm_count: i64,
 }
 
 impl PoolRow {
@@ -137,6 +145,8 @@ impl PoolRow {
             max_lifetime_seconds: self.max_lifetime_seconds.max(0) as u32,
             idle_timeout_seconds: self.idle_timeout_seconds.max(0) as u32,
             disrupted: 0,
+            warm_size: self.warm_size.max(0) as u32,
+            warm_count: self.warm_count.clamp(0, u32::MAX as i64) as u32,
         }
     }
 }
@@ -167,6 +177,8 @@ pub struct NewPool {
     pub max_lifetime_seconds: i32,
     /// 0: never.
     pub idle_timeout_seconds: i32,
+    /// 0: no warm stock.
+    pub warm_size: i32,
 }
 
 /// Creates a pool; [`StoreError::Duplicate`] when the name is taken.
@@ -176,9 +188,9 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
              starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
              health_check_url, spend_cap_per_hour_micros, disruption_budget,
-             max_lifetime_seconds, idle_timeout_seconds)
+             max_lifetime_seconds, idle_timeout_seconds, warm_size)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-             $18)
+             $18, $19)
          RETURNING ",
         pool_columns!()
     ))
@@ -200,6 +212,7 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(p.disruption_budget.unwrap_or_default().to_string())
     .bind(p.max_lifetime_seconds)
     .bind(p.idle_timeout_seconds)
+    .bind(p.warm_size)
     .fetch_one(conn)
     .await?)
 }
@@ -280,6 +293,8 @@ pub struct PoolUpdate {
     pub max_lifetime_seconds: Option<i32>,
     /// 0 turns idle stop off.
     pub idle_timeout_seconds: Option<i32>,
+    /// 0 lets the whole warm stock go.
+    pub warm_size: Option<i32>,
 }
 
 /// The pool after an update, and its desired capacity before it, so the
@@ -320,6 +335,7 @@ pub async fn pool_update(
              disruption_budget = COALESCE($12::text, disruption_budget),
              max_lifetime_seconds = COALESCE($13::int, max_lifetime_seconds),
              idle_timeout_seconds = COALESCE($14::int, idle_timeout_seconds),
+             warm_size = COALESCE($15::int, warm_size),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -340,6 +356,7 @@ pub async fn pool_update(
     .bind(u.disruption_budget.map(|b| b.to_string()))
     .bind(u.max_lifetime_seconds)
     .bind(u.idle_timeout_seconds)
+    .bind(u.warm_size)
     .fetch_optional(&mut *conn)
     .await?;
     match row {

@@ -10,7 +10,11 @@
 //! refuses them) and keeps no capacity. [`pool_finish_deletion`], run by the
 //! scheduler's capacity loop, deletes the row when the last instance is
 //! done. Terminal instances keep the pool's name in their history; once the
-//! row is gone a new pool may take the name.
+//! row is gone a new pool may take the name. Warm stock (see
+//! [`crate::warm`]) does not make a deletion need `force`: it is the
+//! pool's own reserve, so it is let go with the pool like any instance,
+//! through the terminator (a warm machine was never started, so Fly's
+//! refusal to delete a started machine never applies to it).
 //!
 //! Design notes: deleting and creating instances serialize on the pool row.
 //! Every writer of new instances holds `FOR KEY SHARE` on it until its
@@ -134,8 +138,11 @@ pub async fn pool_delete(
         return Ok(PoolDeletion::Deleted);
     }
     if pool.deleting_since.is_none() {
-        if !force {
-            let n = live.len();
+        // Warm stock is the pool's own reserve, never a caller's worker:
+        // it does not hold a deletion back, and goes with the pool.
+        let warm = flotilla_core::DesiredState::Warm.as_str();
+        if !force && live.iter().any(|(_, desired)| desired != warm) {
+            let n = live.iter().filter(|(_, desired)| desired != warm).count();
             return Err(StoreError::Refused(format!(
                 "pool {name} has {n} live instance{s}; terminate {them} first \
                  (`flotilla terminate --pool {name}`), or delete it with force \
@@ -155,10 +162,12 @@ pub async fn pool_delete(
         .await?;
         record_request(&mut tx, ctx, &pool, force, reason, live.len() as i64, None).await?;
     }
-    let running = flotilla_core::DesiredState::Running.as_str();
+    // Running instances and warm stock alike: what is not already asked
+    // to terminate.
+    let terminated = flotilla_core::DesiredState::Terminated.as_str();
     let requested: Vec<Uuid> = live
         .iter()
-        .filter(|(_, desired)| desired == running)
+        .filter(|(_, desired)| desired != terminated)
         .map(|(id, _)| *id)
         .collect();
     if !requested.is_empty() {

@@ -3,7 +3,7 @@
 //!
 //! Design notes: a pool's spend rate is the number of its live instances
 //! (every state but terminated and abandoned: a failed instance's machine
-//! may still run and bill) times the price of one of its machines
+//! may still run and bill), warm stock left out (below), times the price of one of its machines
 //! ([`PoolRow::unit_price`]); all of a pool's machines have its instance
 //! type. It is computed, never stored, so it cannot drift. A writer of new
 //! instances asks [`spend_room`] inside the transaction that inserts
@@ -14,6 +14,19 @@
 //! cannot together pass the cap. An uncapped pool takes no lock, so its
 //! writers do not queue behind each other; a cap set while such a write
 //! is under way applies from the next one.
+//!
+//! Warm stock (see [`crate::warm`]) is priced at its stopped price, which
+//! the price table has as 0: a warm machine was never started, and both
+//! providers bill a stopped machine for its storage only (Fly's pricing
+//! page, fly.io/docs/about/pricing, bills Machines per second while they
+//! run and a stopped Machine for its root file system; Scaleway's
+//! docs-content `instances/how-to/use-standby-mode` says powering an
+//! Instance off is how to stop being charged for it). An instance held warm, or on its
+//! way to being warm (desired state `warm`), or a warm one being let go
+//! (state `warm`), is not counted. A warm machine taken by `Provision`
+//! counts from that transaction on, so the take is checked against the cap
+//! like a cold instance; and the refill never holds more warm machines
+//! than the cap would let the pool start ([`crate::warm`]).
 
 use std::collections::HashMap;
 
@@ -24,6 +37,13 @@ use sqlx::PgConnection;
 use crate::pool::PoolRow;
 use crate::pool_pause::pool_event;
 use crate::{Result, StoreError, WriteCtx};
+
+/// Leaves warm stock out of a spend count (see the module docs).
+macro_rules! not_warm {
+    () => {
+        "state <> 'warm' AND desired_state <> 'warm'"
+    };
+}
 
 /// A pool's spend as a writer of new instances sees it under the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,12 +131,14 @@ pub async fn spend_room(
         return Err(StoreError::NotFound(format!("pool {pool}")));
     };
     let unit_price = prices.unit_price(own_price, &instance_type);
-    let live: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM instances WHERE pool = $1 AND state <> ALL($2)")
-            .bind(pool)
-            .bind(InstanceState::strs(InstanceState::TERMINAL))
-            .fetch_one(&mut *conn)
-            .await?;
+    let live: i64 = sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM instances WHERE pool = $1 AND state <> ALL($2) AND ",
+        not_warm!()
+    ))
+    .bind(pool)
+    .bind(InstanceState::strs(InstanceState::TERMINAL))
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(SpendRoom {
         rate: unit_price.saturating_mul(live),
         unit_price,
@@ -130,10 +152,12 @@ pub async fn spend_live_counts(
     conn: &mut PgConnection,
     only: Option<&str>,
 ) -> Result<HashMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
+    let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
         "SELECT pool, count(*) FROM instances
-         WHERE state <> ALL($1) AND ($2::text IS NULL OR pool = $2) GROUP BY pool",
-    )
+             WHERE state <> ALL($1) AND ($2::text IS NULL OR pool = $2) AND ",
+        not_warm!(),
+        " GROUP BY pool"
+    ))
     .bind(InstanceState::strs(InstanceState::TERMINAL))
     .bind(only)
     .fetch_all(conn)

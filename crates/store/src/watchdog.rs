@@ -252,8 +252,8 @@ pub struct LiveMachine {
     pub missing_since: Option<DateTime<Utc>>,
 }
 
-/// Instances of a provider/region that should have a machine running there
-/// now, recorded before `before` (so a listing taken afterwards must show it).
+/// Instances of a provider/region that should have a machine there now
+/// (running, or held warm and stopped), recorded before `before` (so a listing taken afterwards must show it).
 pub async fn watchdog_live_with_machine(
     conn: &mut PgConnection,
     provider: &str,
@@ -274,7 +274,7 @@ pub async fn watchdog_live_with_machine(
     .bind(provider)
     .bind(region)
     .bind(before)
-    .bind(InstanceState::strs(InstanceState::MACHINE_RUNNING))
+    .bind(InstanceState::strs(InstanceState::MACHINE_EXPECTED))
     .fetch_all(conn)
     .await?)
 }

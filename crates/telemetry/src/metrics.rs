@@ -224,6 +224,21 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        "flotilla_api_instances_provisioned_total",
+        "Instances accepted by Provision by where their machine comes from: source=warm (a warm machine of the pool, started instead of created) or source=cold (created).",
+    ),
+    (
+        Kind::Gauge,
+        "flotilla_pool_warm_instances",
+        "Warm machines (created, never started, held in reserve for Provision) each pool holds now; set by the scheduler's warm refill.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_scheduler_warm_machines_created_total",
+        "Machines the scheduler created for warm stock (created and recorded, not started).",
+    ),
+    (
+        Kind::Counter,
         "flotilla_api_spend_cap_refusals_total",
         "Provision calls refused because they would take a pool's spend over its cap, by pool.",
     ),

@@ -54,6 +54,7 @@ pub const TAKEN_DOWN: &[InstanceState] = &[
     S::StartupFailed,
     S::WorkerDead,
     S::Lost,
+    S::Warm,
 ];
 
 /// How far one instance got in this activation.
@@ -148,6 +149,18 @@ impl Terminator {
         match row.state {
             S::Provisioning | S::ProvisioningFailed | S::Lost | S::Stopped => {
                 self.move_to(conn, &row, S::Deleting, None).await
+            }
+            // Warm stock let go: never started, so nothing to drain or
+            // stop (and Fly's refusal to delete a started machine cannot
+            // apply).
+            S::Warm => {
+                self.move_to(
+                    conn,
+                    &row,
+                    S::Deleting,
+                    Some("warm machine let go: never started"),
+                )
+                .await
             }
             S::Booting | S::Installing | S::Starting | S::StartupFailed | S::WorkerDead => {
                 let to = if force { S::Deleting } else { S::Stopping };

@@ -7,6 +7,8 @@
 mod observability;
 #[path = "shutdown.rs"]
 mod shutdown;
+#[path = "warm.rs"]
+mod warm;
 
 use std::time::Duration;
 

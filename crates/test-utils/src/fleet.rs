@@ -120,3 +120,47 @@ pub async fn ready_instances(
     }
     ready
 }
+
+/// `n` instances of pool `gpu` held as warm stock: desired state `warm`,
+/// state `warm`, each with a machine created at the provider and never
+/// started (as the scheduler's warm refill leaves them).
+pub async fn warm_instances(db: &PgPool, client: &AdapterClient, n: usize) -> Vec<InstanceRow> {
+    let mut conn = db.acquire().await.expect("conn");
+    let new: Vec<NewInstance> = (0..n)
+        .map(|i| NewInstance {
+            id: InstanceId::new(),
+            pool: "gpu".into(),
+            name: format!("warm-{i}"),
+            provider: "sim".into(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            worker_token_hash: None,
+        })
+        .collect();
+    let rows = flotilla_store::warm::warm_request(&mut conn, &WriteCtx::new("test"), &new)
+        .await
+        .expect("warm requested");
+    let mut client = client.clone();
+    let mut warm = Vec::with_capacity(n);
+    for mut r in rows {
+        let m = client
+            .create_machine(v1::CreateMachineRequest {
+                target: target(),
+                instance_id: r.id.to_string(),
+                name: r.name.clone(),
+                instance_type: "shared-cpu-1x".into(),
+                image: "img".into(),
+                start: false,
+                ..Default::default()
+            })
+            .await
+            .expect("machine")
+            .into_inner();
+        r = step(&mut conn, &r, InstanceState::Provisioning).await;
+        r = instance_record_machine(&mut conn, r.id, r.version, &m.id)
+            .await
+            .expect("record machine");
+        warm.push(step(&mut conn, &r, InstanceState::Warm).await);
+    }
+    warm
+}

@@ -11,6 +11,8 @@ mod observability;
 mod shutdown;
 #[path = "spend.rs"]
 mod spend;
+#[path = "warm.rs"]
+mod warm;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
