@@ -218,6 +218,11 @@ impl Scheduler {
         if !locked {
             return Ok(0);
         }
+        let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
+        // Before counting: an expiring instance whose replacement went
+        // away counts again (it serves on), so it is not filled in twice —
+        // once by scale-up, once by a second replacement.
+        let mut changed = self.settle_expiring(&mut tx, &ctx, pool).await?;
         // Every live-or-coming instance counts, explicit ones too; an
         // expiring one's replacement counts in its place.
         let counted: i64 = sqlx::query_scalar(
@@ -230,7 +235,6 @@ impl Scheduler {
         .fetch_one(&mut *tx)
         .await?;
         let desired = i64::from(pool.desired_capacity);
-        let ctx = WriteCtx::new("scheduler").with_trace_headers(current_trace_headers());
         // Read under the lock: the pause may have changed since the list,
         // and the pool may have become deleting (no capacity kept then).
         let (paused, probe_due, waiting, deleting): (bool, bool, i64, bool) = sqlx::query_as(
@@ -272,7 +276,6 @@ impl Scheduler {
                 .await?;
             0
         };
-        let mut changed = 0;
         let mut removed = 0;
         if n > 0 {
             let new: Vec<NewInstance> = (0..n).map(|_| managed_instance(pool)).collect();
@@ -305,7 +308,8 @@ impl Scheduler {
 
     /// Takes up to `surplus` of capacity's own instances away: those not
     /// serving yet first (no work is disrupted: not budgeted), then the
-    /// oldest ready ones as far as the budget allows. Returns how many.
+    /// oldest ready ones as far as the budget allows; replacements last
+    /// within each, so a surge is not undone. Returns how many.
     async fn scale_down(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -319,13 +323,14 @@ impl Scheduler {
             "SELECT id, state = 'ready' FROM instances
              WHERE pool = $1 AND desired_state = 'running' AND state = ANY($2)
                AND labels @> $4 AND disruption IS NULL
-             ORDER BY (state = 'ready'), created_at
+             ORDER BY (state = 'ready'), labels ? $5, created_at, id
              LIMIT $3",
         )
         .bind(&pool.name)
         .bind(InstanceState::strs(COUNTED))
         .bind(surplus)
         .bind(managed_filter())
+        .bind(REPLACES_LABEL)
         .fetch_all(&mut *tx)
         .await?;
         let (serving, coming): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, r)| *r);
@@ -365,18 +370,14 @@ impl Scheduler {
         Ok(n)
     }
 
-    /// Max lifetime: drains each expiring instance whose replacement is
-    /// ready (and unmarks one whose replacement went away), then, unless
-    /// the pool is paused, requests replacements for instances past the
-    /// pool's max lifetime as far as the budget and the spend cap allow.
-    /// Returns how many instances it marked.
-    async fn expire(
+    /// Max lifetime, first half: drains each expiring instance whose
+    /// replacement is ready, and unmarks one whose replacement went away
+    /// before it was ready. Returns how many it drained.
+    async fn settle_expiring(
         &self,
         tx: &mut sqlx::PgConnection,
         ctx: &WriteCtx,
         pool: &PoolRow,
-        paused: bool,
-        budget: &mut Budget,
     ) -> Result<i64, StoreError> {
         let mut changed = 0;
         let expiring = disruption_expiring(&mut *tx, &pool.name).await?;
@@ -400,9 +401,23 @@ impl Scheduler {
         }
         if !orphaned.is_empty() {
             let n = disruption_unmark_expiring(&mut *tx, &orphaned).await?;
-            budget.disrupted -= n as i64;
             tracing::warn!(pool = %pool.name, n, "replacements of expired instances went away before they were ready; asking again");
         }
+        Ok(changed)
+    }
+
+    /// Max lifetime, second half: unless the pool is paused, requests
+    /// replacements for instances past the pool's max lifetime as far as
+    /// the budget and the spend cap allow. Returns how many it marked.
+    async fn expire(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ctx: &WriteCtx,
+        pool: &PoolRow,
+        paused: bool,
+        budget: &mut Budget,
+    ) -> Result<i64, StoreError> {
+        let changed = 0;
         if pool.max_lifetime_seconds == 0 || paused {
             return Ok(changed);
         }

@@ -329,6 +329,7 @@ async fn an_expired_instance_is_drained_only_once_its_replacement_is_ready() {
         .filter(|r| {
             r.labels.0.get(REPLACES_LABEL) == Some(&next[0].to_string())
                 && r.state == InstanceState::Requested
+                && r.desired_state == DesiredState::Running
         })
         .collect();
     assert_eq!(
@@ -336,6 +337,12 @@ async fn an_expired_instance_is_drained_only_once_its_replacement_is_ready() {
         1,
         "a new replacement for the still-serving instance"
     );
+    let coming = rows(&env)
+        .await
+        .iter()
+        .filter(|r| r.state == InstanceState::Requested && r.desired_state == DesiredState::Running)
+        .count();
+    assert_eq!(coming, 1, "and nothing else: the gap is not filled twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,4 +445,34 @@ async fn idle_stop_spends_the_budget_too() {
         1,
         "the default budget: 10 % of 4, rounded up"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_taken_from_warm_stock_ages_from_its_take() {
+    let env = env(instant()).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    ready_pool(&env, &s, 1).await;
+    set(
+        &env,
+        PoolUpdate {
+            max_lifetime_seconds: Some(3600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ids: Vec<InstanceId> = rows(&env).await.iter().map(|r| r.id).collect();
+    // Made two hours ago, held warm, taken a minute ago.
+    age(&env, &ids, 7200).await;
+    sqlx::query("UPDATE instances SET warm_taken_at = now() - interval '1 minute'")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    tick(&s).await;
+    assert!(marked(&rows(&env).await, "expiring").is_empty());
+    sqlx::query("UPDATE instances SET warm_taken_at = now() - interval '2 hours'")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    tick(&s).await;
+    assert_eq!(marked(&rows(&env).await, "expiring"), ids);
 }

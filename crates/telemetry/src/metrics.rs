@@ -170,6 +170,21 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "flotilla_pools_spend_capped",
         "Pools whose capacity is held below the desired count by their spend cap; sampled by the scheduler's capacity loop.",
     ),
+    (
+        Kind::Gauge,
+        "flotilla_pool_disrupted_instances",
+        "Instances of each pool being voluntarily disrupted now (scale-down, max lifetime, idle stop): what its disruption budget is spent on; set by the scheduler's capacity loop.",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_disruptions_total",
+        "Healthy instances pool capacity took away, by pool and reason (scale_down, expiring, expired, idle).",
+    ),
+    (
+        Kind::Counter,
+        "flotilla_disruptions_held_total",
+        "Voluntary disruptions the pool's disruption budget held back, by pool and reason; counted each activation they stay held.",
+    ),
     // Fleet state (sampled by the watchdog).
     (
         Kind::Gauge,
