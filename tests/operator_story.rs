@@ -343,8 +343,11 @@ async fn watch_follows_a_real_api_restart_printing_every_event_once() {
         .stdout(log.try_clone().expect("dup"))
         .stderr(log);
     std::os::unix::process::CommandExt::process_group(&mut api, 0);
-    let api = api.spawn().expect("restart the api");
+    let mut api = api.spawn().expect("restart the api");
     let new_api = api.id() as i32;
+    // Reaped as soon as it exits, so `stop` sees it gone (a zombie still
+    // answers `kill -0`).
+    std::thread::spawn(move || api.wait());
     std::fs::write(data_dir.join("run/api.pid"), new_api.to_string()).expect("pid file");
     stack.seen_pids.push(("api".into(), new_api));
     eventually_blocking(

@@ -370,8 +370,7 @@ mod tests {
         assert_eq!(parse(&["list"]).expect("parse").conn.connect_timeout, None);
         for bad in ["0", "301", "soon"] {
             let err = parse(&["--connect-timeout", bad, "list"])
-                .err()
-                .expect("refused")
+                .expect_err("refused")
                 .to_string();
             assert!(
                 err.contains("--connect-timeout") && err.contains(bad),
