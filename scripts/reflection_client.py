@@ -11,10 +11,15 @@ from JSON against those descriptors and calls the method.
 Usage: reflection_client.py SPEC_JSON, where SPEC is
   {"target": "host:port", "metadata": [["k", "v"], ...],
    "calls": [{"method": "pkg.Service/Method", "request": {...}}, ...]}
+A call may instead carry "raw_request_hex": the request's bytes as sent
+(what a buggy or hostile client puts on the wire, such as a string field
+that is not UTF-8, which no protobuf library lets one build); and
+"stream": true for a server-streaming method, whose responses are read
+until the stream ends or fails ("max_responses" stops reading earlier).
 Prints one JSON object:
   {"services": [...], "files": {"<service>": "<file>"},
    "calls": [{"code": "OK", "details": "", "response": {...},
-              "metadata": {...}}, ...]}
+              "responses": [...] (streams), "metadata": {...}}, ...]}
 """
 
 import json
@@ -50,10 +55,20 @@ def main():
             method = pool.FindServiceByName(service_name).FindMethodByName(method_name)
             request_class = message_factory.GetMessageClass(method.input_type)
             response_class = message_factory.GetMessageClass(method.output_type)
-            request = json_format.ParseDict(call.get("request", {}), request_class())
+            if "raw_request_hex" in call:
+                request = bytes.fromhex(call["raw_request_hex"])
+                serializer = None  # the bytes go out as they are
+            else:
+                request = json_format.ParseDict(call.get("request", {}), request_class())
+                serializer = request_class.SerializeToString
+            if call.get("stream"):
+                answers.append(
+                    read_stream(channel, call, request, serializer, response_class, metadata)
+                )
+                continue
             stub = channel.unary_unary(
                 "/" + call["method"],
-                request_serializer=request_class.SerializeToString,
+                request_serializer=serializer,
                 response_deserializer=response_class.FromString,
             )
             try:
@@ -81,6 +96,38 @@ def main():
                     }
                 )
     json.dump({"services": services, "files": files, "calls": answers}, sys.stdout)
+
+
+def read_stream(channel, call, request, serializer, response_class, metadata):
+    """A server-streaming call: its responses until it ends or fails."""
+    stub = channel.unary_stream(
+        "/" + call["method"],
+        request_serializer=serializer,
+        response_deserializer=response_class.FromString,
+    )
+    responses = []
+    rpc = stub(request, metadata=metadata, timeout=20)
+    try:
+        for response in rpc:
+            responses.append(
+                json_format.MessageToDict(response, preserving_proto_field_name=True)
+            )
+            if len(responses) >= call.get("max_responses", float("inf")):
+                rpc.cancel()
+                break
+        code, details = "OK", ""
+    except grpc.RpcError as e:
+        code, details = e.code().name, e.details() or ""
+    return {
+        "code": code,
+        "details": details,
+        "response": None,
+        "responses": responses,
+        "metadata": {
+            **metadata_dict(rpc.initial_metadata()),
+            **metadata_dict(rpc.trailing_metadata()),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@
 //! kills the script's process group, every service named in its pid files
 //! and every agent the local provider recorded.
 
+#[path = "operator_story.rs"]
+mod operator_story;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;

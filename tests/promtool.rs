@@ -18,6 +18,7 @@ use flotilla_api::{ApiToken, Limits};
 use flotilla_e2e::{TestApi, start_api};
 use flotilla_proto::v1;
 use flotilla_proto::v1::fleet_service_client::FleetServiceClient;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use flotilla_scheduler::{Scheduler, SchedulerTuning};
 use flotilla_telemetry::CancellationToken;
 use flotilla_test_utils::stack::{instant, provider_stack};
@@ -337,6 +338,55 @@ async fn metrics_after_real_activity_pass_promtool_and_show_the_fleet() {
     assert!(
         sample(&text, r#"flotilla_heartbeat_age_seconds_bucket{le="1"}"#) == Some(0.0),
         "no heartbeat is fresher than 1 s:\n{text}"
+    );
+
+    // The heartbeat flusher's duration: no sample before any heartbeat
+    // (nothing here runs an agent), one per batch once real heartbeats
+    // come in through the worker API.
+    let flushes = "flotilla_api_heartbeat_flush_duration_seconds_count";
+    assert_eq!(
+        sample(&text, flushes).unwrap_or(0.0),
+        0.0,
+        "no heartbeat batch yet:\n{text}"
+    );
+    let beating: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM instances WHERE state = 'ready' ORDER BY id LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .expect("a ready worker");
+    sqlx::query(
+        "UPDATE instances SET worker_token_hash = sha256('beat-token'::bytea) WHERE id = $1",
+    )
+    .bind(beating)
+    .execute(&db.pool)
+    .await
+    .expect("worker token");
+    let mut worker = WorkerServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("worker api reachable");
+    for _ in 0..3 {
+        let mut beat = Request::new(v1::HeartbeatRequest {
+            instance_id: beating.to_string(),
+            ..Default::default()
+        });
+        beat.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from("Bearer beat-token").expect("header"),
+        );
+        worker.heartbeat(beat).await.expect("heartbeat accepted");
+    }
+    let after = scrape(metrics_addr).await;
+    // Each heartbeat is answered after its batch is written, one at a time.
+    assert_eq!(sample(&after, flushes), Some(3.0), "{after}");
+    assert!(
+        sample(&after, "flotilla_api_heartbeat_flush_duration_seconds_sum")
+            .is_some_and(|s| s > 0.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "flotilla_api_heartbeat_flush_failures_total"),
+        Some(0.0),
+        "{after}"
     );
 
     match promtool(&text) {

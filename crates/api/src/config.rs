@@ -67,6 +67,14 @@ pub struct ApiArgs {
     /// to no effect, for at most this long; 0 checks every call.
     #[arg(long, env = "WORKER_TOKEN_CACHE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub worker_token_cache_seconds: u64,
+    /// Seconds a worker's heartbeat mark (the indexed copy of its last
+    /// heartbeat that the watchdog's silent-worker scan reads) may age
+    /// before a heartbeat moves it (1-300). Longer: fewer heartbeats
+    /// rewrite the index; keep it plus WORKER_HEARTBEAT_INTERVAL_MS well
+    /// under the watchdog's WORKER_HEARTBEAT_TIMEOUT_SECONDS, or healthy
+    /// workers become scan candidates.
+    #[arg(long, env = "WORKER_HEARTBEAT_MARK_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub worker_heartbeat_mark_seconds: u64,
     /// gRPC address of the provider-adapter. When set, CreatePool asks it
     /// whether the pool's provider, region and machine shape exist and are
     /// valid (CheckSpec) before anything is written; when unset, pools are
@@ -108,6 +116,9 @@ pub struct Limits {
     pub heartbeat_interval_ms: u32,
     /// How long a verified worker token is trusted (`WORKER_TOKEN_CACHE_SECONDS`).
     pub worker_token_cache: Duration,
+    /// How old a heartbeat mark may get before a heartbeat moves it
+    /// (`WORKER_HEARTBEAT_MARK_SECONDS`).
+    pub heartbeat_mark_every: Duration,
     /// Machine prices (`INSTANCE_PRICES`), for spend rates and caps.
     pub prices: PriceTable,
 }
@@ -119,6 +130,7 @@ impl Default for Limits {
             idempotency_ttl: Duration::from_secs(86_400),
             heartbeat_interval_ms: 5000,
             worker_token_cache: crate::heartbeat::TOKEN_CACHE_TTL,
+            heartbeat_mark_every: flotilla_store::worker::HEARTBEAT_MARK_EVERY,
             prices: PriceTable::default(),
         }
     }
@@ -141,6 +153,7 @@ impl ApiArgs {
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_seconds),
             heartbeat_interval_ms: self.worker_heartbeat_interval_ms,
             worker_token_cache: Duration::from_secs(self.worker_token_cache_seconds),
+            heartbeat_mark_every: Duration::from_secs(self.worker_heartbeat_mark_seconds),
             prices: self.prices.instance_prices.clone(),
         }
     }
@@ -162,6 +175,28 @@ mod tests {
         assert_eq!(limits.max_provision_count, 1000);
         assert_eq!(limits.idempotency_ttl, Duration::from_secs(86_400));
         assert_eq!(limits.heartbeat_interval_ms, 5000);
+        assert_eq!(
+            limits.heartbeat_mark_every,
+            flotilla_store::worker::HEARTBEAT_MARK_EVERY
+        );
+        assert_eq!(
+            Limits::default().heartbeat_mark_every,
+            limits.heartbeat_mark_every
+        );
+    }
+
+    #[test]
+    fn the_heartbeat_mark_interval_is_a_setting_refused_out_of_range() {
+        let args = ApiArgs::try_parse_from(["api", "--worker-heartbeat-mark-seconds", "25"])
+            .expect("parse");
+        assert_eq!(args.limits().heartbeat_mark_every, Duration::from_secs(25));
+        for bad in ["0", "301", "ten"] {
+            let err = ApiArgs::try_parse_from(["api", "--worker-heartbeat-mark-seconds", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("--worker-heartbeat-mark-seconds"), "{err}");
+            assert!(err.contains(bad), "{err}");
+        }
     }
 
     #[test]

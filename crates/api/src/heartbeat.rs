@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_core::InstanceId;
 use flotilla_store::PgPool;
-use flotilla_store::worker::{WorkerView, worker_heartbeat_batch};
+use flotilla_store::worker::{HEARTBEAT_MARK_EVERY, WorkerView, worker_heartbeat_batch};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use uuid::Uuid;
@@ -65,17 +65,19 @@ pub struct HeartbeatBatcher {
 
 impl HeartbeatBatcher {
     /// Starts the flusher on the current runtime, trusting a verified
-    /// worker token for [`TOKEN_CACHE_TTL`].
+    /// worker token for [`TOKEN_CACHE_TTL`] and moving heartbeat marks
+    /// every [`HEARTBEAT_MARK_EVERY`].
     pub fn spawn(pool: PgPool) -> Self {
-        Self::spawn_with(pool, TOKEN_CACHE_TTL)
+        Self::spawn_with(pool, TOKEN_CACHE_TTL, HEARTBEAT_MARK_EVERY)
     }
 
     /// As [`spawn`](Self::spawn), trusting a verified token for
-    /// `token_ttl` (zero: never cached).
-    pub fn spawn_with(pool: PgPool, token_ttl: Duration) -> Self {
+    /// `token_ttl` (zero: never cached) and moving a heartbeat mark once
+    /// older than `mark_every` (`WORKER_HEARTBEAT_MARK_SECONDS`).
+    pub fn spawn_with(pool: PgPool, token_ttl: Duration, mark_every: Duration) -> Self {
         let (tx, rx) = mpsc::channel(64 * 1024);
         let stats = Arc::new(BatchStats::default());
-        tokio::spawn(flush(pool, rx, stats.clone()));
+        tokio::spawn(flush(pool, rx, stats.clone(), mark_every));
         HeartbeatBatcher {
             tx,
             stats,
@@ -135,7 +137,12 @@ impl HeartbeatBatcher {
     }
 }
 
-async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchStats>) {
+async fn flush(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<Pending>,
+    stats: Arc<BatchStats>,
+    mark_every: Duration,
+) {
     // A series from the start, so the first failure shows in `increase()`.
     metrics::counter!("flotilla_api_heartbeat_flush_failures_total").increment(0);
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -161,7 +168,7 @@ async fn flush(pool: PgPool, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchSt
             .map(|i| i64::try_from(latest[&InstanceId(*i)].1).unwrap_or(0))
             .collect();
         let written = match pool.acquire().await {
-            Ok(mut conn) => worker_heartbeat_batch(&mut conn, &ids, &idle, &sequence)
+            Ok(mut conn) => worker_heartbeat_batch(&mut conn, &ids, &idle, &sequence, mark_every)
                 .await
                 .map_err(store_status),
             Err(e) => Err(store_status(e.into())),
@@ -233,7 +240,11 @@ mod tests {
             .connect_lazy("postgres://flotilla@127.0.0.1:1/none")
             .expect("lazy pool");
         let (id, hash) = (InstanceId::new(), [7u8; 32]);
-        let cached = HeartbeatBatcher::spawn_with(pool.clone(), Duration::from_millis(100));
+        let cached = HeartbeatBatcher::spawn_with(
+            pool.clone(),
+            Duration::from_millis(100),
+            HEARTBEAT_MARK_EVERY,
+        );
         cached.remember_token(id, hash);
         assert!(cached.token_known(id, &hash));
         assert!(!cached.token_known(id, &[8u8; 32]), "another token");
@@ -243,7 +254,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(start.elapsed() >= Duration::from_millis(80));
-        let uncached = HeartbeatBatcher::spawn_with(pool, Duration::ZERO);
+        let uncached = HeartbeatBatcher::spawn_with(pool, Duration::ZERO, HEARTBEAT_MARK_EVERY);
         uncached.remember_token(id, hash);
         assert!(!uncached.token_known(id, &hash));
     }

@@ -43,8 +43,11 @@ pub struct WorkerApi {
 
 impl WorkerApi {
     pub fn new(state: ApiState) -> Self {
-        let heartbeats =
-            HeartbeatBatcher::spawn_with(state.pool.clone(), state.limits.worker_token_cache);
+        let heartbeats = HeartbeatBatcher::spawn_with(
+            state.pool.clone(),
+            state.limits.worker_token_cache,
+            state.limits.heartbeat_mark_every,
+        );
         WorkerApi { state, heartbeats }
     }
 
@@ -113,6 +116,7 @@ async fn report(
     target: InstanceState,
     message: Option<&str>,
     mut current: (InstanceState, i64, bool),
+    mark_every: std::time::Duration,
 ) -> Result<bool, Status> {
     let mut retried = false;
     loop {
@@ -177,7 +181,7 @@ async fn report(
         match instance_transition(&mut tx, ctx, &transition).await {
             Ok(row) => {
                 // The report itself proves the worker alive.
-                worker_heartbeat(&mut tx, id, None)
+                worker_heartbeat(&mut tx, id, None, mark_every)
                     .await
                     .map_err(store_status)?;
                 tx.commit().await.map_err(|e| store_status(e.into()))?;
@@ -240,7 +244,16 @@ impl WorkerService for WorkerApi {
             .with_correlation(correlation_of(request.metadata()))
             .with_trace_headers(current_trace_headers());
         let current = (view.state, view.version, view.cordoned);
-        let cordoned = report(&mut conn, &ctx, id, target, message, current).await?;
+        let cordoned = report(
+            &mut conn,
+            &ctx,
+            id,
+            target,
+            message,
+            current,
+            self.state.limits.heartbeat_mark_every,
+        )
+        .await?;
         Ok(Response::new(v1::ReportPhaseResponse { cordoned }))
     }
 

@@ -398,3 +398,126 @@ async fn a_terminate_request_is_recorded_as_the_request_it_is_not_as_a_transitio
         ]
     );
 }
+
+/// The checks above, made by the third-party client that knows the api
+/// only through v1alpha reflection: a string field that is not UTF-8 is
+/// INVALID_ARGUMENT naming the field, an unknown pool is NOT_FOUND naming
+/// it (in a unary call, a stream and a selector), and an instance's
+/// history holds the requests as requests and only the transitions that
+/// happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflection_only_client_is_told_bad_bytes_unknown_pools_and_history_as_they_are() {
+    let api = start().await;
+    api.create_pool("gpu").await;
+    let id = ids(&api.provision(count("gpu", 1)).await.expect("provisioned"))[0].clone();
+    use InstanceState::*;
+    api.walk(&id, &[Requested, Provisioning, Booting, Ready])
+        .await;
+    // What no protobuf library builds: `id` (field 1) and `pool.name`
+    // (field 1 of field 1) holding bytes that are not UTF-8.
+    let get_not_utf8 = "0a02fffe";
+    let create_not_utf8 = "0a070a056770752dc3";
+    let bearer = format!("Bearer {TOKEN}");
+    let selector = json!({"instance_ids": [id]});
+    let Some(answer) = reflection_client(&json!({
+        "target": api.addr.to_string(),
+        "metadata": [["authorization", bearer]],
+        "calls": [
+            {"method": "flotilla.v1.FleetService/GetInstance", "raw_request_hex": get_not_utf8},
+            {"method": "flotilla.v1.FleetService/CreatePool", "raw_request_hex": create_not_utf8},
+            {"method": "flotilla.v1.FleetService/ListInstances", "request": {"pool": "nope"}},
+            {"method": "flotilla.v1.FleetService/WatchEvents", "request": {"pool": "nope"},
+             "stream": true, "max_responses": 1},
+            {"method": "flotilla.v1.FleetService/Terminate",
+             "request": {"selector": {"pool": "nope"}}},
+            {"method": "flotilla.v1.FleetService/Drain",
+             "request": {"selector": selector, "reason": "maintenance"}},
+            {"method": "flotilla.v1.FleetService/Terminate",
+             "request": {"selector": selector, "force": true, "reason": "stuck"}},
+            {"method": "flotilla.v1.FleetService/GetInstanceHistory", "request": {"id": id}},
+        ],
+    }))
+    .await
+    else {
+        return;
+    };
+    let calls = answer["calls"].as_array().expect("calls");
+    let code = |i: usize| calls[i]["code"].as_str().unwrap_or_default();
+    let details = |i: usize| calls[i]["details"].as_str().unwrap_or_default();
+
+    assert_eq!(code(0), "INVALID_ARGUMENT", "{:?}", calls[0]);
+    assert_eq!(
+        details(0),
+        "id: cannot be decoded: invalid string value: data is not UTF-8 encoded"
+    );
+    assert_eq!(code(1), "INVALID_ARGUMENT", "{:?}", calls[1]);
+    assert!(details(1).starts_with("pool.name: "), "{:?}", calls[1]);
+    assert_eq!(api.count("SELECT count(*) FROM pools").await, 1, "gpu only");
+
+    for (i, call) in [(2, "ListInstances"), (3, "WatchEvents"), (4, "Terminate")] {
+        assert_eq!(code(i), "NOT_FOUND", "{call}: {:?}", calls[i]);
+        assert_eq!(details(i), "pool nope does not exist", "{call}");
+    }
+    assert_eq!(
+        calls[3]["responses"],
+        json!([]),
+        "no event of a pool that is not"
+    );
+
+    assert_eq!(code(5), "OK", "{:?}", calls[5]);
+    assert_eq!(code(6), "OK", "{:?}", calls[6]);
+    assert_eq!(code(7), "OK", "{:?}", calls[7]);
+    let history = calls[7]["response"]["entries"]
+        .as_array()
+        .expect("history entries");
+    let s = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_owned();
+    // No row pretends the instance went from a state to itself.
+    assert!(
+        history
+            .iter()
+            .all(|e| e.get("to_state").is_none() || s(e, "from_state") != s(e, "to_state")),
+        "{history:#?}"
+    );
+    let requests: Vec<(String, bool, String, String)> = history
+        .iter()
+        .filter(|e| !s(e, "action").is_empty())
+        .map(|e| {
+            (
+                s(e, "action"),
+                e["force"].as_bool().unwrap_or(false),
+                s(e, "actor"),
+                s(e, "reason"),
+            )
+        })
+        .collect();
+    let row = |a: &str, force, r: &str| (a.to_owned(), force, "api:ci".to_owned(), r.to_owned());
+    assert_eq!(
+        requests,
+        [
+            row("drain_requested", false, "maintenance"),
+            row("terminate_requested", true, "stuck"),
+        ],
+        "{history:#?}"
+    );
+    for e in history.iter().filter(|e| !s(e, "action").is_empty()) {
+        assert!(
+            e.get("from_state").is_none() && e.get("to_state").is_none(),
+            "a request is no transition: {e:?}"
+        );
+    }
+    let steps: Vec<String> = history
+        .iter()
+        .filter(|e| s(e, "action").is_empty())
+        .map(|e| s(e, "to_state"))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "INSTANCE_STATE_REQUESTED",
+            "INSTANCE_STATE_PROVISIONING",
+            "INSTANCE_STATE_BOOTING",
+            "INSTANCE_STATE_READY"
+        ],
+        "{history:#?}"
+    );
+}

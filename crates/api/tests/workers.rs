@@ -409,3 +409,49 @@ async fn a_worker_reporting_before_its_start_was_recorded_moves_the_instance_thr
             .all(|(_, _, a)| a == "worker")
     );
 }
+
+/// WORKER_HEARTBEAT_MARK_SECONDS decides when a heartbeat moves the mark
+/// the watchdog's silent-worker scan reads.
+#[tokio::test]
+async fn the_heartbeat_mark_interval_setting_decides_when_a_heartbeat_moves_the_mark() {
+    for (every, moved) in [(60, false), (10, true)] {
+        let api = start_with(flotilla_api::Limits {
+            heartbeat_mark_every: std::time::Duration::from_secs(every),
+            ..flotilla_api::Limits::default()
+        })
+        .await;
+        let (a, _) = two_booting_workers(&api).await;
+        let id = a.parse::<uuid::Uuid>().expect("uuid");
+        sqlx::query(
+            "UPDATE instances SET last_heartbeat = now() - interval '20 seconds',
+                 heartbeat_mark = now() - interval '20 seconds' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&api.db.pool)
+        .await
+        .expect("aged");
+        api.worker
+            .clone()
+            .heartbeat(with_token(beat(&a), "token-a"))
+            .await
+            .expect("beat");
+        let age: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM now() - heartbeat_mark)::float8 FROM instances WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&api.db.pool)
+        .await
+        .expect("mark");
+        if moved {
+            assert!(
+                age < 5.0,
+                "a {every} s interval moves a 20 s old mark: {age}"
+            );
+        } else {
+            assert!(
+                age >= 19.0,
+                "a {every} s interval keeps a 20 s old mark: {age}"
+            );
+        }
+    }
+}

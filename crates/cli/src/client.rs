@@ -12,9 +12,6 @@ use tonic::{Request, Status};
 
 use crate::error::{CliError, error_chain};
 
-/// How long connecting may take before the api counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A connected FleetService client.
 #[derive(Clone)]
 pub struct Api {
@@ -46,6 +43,7 @@ impl Api {
         url: &str,
         tls: &ClientTls,
         token: Option<&str>,
+        connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<Api, CliError> {
         let token = token
@@ -60,7 +58,7 @@ impl Api {
         let endpoint = tls
             .endpoint(&url)
             .map_err(|e| CliError::Invalid(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT);
+            .connect_timeout(connect_timeout);
         let channel = endpoint
             .connect()
             .await
@@ -101,5 +99,51 @@ impl Api {
 
     pub fn error(&self, status: Status) -> CliError {
         CliError::from_status(&self.url, &status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address whose TCP connects hang: a listener that never accepts,
+    /// its accept queue filled, so the kernel drops further SYNs unanswered.
+    fn hanging_address() -> (
+        std::net::TcpListener,
+        Vec<std::net::TcpStream>,
+        std::net::SocketAddr,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut held = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            held.push(s);
+            assert!(held.len() < 100_000, "the accept queue never filled");
+        }
+        (listener, held, addr)
+    }
+
+    #[tokio::test]
+    async fn an_api_that_never_accepts_is_unreachable_after_the_connect_timeout_given() {
+        let (_listener, _held, addr) = hanging_address();
+        let tls = ClientTls::new(
+            "FLOTILLA_API_URL",
+            "FLOTILLA_API_CA",
+            "FLOTILLA_ALLOW_PLAINTEXT",
+        );
+        let url = format!("http://{addr}");
+        let connect = Api::connect(
+            &url,
+            &tls,
+            Some("token"),
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+        );
+        let err = tokio::time::timeout(Duration::from_secs(4), connect)
+            .await
+            .expect("given up after the 300 ms connect timeout, not the 5 s default")
+            .expect_err("nothing accepts");
+        assert!(matches!(err, CliError::Unreachable { .. }), "{err:?}");
+        assert_eq!(err.exit_code(), crate::exit::UNREACHABLE);
     }
 }

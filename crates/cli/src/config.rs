@@ -1,7 +1,7 @@
 //! The CLI's config file of named contexts, the way kubectl's kubeconfig
 //! and nomad's environments work: each context names an api URL, a token
-//! file and a CA; `current-context` says which one applies when
-//! `--context` does not.
+//! file, a CA and a connect timeout; `current-context` says which one
+//! applies when `--context` does not.
 //!
 //! Design notes: the file is YAML (`config.yaml`, read with serde_norway,
 //! which the CLI already uses for `-o yaml`), not TOML: no TOML parser is
@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -23,6 +24,12 @@ use crate::error::CliError;
 /// The api URL when neither flag, variable nor context names one.
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:50051";
 
+/// Seconds connecting to the api may take when neither flag, variable nor
+/// context says (`FLOTILLA_CONNECT_TIMEOUT_SECONDS`).
+pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: u64 = 5;
+
+/// The connect timeouts accepted, in seconds, wherever they are set.
+pub const CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=300;
 /// One named context.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +39,8 @@ pub struct Context {
     pub token_file: Option<PathBuf>,
     /// CA bundle for an `https://` api URL: a PEM file or the PEM itself.
     pub ca: Option<String>,
+    /// Seconds connecting to the api may take (1-300).
+    pub connect_timeout_seconds: Option<u64>,
 }
 
 /// The config file.
@@ -93,6 +102,8 @@ pub struct Resolved {
     pub api_url: String,
     pub token: Option<String>,
     pub api_ca: Option<String>,
+    /// How long connecting to the api may take before it counts as unreachable.
+    pub connect_timeout: Duration,
     /// The context that applied, if any.
     pub context: Option<String>,
 }
@@ -103,6 +114,8 @@ pub struct Given<'a> {
     pub api_url: Option<&'a str>,
     pub token: Option<&'a str>,
     pub api_ca: Option<&'a str>,
+    /// Seconds, already checked against [`CONNECT_TIMEOUT_RANGE`] by clap.
+    pub connect_timeout_seconds: Option<u64>,
     pub context: Option<&'a str>,
 }
 
@@ -140,6 +153,25 @@ pub fn resolve(
             None => None,
         },
     };
+    let connect_timeout_seconds = match given.connect_timeout_seconds {
+        Some(s) => s,
+        None => match context
+            .and_then(|(name, path, c)| Some((name, path, c.connect_timeout_seconds?)))
+        {
+            Some((name, path, s)) if !CONNECT_TIMEOUT_RANGE.contains(&s) => {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "context {name:?}: connect_timeout_seconds must be {}-{}, not {s}",
+                        CONNECT_TIMEOUT_RANGE.start(),
+                        CONNECT_TIMEOUT_RANGE.end()
+                    ),
+                ));
+            }
+            Some((_, _, s)) => s,
+            None => DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        },
+    };
     Ok(Resolved {
         api_url: given
             .api_url
@@ -151,6 +183,7 @@ pub fn resolve(
             .api_ca
             .map(str::to_owned)
             .or_else(|| from_context(|c| c.ca.as_ref())),
+        connect_timeout: Duration::from_secs(connect_timeout_seconds),
         context: context.map(|(name, _, _)| name.to_owned()),
     })
 }
@@ -311,6 +344,7 @@ contexts:
     api_url: https://flotilla.example:50051
     token_file: prod.token
     ca: /etc/flotilla/ca.pem
+    connect_timeout_seconds: 20
   local:
     api_url: http://127.0.0.1:50051
 ";
@@ -355,17 +389,20 @@ contexts:
         assert_eq!(current.api_url, "https://flotilla.example:50051");
         assert_eq!(current.token.as_deref(), Some("secret-token"));
         assert_eq!(current.api_ca.as_deref(), Some("/etc/flotilla/ca.pem"));
+        assert_eq!(current.connect_timeout, Duration::from_secs(20));
         assert_eq!(current.context.as_deref(), Some("prod"));
 
         let given = Given {
             api_url: Some("http://10.0.0.1:1"),
             token: Some("typed"),
+            connect_timeout_seconds: Some(2),
             ..Default::default()
         };
         let flags = resolve(&given, at).expect("flags");
         assert_eq!(flags.api_url, "http://10.0.0.1:1");
         assert_eq!(flags.token.as_deref(), Some("typed"));
         assert_eq!(flags.api_ca.as_deref(), Some("/etc/flotilla/ca.pem"));
+        assert_eq!(flags.connect_timeout, Duration::from_secs(2));
 
         let local = resolve(
             &Given {
@@ -377,6 +414,10 @@ contexts:
         .expect("--context local");
         assert_eq!(local.api_url, "http://127.0.0.1:50051");
         assert_eq!(local.token, None);
+        assert_eq!(
+            local.connect_timeout,
+            Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECONDS)
+        );
 
         let none = resolve(&Given::default(), None).expect("no file");
         assert_eq!(none.api_url, DEFAULT_API_URL);
@@ -392,6 +433,26 @@ contexts:
         .expect_err("unknown context");
         assert!(err.to_string().contains("local, prod"), "{err}");
         assert_eq!(err.exit_code(), crate::exit::INVALID);
+    }
+
+    #[test]
+    fn a_context_connect_timeout_out_of_range_is_refused_naming_it() {
+        let path = Path::new("/c/config.yaml");
+        for bad in [0, 301] {
+            let file: ConfigFile = serde_norway::from_str(&format!(
+                "current-context: slow\ncontexts:\n  slow:\n    connect_timeout_seconds: {bad}\n"
+            ))
+            .expect("parse");
+            let err = resolve(&Given::default(), Some((path, &file))).expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains("/c/config.yaml"), "{text}");
+            assert!(text.contains("\"slow\""), "{text}");
+            assert!(
+                text.contains(&format!("connect_timeout_seconds must be 1-300, not {bad}")),
+                "{text}"
+            );
+            assert_eq!(err.exit_code(), crate::exit::INVALID);
+        }
     }
 
     #[cfg(unix)]

@@ -90,6 +90,16 @@ pub struct Connection {
         default_value_t = 30
     )]
     pub request_timeout: u64,
+    /// Seconds connecting to the api may take before it counts as
+    /// unreachable (exit 3), 1-300. Unset: the context's
+    /// `connect_timeout_seconds`, else 5.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_CONNECT_TIMEOUT_SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub connect_timeout: Option<u64>,
 }
 
 impl Connection {
@@ -101,6 +111,7 @@ impl Connection {
             api_url: self.api_url.as_deref(),
             token: self.token.as_deref(),
             api_ca: self.api_ca.as_deref(),
+            connect_timeout_seconds: self.connect_timeout,
             context: self.context.as_deref(),
         };
         let everything_given = given.context.is_none()
@@ -193,6 +204,7 @@ impl Cli {
             &conn.api_url,
             &tls,
             conn.token.as_deref(),
+            conn.connect_timeout,
             Duration::from_secs(self.conn.request_timeout.max(1)),
         )
         .await?;
@@ -346,6 +358,25 @@ mod tests {
             parse(&["list", "--context", "prod"]).is_ok(),
             "a global flag"
         );
+    }
+
+    #[test]
+    fn the_connect_timeout_is_a_global_flag_refused_out_of_range() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+        };
+        let cli = parse(&["list", "--connect-timeout", "2"]).expect("parse");
+        assert_eq!(cli.conn.connect_timeout, Some(2));
+        assert_eq!(parse(&["list"]).expect("parse").conn.connect_timeout, None);
+        for bad in ["0", "301", "soon"] {
+            let err = parse(&["--connect-timeout", bad, "list"])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("--connect-timeout") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -212,6 +212,45 @@ pub struct AdapterClientArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub provider_adapter_keepalive_seconds: u64,
+    /// Seconds opening a connection to the provider-adapter (TCP and TLS)
+    /// may take before the call fails as unavailable and is retried by its
+    /// step (1-300).
+    #[arg(
+        long,
+        env = "PROVIDER_ADAPTER_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub provider_adapter_connect_timeout_seconds: u64,
+}
+
+impl AdapterClientArgs {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.provider_adapter_connect_timeout_seconds.max(1))
+    }
+}
+
+/// Outgoing HTTP: the provider-adapter's calls to cloud APIs and the
+/// scheduler's worker health checks.
+#[derive(Debug, Clone, Args)]
+pub struct HttpClientArgs {
+    /// Seconds opening an HTTP connection (TCP and TLS) may take before the
+    /// call fails as unreachable (1-300; never longer than the call's own
+    /// timeout), so a host that drops packets fails fast instead of holding
+    /// the call for its whole timeout.
+    #[arg(
+        long,
+        env = "HTTP_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub http_connect_timeout_seconds: u64,
+}
+
+impl HttpClientArgs {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_connect_timeout_seconds)
+    }
 }
 
 /// What machines cost, for every service that counts money (the api's
@@ -388,6 +427,43 @@ mod tests {
             table,
             "docs/configuration.md is stale: run UPDATE_DOCS=1 cargo test -p flotilla-core"
         );
+    }
+
+    #[derive(Parser)]
+    struct Outgoing {
+        #[command(flatten)]
+        http: HttpClientArgs,
+        #[command(flatten)]
+        adapter: AdapterClientArgs,
+    }
+
+    #[test]
+    fn connect_timeouts_are_settings_refused_out_of_range() {
+        let defaults = Outgoing::try_parse_from(["x"]).expect("defaults");
+        assert_eq!(defaults.http.connect_timeout(), Duration::from_secs(5));
+        assert_eq!(defaults.adapter.connect_timeout(), Duration::from_secs(5));
+        let set = Outgoing::try_parse_from([
+            "x",
+            "--http-connect-timeout-seconds",
+            "2",
+            "--provider-adapter-connect-timeout-seconds",
+            "9",
+        ])
+        .expect("parse");
+        assert_eq!(set.http.connect_timeout(), Duration::from_secs(2));
+        assert_eq!(set.adapter.connect_timeout(), Duration::from_secs(9));
+        for flag in [
+            "--http-connect-timeout-seconds",
+            "--provider-adapter-connect-timeout-seconds",
+        ] {
+            for bad in ["0", "301", "fast"] {
+                let err = Outgoing::try_parse_from(["x", flag, bad])
+                    .err()
+                    .expect("refused")
+                    .to_string();
+                assert!(err.contains(flag) && err.contains(bad), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use flotilla_core::config::{Secret, ShutdownArgs, TelemetryArgs};
+use flotilla_core::config::{HttpClientArgs, Secret, ShutdownArgs, TelemetryArgs};
 use flotilla_core::token::{HashedToken, split_token_list};
 use flotilla_provider::guard::GuardConfig;
 
@@ -58,6 +58,8 @@ pub struct AdapterArgs {
     pub control_plane_id: String,
     #[command(flatten)]
     pub guard: GuardArgs,
+    #[command(flatten)]
+    pub http: HttpClientArgs,
     #[command(flatten)]
     pub fly: FlyArgs,
     #[command(flatten)]

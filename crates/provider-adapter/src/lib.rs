@@ -41,6 +41,7 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
             app: args.fly.fly_app_name.clone(),
             control_plane_id: args.control_plane_id.clone(),
             request_timeout: args.guard.request_timeout(),
+            connect_timeout: args.http.connect_timeout(),
             start_timeout: args.guard.start_timeout(),
             kind: "fly",
         })?));
@@ -52,6 +53,7 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
             app: args.sim.sim_app_name.clone(),
             control_plane_id: args.control_plane_id.clone(),
             request_timeout: args.guard.request_timeout(),
+            connect_timeout: args.http.connect_timeout(),
             start_timeout: args.guard.start_timeout(),
             kind: "sim",
         })?));
@@ -70,6 +72,7 @@ pub fn registry(args: &AdapterArgs) -> anyhow::Result<Registry> {
         );
         config.base_url = scw.scw_api_url.clone();
         config.request_timeout = args.guard.request_timeout();
+        config.connect_timeout = args.http.connect_timeout();
         config.private_network_id =
             Some(scw.scw_private_network_id.clone()).filter(|pn| !pn.is_empty());
         config.root_detach_timeout = Duration::from_secs(scw.scw_root_detach_timeout_seconds);

@@ -37,6 +37,8 @@ pub struct FlyConfig {
     pub app: String,
     pub control_plane_id: String,
     pub request_timeout: Duration,
+    /// Bound on opening a connection (`HTTP_CONNECT_TIMEOUT_SECONDS`).
+    pub connect_timeout: Duration,
     /// How long a start may take to show `started` before it counts as failed.
     pub start_timeout: Duration,
     /// Reported by [`MachineProvider::kind`]: "fly" or "sim".
@@ -373,7 +375,7 @@ impl FlyProvider {
                 "FLY_APP_NAME is empty".into(),
             ));
         }
-        let http = client_builder(config.request_timeout)
+        let http = client_builder(config.request_timeout, config.connect_timeout)
             .build()
             .map_err(|e| ProviderError::InvalidArgument(format!("http client: {e}")))?;
         Ok(FlyProvider {

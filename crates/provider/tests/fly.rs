@@ -52,6 +52,7 @@ fn fly_with(sim: &SimHandle, app: &str, control_plane: &str, timeout: Duration) 
         app: app.into(),
         control_plane_id: control_plane.into(),
         request_timeout: timeout,
+        connect_timeout: Duration::from_secs(5),
         start_timeout: Duration::from_secs(5),
         kind: "sim",
     })
@@ -278,6 +279,7 @@ async fn rate_limits_server_errors_and_timeouts_are_classified_by_status() {
         app: APP.into(),
         control_plane_id: "cp".into(),
         request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
         start_timeout: Duration::from_secs(5),
         kind: "sim",
     })
@@ -1003,4 +1005,52 @@ async fn every_request_of_a_full_lifecycle_matches_the_published_schema() {
     );
     // The lifecycle did exercise every operation Flotilla uses.
     assert_eq!(used.len(), PUBLISHED.len(), "{used:?}");
+}
+
+/// An address whose TCP connects hang: a listener that never accepts,
+/// its accept queue filled, so the kernel drops further SYNs unanswered.
+fn hanging_address() -> (
+    std::net::TcpListener,
+    Vec<std::net::TcpStream>,
+    std::net::SocketAddr,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        held.push(s);
+        assert!(held.len() < 100_000, "the accept queue never filled");
+    }
+    (listener, held, addr)
+}
+
+/// `connect_timeout` (HTTP_CONNECT_TIMEOUT_SECONDS) bounds the connect of
+/// every call, long before the request timeout.
+#[tokio::test]
+async fn an_api_host_that_never_accepts_fails_the_call_after_the_connect_timeout() {
+    let (_listener, _held, addr) = hanging_address();
+    let fly = FlyProvider::new(FlyConfig {
+        base_url: format!("http://{addr}"),
+        token: "token".into(),
+        app: APP.into(),
+        control_plane_id: "cp".into(),
+        request_timeout: Duration::from_secs(60),
+        connect_timeout: Duration::from_millis(300),
+        start_timeout: Duration::from_secs(5),
+        kind: "sim",
+    })
+    .unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(4), fly.get_machine("0123456789abcd"))
+        .await
+        .expect("given up after the 300 ms connect timeout, not the 60 s request timeout")
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProviderError::Unavailable(_) | ProviderError::DeadlineExceeded(_)
+        ),
+        "{err:?} after {:?}",
+        started.elapsed()
+    );
 }

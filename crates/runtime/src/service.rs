@@ -18,9 +18,6 @@ use tokio::task::JoinHandle;
 
 use crate::loops::{Loops, Statuses};
 
-/// How long a connection attempt to the provider-adapter may take.
-pub const PROVIDER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The settings every loop service has.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings<'a> {
@@ -133,7 +130,7 @@ pub fn provider_client(url: &str, args: &AdapterClientArgs) -> anyhow::Result<Ad
     let keepalive = Duration::from_secs(args.provider_adapter_keepalive_seconds.max(1));
     let channel = tls
         .endpoint(url)?
-        .connect_timeout(PROVIDER_CONNECT_TIMEOUT)
+        .connect_timeout(args.connect_timeout())
         // A connection cut by a partition answers nothing and resets
         // nothing: without pings a call on it waits for TCP's own timeout
         // (minutes), holding its step, its lease renewals and the batch.

@@ -5,7 +5,8 @@ use std::time::Duration;
 use clap::{Args, Parser};
 use flotilla_core::backoff::{ErrorPolicy, RetryPolicy};
 use flotilla_core::config::{
-    AdapterClientArgs, DatabaseArgs, HealthArgs, NatsArgs, PriceArgs, ShutdownArgs, TelemetryArgs,
+    AdapterClientArgs, DatabaseArgs, HealthArgs, HttpClientArgs, NatsArgs, PriceArgs, ShutdownArgs,
+    TelemetryArgs,
 };
 use flotilla_store::instance::BootDeadlines;
 use flotilla_store::pool_pause::PausePolicy;
@@ -164,6 +165,9 @@ pub struct SchedulerTuning {
     // Machine prices (INSTANCE_PRICES), for spend caps and gauges.
     #[command(flatten)]
     pub prices: PriceArgs,
+    // The health checks' connect timeout (HTTP_CONNECT_TIMEOUT_SECONDS).
+    #[command(flatten)]
+    pub http: HttpClientArgs,
 }
 
 impl SchedulerTuning {

@@ -72,7 +72,23 @@ pub struct HealthChecker {
 const CACHE_SWEEP_AT: usize = 4096;
 
 impl HealthChecker {
+    /// Probes bounded by `timeout`, outcomes cached for `ttl`, connects by
+    /// [`DEFAULT_CONNECT_TIMEOUT`](flotilla_telemetry::http_client::DEFAULT_CONNECT_TIMEOUT).
     pub fn new(timeout: Duration, ttl: Duration) -> HealthChecker {
+        Self::with_connect_timeout(
+            timeout,
+            ttl,
+            flotilla_telemetry::http_client::DEFAULT_CONNECT_TIMEOUT,
+        )
+    }
+
+    /// As [`new`](Self::new), a connect taking at most `connect_timeout`
+    /// (`HTTP_CONNECT_TIMEOUT_SECONDS`).
+    pub fn with_connect_timeout(
+        timeout: Duration,
+        ttl: Duration,
+        connect_timeout: Duration,
+    ) -> HealthChecker {
         // Each outcome has its series from the start, so `rate()` and
         // `increase()` see the first probe.
         for outcome in Probe::OUTCOMES {
@@ -85,7 +101,7 @@ impl HealthChecker {
             );
         }
         HealthChecker {
-            client: flotilla_telemetry::http_client::client_builder(timeout)
+            client: flotilla_telemetry::http_client::client_builder(timeout, connect_timeout)
                 .build()
                 .expect("a reqwest client with rustls builds"),
             ttl,

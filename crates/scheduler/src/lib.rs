@@ -82,9 +82,10 @@ impl Scheduler {
             async move { s.boot_once().await }
         });
         let s = self.clone();
-        let checker = Arc::new(health::HealthChecker::new(
+        let checker = Arc::new(health::HealthChecker::with_connect_timeout(
             self.tuning.health_check_timeout(),
             self.tuning.health_check_cache(),
+            self.tuning.http.connect_timeout(),
         ));
         loops.add("scheduler_health", tick, None, move || {
             let (s, c) = (s.clone(), checker.clone());

@@ -11,7 +11,7 @@ use flotilla_scheduler::Scheduler;
 use flotilla_store::action_log::action_log_for_instance;
 use flotilla_store::instance::InstanceRow;
 use flotilla_store::pool::{PoolUpdate, pool_set_desired_capacity, pool_update};
-use flotilla_store::worker::worker_heartbeat_batch;
+use flotilla_store::worker::{HEARTBEAT_MARK_EVERY, worker_heartbeat_batch};
 use flotilla_test_utils::fleet::step;
 use flotilla_test_utils::metrics::value;
 use flotilla_test_utils::stack::instant;
@@ -374,9 +374,15 @@ async fn idle_workers_above_the_desired_capacity_are_drained_never_below_it() {
         async move {
             let mut conn = db.acquire().await.unwrap();
             let n = ids.len();
-            worker_heartbeat_batch(&mut conn, &ids, &vec![idle; n], &vec![seq; n])
-                .await
-                .unwrap();
+            worker_heartbeat_batch(
+                &mut conn,
+                &ids,
+                &vec![idle; n],
+                &vec![seq; n],
+                HEARTBEAT_MARK_EVERY,
+            )
+            .await
+            .unwrap();
         }
     };
     beat(true, 1).await;
@@ -433,7 +439,7 @@ async fn idle_stop_spends_the_budget_too() {
     let all = rows(&env).await;
     let ids: Vec<uuid::Uuid> = all.iter().map(|r| r.id.0).collect();
     let mut conn = env.db.pool.acquire().await.unwrap();
-    worker_heartbeat_batch(&mut conn, &ids, &[true; 4], &[1; 4])
+    worker_heartbeat_batch(&mut conn, &ids, &[true; 4], &[1; 4], HEARTBEAT_MARK_EVERY)
         .await
         .unwrap();
     let typed: Vec<InstanceId> = all.iter().map(|r| r.id).collect();

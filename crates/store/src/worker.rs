@@ -11,10 +11,11 @@
 //! The watchdog finds silent workers through an index on `heartbeat_mark`,
 //! a coarse copy of `last_heartbeat` (migration `..._silent_scan_index`).
 //! A heartbeat moves the mark only when it is older than
-//! [`HEARTBEAT_MARK_EVERY_SECONDS`], so most heartbeats change no indexed
-//! column and stay HOT, while a healthy worker's mark is never older than
-//! that plus one heartbeat interval (15 s with the defaults, well inside the
-//! 30 s timeout), so the scan's candidates are the silent workers only. Both
+//! the api's `WORKER_HEARTBEAT_MARK_SECONDS` (default
+//! [`HEARTBEAT_MARK_EVERY`]), so most heartbeats change no indexed column
+//! and stay HOT, while a healthy worker's mark is never older than that plus
+//! one heartbeat interval (15 s with the defaults, well inside the 30 s
+//! timeout), so the scan's candidates are the silent workers only. Both
 //! writes below keep `heartbeat_mark <= last_heartbeat` (both set together).
 
 use flotilla_core::{DesiredState, InstanceId, InstanceState};
@@ -30,17 +31,20 @@ macro_rules! worker_columns {
     };
 }
 
-/// Seconds a heartbeat mark may age before a heartbeat moves it; see the
-/// module notes. Shorter: more non-HOT heartbeats; longer: healthy workers
-/// become scan candidates under short heartbeat timeouts.
-pub const HEARTBEAT_MARK_EVERY_SECONDS: u32 = 10;
+/// How long a heartbeat mark may age before a heartbeat moves it, by
+/// default; see the module notes. Shorter: more non-HOT heartbeats; longer:
+/// healthy workers become scan candidates under short heartbeat timeouts.
+pub const HEARTBEAT_MARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// `SET` clause for `heartbeat_mark` (the literal is
-/// [`HEARTBEAT_MARK_EVERY_SECONDS`]); unchanged value = HOT update.
+/// `SET` clause for `heartbeat_mark`, the mark interval in seconds being
+/// the bind parameter `$p`; unchanged value = HOT update.
 macro_rules! heartbeat_mark_set {
-    () => {
-        "heartbeat_mark = CASE WHEN heartbeat_mark > now() - interval '10 seconds'
-                               THEN heartbeat_mark ELSE now() END"
+    ($p:literal) => {
+        concat!(
+            "heartbeat_mark = CASE WHEN heartbeat_mark > now() - make_interval(secs => ",
+            $p,
+            "::float8) THEN heartbeat_mark ELSE now() END"
+        )
     };
 }
 
@@ -84,23 +88,26 @@ pub async fn worker_token_hash_exists(conn: &mut PgConnection, hash: &[u8]) -> R
     )
 }
 
-/// Records a heartbeat now; `None` when the instance does not exist.
+/// Records a heartbeat now, moving the mark once older than `mark_every`;
+/// `None` when the instance does not exist.
 pub async fn worker_heartbeat(
     conn: &mut PgConnection,
     id: InstanceId,
     idle: Option<bool>,
+    mark_every: std::time::Duration,
 ) -> Result<Option<WorkerView>> {
     // `idle` is what drain waits for; a phase report (None) leaves it as is.
     Ok(sqlx::query_as(concat!(
         "UPDATE instances SET last_heartbeat = now(), worker_idle = COALESCE($2, worker_idle),
              idle_since = CASE WHEN COALESCE($2, worker_idle)
                  THEN COALESCE(idle_since, now()) END, ",
-        heartbeat_mark_set!(),
+        heartbeat_mark_set!("$3"),
         " WHERE id = $1 RETURNING ",
         worker_columns!()
     ))
     .bind(id.0)
     .bind(idle)
+    .bind(mark_every.as_secs_f64())
     .fetch_optional(conn)
     .await?)
 }
@@ -112,11 +119,13 @@ pub async fn worker_heartbeat(
 /// is not above the one last written arrived out of order and writes
 /// nothing (its instance is still answered, from the row as it is). 0 means
 /// an agent that sends no sequence: always written, and not remembered.
+/// The mark moves once older than `mark_every`.
 pub async fn worker_heartbeat_batch(
     conn: &mut PgConnection,
     ids: &[Uuid],
     idle: &[bool],
     sequence: &[i64],
+    mark_every: std::time::Duration,
 ) -> Result<Vec<WorkerView>> {
     Ok(sqlx::query_as(concat!(
         "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[], $3::int8[]) AS v(id, idle, seq)),
@@ -124,7 +133,7 @@ pub async fn worker_heartbeat_batch(
            UPDATE instances i SET last_heartbeat = now(), worker_idle = v.idle,
                   idle_since = CASE WHEN v.idle THEN COALESCE(i.idle_since, now()) END,
                   heartbeat_sequence = GREATEST(i.heartbeat_sequence, v.seq), ",
-        heartbeat_mark_set!(),
+        heartbeat_mark_set!("$4"),
         " FROM v
            WHERE i.id = v.id AND (v.seq = 0 OR v.seq > i.heartbeat_sequence)
            RETURNING i.id, i.state, i.desired_state, i.version, i.cordoned, i.worker_token_hash)
@@ -137,6 +146,7 @@ pub async fn worker_heartbeat_batch(
     .bind(ids)
     .bind(idle)
     .bind(sequence)
+    .bind(mark_every.as_secs_f64())
     .fetch_all(conn)
     .await?)
 }
@@ -161,15 +171,4 @@ pub async fn worker_registered(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_mark_interval_in_sql_is_the_constant() {
-        assert!(heartbeat_mark_set!().contains(&format!(
-            "'{} seconds'",
-            super::HEARTBEAT_MARK_EVERY_SECONDS
-        )));
-    }
 }

@@ -1420,3 +1420,66 @@ async fn a_second_writer_counts_the_first_writers_instances_on_a_capped_pool() {
     assert_eq!(room.rate, 2_000_000);
     assert!(!room.admits(1));
 }
+
+/// The heartbeat mark moves only once older than the interval the caller
+/// passes (`WORKER_HEARTBEAT_MARK_SECONDS`), in both heartbeat writes.
+#[tokio::test]
+async fn a_heartbeat_moves_the_mark_only_once_older_than_the_interval_given() {
+    use flotilla_store::worker::{worker_heartbeat, worker_heartbeat_batch};
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "gpu").await;
+    let rows = insert(&db.pool, "gpu", 2).await;
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id.0).collect();
+    // Marks 20 s old.
+    let age_marks = || async {
+        sqlx::query(
+            "UPDATE instances SET last_heartbeat = now() - interval '20 seconds',
+                 heartbeat_mark = now() - interval '20 seconds' WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    };
+    let mark_age = |id: uuid::Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>(
+                "SELECT extract(epoch FROM now() - heartbeat_mark)::float8
+                   FROM instances WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+    for (every, moved) in [
+        (Duration::from_secs(60), false),
+        (Duration::from_secs(10), true),
+    ] {
+        age_marks().await;
+        worker_heartbeat(&mut conn, rows[0].id, Some(true), every)
+            .await
+            .unwrap()
+            .expect("exists");
+        worker_heartbeat_batch(&mut conn, &ids[1..], &[true], &[0], every)
+            .await
+            .unwrap();
+        for id in &ids {
+            let age = mark_age(*id).await;
+            if moved {
+                assert!(
+                    age < 5.0,
+                    "a {every:?} interval moves a 20 s old mark: {age}"
+                );
+            } else {
+                assert!(
+                    age >= 19.0,
+                    "a {every:?} interval keeps a 20 s old mark: {age}"
+                );
+            }
+        }
+    }
+}

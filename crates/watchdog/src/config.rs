@@ -84,6 +84,19 @@ pub struct WatchdogTuning {
     /// (a listing may lag behind creates).
     #[arg(long, env = "WATCHDOG_LOST_MIN_AGE_SECONDS", default_value_t = 30)]
     pub watchdog_lost_min_age_seconds: u64,
+    /// Seconds an instance row must have been unchanged before an orphan
+    /// scan's listing starts for its machine's absence from that listing to
+    /// count (0-300): the margin covers the clock skew between this host and
+    /// the database, which stamps the rows, so a machine recorded just
+    /// before the listing, and missing from it for that reason only, is
+    /// never a suspect.
+    #[arg(
+        long,
+        env = "ORPHAN_SCAN_CLOCK_SKEW_SECONDS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u64).range(0..=300)
+    )]
+    pub orphan_scan_clock_skew_seconds: u64,
     /// Seconds between orphan scans (paginated provider listings).
     #[arg(long, env = "ORPHAN_SCAN_INTERVAL_SECONDS", default_value_t = 60)]
     pub orphan_scan_interval_seconds: u64,
@@ -155,6 +168,9 @@ impl WatchdogTuning {
     pub fn lost_min_age(&self) -> Duration {
         Duration::from_secs(self.watchdog_lost_min_age_seconds)
     }
+    pub fn orphan_clock_skew(&self) -> Duration {
+        Duration::from_secs(self.orphan_scan_clock_skew_seconds)
+    }
     pub fn orphan_interval(&self) -> Duration {
         Duration::from_secs(self.orphan_scan_interval_seconds.max(1))
     }
@@ -176,6 +192,24 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn the_orphan_scan_clock_skew_is_a_setting_refused_out_of_range() {
+        let parse = |argv: &[&str]| WatchdogArgs::try_parse_from(argv).map(|a| a.tuning);
+        assert_eq!(
+            parse(&["watchdog"]).expect("defaults").orphan_clock_skew(),
+            Duration::from_secs(2)
+        );
+        let set = parse(&["watchdog", "--orphan-scan-clock-skew-seconds", "30"]).expect("parse");
+        assert_eq!(set.orphan_clock_skew(), Duration::from_secs(30));
+        for bad in ["301", "1.5", "soon"] {
+            let err = parse(&["watchdog", "--orphan-scan-clock-skew-seconds", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("--orphan-scan-clock-skew-seconds"), "{err}");
+            assert!(err.contains(bad), "{err}");
+        }
+    }
 
     #[test]
     fn configuration_doc_lists_every_watchdog_setting() {

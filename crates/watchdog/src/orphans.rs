@@ -170,14 +170,14 @@ impl Watchdog {
         let started = Utc::now();
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
         // Read the live side first: anything recorded before the listing
-        // starts must show in it. The owned side is read after it.
-        let live = watchdog_live_with_machine(
-            &mut conn,
-            &target.provider,
-            &target.region,
-            started - chrono::Duration::seconds(2),
-        )
-        .await?;
+        // starts must show in it. The owned side is read after it. The rows
+        // carry the database's clock, `started` this host's: the margin
+        // (ORPHAN_SCAN_CLOCK_SKEW_SECONDS) keeps a skew between the two
+        // from making a machine recorded during the listing a suspect.
+        let skew = chrono::Duration::from_std(self.tuning.orphan_clock_skew()).unwrap_or_default();
+        let live =
+            watchdog_live_with_machine(&mut conn, &target.provider, &target.region, started - skew)
+                .await?;
         let machines: Vec<v1::Machine> = self
             .list_machines(target)
             .await?

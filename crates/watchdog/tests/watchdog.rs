@@ -555,6 +555,24 @@ async fn a_machine_deleted_behind_our_back_is_lost_after_the_min_age_once_a_get_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_recorded_within_the_clock_skew_margin_is_no_suspect() {
+    let env = env(documented()).await;
+    let ids = ready(&env, 4).await;
+    // Last written 10 s before the listing, by the database's clock.
+    age_rows(&env, &ids, 10.0, false).await;
+    destroy_behind_our_back(&env, ids[0]).await;
+    let wide = watchdog(&env, "w1", &["--orphan-scan-clock-skew-seconds", "60"]);
+    let (_, report) = wide.orphans_once().await;
+    assert!(
+        report.missing_instances.is_empty(),
+        "inside a 60 s margin the row may postdate the listing: {report:?}"
+    );
+    // The default margin (2 s) is narrower than its 10 s.
+    let (_, report) = watchdog(&env, "w1", &[]).orphans_once().await;
+    assert_eq!(report.missing_instances, [ids[0]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_listing_is_counted_and_changes_nothing() {
     let env = env(documented()).await;
     let ids = ready(&env, 5).await;
@@ -1021,9 +1039,12 @@ async fn state_proxy(env: &Env) -> StateProxy {
     let proxy = Proxy {
         on_list: on_list.clone(),
         upstream: env.stack.sim.url().to_owned(),
-        http: flotilla_provider::http::client_builder(Duration::from_secs(10))
-            .build()
-            .unwrap(),
+        http: flotilla_provider::http::client_builder(
+            Duration::from_secs(10),
+            flotilla_telemetry::http_client::DEFAULT_CONNECT_TIMEOUT,
+        )
+        .build()
+        .unwrap(),
         states: states.clone(),
     };
     let stop = flotilla_telemetry::CancellationToken::new();

@@ -81,6 +81,8 @@ pub struct ScalewayConfig {
     pub control_plane_id: String,
     /// Bound on each HTTP request (a wait spans many).
     pub request_timeout: Duration,
+    /// Bound on opening a connection (`HTTP_CONNECT_TIMEOUT_SECONDS`).
+    pub connect_timeout: Duration,
     /// Private Network every server joins; its IPAM address is the
     /// machine's `private_ip`. `None`: servers get no reachable address.
     pub private_network_id: Option<String>,
@@ -108,6 +110,7 @@ impl ScalewayConfig {
             secret_key: secret_key.into(),
             control_plane_id: control_plane_id.into(),
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: flotilla_telemetry::http_client::DEFAULT_CONNECT_TIMEOUT,
             private_network_id: None,
             root_detach_timeout: Self::DEFAULT_ROOT_DETACH_TIMEOUT,
         }
@@ -222,7 +225,7 @@ impl ScalewayProvider {
         let mut token = HeaderValue::from_str(&config.secret_key)
             .map_err(|_| invalid("secret_key is not a valid header value".into()))?;
         token.set_sensitive(true);
-        let http = client_builder(config.request_timeout)
+        let http = client_builder(config.request_timeout, config.connect_timeout)
             .default_headers(HeaderMap::from_iter([(
                 HeaderName::from_static(AUTH_HEADER),
                 token,
