@@ -397,6 +397,11 @@ impl FleetService for FleetApi {
                 .idle_timeout_seconds
                 .map(|s| validate::lifetime("idle_timeout_seconds", s))
                 .transpose()?,
+            idle_action: req
+                .idle_action
+                .as_deref()
+                .map(|a| validate::idle_action("idle_action", a))
+                .transpose()?,
             warm_size: req
                 .warm_size
                 .map(|w| validate::warm_size("warm_size", w))

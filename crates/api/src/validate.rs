@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use flotilla_core::InstanceId;
-use flotilla_core::disruption::{BadBudget, Budget};
+use flotilla_core::disruption::{BadBudget, Budget, IdleAction};
 use flotilla_proto::status::invalid_field;
 use flotilla_proto::v1;
 use flotilla_store::pool::{NewPool, PoolTimeoutsUpdate};
@@ -212,6 +212,14 @@ pub fn disruption_budget(field: &str, v: &str) -> Result<Budget, Status> {
         .map_err(|e: BadBudget| invalid_field(field, e.to_string()))
 }
 
+/// What idle stop does: "terminate" or "stop"; "" is `terminate`.
+pub fn idle_action(field: &str, v: &str) -> Result<IdleAction, Status> {
+    if v.is_empty() {
+        return Ok(IdleAction::default());
+    }
+    v.parse().map_err(|e: String| invalid_field(field, e))
+}
+
 /// Longest max lifetime or idle timeout: a year. Beyond it is a unit
 /// mistake (milliseconds for seconds), not a policy.
 pub const MAX_LIFETIME_SECONDS: u32 = 366 * 24 * 3600;
@@ -278,6 +286,7 @@ pub fn new_pool(p: Option<&v1::Pool>) -> Result<NewPool, Status> {
         )?),
         max_lifetime_seconds: lifetime("pool.max_lifetime_seconds", p.max_lifetime_seconds)?,
         idle_timeout_seconds: lifetime("pool.idle_timeout_seconds", p.idle_timeout_seconds)?,
+        idle_action: Some(idle_action("pool.idle_action", &p.idle_action)?),
         warm_size: warm_size("pool.warm_size", p.warm_size)?,
     })
 }
@@ -361,7 +370,8 @@ mod tests {
         assert!(new_pool(Some(&good)).is_ok());
         assert_eq!(field_of(new_pool(None).expect_err("none")), "pool");
         type Spoil = fn(&mut v1::Pool);
-        let cases: [(&str, Spoil); 13] = [
+        let cases: [(&str, Spoil); 14] = [
+            ("pool.idle_action", |p| p.idle_action = "hibernate".into()),
             ("pool.warm_size", |p| p.warm_size = 10_001),
             ("pool.name", |p| p.name = "Gpu".into()),
             ("pool.provider", |p| p.provider = "aws".into()),

@@ -495,17 +495,31 @@ async fn disruption_settings_are_set_shown_and_refused_naming_the_field() {
             p.disruption_budget = "25%".into();
             p.max_lifetime_seconds = 86_400;
             p.idle_timeout_seconds = 300;
+            p.idle_action = "stop".into();
         })
         .await
         .expect("pool");
     assert_eq!(created.disruption_budget, "25%");
     assert_eq!(created.max_lifetime_seconds, 86_400);
     assert_eq!(created.idle_timeout_seconds, 300);
+    assert_eq!(created.idle_action, "stop");
     assert_eq!(created.disrupted, 0);
     // Unset, a pool gets Karpenter's default.
     let plain = api.create_pool("cpu").await;
     assert_eq!(plain.disruption_budget, "10%");
     assert_eq!(plain.max_lifetime_seconds, 0);
+    assert_eq!(plain.idle_action, "terminate");
+    let refused = api
+        .fleet
+        .clone()
+        .update_pool(authed(v1::UpdatePoolRequest {
+            name: "gpu".into(),
+            idle_action: Some("hibernate".into()),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("no such action");
+    assert_eq!(field_of(&refused), "idle_action");
 
     for (budget, ok) in [
         ("3", true),

@@ -448,7 +448,7 @@ pub fn pools_table(pools: &[v1::Pool], now: DateTime<Utc>) -> String {
                 },
                 format!("{}/{}", p.disrupted, budget_text(&p.disruption_budget)),
                 seconds_or_dash(p.max_lifetime_seconds),
-                seconds_or_dash(p.idle_timeout_seconds),
+                idle_cell(p),
                 pool_status(p, now),
                 since(p.created_at.as_ref(), now).map_or("-".into(), age),
                 or_dash(&p.image),
@@ -563,6 +563,16 @@ fn budget_text(b: &str) -> String {
     }
 }
 
+/// The idle timeout, and `,stop` when idle instances go back to warm
+/// stock instead of being terminated.
+fn idle_cell(p: &v1::Pool) -> String {
+    match (p.idle_timeout_seconds, p.idle_action.as_str()) {
+        (0, _) => "-".into(),
+        (s, "stop") => format!("{},stop", age(i64::from(s))),
+        (s, _) => age(i64::from(s)),
+    }
+}
+
 /// A setting in seconds as an age (`1d0h`, `5m0s`), `-` when off.
 fn seconds_or_dash(s: u32) -> String {
     if s == 0 {
@@ -625,6 +635,7 @@ pub fn pool_json(p: &v1::Pool) -> Value {
         "disrupted": p.disrupted,
         "max_lifetime_seconds": p.max_lifetime_seconds,
         "idle_timeout_seconds": p.idle_timeout_seconds,
+        "idle_action": if p.idle_action.is_empty() { "terminate" } else { p.idle_action.as_str() },
     })
 }
 
@@ -804,6 +815,7 @@ mod tests {
             disrupted: 2,
             max_lifetime_seconds: 86_400,
             idle_timeout_seconds: 300,
+            idle_action: "stop".into(),
             ..Default::default()
         };
         let plain = v1::Pool {
@@ -817,7 +829,7 @@ mod tests {
         }
         let gpu = out.lines().find(|l| l.starts_with("gpu")).expect("gpu row");
         assert!(
-            gpu.contains(" 2/25% ") && gpu.contains(" 1d0h ") && gpu.contains(" 5m0s "),
+            gpu.contains(" 2/25% ") && gpu.contains(" 1d0h ") && gpu.contains(" 5m0s,stop "),
             "{gpu}"
         );
         let cpu = out.lines().find(|l| l.starts_with("cpu")).expect("cpu row");
@@ -827,6 +839,7 @@ mod tests {
         assert_eq!(json["disrupted"], 2);
         assert_eq!(json["max_lifetime_seconds"], 86_400);
         assert_eq!(json["idle_timeout_seconds"], 300);
+        assert_eq!(json["idle_action"], "stop");
         let expiring = v1::Instance {
             state: v1::InstanceState::Ready as i32,
             disruption: "expiring".into(),

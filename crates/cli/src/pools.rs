@@ -147,6 +147,10 @@ pub struct CreateArgs {
     /// worker reported idle this long ("5m"). Unset: never.
     #[arg(long, value_parser = parse_duration_secs, default_value = "0")]
     pub idle_timeout: u32,
+    /// What idle stop does: terminate, or stop (drain, stop the machine
+    /// and return it to the warm stock; see --warm).
+    #[arg(long, value_parser = ["terminate", "stop"], default_value = "terminate")]
+    pub idle_action: String,
     /// Machines to keep created and stopped, so Provision starts one
     /// instead of creating one (0: none).
     #[arg(long, default_value_t = 0)]
@@ -184,6 +188,9 @@ pub struct SetArgs {
     /// New idle timeout ("5m"); 0 turns idle stop off.
     #[arg(long, value_parser = parse_duration_secs)]
     pub idle_timeout: Option<u32>,
+    /// New idle action: terminate or stop.
+    #[arg(long, value_parser = ["terminate", "stop"])]
+    pub idle_action: Option<String>,
     /// New warm stock size; 0 lets every warm machine go (deleted).
     #[arg(long)]
     pub warm: Option<u32>,
@@ -321,6 +328,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 disruption_budget: a.disruption_budget,
                 max_lifetime_seconds: a.max_lifetime,
                 idle_timeout_seconds: a.idle_timeout,
+                idle_action: a.idle_action,
                 warm_size: a.warm,
                 ..Default::default()
             };
@@ -346,12 +354,13 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                 && a.disruption_budget.is_none()
                 && a.max_lifetime.is_none()
                 && a.idle_timeout.is_none()
+                && a.idle_action.is_none()
                 && a.warm.is_none()
             {
                 return Err(CliError::Invalid(
                     "nothing to change: give --desired N, --price-per-hour-micros P, \
-                     --spend-cap AMOUNT, --warm N, --disruption-budget N|P%, --max-lifetime D or \
-                     --idle-timeout D"
+                     --spend-cap AMOUNT, --warm N, --disruption-budget N|P%, --max-lifetime D, \
+                     --idle-timeout D or --idle-action terminate|stop"
                         .into(),
                 ));
             }
@@ -366,6 +375,7 @@ pub async fn run(api: &Api, command: PoolsCommand) -> Result<(), CliError> {
                     disruption_budget: a.disruption_budget,
                     max_lifetime_seconds: a.max_lifetime,
                     idle_timeout_seconds: a.idle_timeout,
+                    idle_action: a.idle_action,
                     warm_size: a.warm,
                     expected_version: a.expected_version,
                     ..Default::default()

@@ -28,7 +28,11 @@ use crate::output::{attention_hint, state_name, state_of};
 const POLL: Duration = Duration::from_millis(500);
 const BAR_WIDTH: usize = 24;
 
-/// Whether `goal` can still be reached from `from` through the transition table.
+/// Whether `goal` can still be reached from `from` through the transition
+/// table. Not through warm stock: an instance goes back to `warm` only when
+/// pool capacity sends an idle one there (idle action `stop`) or the pool
+/// makes one, never on the way of one a caller is waiting for — a dead
+/// worker's `stopped` leads to `deleting`, not back to `ready`.
 pub fn can_reach(from: InstanceState, goal: InstanceState) -> bool {
     let mut seen = HashSet::from([from]);
     let mut queue = VecDeque::from([from]);
@@ -37,6 +41,9 @@ pub fn can_reach(from: InstanceState, goal: InstanceState) -> bool {
             return true;
         }
         for &next in s.exits() {
+            if next == InstanceState::Warm && from != InstanceState::Warm {
+                continue;
+            }
             if seen.insert(next) {
                 queue.push_back(next);
             }

@@ -89,6 +89,41 @@ impl TryFrom<String> for Disruption {
     }
 }
 
+/// What idle stop does with an idle instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdleAction {
+    /// Drain and terminate it.
+    #[default]
+    Terminate,
+    /// Drain it, stop its machine and return it to the pool's warm stock
+    /// (a stopped machine is billed for its storage only, and starts
+    /// again in about a second on Fly).
+    Stop,
+}
+
+impl IdleAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IdleAction::Terminate => "terminate",
+            IdleAction::Stop => "stop",
+        }
+    }
+}
+
+impl FromStr for IdleAction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "terminate" => Ok(IdleAction::Terminate),
+            "stop" => Ok(IdleAction::Stop),
+            other => Err(format!(
+                "{other:?} is not an idle action: give terminate or stop"
+            )),
+        }
+    }
+}
+
 /// Most instances of a pool voluntarily disrupted at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {

@@ -23,9 +23,11 @@
 //! loop group contains it, so no loop ever claims it again.
 //!
 //! `warm` is a machine held in reserve for its pool: created at the
-//! provider and never started (Fly `skip_launch`, a Scaleway server not yet
-//! powered on). It is entered only from `provisioning`, by an instance whose
-//! desired state is [`DesiredState::Warm`], once its machine is recorded;
+//! provider and not running (Fly `skip_launch`, a Scaleway server not yet
+//! powered on). It is entered from `provisioning`, by an instance whose
+//! desired state is [`DesiredState::Warm`], once its machine is recorded,
+//! or from `stopped`, by an idle instance of a pool whose idle action is
+//! `stop` once the provider confirmed its machine stopped;
 //! `Provision` takes it back to `provisioning` (the step left is the start,
 //! which the provisioning loop retries and fences like any start), and a
 //! warm machine let go is deleted directly (`deleting`: it never ran, so
@@ -137,7 +139,9 @@ const TRANSITIONS: &[(InstanceState, &[InstanceState])] = &[
     // `Deleting` straight from draining/stopping is the forced path.
     (Draining, &[Stopping, Deleting, Lost, Abandoned]),
     (Stopping, &[Stopped, Deleting, Lost, Abandoned]),
-    (Stopped, &[Deleting, Abandoned]),
+    // An idle instance of a pool whose idle action is `stop` goes back to
+    // warm stock once its machine is stopped (never while it runs).
+    (Stopped, &[Deleting, Warm, Abandoned]),
     (Deleting, &[Terminated, Abandoned]),
     (ProvisioningFailed, &[Deleting, Abandoned]),
     // A startup failure is retried by restarting the machine, or cleaned up.
@@ -501,15 +505,16 @@ mod tests {
 
     #[test]
     fn warm_is_entered_only_from_provisioning_and_never_straight_to_a_running_state() {
-        // Only the provisioning loop makes a warm machine (create, record,
-        // no start); taking one goes back through provisioning, whose start
-        // is fenced and retried, so nothing claims to boot before the
-        // provider started it.
+        // The provisioning loop makes a warm machine (create, record, no
+        // start), and an idle instance returns to warm stock only once the
+        // provider stopped its machine; taking one goes back through
+        // provisioning, whose start is fenced and retried, so nothing
+        // claims to boot before the provider started it.
         let into: Vec<_> = InstanceState::ALL
             .into_iter()
             .filter(|s| s.can_transition_to(Warm))
             .collect();
-        assert_eq!(into, vec![Provisioning]);
+        assert_eq!(into, vec![Provisioning, Stopped]);
         for s in Warm.exits() {
             assert!(
                 !InstanceState::MACHINE_RUNNING.contains(s),

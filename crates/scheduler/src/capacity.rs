@@ -56,12 +56,12 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_core::disruption::{Disruption, REPLACES_LABEL, replacement_name};
+use flotilla_core::disruption::{Disruption, IdleAction, REPLACES_LABEL, replacement_name};
 use flotilla_core::{Classify, DesiredState, InstanceId, InstanceState};
 use flotilla_proto::v1;
 use flotilla_store::disruption::{
     disruption_expired, disruption_expiring, disruption_idle, disruption_in_progress,
-    disruption_mark, disruption_unmark_expiring,
+    disruption_mark, disruption_mark_then, disruption_unmark_expiring,
 };
 use flotilla_store::instance::{
     InstanceRow, NewInstance, instance_insert_with_provision, instance_set_desired,
@@ -468,7 +468,13 @@ impl Scheduler {
         }
         let idle = disruption_idle(&mut *tx, &pool.name, pool.idle_timeout_seconds, above).await?;
         let allowed = budget.take(pool, Disruption::Idle, idle.len() as i64) as usize;
-        let marked = disruption_mark(&mut *tx, ctx, &idle[..allowed], Disruption::Idle).await?;
+        // `stop`: back to warm stock once drained and stopped.
+        let then = match pool.idle_action() {
+            IdleAction::Terminate => DesiredState::Terminated,
+            IdleAction::Stop => DesiredState::Warm,
+        };
+        let marked =
+            disruption_mark_then(&mut *tx, ctx, &idle[..allowed], Disruption::Idle, then).await?;
         budget.spent(pool, Disruption::Idle, marked.len());
         if !marked.is_empty() {
             tracing::info!(pool = %pool.name, n = marked.len(), "idle instances drained");

@@ -482,3 +482,54 @@ async fn an_instance_taken_from_warm_stock_ages_from_its_take() {
     tick(&s).await;
     assert_eq!(marked(&rows(&env).await, "expiring"), ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stop_with_the_stop_action_sends_idle_instances_back_to_warm_stock() {
+    let env = env(instant()).await;
+    let s = scheduler(&env, "s1", None, tuning(&[]));
+    request(&env, 2).await;
+    provision_all(&s, &env).await;
+    ready_all(&env).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    pool_update(
+        &mut conn,
+        "gpu",
+        &PoolUpdate {
+            idle_timeout_seconds: Some(60),
+            idle_action: Some(flotilla_core::disruption::IdleAction::Stop),
+            disruption_budget: Some(Budget::Percent(100)),
+            warm_size: Some(2),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let all = rows(&env).await;
+    let ids: Vec<uuid::Uuid> = all.iter().map(|r| r.id.0).collect();
+    worker_heartbeat_batch(&mut conn, &ids, &[true; 2], &[1; 2], HEARTBEAT_MARK_EVERY)
+        .await
+        .unwrap();
+    let typed: Vec<InstanceId> = all.iter().map(|r| r.id).collect();
+    age(&env, &typed, 120).await;
+    tick(&s).await;
+    let after = rows(&env).await;
+    let idle: Vec<&InstanceRow> = after
+        .iter()
+        .filter(|r| r.disruption.as_deref() == Some("idle"))
+        .collect();
+    assert_eq!(idle.len(), 2, "desired capacity 0: both go");
+    assert!(
+        idle.iter().all(|r| r.desired_state == DesiredState::Warm),
+        "kept as warm stock, not terminated"
+    );
+    assert!(
+        acts(&env, idle[0].id).await.contains(&(
+            "drain_requested".into(),
+            flotilla_store::disruption::IDLE_TO_WARM_REASON.into()
+        )),
+        "the history says where it goes"
+    );
+    // The warm refill counts them as coming: it creates nothing more.
+    assert_eq!(after.len(), 2, "no new warm machine while these come back");
+}

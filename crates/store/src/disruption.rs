@@ -17,7 +17,7 @@
 
 use chrono::{DateTime, Utc};
 use flotilla_core::disruption::{Disruption, REPLACES_LABEL};
-use flotilla_core::{InstanceState, subjects};
+use flotilla_core::{DesiredState, InstanceState, subjects};
 use flotilla_proto::v1;
 use prost::Message;
 use sqlx::{Acquire, PgConnection};
@@ -27,6 +27,10 @@ use crate::action_log::Request;
 use crate::instance::{InstanceRow, RowOrigin, instance_columns, instance_event};
 use crate::outbox::outbox_insert_many;
 use crate::{Result, StoreError, WriteCtx};
+
+/// The history reason of an idle instance sent back to warm stock.
+pub const IDLE_TO_WARM_REASON: &str =
+    "idle for the pool's idle timeout; drained, stopped and returned to warm stock";
 
 /// The history action of an `expiring` mark: a replacement was requested
 /// for the instance, which keeps serving until the replacement is ready.
@@ -45,6 +49,20 @@ pub async fn disruption_mark(
     ids: &[Uuid],
     why: Disruption,
 ) -> Result<Vec<Uuid>> {
+    disruption_mark_then(conn, ctx, ids, why, DesiredState::Terminated).await
+}
+
+/// [`disruption_mark`], with the desired state the instances are given
+/// when they are to go: `terminated`, or `warm` for idle stop with the
+/// `stop` action (drained, stopped, and returned to the pool's warm stock
+/// by the terminator; its history row is then a `drain_requested`).
+pub async fn disruption_mark_then(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    ids: &[Uuid],
+    why: Disruption,
+    then: DesiredState,
+) -> Result<Vec<Uuid>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -52,8 +70,8 @@ pub async fn disruption_mark(
     let terminating = why != Disruption::Expiring;
     let rows: Vec<InstanceRow> = sqlx::query_as(concat!(
         "UPDATE instances SET disruption = $2, updated_at = now(), origin = $5,
-             desired_state = CASE WHEN $3 THEN 'terminated' ELSE desired_state END,
-             terminate_requested_at = CASE WHEN $3
+             desired_state = CASE WHEN $3 THEN $6 ELSE desired_state END,
+             terminate_requested_at = CASE WHEN $3 AND $6 = 'terminated'
                  THEN COALESCE(terminate_requested_at, now()) ELSE terminate_requested_at END,
              next_attempt_at = CASE WHEN $3 THEN now() ELSE next_attempt_at END,
              version = CASE WHEN $3 THEN version + 1 ELSE version END
@@ -67,13 +85,22 @@ pub async fn disruption_mark(
     .bind(terminating)
     .bind(InstanceState::strs(InstanceState::TERMINAL))
     .bind(sqlx::types::Json(RowOrigin::of(ctx)))
+    .bind(then.as_str())
     .fetch_all(&mut *tx)
     .await?;
     let marked: Vec<Uuid> = rows.iter().map(|r| r.id.0).collect();
     if marked.is_empty() {
         return Ok(marked);
     }
-    let (action, force) = if terminating {
+    let to_warm = terminating && then == DesiredState::Warm;
+    let reason = if to_warm {
+        IDLE_TO_WARM_REASON
+    } else {
+        why.reason()
+    };
+    let (action, force) = if to_warm {
+        (Request::Drain.action(), None)
+    } else if terminating {
         (Request::Terminate { force: false }.action(), Some(false))
     } else {
         (REPLACEMENT_REQUESTED, None)
@@ -88,7 +115,7 @@ pub async fn disruption_mark(
     .bind(force)
     .bind(&ctx.actor)
     .bind(ctx.correlation_id.as_str())
-    .bind(why.reason())
+    .bind(reason)
     .fetch_all(&mut *tx)
     .await?;
     let mut messages = Vec::with_capacity(rows.len() + 1);
@@ -98,7 +125,7 @@ pub async fn disruption_mark(
             .find(|(_, id, _)| *id == row.id.0)
             .copied()
             .ok_or_else(|| StoreError::Corrupt(format!("no action log for {}", row.id)))?;
-        let mut event = instance_event(row, Some(row.state), log_id, at, ctx, Some(why.reason()));
+        let mut event = instance_event(row, Some(row.state), log_id, at, ctx, Some(reason));
         event.action = why.as_str().to_owned();
         messages.push((
             subjects::INSTANCE_DISRUPTED.to_owned(),
@@ -109,7 +136,7 @@ pub async fn disruption_mark(
         let cmd = v1::TerminateCommand {
             instance_ids: marked.iter().map(Uuid::to_string).collect(),
             force: false,
-            reason: why.reason().to_owned(),
+            reason: reason.to_owned(),
         };
         messages.push((subjects::TERMINATE.to_owned(), cmd.encode_to_vec()));
     }

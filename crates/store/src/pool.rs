@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use flotilla_core::disruption::Budget;
+use flotilla_core::disruption::{Budget, IdleAction};
 use flotilla_core::price::PriceTable;
 use flotilla_proto::v1;
 use sqlx::PgConnection;
@@ -20,7 +20,7 @@ macro_rules! pool_columns {
     starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels, version, \
     created_at, updated_at, health_check_url, paused_at, paused_reason, pause_probe_after, \
     pause_probe_instance, deleting_since, spend_cap_per_hour_micros, spend_capped_since, \
-    disruption_budget, max_lifetime_seconds, idle_timeout_seconds, \
+    disruption_budget, max_lifetime_seconds, idle_timeout_seconds, idle_action, \
     warm_size, (SELECT count(*) FROM instances w WHERE w.pool = pools.name AND w.state = 'warm') \
     AS warm_count"
     };
@@ -72,6 +72,8 @@ pub struct PoolRow {
     /// After reporting idle this long an instance above the desired
     /// capacity is drained and terminated (0: never).
     pub idle_timeout_seconds: i32,
+    /// What idle stop does: `terminate`, or `stop` (back to warm stock).
+    pub idle_action: String,
     /// Machines the pool keeps created and not started (see
     /// [`crate::warm`]); 0: none.
     pub warm_size: i32,
@@ -88,6 +90,12 @@ impl PoolRow {
             pool: self.name.clone(),
             region: self.region.clone(),
         })
+    }
+
+    /// What the pool's idle stop does (the schema's CHECK keeps the
+    /// column one of the two).
+    pub fn idle_action(&self) -> IdleAction {
+        self.idle_action.parse().unwrap_or_default()
     }
 
     /// The pool's disruption budget; the schema's CHECK keeps the column
@@ -144,6 +152,7 @@ impl PoolRow {
             disruption_budget: self.disruption_budget.clone(),
             max_lifetime_seconds: self.max_lifetime_seconds.max(0) as u32,
             idle_timeout_seconds: self.idle_timeout_seconds.max(0) as u32,
+            idle_action: self.idle_action.clone(),
             disrupted: 0,
             warm_size: self.warm_size.max(0) as u32,
             warm_count: self.warm_count.clamp(0, u32::MAX as i64) as u32,
@@ -177,6 +186,8 @@ pub struct NewPool {
     pub max_lifetime_seconds: i32,
     /// 0: never.
     pub idle_timeout_seconds: i32,
+    /// `None`: `terminate`.
+    pub idle_action: Option<IdleAction>,
     /// 0: no warm stock.
     pub warm_size: i32,
 }
@@ -188,9 +199,9 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
              volume_size_gb, booting_timeout_seconds, installing_timeout_seconds,
              starting_timeout_seconds, draining_timeout_seconds, price_per_hour_micros, labels,
              health_check_url, spend_cap_per_hour_micros, disruption_budget,
-             max_lifetime_seconds, idle_timeout_seconds, warm_size)
+             max_lifetime_seconds, idle_timeout_seconds, warm_size, idle_action)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-             $18, $19)
+             $18, $19, $20)
          RETURNING ",
         pool_columns!()
     ))
@@ -213,6 +224,7 @@ pub async fn pool_create(conn: &mut PgConnection, p: &NewPool) -> Result<PoolRow
     .bind(p.max_lifetime_seconds)
     .bind(p.idle_timeout_seconds)
     .bind(p.warm_size)
+    .bind(p.idle_action.unwrap_or_default().as_str())
     .fetch_one(conn)
     .await?)
 }
@@ -293,6 +305,7 @@ pub struct PoolUpdate {
     pub max_lifetime_seconds: Option<i32>,
     /// 0 turns idle stop off.
     pub idle_timeout_seconds: Option<i32>,
+    pub idle_action: Option<IdleAction>,
     /// 0 lets the whole warm stock go.
     pub warm_size: Option<i32>,
 }
@@ -336,6 +349,7 @@ pub async fn pool_update(
              max_lifetime_seconds = COALESCE($13::int, max_lifetime_seconds),
              idle_timeout_seconds = COALESCE($14::int, idle_timeout_seconds),
              warm_size = COALESCE($15::int, warm_size),
+             idle_action = COALESCE($16::text, idle_action),
              version = version + 1, updated_at = now()
          FROM old
          WHERE name = old.old_name AND ($9::bigint IS NULL OR version = $9)
@@ -357,6 +371,7 @@ pub async fn pool_update(
     .bind(u.max_lifetime_seconds)
     .bind(u.idle_timeout_seconds)
     .bind(u.warm_size)
+    .bind(u.idle_action.map(IdleAction::as_str))
     .fetch_optional(&mut *conn)
     .await?;
     match row {

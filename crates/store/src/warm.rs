@@ -66,6 +66,18 @@ impl WarmStock {
     }
 }
 
+/// States of an instance on its way to warm stock: being made (wanted
+/// warm from its request), or an idle one being drained and stopped to be
+/// returned to it (idle action `stop`).
+const COMING_WARM: &[InstanceState] = &[
+    InstanceState::Requested,
+    InstanceState::Provisioning,
+    InstanceState::Ready,
+    InstanceState::Draining,
+    InstanceState::Stopping,
+    InstanceState::Stopped,
+];
+
 /// `pool`'s warm stock.
 pub async fn warm_stock(conn: &mut PgConnection, pool: &str) -> Result<WarmStock> {
     let (held, coming): (i64, i64) = sqlx::query_as(
@@ -74,7 +86,7 @@ pub async fn warm_stock(conn: &mut PgConnection, pool: &str) -> Result<WarmStock
          FROM instances WHERE pool = $1 AND desired_state = 'warm'",
     )
     .bind(pool)
-    .bind(InstanceState::strs(InstanceState::PROVISION_PHASES))
+    .bind(InstanceState::strs(COMING_WARM))
     .fetch_one(conn)
     .await?;
     Ok(WarmStock { held, coming })
@@ -237,4 +249,45 @@ pub async fn warm_event(
     reason: &str,
 ) -> Result<()> {
     crate::pool_pause::pool_event(conn, ctx, pool, action, None, reason).await
+}
+
+/// Returns an idle instance whose machine the provider confirmed stopped
+/// to its pool's warm stock: `stopped` → `warm`, with what its last run
+/// left on the row cleared (cordon, disruption mark, idle and heartbeat
+/// bookkeeping, so the worker's next run starts afresh: its agent counts
+/// heartbeat sequences from 1 again). One (nested) transaction; a stale
+/// version is [`crate::StoreError::Conflict`], nothing written.
+pub async fn warm_return(
+    conn: &mut PgConnection,
+    ctx: &WriteCtx,
+    row: &InstanceRow,
+) -> Result<InstanceRow> {
+    let mut tx = conn.begin().await?;
+    let moved = instance_transition(
+        &mut tx,
+        ctx,
+        &Transition {
+            id: row.id,
+            from: row.state,
+            to: InstanceState::Warm,
+            expected_version: row.version,
+            error: None,
+            reason: Some("machine stopped; returned to warm stock"),
+        },
+    )
+    .await?;
+    let reset: InstanceRow = sqlx::query_as(concat!(
+        "UPDATE instances SET cordoned = false, disruption = NULL, idle_since = NULL,
+             worker_idle = false, suspect_since = NULL, missing_since = NULL,
+             last_heartbeat = NULL, heartbeat_mark = NULL, heartbeat_sequence = 0,
+             needs_attention = false, updated_at = now()
+         WHERE id = $1 AND version = $2 RETURNING ",
+        crate::instance_columns!()
+    ))
+    .bind(moved.id.0)
+    .bind(moved.version)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(reset)
 }

@@ -182,6 +182,11 @@ pub const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        "flotilla_terminator_returned_to_warm_total",
+        "Idle instances (idle action stop) the terminator drained, stopped and returned to their pool's warm stock instead of deleting them.",
+    ),
+    (
+        Kind::Counter,
         "flotilla_disruptions_held_total",
         "Voluntary disruptions the pool's disruption budget held back, by pool and reason; counted each activation they stay held.",
     ),

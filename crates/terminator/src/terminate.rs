@@ -27,6 +27,7 @@ use flotilla_store::instance::{
 };
 use flotilla_store::pool::PoolRow;
 use flotilla_store::volume::{volume_mark_deleted, volume_pending_delete, volume_record_failure};
+use flotilla_store::warm::warm_return;
 use flotilla_store::{StoreError, WriteCtx};
 use flotilla_telemetry::grpc::outgoing;
 use flotilla_telemetry::loops::ActivationStatus;
@@ -57,11 +58,19 @@ pub const TAKEN_DOWN: &[InstanceState] = &[
     S::Warm,
 ];
 
+/// States an idle instance of a pool whose idle action is `stop` passes
+/// through on its way back to warm stock (desired state `warm`): drained
+/// and stopped like a termination, then `stopped` → `warm` instead of
+/// deleted.
+pub const RETURNED_TO_WARM: &[InstanceState] = &[S::Ready, S::Draining, S::Stopping, S::Stopped];
+
 /// How far one instance got in this activation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The provider confirmed everything gone; the row says `terminated`.
     Terminated,
+    /// The machine is stopped and the row back in its pool's warm stock.
+    Returned,
     /// Waiting on the worker or the provider; looked at again soon.
     Waiting,
     /// A step failed or was refused; retried with backoff.
@@ -89,22 +98,48 @@ impl Terminator {
 
     #[tracing::instrument(skip_all, name = "terminator.terminate")]
     pub async fn terminate_once(&self) -> ActivationStatus {
+        let mut status = self
+            .take_down_batch(TAKEN_DOWN, DesiredState::Terminated, "terminator.take_down")
+            .await;
+        // Idle instances going back to warm stock take the same drain and
+        // stop; only their last step differs.
+        let returned = self
+            .take_down_batch(
+                RETURNED_TO_WARM,
+                DesiredState::Warm,
+                "terminator.return_to_warm",
+            )
+            .await;
+        status.found += returned.found;
+        status.acted += returned.acted;
+        status.already_done += returned.already_done;
+        status.errors.extend(returned.errors);
+        status.more |= returned.more;
+        status
+    }
+
+    async fn take_down_batch(
+        &self,
+        states: &[InstanceState],
+        desired: DesiredState,
+        span: &'static str,
+    ) -> ActivationStatus {
         let batch = Batch {
             claim: ClaimQuery {
-                states: TAKEN_DOWN,
-                desired: Some(DesiredState::Terminated),
+                states,
+                desired: Some(desired),
                 pool: None,
                 owner: &self.owner,
                 lease: self.tuning.lease(),
                 limit: self.tuning.terminator_batch,
             },
             concurrency: self.tuning.terminator_provider_concurrency,
-            span: "terminator.take_down",
+            span,
             step_timeout: self.tuning.step_timeout(),
         };
         reconcile(&self.db, batch, |row, pool, fence| async move {
             Ok(match self.take_down(row, &pool, &fence).await? {
-                Outcome::Terminated => Step::Advanced,
+                Outcome::Terminated | Outcome::Returned => Step::Advanced,
                 Outcome::Waiting => Step::Waiting,
                 Outcome::Retrying(class, e) => Step::Retrying(class, e),
                 Outcome::Abandoned => Step::Abandoned,
@@ -147,6 +182,13 @@ impl Terminator {
     ) -> Result<Next, StoreError> {
         let force = row.force_terminate;
         match row.state {
+            S::Stopped if row.desired_state == DesiredState::Warm => {
+                let back = warm_return(conn, &self.ctx(), &row).await?;
+                instance_release(conn, back.id, &self.owner).await?;
+                tracing::info!(instance_id = %row.id, pool = %row.pool, "idle instance stopped and returned to warm stock");
+                metrics::counter!("flotilla_terminator_returned_to_warm_total").increment(1);
+                Ok(Next::Done(Outcome::Returned))
+            }
             S::Provisioning | S::ProvisioningFailed | S::Lost | S::Stopped => {
                 self.move_to(conn, &row, S::Deleting, None).await
             }
