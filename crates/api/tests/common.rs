@@ -127,6 +127,16 @@ impl Api {
         self.count("SELECT count(*) FROM outbox").await
     }
 
+    /// The pool as `GetPool` answers it.
+    pub async fn get_pool(&self, name: &str) -> v1::Pool {
+        self.fleet
+            .clone()
+            .get_pool(authed(v1::GetPoolRequest { name: name.into() }))
+            .await
+            .expect("get pool")
+            .into_inner()
+    }
+
     pub async fn create_pool(&self, name: &str) -> v1::Pool {
         self.try_create_pool(name).await.expect("create pool")
     }

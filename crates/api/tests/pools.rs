@@ -581,14 +581,7 @@ async fn disruption_settings_are_set_shown_and_refused_naming_the_field() {
     .execute(&api.db.pool)
     .await
     .unwrap();
-    let pool = api
-        .fleet
-        .clone()
-        .get_pool(authed(v1::GetPoolRequest { name: "gpu".into() }))
-        .await
-        .expect("get")
-        .into_inner();
-    assert_eq!(pool.disrupted, 1);
+    assert_eq!(api.get_pool("gpu").await.disrupted, 1);
     let listed = api
         .fleet
         .clone()

@@ -29,15 +29,6 @@ async fn capped_pool(api: &Api, name: &str, cap: u64, own_price: u64) -> Result<
     .await
 }
 
-async fn get_pool(api: &Api, name: &str) -> v1::Pool {
-    api.fleet
-        .clone()
-        .get_pool(authed(v1::GetPoolRequest { name: name.into() }))
-        .await
-        .expect("get pool")
-        .into_inner()
-}
-
 #[tokio::test]
 async fn a_provision_over_the_spend_cap_is_refused_with_the_figures_and_writes_nothing() {
     let api = priced().await;
@@ -73,7 +64,7 @@ async fn a_provision_over_the_spend_cap_is_refused_with_the_figures_and_writes_n
     api.provision(count("gpu", 1)).await.expect("2 of 2");
     let over = api.provision(count("gpu", 1)).await.expect_err("full");
     assert_eq!(over.code(), Code::ResourceExhausted);
-    assert_eq!(get_pool(&api, "gpu").await.spend_per_hour_micros, 2_000_000);
+    assert_eq!(api.get_pool("gpu").await.spend_per_hour_micros, 2_000_000);
 
     // A terminated instance costs nothing any more: its place is free.
     sqlx::query(
@@ -83,7 +74,7 @@ async fn a_provision_over_the_spend_cap_is_refused_with_the_figures_and_writes_n
     .execute(&api.db.pool)
     .await
     .expect("terminate one");
-    assert_eq!(get_pool(&api, "gpu").await.spend_per_hour_micros, 1_500_000);
+    assert_eq!(api.get_pool("gpu").await.spend_per_hour_micros, 1_500_000);
     api.provision(count("gpu", 1)).await.expect("a freed place");
 }
 
@@ -204,7 +195,7 @@ async fn the_spend_cap_is_validated_set_and_removed_through_the_pool_calls() {
         .await
         .expect_err("too large");
     assert_eq!(field_of(&bad), "spend_cap_per_hour_micros");
-    let unchanged = get_pool(&api, "gpu").await;
+    let unchanged = api.get_pool("gpu").await;
     assert_eq!(
         (
             unchanged.version,

@@ -57,15 +57,6 @@ async fn warm(api: &Api, pool: &str, n: usize) -> Vec<String> {
     ids
 }
 
-async fn get_pool(api: &Api, name: &str) -> v1::Pool {
-    api.fleet
-        .clone()
-        .get_pool(authed(v1::GetPoolRequest { name: name.into() }))
-        .await
-        .expect("get pool")
-        .into_inner()
-}
-
 #[tokio::test]
 async fn warm_size_is_set_by_create_and_update_pool_validated_and_the_stock_is_counted() {
     let api = start().await;
@@ -91,7 +82,7 @@ async fn warm_size_is_set_by_create_and_update_pool_validated_and_the_stock_is_c
         .expect_err("too many");
     assert_eq!(field_of(&bad), "warm_size");
     warm(&api, "gpu", 2).await;
-    assert_eq!(get_pool(&api, "gpu").await.warm_count, 2);
+    assert_eq!(api.get_pool("gpu").await.warm_count, 2);
     let updated = api
         .fleet
         .clone()
@@ -148,14 +139,14 @@ async fn provision_serves_warm_stock_first_with_the_callers_names_and_the_rest_c
         .count("SELECT count(*) FROM instances WHERE idempotency_key = 'k1'")
         .await;
     assert_eq!(key, 3, "the key is on the warm rows too");
-    assert_eq!(get_pool(&api, "gpu").await.warm_count, 0);
+    assert_eq!(api.get_pool("gpu").await.warm_count, 0);
 
     // A retry with the key is the same answer, and takes nothing more.
     warm(&api, "gpu", 1).await;
     let again = api.provision(req).await.expect("replay");
     assert!(again.replayed);
     assert_eq!(ids(&again), ids(&answer));
-    assert_eq!(get_pool(&api, "gpu").await.warm_count, 1);
+    assert_eq!(api.get_pool("gpu").await.warm_count, 1);
 }
 
 #[tokio::test]
@@ -173,12 +164,12 @@ async fn warm_stock_is_free_against_the_spend_cap_until_a_provision_takes_it() {
     .await
     .expect("pool");
     warm(&api, "gpu", 3).await;
-    assert_eq!(get_pool(&api, "gpu").await.spend_per_hour_micros, 0);
+    assert_eq!(api.get_pool("gpu").await.spend_per_hour_micros, 0);
     let refused = api.provision(count("gpu", 3)).await.expect_err("1.50 > 1");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert_eq!(get_pool(&api, "gpu").await.warm_count, 3, "nothing taken");
+    assert_eq!(api.get_pool("gpu").await.warm_count, 3, "nothing taken");
     api.provision(count("gpu", 2)).await.expect("1 of 1");
-    let pool = get_pool(&api, "gpu").await;
+    let pool = api.get_pool("gpu").await;
     assert_eq!(pool.spend_per_hour_micros, 1_000_000);
     assert_eq!(pool.warm_count, 1);
 }
@@ -227,5 +218,5 @@ async fn two_batches_taking_at_once_never_take_the_same_warm_machine_and_neither
     for id in &warm_ids {
         assert!(taken.contains(id), "{id} taken once");
     }
-    assert_eq!(get_pool(&api, "gpu").await.warm_count, 0);
+    assert_eq!(api.get_pool("gpu").await.warm_count, 0);
 }

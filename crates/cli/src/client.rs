@@ -105,23 +105,7 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An address whose TCP connects hang: a listener that never accepts,
-    /// its accept queue filled, so the kernel drops further SYNs unanswered.
-    fn hanging_address() -> (
-        std::net::TcpListener,
-        Vec<std::net::TcpStream>,
-        std::net::SocketAddr,
-    ) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut held = Vec::new();
-        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            held.push(s);
-            assert!(held.len() < 100_000, "the accept queue never filled");
-        }
-        (listener, held, addr)
-    }
+    use flotilla_telemetry::test_support::hanging_address;
 
     #[tokio::test]
     async fn an_api_that_never_accepts_is_unreachable_after_the_connect_timeout_given() {

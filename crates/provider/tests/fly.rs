@@ -1007,28 +1007,11 @@ async fn every_request_of_a_full_lifecycle_matches_the_published_schema() {
     assert_eq!(used.len(), PUBLISHED.len(), "{used:?}");
 }
 
-/// An address whose TCP connects hang: a listener that never accepts,
-/// its accept queue filled, so the kernel drops further SYNs unanswered.
-fn hanging_address() -> (
-    std::net::TcpListener,
-    Vec<std::net::TcpStream>,
-    std::net::SocketAddr,
-) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let mut held = Vec::new();
-    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-        held.push(s);
-        assert!(held.len() < 100_000, "the accept queue never filled");
-    }
-    (listener, held, addr)
-}
-
 /// `connect_timeout` (HTTP_CONNECT_TIMEOUT_SECONDS) bounds the connect of
 /// every call, long before the request timeout.
 #[tokio::test]
 async fn an_api_host_that_never_accepts_fails_the_call_after_the_connect_timeout() {
-    let (_listener, _held, addr) = hanging_address();
+    let (_listener, _held, addr) = flotilla_telemetry::test_support::hanging_address();
     let fly = FlyProvider::new(FlyConfig {
         base_url: format!("http://{addr}"),
         token: "token".into(),

@@ -500,23 +500,6 @@ async fn a_provider_call_on_a_connection_a_partition_silenced_fails_within_the_k
     assert_ne!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 }
 
-/// An address whose TCP connects hang: a listener that never accepts,
-/// its accept queue filled, so the kernel drops further SYNs unanswered.
-fn hanging_address() -> (
-    std::net::TcpListener,
-    Vec<std::net::TcpStream>,
-    std::net::SocketAddr,
-) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let mut held = Vec::new();
-    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-        held.push(s);
-        assert!(held.len() < 100_000, "the accept queue never filled");
-    }
-    (listener, held, addr)
-}
-
 /// PROVIDER_ADAPTER_CONNECT_TIMEOUT_SECONDS bounds the connect: an adapter
 /// that never accepts fails the call as unavailable after it, long before
 /// the call timeout.
@@ -530,7 +513,7 @@ async fn a_provider_adapter_that_never_accepts_fails_the_call_after_the_connect_
         #[command(flatten)]
         adapter: flotilla_core::config::AdapterClientArgs,
     }
-    let (_listener, _held, addr) = hanging_address();
+    let (_listener, _held, addr) = flotilla_telemetry::test_support::hanging_address();
     let args = Args::parse_from([
         "test",
         "--provider-adapter-token",

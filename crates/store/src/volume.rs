@@ -100,11 +100,14 @@ pub async fn volume_mark_deleted(conn: &mut PgConnection, id: Uuid) -> Result<()
 }
 
 /// A delete attempt failed (e.g. still bound to a machine being destroyed).
+/// A volume already confirmed deleted stays so: the failure may be the late
+/// answer of a replica that was paused mid-call while another finished the
+/// teardown, and `deleted` is what the provider confirmed.
 pub async fn volume_record_failure(conn: &mut PgConnection, id: Uuid, error: &str) -> Result<()> {
     sqlx::query(
         "UPDATE instance_volumes SET state = 'deleting', attempts = attempts + 1,
              last_error = $2, updated_at = now()
-         WHERE id = $1",
+         WHERE id = $1 AND state <> 'deleted'",
     )
     .bind(id)
     .bind(error)

@@ -1483,3 +1483,31 @@ async fn a_heartbeat_moves_the_mark_only_once_older_than_the_interval_given() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_late_failure_never_undoes_a_volume_confirmed_deleted() {
+    let db = TestDb::new().await;
+    make_pool(&db.pool, "gpu").await;
+    let row = insert(&db.pool, "gpu", 1).await.remove(0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let vol = flotilla_store::volume::volume_record_created(&mut conn, row.id, "vol-1", 1)
+        .await
+        .unwrap();
+    // One replica's delete was refused (still bound); another's went
+    // through; then the first, paused mid-call, records its refusal late.
+    flotilla_store::volume::volume_record_failure(&mut conn, vol.id, "412 still bound")
+        .await
+        .unwrap();
+    flotilla_store::volume::volume_mark_deleted(&mut conn, vol.id)
+        .await
+        .unwrap();
+    flotilla_store::volume::volume_record_failure(&mut conn, vol.id, "412 still bound")
+        .await
+        .unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM instance_volumes WHERE id = $1")
+        .bind(vol.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "deleted", "what the provider confirmed stays true");
+}

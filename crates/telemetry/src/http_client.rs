@@ -34,6 +34,7 @@ pub fn client_builder(timeout: Duration, connect_timeout: Duration) -> reqwest::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::hanging_address;
 
     #[test]
     fn the_builder_installs_the_crypto_provider_and_builds() {
@@ -42,23 +43,6 @@ mod tests {
         let client = client_builder(Duration::from_secs(1), DEFAULT_CONNECT_TIMEOUT).build();
         assert!(client.is_ok(), "{client:?}");
         assert!(rustls::crypto::CryptoProvider::get_default().is_some());
-    }
-
-    /// An address whose TCP connects hang: a listener that never accepts,
-    /// its accept queue filled, so the kernel drops further SYNs unanswered.
-    fn hanging_address() -> (
-        std::net::TcpListener,
-        Vec<std::net::TcpStream>,
-        std::net::SocketAddr,
-    ) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut held = Vec::new();
-        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            held.push(s);
-            assert!(held.len() < 100_000, "the accept queue never filled");
-        }
-        (listener, held, addr)
     }
 
     #[tokio::test]

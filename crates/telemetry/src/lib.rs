@@ -22,6 +22,8 @@ pub mod propagation;
 pub mod service;
 pub mod shutdown;
 mod subscriber;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod tls;
 
 pub use subscriber::{TelemetryError, TelemetryGuard, init};
